@@ -1,0 +1,64 @@
+"""picomaml: composable MAML over Subset Masked Language Modeling Tasks for small-LM pretraining.
+
+The public names are resolved lazily (PEP 562), so ``import picomaml`` is cheap and pulls in only the
+core dependencies (torch, einops, pyyaml, torchmetrics); optional backends load when first used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+from picomaml._version import __version__
+
+# public name -> module that defines it
+_EXPORTS: dict[str, str] = {
+    # model
+    "PicoDecoderConfig": "picomaml.model.decoder",
+    "PicoDecoder": "picomaml.model.decoder",
+    "KVCache": "picomaml.model.decoder",
+    # episodes and meta-learning
+    "Episode": "picomaml.meta.episode",
+    "SMLMTSampler": "picomaml.meta.sampler",
+    "MetaHead": "picomaml.meta.head",
+    "InnerLoop": "picomaml.meta.inner_loop",
+    "InnerLoopOutput": "picomaml.meta.inner_loop",
+    "HybridScheduler": "picomaml.meta.hybrid",
+    # objectives
+    "lm_loss": "picomaml.objectives",
+    "meta_loss": "picomaml.objectives",
+    "pool_features": "picomaml.objectives",
+    # configuration
+    "ConfigError": "picomaml.config",
+    "ExperimentConfig": "picomaml.config",
+    "load_config": "picomaml.config",
+    # optional-dependency errors
+    "MissingDependencyError": "picomaml._optional",
+}
+
+__all__ = ["__version__", *_EXPORTS]
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'picomaml' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # cache: later lookups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from picomaml._optional import MissingDependencyError
+    from picomaml.config import ConfigError, ExperimentConfig, load_config
+    from picomaml.meta.episode import Episode
+    from picomaml.meta.head import MetaHead
+    from picomaml.meta.hybrid import HybridScheduler
+    from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
+    from picomaml.meta.sampler import SMLMTSampler
+    from picomaml.model.decoder import KVCache, PicoDecoder, PicoDecoderConfig
+    from picomaml.objectives import lm_loss, meta_loss, pool_features

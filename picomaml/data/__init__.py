@@ -1,0 +1,1 @@
+"""picomaml.data subpackage."""
