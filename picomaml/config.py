@@ -294,10 +294,15 @@ class HybridConfig:
     mode: Literal["bernoulli", "interleave", "weighted"] = "bernoulli"
     schedule: Literal["constant", "linear", "cosine"] = "constant"
     warmup_steps: int = 0
+    total_steps: int | None = None  # end of a linear/cosine ratio schedule; null = trainer.max_steps
+    final_ratio: float = 0.0  # ratio reached at total_steps by linear/cosine schedules
 
     def __post_init__(self) -> None:
         check(0.0 <= self.ratio <= 1.0, "ratio", f"must be in [0, 1], got {self.ratio}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
+        check(0.0 <= self.final_ratio <= 1.0, "final_ratio", f"must be in [0, 1], got {self.final_ratio}")
+        check(self.total_steps is None or self.total_steps >= 1, "total_steps",
+              f"must be >= 1 or null, got {self.total_steps}")
 
 
 @dataclasses.dataclass

@@ -1,0 +1,281 @@
+"""Token rows from local files: parquet, JSON lines and plain text.
+
+Every file yields *sequences*. A sequence is either pretokenized (an ``input_ids`` column or field: used as
+is) or text (a ``text`` column or field, or a whole ``.txt`` file: tokenized, with EOS appended so documents
+stay separated). Sequences are concatenated in file order into one stream that is cut into non-overlapping
+rows of ``seq_len`` tokens; the short tail is dropped. Pretokenized sequences get no EOS added, since they are
+usually fixed-length chunks of an already-joined stream (as in pretokenized Dolma).
+
+Files are read lazily (parquet in record batches), so :func:`iter_token_rows` works on data larger than memory;
+:func:`load_token_rows` gathers everything into one tensor for small data.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picomaml._optional import require
+
+__all__ = [
+    "SUPPORTED_EXTENSIONS",
+    "TokenRows",
+    "iter_sequences",
+    "iter_token_rows",
+    "load_token_rows",
+    "resolve_files",
+]
+
+SUPPORTED_EXTENSIONS = (".parquet", ".jsonl", ".txt")
+PathLike = str | os.PathLike[str]
+
+
+def resolve_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    """Expand files and directories (recursively, sorted) into the list of data files to read.
+
+    Raises:
+        FileNotFoundError: A path does not exist, or a directory holds no supported file.
+        ValueError: A file's extension is not one of :data:`SUPPORTED_EXTENSIONS`.
+    """
+    items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
+    if not items:
+        raise ValueError("resolve_files: paths is empty; give at least one file or directory")
+    files: list[Path] = []
+    for item in items:
+        path = Path(item)
+        if not path.exists():
+            raise FileNotFoundError(f"data file or directory {str(path)!r} does not exist")
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in SUPPORTED_EXTENSIONS)
+            if not found:
+                raise FileNotFoundError(
+                    f"directory {str(path)!r} holds no data files with extensions {list(SUPPORTED_EXTENSIONS)}"
+                )
+            files.extend(found)
+        elif path.suffix in SUPPORTED_EXTENSIONS:
+            files.append(path)
+        else:
+            raise ValueError(
+                f"unsupported data file extension {path.suffix!r} for {str(path)!r}; "
+                f"allowed: {list(SUPPORTED_EXTENSIONS)}"
+            )
+    return files
+
+
+def _text_ids(text: str, tokenizer: Any, where: str) -> list[int]:
+    if tokenizer is None:
+        raise ValueError(
+            f"{where} holds text; pass tokenizer= (e.g. picomaml.data.load_tokenizer(...)) to read it"
+        )
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is None:
+        raise ValueError(f"{where}: the tokenizer has no eos_token_id to separate documents")
+    return [*tokenizer.encode(text), int(eos)]
+
+
+def _iter_parquet(path: Path, tokenizer: Any, ids_key: str, text_key: str) -> Iterator[list[int]]:
+    pq = require("pyarrow.parquet", "data", "reading parquet files")
+    handle = pq.ParquetFile(str(path))
+    columns = handle.schema_arrow.names
+    if ids_key in columns:
+        key = ids_key
+    elif text_key in columns:
+        key = text_key
+    else:
+        raise KeyError(
+            f"parquet file {str(path)!r} has neither an {ids_key!r} nor a {text_key!r} column; "
+            f"columns found: {columns}"
+        )
+    for batch in handle.iter_batches(columns=[key], batch_size=1024):
+        for value in batch.column(0).to_pylist():
+            if value is None:
+                continue
+            yield _text_ids(value, tokenizer, str(path)) if key == text_key else [int(v) for v in value]
+
+
+def _iter_jsonl(path: Path, tokenizer: Any, ids_key: str, text_key: str) -> Iterator[list[int]]:
+    with path.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
+            if not isinstance(record, dict):
+                raise ValueError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+            if ids_key in record:
+                yield [int(v) for v in record[ids_key]]
+            elif text_key in record:
+                yield _text_ids(record[text_key], tokenizer, where)
+            else:
+                raise KeyError(
+                    f"{where}: record has neither an {ids_key!r} nor a {text_key!r} field; "
+                    f"fields found: {sorted(record)}"
+                )
+
+
+def iter_sequences(
+    paths: PathLike | Sequence[PathLike],
+    tokenizer: Any = None,
+    *,
+    ids_key: str = "input_ids",
+    text_key: str = "text",
+) -> Iterator[list[int]]:
+    """Token sequences of the files in order: pretokenized ones as stored, text ones tokenized plus EOS.
+
+    Args:
+        paths: Files and/or directories (see :func:`resolve_files`).
+        tokenizer: Anything with ``encode(text) -> list[int]`` and ``eos_token_id``; needed only for text.
+        ids_key: Column/field of pretokenized ids (preferred when both exist).
+        text_key: Column/field of raw text.
+
+    Yields:
+        One list of token ids per row, record or text file.
+    """
+    for path in resolve_files(paths):
+        if path.suffix == ".parquet":
+            yield from _iter_parquet(path, tokenizer, ids_key, text_key)
+        elif path.suffix == ".jsonl":
+            yield from _iter_jsonl(path, tokenizer, ids_key, text_key)
+        else:  # .txt: the whole file is one document
+            yield _text_ids(path.read_text(encoding="utf-8"), tokenizer, str(path))
+
+
+def _pack(sequences: Iterable[list[int]], seq_len: int) -> Iterator[torch.Tensor]:
+    """Rows ``(seq_len,)`` long cut from the concatenation of ``sequences``; the tail is dropped."""
+    buffer: list[int] = []
+    start = 0
+    for ids in sequences:
+        buffer.extend(ids)
+        while len(buffer) - start >= seq_len:
+            yield torch.tensor(buffer[start : start + seq_len], dtype=torch.long)
+            start += seq_len
+        if start > 1 << 16:  # drop consumed tokens now and then, keeping appends amortised O(1)
+            del buffer[:start]
+            start = 0
+
+
+def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+
+
+def iter_token_rows(
+    paths: PathLike | Sequence[PathLike],
+    seq_len: int,
+    tokenizer: Any = None,
+    *,
+    batch_size: int | None = None,
+    drop_last: bool = True,
+    ids_key: str = "input_ids",
+    text_key: str = "text",
+) -> Iterator[torch.Tensor]:
+    """Stream fixed-length token rows (or batches of them) from local files.
+
+    Args:
+        paths: Files and/or directories (``.parquet``, ``.jsonl``, ``.txt``).
+        seq_len: Tokens per row (>= 2).
+        tokenizer: Needed only when the files hold text.
+        batch_size: None yields rows ``(seq_len,)``; an int yields batches ``(batch_size, seq_len)``.
+        drop_last: Drop a final batch smaller than ``batch_size`` (otherwise yield it short).
+        ids_key: Column/field of pretokenized ids.
+        text_key: Column/field of raw text.
+
+    Returns:
+        An iterator of long tensors ``(seq_len,)`` or ``(B, seq_len)``.
+    """
+    _check_positive("seq_len", seq_len, 2)
+    if batch_size is not None:
+        _check_positive("batch_size", batch_size)
+    files = resolve_files(paths)  # a plain function: missing files or bad extensions fail at the call
+    rows = _pack(iter_sequences(files, tokenizer, ids_key=ids_key, text_key=text_key), seq_len)
+    return rows if batch_size is None else _batched(rows, batch_size, drop_last)
+
+
+def _batched(rows: Iterator[torch.Tensor], batch_size: int, drop_last: bool) -> Iterator[torch.Tensor]:
+    pending: list[torch.Tensor] = []
+    for row in rows:
+        pending.append(row)
+        if len(pending) == batch_size:
+            yield torch.stack(pending)
+            pending = []
+    if pending and not drop_last:
+        yield torch.stack(pending)
+
+
+def load_token_rows(
+    paths: PathLike | Sequence[PathLike],
+    seq_len: int,
+    tokenizer: Any = None,
+    *,
+    max_rows: int | None = None,
+    ids_key: str = "input_ids",
+    text_key: str = "text",
+) -> torch.Tensor:
+    """All rows of the files in one ``(n_rows, seq_len)`` long tensor (for small data).
+
+    Args:
+        paths: Files and/or directories.
+        seq_len: Tokens per row.
+        tokenizer: Needed only when the files hold text.
+        max_rows: Stop after this many rows.
+
+    Raises:
+        ValueError: The files hold fewer than ``seq_len`` tokens (no complete row).
+    """
+    if max_rows is not None:
+        _check_positive("max_rows", max_rows)
+    rows: list[torch.Tensor] = []
+    for row in iter_token_rows(paths, seq_len, tokenizer, ids_key=ids_key, text_key=text_key):
+        rows.append(row)
+        if max_rows is not None and len(rows) >= max_rows:
+            break
+    if not rows:
+        raise ValueError(f"load_token_rows: the files hold fewer than seq_len={seq_len} tokens; no row made")
+    return torch.stack(rows)
+
+
+class TokenRows:
+    """Re-iterable view of :func:`iter_token_rows` (each ``iter()`` reads the files again from the start).
+
+    Args:
+        paths: Files and/or directories.
+        seq_len: Tokens per row.
+        tokenizer: Needed only when the files hold text.
+        batch_size: None for rows ``(seq_len,)``, an int for batches ``(batch_size, seq_len)``.
+        drop_last: Drop a short final batch.
+    """
+
+    def __init__(
+        self,
+        paths: PathLike | Sequence[PathLike],
+        seq_len: int,
+        tokenizer: Any = None,
+        *,
+        batch_size: int | None = None,
+        drop_last: bool = True,
+    ) -> None:
+        _check_positive("seq_len", seq_len, 2)
+        if batch_size is not None:
+            _check_positive("batch_size", batch_size)
+        self.files = resolve_files(paths)
+        self.seq_len = seq_len
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.drop_last = drop_last
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return iter_token_rows(
+            self.files, self.seq_len, self.tokenizer, batch_size=self.batch_size, drop_last=self.drop_last
+        )
+
+    def to_tensor(self, max_rows: int | None = None) -> torch.Tensor:
+        """All rows as ``(n_rows, seq_len)`` long."""
+        return load_token_rows(self.files, self.seq_len, self.tokenizer, max_rows=max_rows)

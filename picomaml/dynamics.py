@@ -1,0 +1,238 @@
+"""Learning-dynamics capture in the pico-analyze layout: activations, weights and gradients per layer.
+
+On a fixed batch, for every module whose name ends with one of the configured suffixes (for a
+:class:`picomaml.PicoDecoder`: ``"attention.o_proj"``, ``"mlp.down_proj"``, ``"attention.q_proj"``, ...):
+
+* activations: the module output at one sequence position, ``(B, out_features)``;
+* weights: a copy of ``module.weight``;
+* gradients: the gradient of the LM loss on that batch with respect to ``module.weight``.
+
+The gradients come from a separate forward and ``torch.autograd.grad``, never from ``.grad``, so a
+capture between optimizer steps leaves the training state untouched (accumulated gradients, RNG,
+train/eval mode). Files are written as ``learning_dynamics/{split}_{activations,weights,gradients}.pt``,
+each a dict ``module name -> tensor`` (float32, CPU), the layout pico-analyze reads.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = [
+    "KINDS",
+    "capture_learning_dynamics",
+    "save_learning_dynamics",
+    "load_learning_dynamics",
+    "learning_dynamics_writer",
+    "next_token_loss",
+    "select_modules",
+    "unwrap_model",
+]
+
+KINDS = ("activations", "weights", "gradients")
+SUBDIR = "learning_dynamics"
+
+
+def next_token_loss(model: nn.Module, batch: Tensor) -> Tensor:
+    """Mean next-token cross-entropy of ``model`` on ``batch`` (B, L): logits[:, :-1] vs batch[:, 1:]."""
+    logits = model(batch)
+    if isinstance(logits, tuple):
+        logits = logits[0]
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # the loss in at least float32; float64 models stay float64
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+
+
+_WRAPPERS = {
+    "_FabricModule": "module",
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "OptimizedModule": "_orig_mod",
+}
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside Lightning Fabric, DDP / DataParallel and ``torch.compile`` wrappers.
+
+    Capturing on the unwrapped module keeps the saved names clean (``layers.0.mlp.down_proj``) and keeps
+    a DDP wrapper's gradient hooks out of the side computation.
+    """
+    for _ in range(8):  # wrappers nest at most a few deep
+        attr = _WRAPPERS.get(type(model).__name__)
+        inner = getattr(model, attr, None) if attr else None
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+    return model
+
+
+def select_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Module]:
+    """Modules whose qualified name ends with one of ``layer_suffixes`` (on a ``.`` boundary), in order.
+
+    Raises:
+        ValueError: no suffixes, or no module matches (the message lists some module names).
+    """
+    if isinstance(layer_suffixes, str):
+        layer_suffixes = (layer_suffixes,)
+    if not layer_suffixes:
+        raise ValueError("layer_suffixes must name at least one module suffix, e.g. ['attention.o_proj']")
+    found = {
+        name: module
+        for name, module in model.named_modules()
+        if name and any(name == s or name.endswith("." + s) for s in layer_suffixes)
+    }
+    if not found:
+        names = [n for n, _ in model.named_modules() if n][:12]
+        raise ValueError(
+            f"layer_suffixes {list(layer_suffixes)} match no module; module names look like {names}"
+        )
+    return found
+
+
+def capture_learning_dynamics(
+    model: nn.Module,
+    batch: Tensor,
+    layer_suffixes: Sequence[str] = ("attention.o_proj", "mlp.down_proj"),
+    seq_idx: int = -1,
+    loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
+    eval_mode: bool = True,
+) -> dict[str, dict[str, Tensor]]:
+    """Activations, weights and LM-loss gradients of the selected layers on one batch.
+
+    Args:
+        model: The backbone (e.g. a :class:`picomaml.PicoDecoder`, possibly wrapped by Fabric, DDP or
+            ``torch.compile``: it is unwrapped first, see :func:`unwrap_model`); its ``.grad`` fields,
+            parameters and train/eval mode are left as they were. Needs full (unsharded) weights, so
+            call it on one rank with a non-FSDP model.
+        batch: (B, L) long token ids, on the model's device.
+        layer_suffixes: Module-name suffixes to capture.
+        seq_idx: Sequence position of the recorded activations (negative counts from the end).
+        loss_fn: ``loss_fn(model, batch) -> scalar`` whose gradient is recorded; default
+            :func:`next_token_loss`.
+        eval_mode: Run the forward in eval mode (no dropout), then restore the previous mode.
+
+    Returns:
+        ``{"activations": {name: (B, out)}, "weights": {name: weight}, "gradients": {name: weight-shaped}}``,
+        float32 CPU tensors detached from the graph. Modules without a ``weight`` parameter get
+        activations only.
+    """
+    if not isinstance(batch, Tensor) or batch.dim() != 2:
+        raise ValueError(
+            f"batch: expected a (B, L) tensor of token ids, got {getattr(batch, 'shape', type(batch))}"
+        )
+    length = batch.shape[1]
+    if not -length <= seq_idx < length:
+        raise ValueError(f"seq_idx: {seq_idx} is outside a sequence of length {length}")
+    model = unwrap_model(model)
+    modules = select_modules(model, layer_suffixes)
+    loss_fn = loss_fn or next_token_loss
+    activations: dict[str, Tensor] = {}
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            out = output[0] if isinstance(output, tuple) else output
+            if out.dim() < 2:
+                raise ValueError(f"{name}: output of shape {tuple(out.shape)} has no sequence dimension")
+            # (B, L, ...) -> (B, ...) at seq_idx; flattened trailing dims keep pico-analyze's (B, d) shape
+            activations[name] = out.detach()[:, seq_idx].reshape(out.shape[0], -1).float().cpu().clone()
+
+        return hook
+
+    weights = {
+        name: m.weight for name, m in modules.items() if isinstance(getattr(m, "weight", None), Tensor)
+    }
+    was_training = model.training
+    handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+    try:
+        if eval_mode:
+            model.eval()
+        with torch.enable_grad():
+            loss = loss_fn(model, batch)
+            trainable = {n: w for n, w in weights.items() if w.requires_grad}
+            grads = (
+                torch.autograd.grad(loss, list(trainable.values()), allow_unused=True) if trainable else ()
+            )
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was_training)
+    gradients = {
+        name: (g if g is not None else torch.zeros_like(trainable[name])).detach().float().cpu().clone()
+        for name, g in zip(trainable, grads, strict=True)
+    }
+    return {
+        "activations": activations,
+        "weights": {n: w.detach().float().cpu().clone() for n, w in weights.items()},
+        "gradients": gradients,
+    }
+
+
+def save_learning_dynamics(
+    directory: str | os.PathLike[str],
+    split: str,
+    data: Mapping[str, Mapping[str, Tensor]],
+    subdir: str | None = SUBDIR,
+) -> list[Path]:
+    """Write ``directory/learning_dynamics/{split}_{kind}.pt`` for each kind in ``data``.
+
+    Args:
+        directory: A checkpoint directory (or any directory).
+        split: ``"train"``, ``"val"`` or another name (letters, digits, ``_-``).
+        data: What :func:`capture_learning_dynamics` returned.
+        subdir: Subdirectory to write into (``None`` writes into ``directory`` itself, as a
+            :func:`picomaml.checkpoint.save_checkpoint` writer does).
+
+    Returns:
+        The written files.
+    """
+    if not split or not all(c.isalnum() or c in "_-" for c in split):
+        raise ValueError(f"split: expected a name like 'train' or 'val', got {split!r}")
+    unknown = sorted(set(data) - set(KINDS))
+    if unknown:
+        raise ValueError(f"data: unknown kinds {unknown}; allowed: {list(KINDS)}")
+    out = Path(directory) if subdir is None else Path(directory) / subdir
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for kind, tensors in data.items():
+        path = out / f"{split}_{kind}.pt"
+        torch.save(dict(tensors), path)
+        written.append(path)
+    return written
+
+
+def load_learning_dynamics(
+    directory: str | os.PathLike[str], split: str, subdir: str | None = SUBDIR
+) -> dict[str, dict[str, Tensor]]:
+    """Read back what :func:`save_learning_dynamics` wrote (the kinds present on disk)."""
+    base = Path(directory) if subdir is None else Path(directory) / subdir
+    result = {}
+    for kind in KINDS:
+        path = base / f"{split}_{kind}.pt"
+        if path.exists():
+            result[kind] = torch.load(path, map_location="cpu", weights_only=True)
+    if not result:
+        raise FileNotFoundError(f"no learning-dynamics files for split {split!r} under {base}")
+    return result
+
+
+def learning_dynamics_writer(
+    splits: Mapping[str, Mapping[str, Mapping[str, Tensor]]],
+) -> Callable[[Path], None]:
+    """A :func:`picomaml.checkpoint.save_checkpoint` writer for captured dynamics.
+
+    Example:
+        >>> save_checkpoint(root, step, state, writers={  # doctest: +SKIP
+        ...     "learning_dynamics": learning_dynamics_writer({"train": train_data, "val": val_data})})
+    """
+
+    def write(directory: Path) -> None:
+        for split, data in splits.items():
+            save_learning_dynamics(directory, split, data, subdir=None)
+
+    return write

@@ -1,0 +1,313 @@
+"""Few-shot episode accuracy on held-out rows, before and after inner-loop adaptation.
+
+For each of ``episodes`` SMLMT episodes drawn by a fresh, seeded :class:`picomaml.SMLMTSampler` (so every
+call with the same rows and seed sees the same episodes, and evaluations at different checkpoints are
+paired), the backbone runs over the support and query windows under ``torch.no_grad`` (several episodes
+per forward pass), and:
+
+* ``acc_before``: nearest class mean on the frozen pooled features. Each query window goes to the class
+  whose support mean is closest in Euclidean distance (the Prototypical Networks rule). It needs no
+  head, so it measures what the backbone features alone already separate.
+* ``acc_after``: the head adapted from its (meta-learned) initial weights by the inner loop on the
+  support set, scored on the query set. This is what meta-training optimises.
+
+Both are reported as a mean over episodes with a Student-t confidence interval across episodes (queries
+of one episode share its classes and support set, so the episode is the independent unit). Chance is
+``1 / n_way``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from picomaml.eval.stats import mean_ci
+
+__all__ = ["FewShotResult", "fewshot_eval", "nearest_class_mean", "format_fewshot_table", "head_for_n_way"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class FewShotResult:
+    """Few-shot accuracy of one ``n_way``-way ``k_shot``-shot setting.
+
+    Attributes:
+        n_way, k_shot, n_query: The episode shape.
+        episodes: Number of episodes evaluated.
+        acc_before: Mean query accuracy of the nearest class mean on frozen features.
+        acc_before_ci: Half-width of its confidence interval (``confidence``, Student t over episodes).
+        acc_after: Mean query accuracy after inner-loop adaptation (``None`` without a head).
+        acc_after_ci: Half-width of its confidence interval (``None`` without a head).
+        chance: ``1 / n_way``.
+        confidence: Coverage of the intervals.
+        per_episode_before, per_episode_after: The per-episode accuracies behind the means.
+    """
+
+    n_way: int
+    k_shot: int
+    n_query: int
+    episodes: int
+    acc_before: float
+    acc_before_ci: float
+    acc_after: float | None
+    acc_after_ci: float | None
+    chance: float
+    confidence: float = 0.95
+    per_episode_before: tuple[float, ...] = ()
+    per_episode_after: tuple[float, ...] = ()
+
+    @property
+    def setting(self) -> str:
+        """``"5w4s"``: a short name for metric keys."""
+        return f"{self.n_way}w{self.k_shot}s"
+
+    def metrics(self, prefix: str = "eval/fewshot") -> dict[str, float]:
+        """Flat metrics for a logger: ``{prefix}_acc`` (after adaptation, or before without a head),
+        ``{prefix}_acc_ci``, ``{prefix}_acc_before``, ``{prefix}_acc_before_ci``, ``{prefix}_chance``.
+        """
+        main = self.acc_after if self.acc_after is not None else self.acc_before
+        main_ci = self.acc_after_ci if self.acc_after_ci is not None else self.acc_before_ci
+        return {
+            f"{prefix}_acc": main,
+            f"{prefix}_acc_ci": main_ci,
+            f"{prefix}_acc_before": self.acc_before,
+            f"{prefix}_acc_before_ci": self.acc_before_ci,
+            f"{prefix}_chance": self.chance,
+        }
+
+
+def nearest_class_mean(
+    support_feats: Tensor, support_labels: Tensor, query_feats: Tensor, n_way: int
+) -> Tensor:
+    """Predict query labels by the closest support class mean (Euclidean distance).
+
+    Args:
+        support_feats: (n_s, D) features.
+        support_labels: (n_s,) long in ``[0, n_way)``; every class needs at least one row.
+        query_feats: (n_q, D) features.
+        n_way: Number of classes.
+
+    Returns:
+        (n_q,) long predicted labels.
+    """
+    xs, xq = support_feats.float(), query_feats.float()
+    onehot = torch.nn.functional.one_hot(support_labels, n_way).to(xs.dtype)  # (n_s, N)
+    counts = onehot.sum(0)
+    if bool((counts == 0).any()):
+        missing = (counts == 0).nonzero().flatten().tolist()
+        raise ValueError(f"support_labels: classes {missing} have no support row")
+    means = onehot.T @ xs / counts.unsqueeze(1)  # (N, D)
+    return torch.cdist(xq.unsqueeze(0), means.unsqueeze(0)).squeeze(0).argmin(1)
+
+
+def head_for_n_way(head: nn.Module, n_way: int) -> nn.Module:
+    """``head`` itself when it is ``n_way``-way; for a prototype-init head, a copy built for ``n_way`` classes.
+
+    A prototype-init :class:`picomaml.MetaHead` stores only its hidden layers (the output layer comes from
+    the support class means), so its meta-learned initialisation carries over to any number of classes.
+    Other heads have a fixed ``n_way`` output layer; evaluate them at their own ``n_way`` or pass a factory.
+    """
+    if getattr(head, "n_way", None) == n_way:
+        return head
+    if getattr(head, "init", None) == "prototype" and getattr(head, "out", 1) is None:
+        new = type(head)(
+            head.in_dim,
+            n_way,
+            hidden_dims=head.hidden_dims,
+            activation=head.activation,
+            dropout=head.dropout,
+            init="prototype",
+            seed=head.seed,
+        )
+        new.load_state_dict(head.state_dict())
+        ref = next(head.parameters(), None)
+        return new.to(ref.device, ref.dtype) if ref is not None else new
+    raise ValueError(
+        f"head: a {getattr(head, 'n_way', '?')}-way head with init={getattr(head, 'init', '?')!r} cannot score "
+        f"{n_way}-way episodes; evaluate at n_way={getattr(head, 'n_way', '?')}, use a prototype-init head, or "
+        f"pass a factory `lambda n_way: MetaHead(...)`"
+    )
+
+
+def _backbone_features(model: nn.Module, ids: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    from picomaml.objectives import pool_features
+
+    hidden = (
+        model.hidden_states(ids) if hasattr(model, "hidden_states") else model(ids, return_hidden=True)[1]
+    )
+    return pool_features(hidden, mask if pooling == "mask" else None, pooling)
+
+
+def _accuracy(pred: Tensor, labels: Tensor) -> float:
+    return float((pred == labels).float().mean())
+
+
+def fewshot_eval(
+    model: nn.Module,
+    rows: Tensor,
+    *,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    mask_token_id: int,
+    window_len: int,
+    episodes: int = 100,
+    head: nn.Module | Callable[[int], nn.Module] | None = None,
+    inner_loop: nn.Module | None = None,
+    pooling: str = "mask",
+    seed: int = 0,
+    min_freq: float | None = None,
+    max_freq: float | None = None,
+    exclude_token_ids: Sequence[int] = (),
+    confidence: float = 0.95,
+    sampler_kwargs: dict[str, Any] | None = None,
+    episodes_per_batch: int = 16,
+) -> FewShotResult:
+    """Evaluate few-shot episode accuracy on held-out token rows.
+
+    Args:
+        model: The backbone (a :class:`picomaml.PicoDecoder`); run under ``no_grad`` in eval mode, its
+            mode restored afterwards.
+        rows: (B, L) long held-out token rows; episodes' windows are cut from them.
+        n_way, k_shot, n_query, mask_token_id, window_len: The episode shape (see
+            :class:`picomaml.SMLMTSampler`).
+        episodes: Number of episodes (>= 1).
+        head: The :class:`picomaml.MetaHead` whose initial weights the inner loop adapts (the trained
+            head, or a fresh one), or a factory ``n_way -> head``. A prototype-init head of another
+            ``n_way`` is rebuilt for this ``n_way`` (see :func:`head_for_n_way`). ``None``: only the
+            nearest-class-mean accuracy is computed.
+        inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``); ``loop.adapt`` runs with
+            gradients enabled for the inner steps only.
+        pooling: ``"mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`).
+        seed: Seed of the evaluation's own sampler (the training sampler is never touched).
+        min_freq, max_freq, exclude_token_ids: Class-frequency band and excluded ids of the sampler
+            (``None`` keeps the sampler defaults).
+        confidence: Coverage of the reported intervals.
+        sampler_kwargs: Further :class:`picomaml.SMLMTSampler` keyword arguments.
+        episodes_per_batch: Episodes that share one backbone forward and one vectorised inner loop
+            (memory vs speed; the results do not depend on it).
+
+    Returns:
+        A :class:`FewShotResult`.
+    """
+    from picomaml.meta.sampler import SMLMTSampler
+
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    if (
+        isinstance(episodes_per_batch, bool)
+        or not isinstance(episodes_per_batch, int)
+        or episodes_per_batch < 1
+    ):
+        raise ValueError(f"episodes_per_batch must be an integer >= 1, got {episodes_per_batch!r}")
+    if head is not None and inner_loop is None:
+        raise ValueError("inner_loop: needed when a head is given (acc_after adapts the head with it)")
+    if head is not None and not isinstance(head, nn.Module):
+        head = head(n_way)
+    if head is not None:
+        head = head_for_n_way(head, n_way)
+    kwargs: dict[str, Any] = dict(sampler_kwargs or {})
+    if min_freq is not None:
+        kwargs["min_freq"] = min_freq
+    if max_freq is not None:
+        kwargs["max_freq"] = max_freq
+    sampler = SMLMTSampler(
+        n_way=n_way,
+        k_shot=k_shot,
+        n_query=n_query,
+        mask_token_id=mask_token_id,
+        window_len=window_len,
+        exclude_token_ids=tuple(exclude_token_ids),
+        seed=seed,
+        **kwargs,
+    )
+    index = sampler.index(rows.detach().cpu())
+    device = next(model.parameters()).device
+    head_param = next(head.parameters(), None) if head is not None else None
+    head_dtype = head_param.dtype if head_param is not None else None  # the head keeps its own precision
+    ns = n_way * k_shot
+    modules = [m for m in (model, head, inner_loop) if m is not None]
+    modes = [m.training for m in modules]
+    before: list[float] = []
+    after: list[float] = []
+    try:
+        for m in modules:
+            m.eval()
+        done = 0
+        while done < episodes:
+            t = min(episodes_per_batch, episodes - done)
+            ep = sampler.sample(index, n_tasks=t)  # the same episodes as t single draws, in order
+            done += t
+            nq = ep.query_ids.shape[1]
+            width = ep.support_ids.shape[-1]
+            ids = torch.cat([ep.support_ids, ep.query_ids], 1).reshape(-1, width).to(device)
+            mask = torch.cat([ep.support_mask, ep.query_mask], 1).reshape(-1, width).to(device)
+            ys, yq = ep.support_labels.to(device), ep.query_labels.to(device)  # (t, ns), (t, nq)
+            with torch.no_grad():  # one backbone forward for the t episodes
+                feats = _backbone_features(model, ids, mask, pooling).view(t, ns + nq, -1)
+            xs, xq = feats[:, :ns], feats[:, ns:]
+            for i in range(t):
+                before.append(_accuracy(nearest_class_mean(xs[i], ys[i], xq[i], n_way), yq[i]))
+            if head is not None:
+                dtype = head_dtype or xs.dtype
+                with torch.no_grad():  # adapt() enables gradients for the inner steps itself
+                    params = inner_loop.adapt(head, xs.to(dtype), ys)  # vectorised over the t tasks
+                    logits = head.functional(params, xq.to(dtype))  # (t, nq, N)
+                after.extend(float(a) for a in (logits.argmax(-1) == yq).float().mean(1))
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    acc_before, ci_before = mean_ci(before, confidence)
+    acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
+    result = FewShotResult(
+        n_way=n_way,
+        k_shot=k_shot,
+        n_query=n_query,
+        episodes=episodes,
+        acc_before=acc_before,
+        acc_before_ci=ci_before,
+        acc_after=acc_after,
+        acc_after_ci=ci_after,
+        chance=1.0 / n_way,
+        confidence=confidence,
+        per_episode_before=tuple(before),
+        per_episode_after=tuple(after),
+    )
+    logger.debug("few-shot %s: before %.4f, after %s", result.setting, acc_before, acc_after)
+    return result
+
+
+def _fmt(value: float | None, ci: float | None) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f} ± {ci:.3f}" if ci is not None and ci == ci else f"{value:.3f}"
+
+
+def format_fewshot_table(results: Sequence[FewShotResult] | FewShotResult) -> str:
+    """A markdown table of few-shot results with chance beside each row.
+
+    Example output::
+
+        | setting | episodes | NCM (before) | after inner loop | chance |
+        |---|---|---|---|---|
+        | 5-way 4-shot | 100 | 0.412 ± 0.021 | 0.455 ± 0.020 | 0.200 |
+    """
+    if isinstance(results, FewShotResult):
+        results = [results]
+    pct = f"{int(round(100 * results[0].confidence))}% CI" if results else "CI"
+    lines = [
+        f"| setting | episodes | NCM before ({pct}) | after inner loop ({pct}) | chance |",
+        "|---|---|---|---|---|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r.n_way}-way {r.k_shot}-shot ({r.n_query} query) | {r.episodes} | "
+            f"{_fmt(r.acc_before, r.acc_before_ci)} | {_fmt(r.acc_after, r.acc_after_ci)} | {r.chance:.3f} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,237 @@
+"""MetaHead: the small N-way classifier that the inner loop adapts, used functionally on a parameter dict.
+
+The head is an MLP ``in_dim -> hidden_dims... -> n_way``. Its parameters live in the module (they are the
+meta-learned initial weights) but adaptation never touches them: :meth:`MetaHead.initial_params` returns a
+dict ``name -> tensor`` that the inner loop replaces step by step, and :meth:`MetaHead.functional` evaluates
+the head on any such dict. Every parameter may carry a leading task dimension ``T`` (one copy per task),
+so several tasks run as batched matrix products.
+
+``init="prototype"`` (ProtoMAML) has no stored output layer: for each episode the last layer is built from
+the support class means ``c_k`` of its input (the features after the hidden layers, under the current
+parameters): weight ``2 c_k``, bias ``-||c_k||^2``. The means are ordinary differentiable tensor ops, so the
+meta-gradient flows through them into the hidden layers and the features.
+
+The pico-maml setting (4 linear layers, 128 hidden units, xavier init) is
+``MetaHead(d_model, n_way, hidden_dims=(128, 128, 128), init="xavier")``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["MetaHead", "ACTIVATIONS", "INITS", "prototype_layer"]
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
+INITS = ("xavier", "kaiming", "normal", "zeros", "prototype")
+
+
+def prototype_layer(feats: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
+    """ProtoMAML output layer from support class means (differentiable).
+
+    Args:
+        feats: ``(T, n, h)`` support features entering the last layer.
+        labels: ``(T, n)`` long labels in ``[0, n_way)``.
+        n_way: Number of classes ``N``.
+
+    Returns:
+        ``(weight (T, N, h), bias (T, N))`` with ``weight = 2 c_k`` and ``bias = -||c_k||^2``; a class with no
+        support row gets ``c_k = 0``.
+    """
+    onehot = F.one_hot(labels, n_way).to(feats.dtype)  # (T, n, N)
+    counts = onehot.sum(1).clamp_min(1.0)  # (T, N)
+    means = torch.bmm(onehot.transpose(1, 2), feats) / counts.unsqueeze(-1)  # (T, N, h)
+    return 2.0 * means, -(means * means).sum(-1)
+
+
+class MetaHead(nn.Module):
+    """An N-way MLP classifier over pooled features, evaluated functionally.
+
+    Args:
+        in_dim: Feature size ``D`` (the backbone's ``d_model``).
+        n_way: Number of classes ``N`` of an episode.
+        hidden_dims: Sizes of the hidden layers; ``()`` is a linear head.
+        activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``, applied after each hidden layer.
+        dropout: Probability of zeroing a hidden activation while the head is in training mode. Masks are
+            drawn from the head's own seeded ``torch.Generator`` (never the global RNG); it has no effect on a
+            linear head. Only the ``torch`` inner-loop backend supports it.
+        init: ``"xavier"`` (uniform), ``"kaiming"`` (uniform, fan-in), ``"normal"`` (std 0.02), ``"zeros"``
+            (weights and biases zero) or ``"prototype"`` (hidden layers xavier, output layer from support
+            class means per episode; the module then stores no output layer). Biases start at zero.
+        seed: Seed of the generator used for weight init and dropout masks.
+
+    Parameter names are ``hidden.{i}.weight``/``hidden.{i}.bias`` and ``out.weight``/``out.bias``; these are
+    the keys of the dicts the inner loop adapts (see :attr:`adapted_names`).
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_way: int,
+        hidden_dims: Sequence[int] = (),
+        activation: str = "relu",
+        dropout: float = 0.0,
+        init: str = "xavier",
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if in_dim < 1:
+            raise ValueError(f"in_dim must be >= 1, got {in_dim}")
+        if n_way < 2:
+            raise ValueError(f"n_way must be >= 2, got {n_way}")
+        hidden_dims = tuple(int(h) for h in hidden_dims)
+        if any(h < 1 for h in hidden_dims):
+            raise ValueError(f"hidden_dims must all be >= 1, got {hidden_dims}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        if init not in INITS:
+            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
+        self.in_dim, self.n_way, self.hidden_dims = in_dim, n_way, hidden_dims
+        self.activation, self.dropout, self.init, self.seed = activation, float(dropout), init, seed
+        self._act = ACTIVATIONS[activation]
+        self._generator = torch.Generator().manual_seed(seed)
+        dims = (in_dim, *hidden_dims)
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+        self.out = None if init == "prototype" else nn.Linear(dims[-1], n_way)
+        self.reset_parameters()
+
+    @property
+    def adapted_names(self) -> tuple[str, ...]:
+        """Names of the tensors the inner loop adapts, in order (includes ``out.*`` for prototype init)."""
+        names = [f"hidden.{i}.{p}" for i in range(len(self.hidden_dims)) for p in ("weight", "bias")]
+        return (*names, "out.weight", "out.bias")
+
+    def reset_parameters(self) -> None:
+        """(Re)initialise all stored weights from the head's generator; biases start at zero."""
+        kind = "xavier" if self.init == "prototype" else self.init
+        with torch.no_grad():
+            for lin in [*self.hidden, *([self.out] if self.out is not None else [])]:
+                w = lin.weight
+                fan_out, fan_in = w.shape
+                if kind == "xavier":
+                    bound = math.sqrt(6.0 / (fan_in + fan_out))
+                elif kind == "kaiming":
+                    bound = math.sqrt(6.0 / fan_in)  # He uniform for ReLU gain sqrt(2)
+                else:
+                    bound = 0.0
+                cpu = torch.empty(w.shape, dtype=torch.float32)
+                if kind == "normal":
+                    cpu.normal_(0.0, 0.02, generator=self._generator)
+                else:
+                    cpu.uniform_(-bound, bound, generator=self._generator) if bound else cpu.zero_()
+                w.copy_(cpu)
+                lin.bias.zero_()
+
+    # -- functional core -------------------------------------------------------------------------------
+
+    def initial_params(
+        self, support_feats: Tensor | None = None, support_labels: Tensor | None = None
+    ) -> dict:
+        """The dict the inner loop starts from: the stored parameters, plus the prototype layer if any.
+
+        Args:
+            support_feats: ``(T, n, D)`` support features (needed for prototype init only).
+            support_labels: ``(T, n)`` labels (needed for prototype init only).
+
+        Returns:
+            ``name -> tensor``; stored parameters are returned as they are (no copy, so gradients reach them),
+            prototype ``out.*`` tensors have a leading ``T`` dimension.
+        """
+        params: dict[str, Tensor] = {}
+        for i, lin in enumerate(self.hidden):
+            params[f"hidden.{i}.weight"], params[f"hidden.{i}.bias"] = lin.weight, lin.bias
+        if self.out is not None:
+            params["out.weight"], params["out.bias"] = self.out.weight, self.out.bias
+        else:
+            if support_feats is None or support_labels is None:
+                raise ValueError(
+                    "init='prototype' needs support_feats and support_labels to build the output layer"
+                )
+            h = self.features(params, support_feats)  # no dropout: the prototypes are class means
+            params["out.weight"], params["out.bias"] = prototype_layer(h, support_labels, self.n_way)
+        return params
+
+    def features(self, params: dict, x: Tensor, masks: Sequence[Tensor] | None = None) -> Tensor:
+        """Input of the output layer: ``x`` after the hidden layers.
+
+        Args:
+            params: ``name -> tensor``; each tensor may have a leading task dimension ``T``.
+            x: ``(T, n, D)`` or ``(n, D)`` features.
+            masks: Optional dropout masks, one per hidden layer, broadcastable to its activation (already
+                scaled by ``1 / (1 - p)``).
+        """
+        for i in range(len(self.hidden_dims)):
+            x = self._act(_linear(x, params[f"hidden.{i}.weight"], params[f"hidden.{i}.bias"]))
+            if masks is not None:
+                x = x * masks[i]
+        return x
+
+    def functional(self, params: dict, x: Tensor, masks: Sequence[Tensor] | None = None) -> Tensor:
+        """Logits of the head under ``params``: ``(T, n, D) -> (T, n, N)`` (or ``(n, D) -> (n, N)``)."""
+        h = self.features(params, x, masks)
+        return _linear(h, params["out.weight"], params["out.bias"])
+
+    def dropout_masks(
+        self, shape: Sequence[int], device: torch.device, dtype: torch.dtype
+    ) -> list[Tensor] | None:
+        """Fresh dropout masks for one forward of ``shape[:-1]`` rows, or ``None`` when dropout is off.
+
+        Drawn on the CPU from the head's generator (so results do not depend on the device), then moved.
+        """
+        if self.dropout == 0.0 or not self.training or not self.hidden_dims:
+            return None
+        keep = 1.0 - self.dropout
+        masks = []
+        for h in self.hidden_dims:
+            m = torch.rand((*shape[:-1], h), generator=self._generator) < keep
+            masks.append((m.to(dtype) / keep).to(device))
+        return masks
+
+    def forward(
+        self, x: Tensor, support_feats: Tensor | None = None, support_labels: Tensor | None = None
+    ) -> Tensor:
+        """Logits under the stored (initial) parameters: ``(..., n, D) -> (..., n, N)``.
+
+        For prototype init, pass the support set the output layer is built from. Works with
+        ``torch.func.functional_call(head, params, (x,))``.
+        """
+        if self.out is None:
+            if support_feats is None:
+                raise ValueError("init='prototype' needs support_feats and support_labels in forward()")
+            squeeze = support_feats.dim() == 2
+            sf = support_feats.unsqueeze(0) if squeeze else support_feats
+            sl = support_labels.unsqueeze(0) if squeeze else support_labels
+            params = self.initial_params(sf, sl)
+            if squeeze:
+                params["out.weight"], params["out.bias"] = params["out.weight"][0], params["out.bias"][0]
+        else:
+            params = self.initial_params()
+        masks = self.dropout_masks(x.shape, x.device, x.dtype)
+        return self.functional(params, x, masks)
+
+    # -- generator state travels with state_dict() ----------------------------------------------------
+
+    def get_extra_state(self) -> dict:
+        return {"generator": self._generator.get_state()}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._generator.set_state(state["generator"])
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_dim={self.in_dim}, n_way={self.n_way}, hidden_dims={self.hidden_dims}, "
+            f"activation={self.activation!r}, dropout={self.dropout}, init={self.init!r}"
+        )
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """``x @ W^T + b`` where ``W (.., out, in)``/``b (.., out)`` may carry a leading task dim like ``x``."""
+    if weight.dim() == 2:
+        return F.linear(x, weight, bias)
+    return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))

@@ -1,0 +1,308 @@
+"""SMLMTSampler: N-way K-shot episodes from unlabelled token windows (Subset Masked LM Tasks).
+
+A thin stateful class over the functional core in :mod:`picomaml.meta.smlmt`: it validates its arguments,
+owns a seeded ``torch.Generator`` (with ``state_dict``), caches the token->window index of the last buffer
+and streams episodes from an iterable of rows. See ``docs/pages/episodes.md`` for the method and guarantees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import weakref
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from picomaml.config import SamplerConfig, check, to_dict
+from picomaml.meta import smlmt
+from picomaml.meta.episode import Episode
+from picomaml.meta.smlmt import SamplingError, TokensTypeError, WindowIndex
+
+__all__ = ["SMLMTSampler", "SamplingError", "TokensTypeError", "WindowIndex"]
+
+_CLASS_SAMPLING = ("uniform", "count_power")
+_log = logging.getLogger(__name__)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+class SMLMTSampler:
+    """Builds SMLMT episodes: N token types become N classes, their windows (masked) the examples.
+
+    For each task: choose ``n_way`` distinct eligible token types (uniformly, or with probability
+    proportional to ``window_count ** power``), give them task-local labels by a fresh random permutation,
+    take ``k_shot + n_query`` distinct windows containing each (no window serves two classes or both support
+    and query), and replace every occurrence of the class token in its window with ``mask_token_id``.
+
+    A token is *eligible* when the number of buffer windows that contain it lies in
+    ``[min_freq, max_freq]``, is at least ``k_shot + n_query``, and it is neither ``mask_token_id`` nor in
+    ``exclude_token_ids``. Each bound is a fraction of the number of windows when it lies strictly between
+    0 and 1, and a count of windows otherwise: ``max_freq=0.5`` means "in at most half the windows",
+    ``max_freq=200`` "in at most 200 windows" (so ``max_freq=1`` means one window; use e.g. ``0.999`` for
+    "almost all"), ``min_freq=4`` "in at least 4 windows", ``min_freq=0`` no lower bound.
+
+    Args:
+        n_way: Classes per task ``N`` (>= 2).
+        k_shot: Support windows per class ``K`` (>= 1).
+        n_query: Query windows per class ``Q`` (>= 1).
+        mask_token_id: Token id that replaces the class token (>= 0); never a class itself.
+        window_len: Tokens per window ``W``; rows are cut into ``L // W`` non-overlapping windows.
+        min_freq: Lower bound of the window-count band (fraction in (0, 1) or count).
+        max_freq: Upper bound of the window-count band (fraction in (0, 1) or count).
+        exclude_token_ids: Ids never used as classes (padding, BOS/EOS, ...).
+        class_sampling: ``"uniform"`` or ``"count_power"``.
+        power: Exponent of ``"count_power"`` sampling.
+        seed: Seed of the sampler's own ``torch.Generator``.
+    """
+
+    #: How many times to redraw the classes when their windows cannot be assigned without reuse.
+    max_redraws: int = 8
+
+    def __init__(
+        self,
+        n_way: int,
+        k_shot: int,
+        n_query: int,
+        mask_token_id: int,
+        window_len: int,
+        min_freq: float = SamplerConfig.min_freq,
+        max_freq: float = SamplerConfig.max_freq,
+        exclude_token_ids: Sequence[int] = (),
+        class_sampling: str = "uniform",
+        power: float = SamplerConfig.power,
+        seed: int = 0,
+    ) -> None:
+        for name, value in (
+            ("n_way", n_way),
+            ("k_shot", k_shot),
+            ("n_query", n_query),
+            ("window_len", window_len),
+        ):
+            check(_is_int(value), name, f"must be an integer, got {value!r}")
+        for name, value in (("min_freq", min_freq), ("max_freq", max_freq), ("power", power)):
+            check(
+                isinstance(value, (int, float)) and not isinstance(value, bool),
+                name,
+                f"must be a number, got {value!r}",
+            )
+        check(
+            _is_int(mask_token_id) and mask_token_id >= 0,
+            "mask_token_id",
+            f"must be an integer >= 0, got {mask_token_id!r}",
+        )
+        check(_is_int(seed), "seed", f"must be an integer, got {seed!r}")
+        check(
+            class_sampling in _CLASS_SAMPLING,
+            "class_sampling",
+            f"{class_sampling!r} is not allowed; choose one of {list(_CLASS_SAMPLING)}",
+        )
+        exclude = tuple(exclude_token_ids)
+        check(
+            all(_is_int(t) and t >= 0 for t in exclude),
+            "exclude_token_ids",
+            f"must be integers >= 0, got {exclude!r}",
+        )
+        # range checks shared with the YAML config (raise ConfigError naming the field)
+        self.config = SamplerConfig(
+            n_way=n_way,
+            k_shot=k_shot,
+            n_query=n_query,
+            window_len=window_len,
+            min_freq=float(min_freq),
+            max_freq=float(max_freq),
+            exclude_token_ids=exclude,
+            class_sampling=class_sampling,  # type: ignore[arg-type]
+            power=float(power),
+        )
+        self.n_way, self.k_shot, self.n_query, self.window_len = n_way, k_shot, n_query, window_len
+        self.mask_token_id = mask_token_id
+        self.min_freq, self.max_freq, self.power = float(min_freq), float(max_freq), float(power)
+        self.class_sampling = class_sampling
+        self.exclude_token_ids = exclude
+        self._excluded = tuple(sorted(set(exclude) | {mask_token_id}))  # the mask is never a class
+        self.seed = seed
+        self.generator = torch.Generator().manual_seed(seed)
+        self.episodes_sampled = 0
+        self._cache: tuple[Any, int, WindowIndex, Tensor] | None = None
+
+    @classmethod
+    def from_config(
+        cls, config: SamplerConfig | Mapping[str, Any], mask_token_id: int, seed: int = 0
+    ) -> SMLMTSampler:
+        """Build from a :class:`picomaml.config.SamplerConfig` (or its dict) plus the tokenizer's mask id."""
+        values = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
+        return cls(**values, mask_token_id=mask_token_id, seed=seed)
+
+    # ------------------------------------------------------------------ index
+
+    @property
+    def per_class(self) -> int:
+        """Windows each class needs: ``k_shot + n_query``."""
+        return self.k_shot + self.n_query
+
+    def index(self, tokens: Tensor) -> WindowIndex:
+        """The :class:`WindowIndex` of ``tokens`` ``(B, L)``, built once and cached for the same tensor.
+
+        The cache is keyed by the tensor's identity and its version counter, so in-place edits of the
+        buffer (``tokens[...] = ...``) trigger a rebuild; a new tensor always does.
+        """
+        return self._prepare(tokens)[0]
+
+    def eligible(self, tokens: Tensor | WindowIndex) -> Tensor:
+        """``(E,)`` ids of the token types this sampler may use as classes in ``tokens``."""
+        return self._prepare(tokens)[1]
+
+    def _prepare(self, tokens: Tensor | WindowIndex) -> tuple[WindowIndex, Tensor]:
+        if isinstance(tokens, WindowIndex):
+            if tokens.window_len != self.window_len:
+                raise ValueError(
+                    f"tokens: index has window_len {tokens.window_len}, sampler {self.window_len}"
+                )
+            return tokens, self._eligible(tokens)
+        cache = self._cache
+        if cache is not None and cache[0]() is tokens and cache[1] == tokens._version:
+            return cache[2], cache[3]
+        index = smlmt.build_index(tokens, self.window_len)
+        eligible = self._eligible(index)
+        self._cache = (weakref.ref(tokens), tokens._version, index, eligible)
+        return index, eligible
+
+    def _eligible(self, index: WindowIndex) -> Tensor:
+        return smlmt.eligible_tokens(index, self.per_class, self.min_freq, self.max_freq, self._excluded)
+
+    # ------------------------------------------------------------------ sampling
+
+    def sample(self, tokens: Tensor | WindowIndex, n_tasks: int | None = None) -> Episode:
+        """Sample one episode, or ``n_tasks`` independent ones stacked along a leading dimension.
+
+        Args:
+            tokens: ``(B, L)`` long buffer of token rows (or its :meth:`index`).
+            n_tasks: None for a single :class:`Episode` of shape ``(N*K, W)``...; an int ``T >= 1`` for a
+                stacked one of shape ``(T, N*K, W)``...
+
+        Returns:
+            The episode, on the device of ``tokens`` (sampling itself runs on CPU).
+
+        Raises:
+            TokensTypeError / ValueError: bad ``tokens`` (not 2-D long, negative ids, rows shorter than W).
+            SamplingError: fewer eligible token types than ``n_way``, or no way to give every class
+                ``k_shot + n_query`` windows without reuse after :attr:`max_redraws` draws.
+        """
+        if n_tasks is not None and not (_is_int(n_tasks) and n_tasks >= 1):
+            raise ValueError(f"n_tasks: must be None or an integer >= 1, got {n_tasks!r}")
+        index, eligible = self._prepare(tokens)
+        if n_tasks is None:
+            episode = self._sample_one(index, eligible)
+        else:
+            episode = Episode.stack([self._sample_one(index, eligible) for _ in range(n_tasks)])
+        if isinstance(tokens, Tensor) and tokens.device.type != "cpu":
+            episode = episode.to(tokens.device)
+        return episode
+
+    def _sample_one(self, index: WindowIndex, eligible: Tensor) -> Episode:
+        if eligible.numel() < self.n_way:
+            raise SamplingError(
+                smlmt.describe_shortfall(
+                    index, eligible.numel(), self.n_way, self.per_class, self.min_freq, self.max_freq
+                )
+            )
+        for _ in range(self.max_redraws):
+            classes = smlmt.draw_classes(
+                index, eligible, self.n_way, self.class_sampling, self.power, self.generator
+            )
+            windows = smlmt.assign_windows(index, classes, self.per_class, self.generator)
+            if windows is not None:
+                break
+            _log.debug(
+                "classes %s cannot all be placed without reusing a window; redrawing", classes.tolist()
+            )
+        else:
+            raise SamplingError(
+                f"could not give {self.n_way} classes {self.per_class} windows each without reusing a window "
+                f"after {self.max_redraws} draws of the classes ({eligible.numel()} eligible types, "
+                f"{index.n_windows} windows): the eligible types share too many windows. Use more rows, "
+                f"a smaller n_way / k_shot / n_query, or a larger min_freq."
+            )
+        labels = torch.randperm(self.n_way, generator=self.generator)
+        self.episodes_sampled += 1
+        return smlmt.assemble_episode(index, classes, windows, labels, self.k_shot, self.mask_token_id)
+
+    def episodes(
+        self,
+        rows: Iterable[Tensor | Sequence[int]],
+        buffer_rows: int = 64,
+        refresh: int = 1,
+        n_tasks: int | None = None,
+    ) -> Iterator[Episode]:
+        """Stream episodes from an iterable of token rows.
+
+        Keeps the newest ``buffer_rows`` rows: fills the buffer first, then repeatedly yields ``refresh``
+        episodes from the current buffer and pulls the next item (a 1-D row ``(L,)`` or a batch ``(B, L)``)
+        into it, dropping the oldest rows; the index is rebuilt whenever the buffer changes. Stops when the
+        iterable is exhausted (after yielding from the last buffer). All rows must share one length.
+        The position in ``rows`` is not part of :meth:`state_dict`.
+        """
+        if not (_is_int(buffer_rows) and buffer_rows >= 1):
+            raise ValueError(f"buffer_rows: must be an integer >= 1, got {buffer_rows!r}")
+        if not (_is_int(refresh) and refresh >= 1):
+            raise ValueError(f"refresh: must be an integer >= 1, got {refresh!r}")
+        buffer: deque[Tensor] = deque(maxlen=buffer_rows)
+        source = iter(rows)
+        end = object()
+
+        def pull() -> bool:
+            item = next(source, end)
+            if item is end:
+                return False
+            batch = item if isinstance(item, Tensor) else torch.as_tensor(item, dtype=torch.long)
+            if batch.dim() == 1:
+                batch = batch.unsqueeze(0)
+            smlmt.check_tokens(batch, "rows item")
+            if buffer and batch.shape[1] != buffer[0].shape[0]:
+                raise ValueError(
+                    f"rows: got a row of length {batch.shape[1]}, the buffer's rows have {buffer[0].shape[0]}"
+                )
+            buffer.extend(batch.unbind(0))
+            return True
+
+        more = True
+        while more and len(buffer) < buffer_rows:
+            more = pull()
+        while buffer:
+            tokens = torch.stack(list(buffer))
+            for _ in range(refresh):
+                yield self.sample(tokens, n_tasks)
+            if not more or not pull():
+                return
+
+    # ------------------------------------------------------------------ state
+
+    def state_dict(self) -> dict[str, Any]:
+        """``{"generator": ByteTensor, "seed": int, "episodes_sampled": int}``: enough to continue exactly."""
+        return {
+            "generator": self.generator.get_state(),
+            "seed": self.seed,
+            "episodes_sampled": self.episodes_sampled,
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict`; the next episodes equal those the saved sampler would have drawn."""
+        missing = {"generator", "seed", "episodes_sampled"} - set(state)
+        if missing:
+            raise KeyError(f"SMLMTSampler.load_state_dict: missing keys {sorted(missing)}")
+        self.generator.set_state(state["generator"])
+        self.seed = int(state["seed"])
+        self.episodes_sampled = int(state["episodes_sampled"])
+
+    def __repr__(self) -> str:
+        return (
+            f"SMLMTSampler(n_way={self.n_way}, k_shot={self.k_shot}, n_query={self.n_query}, "
+            f"window_len={self.window_len}, mask_token_id={self.mask_token_id}, min_freq={self.min_freq}, "
+            f"max_freq={self.max_freq}, class_sampling={self.class_sampling!r}, seed={self.seed})"
+        )

@@ -1,0 +1,361 @@
+"""Functional core of SMLMT episode sampling: windows, the token->window index, eligibility, assignment.
+
+Everything here is a pure function of its inputs and an explicit ``torch.Generator``;
+:class:`picomaml.meta.sampler.SMLMTSampler` is a thin stateful wrapper (arguments, cache, RNG state,
+streaming). All work runs on CPU tensors: it is index manipulation over a few hundred thousand integers.
+
+Vocabulary of this module: a buffer ``(B, L)`` is cut into ``n_windows = B * (L // W)`` windows; window
+``w`` is row ``w // windows_per_row``, tokens ``[s, s + W)`` with ``s = (w % windows_per_row) * W``.
+The *window count* of a token type is the number of windows that contain it at least once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections import deque
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from picomaml.meta.episode import Episode
+
+__all__ = [
+    "SamplingError",
+    "TokensTypeError",
+    "WindowIndex",
+    "check_tokens",
+    "build_index",
+    "frequency_bounds",
+    "eligible_tokens",
+    "draw_classes",
+    "assign_windows",
+    "assemble_episode",
+    "describe_shortfall",
+]
+
+
+class SamplingError(ValueError):
+    """An episode cannot be built from this buffer with these settings; the message says what to change."""
+
+
+class TokensTypeError(TypeError, ValueError):
+    """The token buffer is not a ``torch.long`` tensor (a ``TypeError`` that ``except ValueError`` also catches)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowIndex:
+    """Token -> windows incidence of one buffer, in CSR form.
+
+    Attributes:
+        windows: ``(n_windows, W)`` long, the windows (row-major over the buffer).
+        windows_per_row: ``L // W``.
+        vocab_size: ``max token id + 1`` over the buffer.
+        pair_windows: ``(P,)`` long, for every distinct (token, window) pair the window, sorted by token
+            then window; the windows of token ``t`` are ``pair_windows[offsets[t]:offsets[t + 1]]``.
+        offsets: ``(vocab_size + 1,)`` long CSR offsets into ``pair_windows``.
+        counts: ``(vocab_size,)`` long, window count of every token id.
+    """
+
+    windows: Tensor
+    windows_per_row: int
+    vocab_size: int
+    pair_windows: Tensor
+    offsets: Tensor
+    counts: Tensor
+
+    @property
+    def n_windows(self) -> int:
+        """Number of windows in the buffer."""
+        return int(self.windows.shape[0])
+
+    @property
+    def window_len(self) -> int:
+        """Tokens per window ``W``."""
+        return int(self.windows.shape[1])
+
+    def windows_of(self, token: int) -> Tensor:
+        """``(count,)`` sorted indices of the windows that contain ``token``."""
+        if not 0 <= token < self.vocab_size:
+            return self.pair_windows[:0]
+        return self.pair_windows[int(self.offsets[token]) : int(self.offsets[token + 1])]
+
+
+def check_tokens(tokens: object, name: str = "tokens") -> Tensor:
+    """Return ``tokens`` if it is a non-empty 2-D ``torch.long`` tensor of non-negative ids, else raise.
+
+    Raises:
+        TokensTypeError: not a tensor, or not ``torch.long``.
+        ValueError: not 2-D, empty, or a negative id.
+    """
+    if not isinstance(tokens, Tensor):
+        raise TokensTypeError(f"{name}: expected a 2-D torch.LongTensor (B, L), got {type(tokens).__name__}")
+    if tokens.dtype != torch.long:
+        raise TokensTypeError(
+            f"{name}: expected dtype torch.long (token ids), got {tokens.dtype}; convert with .long()"
+        )
+    if tokens.dim() != 2:
+        hint = " (a single row: use tokens.unsqueeze(0))" if tokens.dim() == 1 else ""
+        raise ValueError(f"{name}: expected a 2-D tensor (B, L), got shape {tuple(tokens.shape)}{hint}")
+    if tokens.numel() == 0:
+        raise ValueError(f"{name}: empty tensor of shape {tuple(tokens.shape)}")
+    if int(tokens.min()) < 0:
+        raise ValueError(f"{name}: token ids must be >= 0, found {int(tokens.min())}")
+    return tokens
+
+
+def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
+    """Cut ``tokens`` into non-overlapping windows and index which windows hold each token type.
+
+    Args:
+        tokens: ``(B, L)`` long. Each row gives ``L // window_len`` windows; the tail is dropped.
+        window_len: ``W``.
+
+    Returns:
+        The :class:`WindowIndex` (on CPU).
+
+    Raises:
+        TokensTypeError / ValueError: ``tokens`` is not a 2-D long tensor of ids, or rows are shorter than ``W``.
+    """
+    tokens = check_tokens(tokens).detach().cpu()
+    n_rows, length = tokens.shape
+    per_row = length // window_len
+    if per_row == 0:
+        raise ValueError(
+            f"tokens: rows have {length} tokens, fewer than window_len={window_len}; "
+            f"use longer rows or a smaller window_len"
+        )
+    windows = tokens[:, : per_row * window_len].reshape(n_rows * per_row, window_len)
+    pair_windows, counts = _incidence(windows)
+    offsets = torch.empty(counts.numel() + 1, dtype=torch.long)  # empty + cumsum: no parallel fill
+    offsets[0] = 0
+    torch.cumsum(counts, 0, out=offsets[1:])
+    return WindowIndex(windows, per_row, counts.numel(), pair_windows, offsets, counts)
+
+
+def _numpy_available() -> bool:
+    try:
+        import numpy  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _incidence(windows: Tensor, use_numpy: bool | None = None) -> tuple[Tensor, Tensor]:
+    """The distinct (token, window) pairs of ``windows`` ``(n, W)``: their windows sorted by (token,
+    window), ``(P,)``, and the window count of every id up to the largest, ``(max id + 1,)``.
+
+    One sort of ``token * n + window``. NumPy's single-threaded sort is used when NumPy is importable
+    (torchmetrics depends on it): torch's parallel sort and bincount stall for ~100 ms on an
+    oversubscribed 2-core machine, where NumPy takes ~2 ms. Both paths give identical results.
+    """
+    n, w = windows.shape
+    if use_numpy is None:
+        use_numpy = _numpy_available()
+    if use_numpy:
+        import numpy as np
+
+        keys = np.sort(windows.numpy().reshape(-1) * n + np.arange(n * w, dtype=np.int64) // w)
+        keep = np.empty(keys.shape, dtype=bool)
+        keep[0] = True
+        np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+        keys = keys[keep]
+        tok = keys // n
+        return torch.from_numpy(keys - tok * n), torch.from_numpy(np.bincount(tok))
+    keys = torch.unique(windows.reshape(-1) * n + torch.arange(n * w) // w)
+    tok = keys // n
+    return keys - tok * n, torch.bincount(tok)
+
+
+def frequency_bounds(n_windows: int, min_freq: float, max_freq: float) -> tuple[float, float]:
+    """The window-count band ``[lo, hi]``: a bound in ``(0, 1)`` is a fraction of ``n_windows``, else a count."""
+    lo = min_freq * n_windows if 0 < min_freq < 1 else float(min_freq)
+    hi = max_freq * n_windows if 0 < max_freq < 1 else float(max_freq)
+    return lo, hi
+
+
+def eligible_tokens(
+    index: WindowIndex,
+    need: int,
+    min_freq: float,
+    max_freq: float,
+    exclude_token_ids: Sequence[int] = (),
+) -> Tensor:
+    """``(E,)`` ascending ids whose window count lies in the band and is at least ``need``, minus exclusions."""
+    lo, hi = frequency_bounds(index.n_windows, min_freq, max_freq)
+    excl = [t for t in exclude_token_ids if 0 <= t < index.vocab_size]
+    if _numpy_available():  # single-threaded: see _incidence
+        import numpy as np
+
+        c = index.counts.numpy()
+        ok = (c >= max(lo, need)) & (c <= hi)
+        ok[excl] = False
+        return torch.from_numpy(np.flatnonzero(ok))
+    ok = (index.counts >= max(lo, need)) & (index.counts <= hi)
+    ok.index_fill_(0, torch.tensor(excl, dtype=torch.long), False)
+    return ok.nonzero().squeeze(1)
+
+
+def draw_classes(
+    index: WindowIndex,
+    eligible: Tensor,
+    n_way: int,
+    class_sampling: str,
+    power: float,
+    generator: torch.Generator,
+) -> Tensor:
+    """``(N,)`` distinct token ids drawn without replacement, uniformly or with weight ``count ** power``."""
+    if class_sampling == "uniform":
+        weights = torch.ones(eligible.numel())
+    else:
+        weights = index.counts.index_select(0, eligible).double().pow(power)
+    return eligible.index_select(0, torch.multinomial(weights, n_way, replacement=False, generator=generator))
+
+
+def assign_windows(
+    index: WindowIndex, classes: Tensor, per_class: int, generator: torch.Generator
+) -> Tensor | None:
+    """Give every class ``per_class`` distinct windows that contain it, no window to two classes.
+
+    Fast path (tensor ops): each class takes its ``per_class`` best windows by a random priority, preferring
+    windows that hold no other chosen class. If two classes still claim one window, an exact augmenting-path
+    repair (bipartite b-matching) resolves it, so a valid assignment is found whenever one exists.
+
+    Args:
+        index: The buffer's index.
+        classes: ``(N,)`` token ids, each present in at least ``per_class`` windows.
+        per_class: ``K + Q``.
+        generator: Source of randomness.
+
+    Returns:
+        ``(N, per_class)`` window indices in random order, or None when no valid assignment exists.
+    """
+    n = classes.numel()
+    starts, lens = index.offsets.index_select(0, classes), index.counts.index_select(0, classes)
+    first = torch.cumsum(lens, 0) - lens
+    pair_class = _segment_ids(first, int(lens.sum()))
+    pos = torch.arange(pair_class.numel()) + (starts - first).index_select(0, pair_class)
+    pair_win = index.pair_windows.index_select(0, pos)
+    contested = torch.bincount(pair_win, minlength=index.n_windows).index_select(0, pair_win) > 1
+    prio = torch.rand(pair_win.numel(), generator=generator, dtype=torch.float64)
+    # sort by (class, contested, priority): uncontested windows first, random within
+    order = torch.argsort(pair_class * 4.0 + contested * 2.0 + prio)
+    rank = torch.arange(order.numel()) - first.index_select(0, pair_class.index_select(0, order))
+    take = order.masked_select(rank < per_class)  # (N * per_class,), grouped by class
+    chosen = pair_win.index_select(0, take).view(n, per_class)
+    if torch.unique(chosen).numel() == chosen.numel():
+        # random order within the class, so support/query do not split by the contested flag
+        shuffle = torch.argsort(prio.index_select(0, take).view(n, per_class), dim=1)
+        return torch.gather(chosen, 1, shuffle)
+    # slow path: exact repair in Python over this episode's candidates only
+    cand_order = torch.argsort(pair_class * 2.0 + prio)
+    cand = torch.split(pair_win.index_select(0, cand_order), lens.tolist())
+    result = _repair([c.tolist() for c in cand], chosen.tolist(), per_class)
+    if result is None:
+        return None
+    out = torch.tensor(result, dtype=torch.long)
+    return torch.gather(out, 1, torch.argsort(torch.rand(out.shape, generator=generator), dim=1))
+
+
+def _segment_ids(first: Tensor, total: int) -> Tensor:
+    """``repeat_interleave(arange(n), lens)`` given the segment starts, as a cumsum of boundary marks.
+
+    (``torch.repeat_interleave`` wakes the intra-op thread pool even for tiny inputs, which costs
+    milliseconds on a busy machine.)
+    """
+    marks = torch.zeros(total + 1, dtype=torch.long)
+    marks.index_add_(0, first[1:], torch.ones(first.numel() - 1, dtype=torch.long))
+    return torch.cumsum(marks[:total], 0)
+
+
+def _repair(cand: list[list[int]], chosen: list[list[int]], need: int) -> list[list[int]] | None:
+    """Turn a conflicting first choice into a valid assignment by augmenting paths, or return None.
+
+    ``cand[c]`` lists class ``c``'s windows in random order; ``chosen[c]`` is its first choice. Windows
+    claimed twice go to the first claimant; each class short of ``need`` then gains windows through
+    shortest augmenting paths (a class may hand a window to another and take a free one instead).
+    """
+    owner: dict[int, int] = {}
+    held: list[set[int]] = [set() for _ in cand]
+    for c, wins in enumerate(chosen):
+        for w in wins:
+            if w not in owner:
+                owner[w] = c
+                held[c].add(w)
+    for c in range(len(cand)):
+        while len(held[c]) < need:
+            if not _augment(c, cand, owner, held):
+                return None
+    return [list(h) for h in held]
+
+
+def _augment(start: int, cand: list[list[int]], owner: dict[int, int], held: list[set[int]]) -> bool:
+    parent: dict[int, tuple[int, int]] = {}  # class -> (class that takes window from it, window)
+    queue, seen = deque([start]), {start}
+    while queue:
+        x = queue.popleft()
+        for w in cand[x]:
+            o = owner.get(w)
+            if o is None:  # free window: x takes it, then every class on the path passes one back
+                owner[w] = x
+                held[x].add(w)
+                while x != start:
+                    px, pw = parent[x]
+                    held[x].discard(pw)
+                    owner[pw] = px
+                    held[px].add(pw)
+                    x = px
+                return True
+            if o not in seen:
+                seen.add(o)
+                parent[o] = (x, w)
+                queue.append(o)
+    return False
+
+
+def assemble_episode(
+    index: WindowIndex,
+    classes: Tensor,
+    windows: Tensor,
+    labels: Tensor,
+    k_shot: int,
+    mask_token_id: int,
+) -> Episode:
+    """Mask and lay out one episode, label-major.
+
+    Args:
+        index: The buffer's index.
+        classes: ``(N,)`` token ids in draw order.
+        windows: ``(N, K + Q)`` window indices of each class (first ``K`` become support).
+        labels: ``(N,)`` a permutation of ``0..N-1``: the task-local label of each drawn class.
+        k_shot: ``K``.
+        mask_token_id: Replaces every occurrence of the class token in its window (other tokens, including
+            other classes' tokens, are left untouched).
+    """
+    order = torch.argsort(labels)  # row l of the result is label l
+    class_ids, wins = classes.index_select(0, order), windows.index_select(0, order)
+    n, m = wins.shape
+    parts = {}
+    for part, sl, per in (("support", slice(0, k_shot), k_shot), ("query", slice(k_shot, m), m - k_shot)):
+        w = wins[:, sl].reshape(-1)
+        ids = index.windows.index_select(0, w)
+        row_label = torch.arange(n * per) // per
+        mask = ids == class_ids.index_select(0, row_label).unsqueeze(1)
+        parts[part] = (ids.masked_fill(mask, mask_token_id), row_label, mask, w)
+    (s_ids, s_lab, s_mask, s_win), (q_ids, q_lab, q_mask, q_win) = parts["support"], parts["query"]
+    return Episode(s_ids, s_lab, s_mask, q_ids, q_lab, q_mask, class_ids, s_win, q_win, index.windows_per_row)
+
+
+def describe_shortfall(
+    index: WindowIndex, n_eligible: int, n_way: int, per_class: int, min_freq: float, max_freq: float
+) -> str:
+    """The message for too few eligible classes: the numbers and what to change."""
+    lo, hi = frequency_bounds(index.n_windows, min_freq, max_freq)
+    return (
+        f"only {n_eligible} token types are eligible as classes, but n_way={n_way} are needed. Eligible means: "
+        f"present in between {math.ceil(max(lo, per_class))} and {math.floor(hi)} of the buffer's "
+        f"{index.n_windows} windows (band min_freq={min_freq}, max_freq={max_freq}; at least "
+        f"k_shot + n_query = {per_class} windows), not excluded and not the mask token. "
+        f"Use more rows (a bigger buffer), a smaller n_way / k_shot / n_query, or a wider frequency band."
+    )

@@ -1,0 +1,521 @@
+"""PicoDecoder: a LLaMA-style decoder-only transformer (RMSNorm, RoPE, GQA, SwiGLU) and its config.
+
+Module names follow ``transformers``' Llama (``embed_tokens``, ``layers.{i}.attention.{q,k,v,o}_proj``,
+``layers.{i}.mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``) and rotary embeddings use the same
+rotate-half convention, so weights map one-to-one onto ``LlamaForCausalLM`` (see
+:mod:`picomaml.model.hf`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from picomaml.config import ConfigError, check
+
+__all__ = ["PicoDecoderConfig", "PicoDecoder", "KVCache", "rope_tables", "apply_rope", "rope_heads"]
+
+# name -> d_model; every preset has 12 layers, 12 heads, 4 KV heads, FFN 4 x d_model (pico-decoder suite).
+_PRESET_WIDTHS = {"tiny": 96, "small": 384, "medium": 768, "large": 1536}
+
+
+@dataclasses.dataclass
+class PicoDecoderConfig:
+    """Architecture of a :class:`PicoDecoder`.
+
+    Attributes:
+        vocab_size: Number of token ids.
+        d_model: Residual stream width.
+        n_layers: Number of transformer blocks.
+        n_heads: Query heads.
+        n_kv_heads: Key/value heads (grouped-query attention); divides ``n_heads``.
+        ffn_dim: Hidden width of the SwiGLU MLP.
+        max_seq_len: Longest sequence (prompt plus generated tokens) the model accepts.
+        rope_theta: Base of the rotary embedding frequencies.
+        norm_eps: Epsilon of every RMSNorm.
+        tie_embeddings: Share the LM head weight with the token embedding.
+        init_std: Std of the normal init of every linear and embedding weight.
+    """
+
+    vocab_size: int = 50304
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    ffn_dim: int = 256
+    max_seq_len: int = 128
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
+            value = getattr(self, name)
+            check(
+                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
+                name,
+                f"must be a positive integer, got {value!r}",
+            )
+        check(
+            self.d_model % self.n_heads == 0,
+            "d_model",
+            f"{self.d_model} is not divisible by n_heads {self.n_heads}",
+        )
+        check(
+            self.n_heads % self.n_kv_heads == 0,
+            "n_heads",
+            f"{self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}",
+        )
+        check(
+            self.head_dim % 2 == 0,
+            "d_model",
+            f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings",
+        )
+        check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
+        check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
+        check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head, ``d_model // n_heads``."""
+        return self.d_model // self.n_heads
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> PicoDecoderConfig:
+        """A pico-decoder preset (``tiny``/``small``/``medium``/``large``) with optional field overrides.
+
+        Raises:
+            ValueError: ``name`` is not a preset (the message lists the valid names).
+            ConfigError: an override is unknown or out of range.
+        """
+        if name not in _PRESET_WIDTHS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(_PRESET_WIDTHS)}")
+        d = _PRESET_WIDTHS[name]
+        base: dict[str, Any] = dict(
+            vocab_size=50304, d_model=d, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=4 * d, max_seq_len=2048
+        )
+        valid = {f.name for f in dataclasses.fields(cls)}
+        for key in overrides:
+            if key not in valid:
+                raise ConfigError(f"unknown key '{key}' for preset {name!r}; valid keys: {', '.join(sorted(valid))}")
+        base.update(overrides)
+        return cls(**base)
+
+    def num_parameters(self) -> int:
+        """Trainable parameter count, computed from the config alone (tied weights counted once)."""
+        d, kv = self.d_model, self.n_kv_heads * self.head_dim
+        attn = 2 * d * d + 2 * d * kv  # q, o: d x d; k, v: d x kv
+        mlp = 3 * d * self.ffn_dim
+        per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
+        embed = self.vocab_size * d
+        head = 0 if self.tie_embeddings else self.vocab_size * d
+        return embed + self.n_layers * per_layer + d + head
+
+
+# ----------------------------------------------------------------------------------------------
+# functional core
+# ----------------------------------------------------------------------------------------------
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin tables, ``(max_seq_len, head_dim)`` float32, both halves repeated (Llama layout)."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    freqs = torch.arange(max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return emb.cos(), emb.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Reference rotation of ``x`` (B, L, H, D) by tables (L, D): ``x*cos + rotate_half(x)*sin``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos[:, None, :] + rotated * sin[:, None, :]
+
+
+def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Rotate every head of ``x`` (B, L, n*head_dim) at once; equal to :func:`apply_rope` bit for bit.
+
+    Args:
+        x: Heads laid side by side in the last dimension.
+        cos: (L, n*head_dim) cosine table tiled over the n heads.
+        sin_signed: (L, n*head_dim) sine table tiled over heads, first half of each head negated, so
+            ``rotate_half(x) * sin == swap_halves(x) * sin_signed`` (negation is exact).
+
+    Returns:
+        (B, L, n*head_dim), contiguous.
+    """
+    b, n, width = x.shape
+    # Tables span the whole contiguous last dim: elementwise ops run over long rows, not 8-wide heads.
+    swapped = x.reshape(b, n, width // head_dim, head_dim).roll(head_dim // 2, dims=-1).view(b, n, width)
+    return x * cos + swapped * sin_signed
+
+
+class KVCache:
+    """Per-layer key/value buffers for incremental decoding.
+
+    Buffers are preallocated to ``max_len`` positions: ``k[i]``/``v[i]`` are ``(B, n_kv_heads, max_len,
+    head_dim)`` and ``length`` counts the positions already written. A forward call writes its new keys
+    and values at ``[length, length + L)`` in every layer and then advances ``length`` by ``L``.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        n_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        shape = (batch_size, n_kv_heads, max_len, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(n_layers)]
+        self.length = 0
+        self.max_len = max_len
+        self.batch_size = batch_size
+
+    @classmethod
+    def for_model(cls, model: PicoDecoder, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty cache shaped for ``model`` (``max_len`` defaults to ``config.max_seq_len``)."""
+        cfg = model.config
+        ref = model.embed_tokens.weight
+        return cls(
+            cfg.n_layers,
+            batch_size,
+            cfg.n_kv_heads,
+            cfg.head_dim,
+            max_len or cfg.max_seq_len,
+            dtype=ref.dtype,
+            device=ref.device,
+        )
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write ``k``/``v`` (B, n_kv, L, D) after the cached positions; return all keys/values so far."""
+        end = self.length + k.shape[2]
+        self.k[layer][:, :, self.length : end] = k
+        self.v[layer][:, :, self.length : end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reset(self) -> None:
+        """Forget every cached position (the buffers are reused)."""
+        self.length = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# modules
+# ----------------------------------------------------------------------------------------------
+
+
+class _RMSNormFunction(torch.autograd.Function):
+    """``w * x / sqrt(mean(x^2) + eps)`` with a hand-written backward (fewer passes than autograd's).
+
+    Returns ``(y, xhat, rstd)``; only ``y`` is differentiable. Under ``create_graph=True`` the backward
+    recomputes ``xhat`` from ``x`` with differentiable ops, so double backward works too.
+    """
+
+    @staticmethod
+    def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
+        xhat = x * rstd
+        return xhat * weight, xhat, rstd
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
+        x, weight, eps = inputs
+        _, xhat, rstd = output
+        ctx.save_for_backward(x, xhat, rstd, weight)
+        ctx.eps = eps
+        ctx.mark_non_differentiable(xhat, rstd)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor, _gx: Any, _gr: Any) -> tuple:
+        x, xhat, rstd, weight = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: rebuild xhat as a function of x
+            rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + ctx.eps)
+            xhat = x * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gw = grad * weight
+            # d xhat / d x = rstd * (I - xhat xhat^T / dim): remove the component along xhat.
+            grad_x = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
+        return grad_x, grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of ``x`` (..., dim) with gain ``weight`` (dim,); half precision is normalised in float32."""
+    if x.dtype not in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype:
+        return _RMSNormFunction.apply(x, weight, eps)[0]
+    normed = _RMSNormFunction.apply(x.float(), torch.ones(x.shape[-1], device=x.device), eps)[0]
+    return weight * normed.to(x.dtype)  # Llama order: cast back, then scale
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm with a learned gain (see :func:`rms_norm`)."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalise ``x`` (..., dim) over its last dimension."""
+        return rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Grouped-query self-attention with rotary embeddings, no biases."""
+
+    def __init__(self, cfg: PicoDecoderConfig) -> None:
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kv_dim = cfg.n_kv_heads * cfg.head_dim
+        self.q_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
+        self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        # Row order of [W_q; W_k] with the two halves of every head swapped: rotate_half inside the matmul.
+        qk_heads = cfg.n_heads + cfg.n_kv_heads
+        swap = torch.arange(qk_heads * cfg.head_dim).view(qk_heads, 2, cfg.head_dim // 2).flip(1).reshape(-1)
+        self.register_buffer("rope_swap", swap, persistent=False)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: KVCache | None = None,
+        layer: int = 0,
+    ) -> torch.Tensor:
+        """Self-attention over ``x`` (B, L, d_model) -> (B, L, d_model).
+
+        ``cos``/``sin`` are the (L, (n_heads + n_kv_heads) * head_dim) tables of :func:`rope_heads` for
+        the new positions. q/k/v run as one matmul over the concatenated weights (the modules stay
+        separate so their weights map one-to-one onto Llama; their forward hooks do not fire).
+        """
+        b, n, _ = x.shape
+        hd = self.head_dim
+        qk_dim = (self.n_heads + self.n_kv_heads) * hd
+        w_qk = torch.cat((self.q_proj.weight, self.k_proj.weight))
+        weight = torch.cat((w_qk, w_qk[self.rope_swap], self.v_proj.weight))
+        qk, qk_swapped, v = F.linear(x, weight).split((qk_dim, qk_dim, self.n_kv_heads * hd), dim=-1)
+        # RoPE as x*cos + swap_halves(x)*sin_signed, with swap_halves(x) computed by the matmul above.
+        qk = torch.addcmul(qk * cos, qk_swapped, sin)
+        q = qk[..., : self.n_heads * hd].view(b, n, self.n_heads, hd).transpose(1, 2)
+        k = qk[..., self.n_heads * hd :].view(b, n, self.n_kv_heads, hd).transpose(1, 2)
+        v = v.view(b, n, self.n_kv_heads, hd).transpose(1, 2)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache is None or cache.length == 0:
+            if cache is not None:
+                cache.update(layer, k, v)
+            # Causal over the new positions only: exactly the training path.
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, enable_gqa=gqa)
+        else:
+            start = cache.length
+            k, v = cache.update(layer, k, v)
+            mask = None
+            if n > 1:  # chunked prefill: new query i sees cached positions and new positions <= i
+                mask = torch.ones(n, start + n, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: PicoDecoderConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
+        self.down_proj = nn.Linear(cfg.ffn_dim, cfg.d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, L, d_model) -> (B, L, d_model); gate and up run as one matmul."""
+        gate, up = F.linear(x, torch.cat((self.gate_proj.weight, self.up_proj.weight))).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: PicoDecoderConfig) -> None:
+        super().__init__()
+        self.attention_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache: KVCache | None, layer: int
+    ) -> torch.Tensor:
+        """``x`` (B, L, d_model) -> (B, L, d_model)."""
+        x = x + self.attention(self.attention_norm(x), cos, sin, cache, layer)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+class PicoDecoder(nn.Module):
+    """LLaMA-style decoder-only language model.
+
+    Args:
+        config: Architecture; see :class:`PicoDecoderConfig`.
+
+    Example:
+        >>> model = PicoDecoder(PicoDecoderConfig(vocab_size=100))
+        >>> logits, hidden = model(torch.zeros(2, 8, dtype=torch.long), return_hidden=True)
+    """
+
+    def __init__(self, config: PicoDecoderConfig) -> None:
+        super().__init__()
+        if not isinstance(config, PicoDecoderConfig):
+            raise TypeError(f"config: expected a PicoDecoderConfig, got {type(config).__name__}")
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        half = config.head_dim // 2
+        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        # Tiled over the q and k heads that :func:`rope_heads` rotates together.
+        heads = config.n_heads + config.n_kv_heads
+        self.register_buffer("rope_cos", cos.repeat(1, heads), persistent=False)
+        self.register_buffer("rope_sin", sin_signed.repeat(1, heads), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers); norms 1.
+
+        Uses the global torch RNG: seed it (``torch.manual_seed``) before building the model for
+        reproducible weights.
+        """
+        std = self.config.init_std
+        residual_std = std / math.sqrt(2 * self.config.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                if module is self.lm_head and self.config.tie_embeddings:
+                    continue  # shares the embedding weight, initialised once
+                is_residual = name.endswith("attention.o_proj") or name.endswith("mlp.down_proj")
+                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+
+    def _check_input(self, input_ids: torch.Tensor, start: int) -> None:
+        if not isinstance(input_ids, torch.Tensor):
+            raise TypeError(f"input_ids: expected a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
+        if input_ids.dtype not in (torch.long, torch.int32):
+            raise TypeError(f"input_ids: expected dtype torch.long (or int32), got {input_ids.dtype}")
+        if input_ids.shape[1] == 0:
+            raise ValueError("input_ids: the sequence is empty")
+        end = start + input_ids.shape[1]
+        if end > self.config.max_seq_len:
+            raise ValueError(
+                f"input_ids: sequence length {input_ids.shape[1]} (+{start} cached) = {end} exceeds "
+                f"max_seq_len {self.config.max_seq_len}"
+            )
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids: token ids must be in [0, {self.config.vocab_size}), got min {lo} and max {hi}"
+            )
+
+    def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:
+        """Final-norm hidden states, skipping the LM head.
+
+        Args:
+            input_ids: (B, L) token ids.
+            kv_cache: Optional cache; the new positions follow the ``kv_cache.length`` cached ones and
+                the cache is advanced by ``L``.
+
+        Returns:
+            (B, L, d_model) hidden states after the final RMSNorm.
+        """
+        start = 0 if kv_cache is None else kv_cache.length
+        self._check_input(input_ids, start)
+        if kv_cache is not None and kv_cache.batch_size != input_ids.shape[0]:
+            raise ValueError(
+                f"kv_cache: built for batch size {kv_cache.batch_size}, input_ids has {input_ids.shape[0]}"
+            )
+        n = input_ids.shape[1]
+        x = self.embed_tokens(input_ids)
+        cos = self.rope_cos[start : start + n].to(x.dtype)
+        sin = self.rope_sin[start : start + n].to(x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_cache, i)
+        if kv_cache is not None:
+            kv_cache.length += n
+        return self.norm(x)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        return_hidden: bool = False,
+        kv_cache: KVCache | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Next-token logits.
+
+        Args:
+            input_ids: (B, L) long token ids in ``[0, vocab_size)``, ``L <= max_seq_len``.
+            return_hidden: Also return the final-norm hidden states the LM head consumes.
+            kv_cache: Optional :class:`KVCache` for incremental decoding (advanced by ``L``).
+
+        Returns:
+            logits (B, L, vocab_size), or ``(logits, hidden)`` with hidden (B, L, d_model).
+        """
+        hidden = self.hidden_states(input_ids, kv_cache)
+        logits = self.lm_head(hidden)
+        return (logits, hidden) if return_hidden else logits
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """An empty :class:`KVCache` for this model."""
+        return KVCache.for_model(self, batch_size, max_len)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        do_sample: bool = False,
+        generator: torch.Generator | None = None,
+        eos_token_id: int | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids`` (B, L) with a KV cache; see :func:`picomaml.model.generate.generate`."""
+        from picomaml.model.generate import generate
+
+        return generate(
+            self,
+            input_ids,
+            max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            do_sample=do_sample,
+            generator=generator,
+            eos_token_id=eos_token_id,
+        )
+
+    def to_hf(self, **config_overrides: Any) -> Any:
+        """Export to ``transformers.LlamaForCausalLM`` with equal weights (see :func:`picomaml.model.hf.to_hf`)."""
+        from picomaml.model.hf import to_hf
+
+        return to_hf(self, **config_overrides)
+
+    @classmethod
+    def from_hf(cls, model_or_path: Any) -> PicoDecoder:
+        """Import a ``LlamaForCausalLM`` or a saved Llama directory (see :func:`picomaml.model.hf.from_hf`)."""
+        from picomaml.model.hf import from_hf
+
+        return from_hf(model_or_path)

@@ -1,0 +1,177 @@
+"""Export a :class:`~picomaml.model.decoder.PicoDecoder` to ``transformers``' Llama and import it back.
+
+The two models share the architecture exactly (pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU, no
+biases), so the conversion is a renaming of state-dict keys with no permutation. ``transformers`` is
+imported lazily (``pip install 'picomaml[hf]'``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from picomaml._optional import require
+from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+
+__all__ = ["to_hf", "from_hf", "hf_config", "pico_config_from_hf", "pico_to_hf_key"]
+
+# PicoDecoder submodule name -> LlamaForCausalLM submodule name, per layer.
+_LAYER_NAMES = {
+    "attention.q_proj": "self_attn.q_proj",
+    "attention.k_proj": "self_attn.k_proj",
+    "attention.v_proj": "self_attn.v_proj",
+    "attention.o_proj": "self_attn.o_proj",
+    "mlp.gate_proj": "mlp.gate_proj",
+    "mlp.up_proj": "mlp.up_proj",
+    "mlp.down_proj": "mlp.down_proj",
+    "attention_norm": "input_layernorm",
+    "mlp_norm": "post_attention_layernorm",
+}
+
+
+def pico_to_hf_key(key: str) -> str:
+    """Map a PicoDecoder state-dict key to the LlamaForCausalLM key holding the same tensor."""
+    if key.startswith("lm_head."):
+        return key
+    if key.startswith("layers."):
+        _, idx, rest = key.split(".", 2)
+        module, _, param = rest.rpartition(".")
+        if module not in _LAYER_NAMES:
+            raise KeyError(f"no Llama counterpart for PicoDecoder key {key!r}")
+        return f"model.layers.{idx}.{_LAYER_NAMES[module]}.{param}"
+    return f"model.{key}"
+
+
+def hf_config(config: PicoDecoderConfig, **overrides: Any) -> Any:
+    """The ``transformers.LlamaConfig`` of the same architecture (``overrides`` go to LlamaConfig)."""
+    transformers = require("transformers", "hf", "export to Hugging Face Llama")
+    kwargs: dict[str, Any] = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.ffn_dim,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": float(config.rope_theta)},
+        tie_word_embeddings=config.tie_embeddings,
+        initializer_range=config.init_std,
+        attention_bias=False,
+        mlp_bias=False,
+        hidden_act="silu",
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        attn_implementation="sdpa",
+    )
+    kwargs.update(overrides)
+    return transformers.LlamaConfig(**kwargs)
+
+
+def to_hf(model: PicoDecoder, **config_overrides: Any) -> Any:
+    """Build a ``transformers.LlamaForCausalLM`` with ``model``'s weights (same dtype; CPU-built, then moved).
+
+    Args:
+        model: The decoder to export.
+        **config_overrides: Extra ``LlamaConfig`` keyword arguments (e.g. ``bos_token_id``).
+
+    Returns:
+        ``LlamaForCausalLM`` in eval mode whose logits equal ``model``'s.
+    """
+    transformers = require("transformers", "hf", "export to Hugging Face Llama")
+    if not isinstance(model, PicoDecoder):
+        raise TypeError(f"model: expected a PicoDecoder, got {type(model).__name__}")
+    ref = model.embed_tokens.weight
+    hf = transformers.LlamaForCausalLM(hf_config(model.config, **config_overrides))
+    hf.to(dtype=ref.dtype, device=ref.device)
+    state = {pico_to_hf_key(k): v for k, v in model.state_dict().items()}
+    if model.config.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    missing, unexpected = hf.load_state_dict(state, strict=False)
+    allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
+    if set(missing) - allowed_missing or unexpected:
+        raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
+    if model.config.tie_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+        hf.tie_weights()
+    return hf.eval()
+
+
+def pico_config_from_hf(hf_cfg: Any) -> PicoDecoderConfig:
+    """The :class:`PicoDecoderConfig` of a ``LlamaConfig``; rejects features PicoDecoder lacks.
+
+    Raises:
+        ValueError: not a Llama config, biases, a non-SiLU activation, rope scaling, or a head_dim that
+            differs from ``hidden_size // num_attention_heads``.
+    """
+    model_type = getattr(hf_cfg, "model_type", None)
+    if model_type != "llama":
+        raise ValueError(f"model: only Llama models can be imported, got model_type {model_type!r}")
+    if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
+        raise ValueError("model: attention_bias / mlp_bias are not supported by PicoDecoder (it has no biases)")
+    if getattr(hf_cfg, "hidden_act", "silu") != "silu":
+        raise ValueError(f"model: hidden_act {hf_cfg.hidden_act!r} is not supported; PicoDecoder uses 'silu'")
+    rope = dict(getattr(hf_cfg, "rope_parameters", None) or {})
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise ValueError(f"model: rope scaling {rope_type!r} is not supported; only 'default' RoPE")
+    theta = rope.get("rope_theta", getattr(hf_cfg, "rope_theta", 10000.0))
+    head_dim = getattr(hf_cfg, "head_dim", None)
+    if head_dim is not None and head_dim != hf_cfg.hidden_size // hf_cfg.num_attention_heads:
+        raise ValueError(
+            f"model: head_dim {head_dim} != hidden_size / num_attention_heads; PicoDecoder derives head_dim"
+        )
+    return PicoDecoderConfig(
+        vocab_size=hf_cfg.vocab_size,
+        d_model=hf_cfg.hidden_size,
+        n_layers=hf_cfg.num_hidden_layers,
+        n_heads=hf_cfg.num_attention_heads,
+        n_kv_heads=hf_cfg.num_key_value_heads or hf_cfg.num_attention_heads,
+        ffn_dim=hf_cfg.intermediate_size,
+        max_seq_len=hf_cfg.max_position_embeddings,
+        rope_theta=float(theta),
+        norm_eps=float(hf_cfg.rms_norm_eps),
+        tie_embeddings=bool(hf_cfg.tie_word_embeddings),
+        init_std=float(getattr(hf_cfg, "initializer_range", 0.02) or 0.02),
+    )
+
+
+def from_hf(model_or_path: Any) -> PicoDecoder:
+    """Build a :class:`PicoDecoder` from a ``LlamaForCausalLM`` or a directory saved by ``save_pretrained``.
+
+    Args:
+        model_or_path: A loaded Llama causal-LM model, or a path loaded with
+            ``AutoModelForCausalLM.from_pretrained``.
+
+    Returns:
+        A PicoDecoder (same dtype and device as the source weights) with equal logits.
+    """
+    transformers = require("transformers", "hf", "import from Hugging Face Llama")
+    hf = model_or_path
+    if isinstance(model_or_path, (str, Path)):
+        if not Path(model_or_path).is_dir():
+            raise FileNotFoundError(f"model_or_path: {str(model_or_path)!r} is not a directory")
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_or_path))
+    if not isinstance(hf, transformers.LlamaForCausalLM):
+        raise ValueError(
+            f"model_or_path: expected a LlamaForCausalLM or a directory holding one, got {type(hf).__name__}"
+        )
+    cfg = pico_config_from_hf(hf.config)
+    source = hf.state_dict()
+    ref = source["model.embed_tokens.weight"]
+    model = PicoDecoder(cfg).to(device=ref.device)
+    state = {}
+    for key in model.state_dict():
+        hf_key = pico_to_hf_key(key)
+        if cfg.tie_embeddings and key == "lm_head.weight":
+            hf_key = "model.embed_tokens.weight"
+        state[key] = source[hf_key]
+    model.load_state_dict(state)
+    if ref.dtype != torch.float32:
+        # Parameters take the source dtype; the RoPE tables stay float32 (cast per forward).
+        for param in model.parameters():
+            param.data = param.data.to(ref.dtype)
+    return model

@@ -1,0 +1,184 @@
+"""Few-shot evaluation: deterministic, accuracies in range, NCM perfect on a separable stand-in, CIs right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from picomaml.eval.fewshot import (
+    FewShotResult,
+    fewshot_eval,
+    format_fewshot_table,
+    head_for_n_way,
+    nearest_class_mean,
+)
+from picomaml.eval.stats import mean_ci, t_quantile
+from picomaml.meta.head import MetaHead
+from picomaml.meta.inner_loop import InnerLoop
+from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+
+MASK = 1
+V = 48
+NOISE = tuple(range(40, 48))
+
+
+def _separable_rows() -> torch.Tensor:
+    """18 groups of 2 rows; a row holds only its group's pair (a, b) plus noise, so the unmasked companion
+    token identifies the class of every window."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(18):
+        a, b = 2 + 2 * i, 3 + 2 * i
+        for _ in range(2):
+            row = torch.tensor([a, b, 0] * 22)[:64]
+            noise = row == 0
+            row[noise] = torch.randint(NOISE[0], NOISE[-1] + 1, (int(noise.sum()),), generator=g)
+            rows.append(row)
+    return torch.stack(rows)
+
+
+class BagOfTokens(nn.Module):
+    """A stand-in backbone: the hidden state at every position is the one-hot mean of the whole window."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dummy = nn.Parameter(torch.zeros(()))
+
+    def hidden_states(self, ids: torch.Tensor) -> torch.Tensor:
+        bag = nn.functional.one_hot(ids, V).float().mean(1, keepdim=True)
+        return bag.expand(-1, ids.shape[1], -1) + 0 * self.dummy
+
+
+def _tiny_decoder() -> PicoDecoder:
+    torch.manual_seed(0)
+    return PicoDecoder(
+        PicoDecoderConfig(
+            vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=64
+        )
+    )
+
+
+COMMON = dict(n_way=5, k_shot=2, n_query=3, mask_token_id=MASK, window_len=8, exclude_token_ids=NOISE)
+
+
+def test_nearest_class_mean_rule():
+    xs = torch.tensor([[0.0, 0.0], [0.0, 2.0], [10.0, 0.0], [10.0, 2.0]])
+    ys = torch.tensor([0, 0, 1, 1])
+    xq = torch.tensor([[1.0, 1.0], [6.0, 1.0], [4.9, 100.0]])
+    assert nearest_class_mean(xs, ys, xq, 2).tolist() == [0, 1, 0]
+    with pytest.raises(ValueError, match="classes \\[2\\]"):
+        nearest_class_mean(xs, ys, xq, 3)
+
+
+def test_ncm_is_perfect_on_separable_stand_in():
+    model = BagOfTokens()
+    head = MetaHead(V, 5, init="prototype")
+    loop = InnerLoop(steps=3, lr=0.1)
+    res = fewshot_eval(
+        model, _separable_rows(), episodes=20, head=head, inner_loop=loop, pooling="mean", seed=0, **COMMON
+    )
+    assert res.acc_before == 1.0 and res.acc_before_ci == 0.0
+    assert res.acc_after is not None and res.acc_after >= 0.95
+    assert res.chance == pytest.approx(0.2)
+
+
+def test_deterministic_and_seed_dependent():
+    model, rows = _tiny_decoder(), _separable_rows()
+    head = MetaHead(16, 5, hidden_dims=(8,), init="xavier", seed=1)
+    loop = InnerLoop(steps=2, lr=0.5)
+    kwargs = dict(episodes=6, head=head, inner_loop=loop, **COMMON)
+    a = fewshot_eval(model, rows, seed=3, **kwargs)
+    b = fewshot_eval(model, rows, seed=3, **kwargs)
+    c = fewshot_eval(model, rows, seed=4, **kwargs)
+    assert a == b
+    assert a.per_episode_before != c.per_episode_before or a.per_episode_after != c.per_episode_after
+    for r in (a, c):
+        assert all(0.0 <= x <= 1.0 for x in (*r.per_episode_before, *r.per_episode_after))
+        assert 0.0 <= r.acc_before <= 1.0 and 0.0 <= r.acc_after <= 1.0
+        assert len(r.per_episode_before) == len(r.per_episode_after) == 6
+
+
+def test_results_do_not_depend_on_episodes_per_batch():
+    model, rows = _tiny_decoder(), _separable_rows()
+    head = MetaHead(16, 5, hidden_dims=(8,), init="prototype", seed=1)
+    loop = InnerLoop(steps=2, lr=0.5)
+    kwargs = dict(episodes=7, head=head, inner_loop=loop, seed=1, **COMMON)
+    one = fewshot_eval(model, rows, episodes_per_batch=1, **kwargs)
+    three = fewshot_eval(model, rows, episodes_per_batch=3, **kwargs)
+    assert one.per_episode_before == three.per_episode_before
+    assert one.per_episode_after == three.per_episode_after
+
+
+def test_leaves_model_head_and_loop_untouched():
+    model, rows = _tiny_decoder(), _separable_rows()
+    head = MetaHead(16, 5, init="xavier")
+    loop = InnerLoop(steps=2, lr=0.5)
+    model.train(), head.train(), loop.train()
+    before = {k: v.clone() for k, v in head.state_dict().items() if torch.is_tensor(v)}
+    rng = torch.get_rng_state()
+    fewshot_eval(model, rows, episodes=3, head=head, inner_loop=loop, **COMMON)
+    assert model.training and head.training and loop.training
+    assert all(p.grad is None for p in [*model.parameters(), *head.parameters()])
+    for k, v in head.state_dict().items():
+        if torch.is_tensor(v) and k in before:
+            assert torch.equal(v, before[k])
+    assert torch.equal(torch.get_rng_state(), rng)
+
+
+def test_ci_half_width_is_student_t_over_episodes():
+    res = fewshot_eval(_tiny_decoder(), _separable_rows(), episodes=8, seed=2, **COMMON)
+    xs = res.per_episode_before
+    m = sum(xs) / len(xs)
+    s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    assert res.acc_before == pytest.approx(m)
+    assert res.acc_before_ci == pytest.approx(t_quantile(0.975, 7) * s / math.sqrt(8))
+    assert (res.acc_before, res.acc_before_ci) == pytest.approx(mean_ci(xs))
+    assert res.acc_after is None and res.acc_after_ci is None  # no head given
+
+
+def test_prototype_head_of_other_n_way_is_rebuilt_and_factories_work():
+    trained = MetaHead(16, 8, hidden_dims=(12,), init="prototype", seed=5)
+    five = head_for_n_way(trained, 5)
+    assert five.n_way == 5 and torch.equal(five.hidden[0].weight, trained.hidden[0].weight)
+    with pytest.raises(ValueError, match="cannot score"):
+        head_for_n_way(MetaHead(16, 8, init="xavier"), 5)
+    loop = InnerLoop(steps=1, lr=0.1)
+    res = fewshot_eval(
+        _tiny_decoder(),
+        _separable_rows(),
+        episodes=2,
+        inner_loop=loop,
+        head=lambda n: MetaHead(16, n, init="zeros"),
+        **COMMON,
+    )
+    assert res.acc_after is not None
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="episodes"):
+        fewshot_eval(_tiny_decoder(), _separable_rows(), episodes=0, **COMMON)
+    with pytest.raises(ValueError, match="episodes_per_batch"):
+        fewshot_eval(_tiny_decoder(), _separable_rows(), episodes_per_batch=0, **COMMON)
+    with pytest.raises(ValueError, match="inner_loop"):
+        fewshot_eval(_tiny_decoder(), _separable_rows(), head=MetaHead(16, 5), **COMMON)
+
+
+def test_table_shows_chance():
+    r = FewShotResult(
+        n_way=5,
+        k_shot=4,
+        n_query=4,
+        episodes=100,
+        acc_before=0.41234,
+        acc_before_ci=0.0211,
+        acc_after=None,
+        acc_after_ci=None,
+        chance=0.2,
+    )
+    table = format_fewshot_table([r])
+    assert "| 5-way 4-shot (4 query) | 100 | 0.412 ± 0.021 | n/a | 0.200 |" in table
+    assert "chance" in table.splitlines()[0]
+    assert r.metrics("eval/fewshot_5w4s")["eval/fewshot_5w4s_acc"] == pytest.approx(0.41234)

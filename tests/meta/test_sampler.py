@@ -1,0 +1,539 @@
+"""SMLMTSampler and its functional core: every guarantee checked against the source rows, independently."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import picomaml as pm
+from picomaml.config import ConfigError, SamplerConfig
+from picomaml.meta import smlmt
+from picomaml.meta.sampler import SamplingError, SMLMTSampler
+
+FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+# ---------------------------------------------------------------------- independent references
+
+
+def naive_windows(tokens: torch.Tensor, w: int) -> list[list[int]]:
+    """Windows as Python lists, cut with plain loops."""
+    out = []
+    for row in tokens.tolist():
+        for start in range(0, len(row) - w + 1, w):
+            out.append(row[start : start + w])
+    return out
+
+
+def naive_counts(tokens: torch.Tensor, w: int) -> dict[int, int]:
+    counts: dict[int, int] = {}
+    for win in naive_windows(tokens, w):
+        for t in set(win):
+            counts[t] = counts.get(t, 0) + 1
+    return counts
+
+
+def naive_eligible(tokens, w, per_class, min_freq, max_freq, excluded) -> set[int]:
+    n_win = len(naive_windows(tokens, w))
+    lo = min_freq * n_win if 0 < min_freq < 1 else min_freq
+    hi = max_freq * n_win if 0 < max_freq < 1 else max_freq
+    return {
+        t
+        for t, c in naive_counts(tokens, w).items()
+        if lo <= c <= hi and c >= per_class and t not in excluded
+    }
+
+
+def max_assignment(sets: list[list[int]], need: int) -> int:
+    """Size of a maximum b-matching (each class up to ``need`` windows, each window once), by Kuhn's DFS."""
+    owner: dict[int, int] = {}
+
+    def augment(c: int, seen: set[int]) -> bool:
+        for w in sets[c]:
+            if w not in seen:
+                seen.add(w)
+                if w not in owner or augment(owner[w], seen):
+                    owner[w] = c
+                    return True
+        return False
+
+    return sum(augment(c, set()) for c in range(len(sets)) for _ in range(need))
+
+
+def check_episode(ep: pm.Episode, tokens: torch.Tensor, s: SMLMTSampler) -> None:
+    """Assert every documented guarantee of one (single-task) episode against the source rows."""
+    n, k, q, w, m = s.n_way, s.k_shot, s.n_query, s.window_len, s.mask_token_id
+    assert ep.support_ids.shape == (n * k, w) and ep.query_ids.shape == (n * q, w)
+    assert ep.class_token_ids.shape == (n,) and ep.n_tasks is None
+    ep.validate(mask_token_id=m)
+    assert torch.equal(ep.support_labels, torch.arange(n).repeat_interleave(k))
+    assert torch.equal(ep.query_labels, torch.arange(n).repeat_interleave(q))
+    eligible = naive_eligible(tokens, w, k + q, s.min_freq, s.max_freq, set(s.exclude_token_ids) | {m})
+    classes = ep.class_token_ids.tolist()
+    assert len(set(classes)) == n and set(classes) <= eligible  # frequency band honoured
+    per_row = tokens.shape[1] // w
+    used = ep.support_windows.tolist() + ep.query_windows.tolist()
+    assert len(set(used)) == len(used)  # no window twice in an episode
+    for part in ("support", "query"):
+        ids, labels, mask, wins = (getattr(ep, f"{part}_{x}") for x in ("ids", "labels", "mask", "windows"))
+        rows, starts = ep.origins(part)
+        for i in range(ids.shape[0]):
+            r, start = divmod(int(wins[i]), per_row)
+            original = tokens[r, start * w : start * w + w]  # W consecutive tokens of one row
+            assert (int(rows[i]), int(starts[i])) == (r, start * w)
+            c = classes[int(labels[i])]
+            assert bool((original == c).any())  # the window contains its class token
+            assert torch.equal(mask[i], original == c)  # every occurrence masked, nothing else
+            assert bool((ids[i][mask[i]] == m).all())
+            assert torch.equal(ids[i][~mask[i]], original[~mask[i]])  # other tokens untouched
+            assert not bool((ids[i] == c).any())
+
+
+def zipf_tokens(rows: int, length: int, vocab: int, seed: int, a: float = 1.1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    p = 1.0 / torch.arange(1, vocab + 1, dtype=torch.float64) ** a
+    return torch.multinomial(p, rows * length, replacement=True, generator=g).view(rows, length)
+
+
+# ---------------------------------------------------------------------- property-based
+
+
+@FAST
+@given(
+    seed=st.integers(0, 10_000),
+    vocab=st.integers(3, 30),
+    rows=st.integers(1, 6),
+    w=st.integers(2, 8),
+    extra=st.integers(0, 7),
+    n=st.integers(2, 4),
+    k=st.integers(1, 3),
+    q=st.integers(1, 2),
+    band=st.sampled_from([(0, 0.9), (2, 0.5), (0.1, 20), (1, 1000), (3, 0.99)]),
+    mask_in_vocab=st.booleans(),
+    sampling=st.sampled_from(["uniform", "count_power"]),
+)
+def test_random_buffers_give_valid_episodes_or_clear_errors(
+    seed, vocab, rows, w, extra, n, k, q, band, mask_in_vocab, sampling
+):
+    g = torch.Generator().manual_seed(seed)
+    per_row = 1 + int(torch.randint(0, 6, (), generator=g))
+    tokens = torch.randint(0, vocab, (rows, per_row * w + extra % w), generator=g)
+    mask = 0 if mask_in_vocab else vocab
+    s = SMLMTSampler(
+        n,
+        k,
+        q,
+        mask_token_id=mask,
+        window_len=w,
+        min_freq=band[0],
+        max_freq=band[1],
+        exclude_token_ids=(1,),
+        class_sampling=sampling,
+        seed=seed,
+    )
+    eligible = naive_eligible(tokens, w, k + q, band[0], band[1], {1, mask})
+    assert set(s.eligible(tokens).tolist()) == eligible
+    if len(eligible) < n:
+        event("too few eligible")
+        with pytest.raises(SamplingError, match=f"only {len(eligible)} token types are eligible"):
+            s.sample(tokens)
+        return
+    try:
+        ep = s.sample(tokens)
+    except SamplingError as exc:  # placement impossible for every redraw: must be a genuine conflict
+        assert "without reusing a window" in str(exc)
+        event("placement impossible")
+        return
+    event("episode")
+    check_episode(ep, tokens, s)
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), n_win=st.integers(2, 12), n=st.integers(2, 4), need=st.integers(1, 3))
+def test_assign_windows_finds_an_assignment_exactly_when_one_exists(seed, n_win, n, need):
+    g = torch.Generator().manual_seed(seed)
+    # window j holds class tokens 1..n with probability 0.5 each (filler 0 elsewhere)
+    present = torch.rand(n_win, n, generator=g) < 0.5
+    windows = torch.where(present, torch.arange(1, n + 1), torch.zeros((), dtype=torch.long))
+    index = smlmt.build_index(windows, window_len=n)
+    classes = torch.arange(1, n + 1)
+    sets = [index.windows_of(c).tolist() for c in range(1, n + 1)]
+    if any(len(x) < need for x in sets):
+        return  # the sampler never asks for classes with too few windows
+    got = smlmt.assign_windows(index, classes, need, g)
+    feasible = max_assignment(sets, need) == n * need
+    event(f"feasible={feasible}")
+    assert (got is not None) == feasible
+    if got is not None:
+        assert got.shape == (n, need)
+        assert torch.unique(got).numel() == n * need
+        for c in range(n):
+            assert set(got[c].tolist()) <= set(sets[c])
+
+
+@FAST
+@given(seed=st.integers(0, 10_000), n=st.integers(1, 20), w=st.integers(1, 9), vocab=st.integers(1, 50))
+def test_incidence_numpy_and_torch_paths_agree(seed, n, w, vocab):
+    windows = torch.randint(0, vocab, (n, w), generator=torch.Generator().manual_seed(seed))
+    a_win, a_cnt = smlmt._incidence(windows, use_numpy=True)
+    b_win, b_cnt = smlmt._incidence(windows, use_numpy=False)
+    assert torch.equal(a_win, b_win) and torch.equal(a_cnt, b_cnt)
+    assert a_win.dtype == a_cnt.dtype == torch.long
+    expected = [sum(t in row for row in windows.tolist()) for t in range(int(windows.max()) + 1)]
+    assert a_cnt.tolist() == expected
+
+
+def test_conflicting_windows_are_repaired_not_reused():
+    # token 1 is in windows 0..3, token 2 only in windows 0,1; a valid episode must give 2 -> {0,1}, 1 -> {2,3}
+    w0 = [1, 2, 0, 0]
+    tokens = torch.tensor([w0 + w0 + [1, 0, 0, 0] + [1, 0, 0, 0]])
+    s = SMLMTSampler(
+        2, 1, 1, mask_token_id=9, window_len=4, min_freq=0, max_freq=1000, exclude_token_ids=(0,)
+    )
+    for _ in range(20):
+        ep = s.sample(tokens)
+        check_episode(ep, tokens, s)
+        label_of_2 = ep.class_token_ids.tolist().index(2)
+        wins = torch.cat(
+            [
+                ep.support_windows[ep.support_labels == label_of_2],
+                ep.query_windows[ep.query_labels == label_of_2],
+            ]
+        )
+        assert sorted(wins.tolist()) == [0, 1]
+
+
+def test_impossible_assignment_raises():
+    # tokens 1 and 2 occur only together, in 2 windows: 2 classes x 2 windows need 4 distinct windows
+    tokens = torch.tensor([[1, 2, 0, 0, 1, 2, 0, 0, 0, 0, 0, 0]])
+    s = SMLMTSampler(
+        2, 1, 1, mask_token_id=9, window_len=4, min_freq=0, max_freq=1000, exclude_token_ids=(0,)
+    )
+    with pytest.raises(SamplingError, match="without reusing a window"):
+        s.sample(tokens)
+
+
+# ---------------------------------------------------------------------- realistic buffer
+
+
+@pytest.fixture(scope="module")
+def zipf() -> torch.Tensor:
+    return zipf_tokens(8, 512, vocab=2000, seed=1)
+
+
+def test_zipf_buffer_many_episodes(zipf):
+    s = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, min_freq=4, max_freq=0.5, seed=3)
+    for _ in range(10):
+        check_episode(s.sample(zipf), zipf, s)
+
+
+def test_labels_are_a_fresh_permutation_per_task(zipf):
+    s = SMLMTSampler(3, 1, 1, mask_token_id=2000, window_len=32, min_freq=60, max_freq=0.9, seed=0)
+    eligible = s.eligible(zipf).tolist()
+    assert 3 <= len(eligible) <= 6  # a small pool, so each token recurs in many tasks
+    seen: dict[int, list[int]] = {t: [] for t in eligible}
+    for _ in range(300):
+        ep = s.sample(zipf)
+        for label, t in enumerate(ep.class_token_ids.tolist()):
+            seen[t].append(label)
+    for t, labels in seen.items():
+        if len(labels) >= 50:
+            freq = [labels.count(lab) / len(labels) for lab in range(3)]
+            assert min(freq) > 0.15, (t, freq)  # each label appears, roughly 1/3 each
+
+
+def test_frequency_band_fraction_and_count(zipf):
+    n_win = 8 * (512 // 32)
+    counts = naive_counts(zipf, 32)
+    for min_f, max_f in [(0.05, 0.3), (10, 40), (0, 0.2)]:
+        s = SMLMTSampler(4, 2, 2, mask_token_id=2000, window_len=32, min_freq=min_f, max_freq=max_f)
+        lo, hi = (min_f * n_win if 0 < min_f < 1 else min_f), (max_f * n_win if max_f < 1 else max_f)
+        got = set(s.eligible(zipf).tolist())
+        assert got == {t for t, c in counts.items() if max(lo, 4) <= c <= hi}
+        for _ in range(5):
+            ep = s.sample(zipf)
+            assert all(lo <= counts[t] <= hi for t in ep.class_token_ids.tolist())
+
+
+def test_mask_and_excluded_tokens_never_classes(zipf):
+    frequent = naive_counts(zipf, 32)
+    top = sorted(frequent, key=frequent.get, reverse=True)[:12]
+    s = SMLMTSampler(
+        4, 1, 1, mask_token_id=top[0], window_len=32, min_freq=0, max_freq=10_000, exclude_token_ids=top[1:6]
+    )
+    assert not set(top[:6]) & set(s.eligible(zipf).tolist())
+    for _ in range(20):
+        ep = s.sample(zipf)
+        assert not set(top[:6]) & set(ep.class_token_ids.tolist())
+        check_episode(ep, zipf, s)
+
+
+def test_count_power_prefers_frequent_tokens():
+    # token 1 is in all 60 windows; tokens 2..6 in 6 windows each; 0 is filler (excluded). N = 2.
+    rows = [[1, 0, 2 + (j // 6) if j < 30 else 0, 0] for j in range(60)]
+    tokens = torch.tensor([sum(rows, [])])
+    weights_of = {1: 60.0, **{t: 6.0 for t in range(2, 7)}}
+
+    def p_first_in(power: float) -> float:  # P(token 1 among 2 draws without replacement, prop. to weight)
+        w = {t: c**power for t, c in weights_of.items()}
+        total = sum(w.values())
+        p = w[1] / total
+        return p + sum(w[t] / total * w[1] / (total - w[t]) for t in range(2, 7))
+
+    for sampling, power in [("uniform", 1.0), ("count_power", 0.3), ("count_power", 1.0)]:
+        s = SMLMTSampler(
+            2,
+            1,
+            1,
+            mask_token_id=9,
+            window_len=4,
+            min_freq=0,
+            max_freq=1000,
+            exclude_token_ids=(0,),
+            class_sampling=sampling,
+            power=power,
+            seed=5,
+        )
+        classes = [s.sample(tokens).class_token_ids.tolist() for _ in range(600)]
+        hits = sum(1 in c for c in classes)
+        expected = 2 / 6 if sampling == "uniform" else p_first_in(power)
+        assert abs(hits / 600 - expected) < 0.07, (sampling, power, hits / 600, expected)
+        # labels come from a fresh permutation, not the draw order (which favours frequent tokens first)
+        label0 = sum(c[0] == 1 for c in classes) / hits
+        assert abs(label0 - 0.5) < 0.1, (sampling, power, label0)
+    assert p_first_in(1.0) > 0.85 > 2 / 6  # the test distinguishes the modes
+
+
+# ---------------------------------------------------------------------- determinism and state
+
+
+def episodes_equal(a: pm.Episode, b: pm.Episode) -> bool:
+    return all(
+        torch.equal(getattr(a, f), getattr(b, f))
+        for f in (
+            "support_ids",
+            "support_mask",
+            "query_ids",
+            "class_token_ids",
+            "support_windows",
+            "query_windows",
+        )
+    )
+
+
+def test_same_seed_same_episodes_different_seed_differs(zipf):
+    make = lambda seed: SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, seed=seed)  # noqa: E731
+    a, b, c = make(7), make(7), make(8)
+    ea = [a.sample(zipf) for _ in range(3)]
+    eb = [b.sample(zipf) for _ in range(3)]
+    ec = [c.sample(zipf) for _ in range(3)]
+    assert all(episodes_equal(x, y) for x, y in zip(ea, eb, strict=True))
+    assert not any(episodes_equal(x, y) for x, y in zip(ea, ec, strict=True))
+    assert not episodes_equal(ea[0], ea[1])
+
+
+def test_state_dict_round_trip_continues_the_stream(zipf):
+    a = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, seed=11)
+    for _ in range(3):
+        a.sample(zipf)
+    state = a.state_dict()
+    assert set(state) == {"generator", "seed", "episodes_sampled"} and state["episodes_sampled"] == 3
+    expected = [a.sample(zipf) for _ in range(3)] + [a.sample(zipf, n_tasks=2)]
+    b = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, seed=999)
+    b.load_state_dict(state)
+    assert b.seed == 11 and b.episodes_sampled == 3
+    got = [b.sample(zipf) for _ in range(3)] + [b.sample(zipf, n_tasks=2)]
+    assert all(episodes_equal(x, y) for x, y in zip(expected, got, strict=True))
+    assert b.episodes_sampled == 8
+    with pytest.raises(KeyError, match="generator"):
+        b.load_state_dict({"seed": 1, "episodes_sampled": 0})
+
+
+def test_n_tasks_stacking(zipf):
+    s = SMLMTSampler(4, 2, 3, mask_token_id=2000, window_len=32, seed=2)
+    ep = s.sample(zipf, n_tasks=3)
+    assert ep.n_tasks == 3
+    assert ep.support_ids.shape == (3, 8, 32) and ep.query_ids.shape == (3, 12, 32)
+    assert ep.support_labels.shape == (3, 8) and ep.class_token_ids.shape == (3, 4)
+    ep.validate(mask_token_id=2000)
+    for i in range(3):
+        check_episode(ep.task(i), zipf, s)
+    assert not torch.equal(ep.class_token_ids[0], ep.class_token_ids[1])  # independent tasks
+    one = s.sample(zipf, n_tasks=1)
+    assert one.n_tasks == 1 and one.support_ids.shape == (1, 8, 32)
+
+
+def test_index_cache(zipf):
+    s = SMLMTSampler(4, 2, 2, mask_token_id=2000, window_len=32)
+    buf = zipf.clone()
+    idx = s.index(buf)
+    assert s.index(buf) is idx  # same tensor, same version: cached
+    s.sample(buf)
+    assert s.index(buf) is idx
+    buf[0, 0] = 5  # in-place edit bumps the version: rebuilt
+    assert s.index(buf) is not idx
+    assert s.index(buf.clone()) is not s.index(buf)
+    ep = s.sample(idx)  # an index can be passed directly
+    check_episode(ep, zipf, s)
+    counts = naive_counts(zipf, 32)
+    assert all(int(idx.counts[t]) == c for t, c in counts.items())
+    assert int(idx.counts.sum()) == sum(counts.values())
+
+
+# ---------------------------------------------------------------------- streaming
+
+
+def test_streaming_yields_valid_episodes_from_the_current_buffer():
+    rows = [zipf_tokens(1, 64, vocab=300, seed=100 + i)[0] for i in range(12)]
+    items = [rows[0], torch.stack(rows[1:3])] + rows[3:]  # a 1-D row, a (2, L) batch, then single rows
+    s = SMLMTSampler(3, 1, 1, mask_token_id=300, window_len=16, min_freq=2, max_freq=0.5, seed=4)
+    out = list(s.episodes(iter(items), buffer_rows=8, refresh=2))
+    # buffer states: rows 0..7, then 1..8, 2..9, 3..10, 4..11 -> 5 states x 2 episodes
+    assert len(out) == 10
+    for i, ep in enumerate(out):
+        start = i // 2
+        check_episode(ep, torch.stack(rows[start : start + 8]), s)
+
+
+def test_streaming_short_iterable_and_errors():
+    s = SMLMTSampler(2, 1, 1, mask_token_id=300, window_len=16, min_freq=1, max_freq=0.9)
+    rows = zipf_tokens(3, 64, vocab=300, seed=0)
+    out = list(s.episodes([rows], buffer_rows=16, n_tasks=2))  # never fills: one state from what came
+    assert len(out) == 1 and out[0].n_tasks == 2
+    assert list(s.episodes([])) == []
+    with pytest.raises(ValueError, match="length 32"):
+        list(s.episodes([rows, rows[:, :32]], buffer_rows=3))
+    with pytest.raises(ValueError, match="buffer_rows"):
+        next(s.episodes([rows], buffer_rows=0))
+    with pytest.raises(ValueError, match="refresh"):
+        next(s.episodes([rows], refresh=0))
+
+
+# ---------------------------------------------------------------------- errors
+
+
+def test_too_few_eligible_classes_message_has_numbers():
+    tokens = zipf_tokens(2, 64, vocab=50, seed=0)
+    s = SMLMTSampler(40, 2, 2, mask_token_id=50, window_len=16, min_freq=0, max_freq=0.5)
+    with pytest.raises(SamplingError) as info:
+        s.sample(tokens)
+    msg = str(info.value)
+    n_eligible = s.eligible(tokens).numel()
+    for part in (
+        f"only {n_eligible} token types",
+        "n_way=40",
+        "8 windows",
+        "k_shot + n_query = 4",
+        "more rows",
+    ):
+        assert part in msg, (part, msg)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "error", "match"),
+    [
+        (torch.zeros(10, dtype=torch.long), ValueError, r"2-D tensor.*unsqueeze"),
+        (torch.zeros(2, 10), TypeError, "torch.long"),
+        (torch.zeros(2, 10, dtype=torch.int32), TypeError, "torch.long"),
+        ([[1, 2, 3]], TypeError, "LongTensor"),
+        (torch.zeros(2, 3, dtype=torch.long), ValueError, "fewer than window_len=4"),
+        (torch.zeros(0, 8, dtype=torch.long), ValueError, "empty"),
+        (torch.full((2, 8), -1, dtype=torch.long), ValueError, ">= 0"),
+    ],
+)
+def test_bad_tokens(tokens, error, match):
+    s = SMLMTSampler(2, 1, 1, mask_token_id=0, window_len=4)
+    with pytest.raises(error, match=match):
+        s.sample(tokens)
+    with pytest.raises(ValueError):  # every bad-buffer error is also a ValueError
+        s.sample(tokens)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"k_shot": 0}, "k_shot"),
+        ({"n_query": 0}, "n_query"),
+        ({"n_way": 1}, "n_way"),
+        ({"window_len": 2.0}, "window_len"),
+        ({"mask_token_id": -1}, "mask_token_id"),
+        ({"class_sampling": "zipf"}, "class_sampling.*uniform"),
+        ({"min_freq": -1}, "min_freq"),
+        ({"max_freq": 0}, "max_freq"),
+        ({"power": 0}, "power"),
+        ({"exclude_token_ids": (-3,)}, "exclude_token_ids"),
+        ({"seed": "a"}, "seed"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, match):
+    args = {"n_way": 2, "k_shot": 1, "n_query": 1, "mask_token_id": 0, "window_len": 4, **kwargs}
+    with pytest.raises(ConfigError, match=match):
+        SMLMTSampler(**args)
+
+
+def test_bad_n_tasks(zipf):
+    s = SMLMTSampler(2, 1, 1, mask_token_id=2000, window_len=32)
+    with pytest.raises(ValueError, match="n_tasks"):
+        s.sample(zipf, n_tasks=0)
+
+
+def test_from_config_and_field_names():
+    cfg = SamplerConfig(n_way=3, k_shot=2, n_query=1, window_len=8, min_freq=0.01, max_freq=100)
+    s = SMLMTSampler.from_config(cfg, mask_token_id=7, seed=3)
+    assert (s.n_way, s.k_shot, s.n_query, s.window_len, s.min_freq, s.max_freq, s.seed) == (
+        3,
+        2,
+        1,
+        8,
+        0.01,
+        100,
+        3,
+    )
+    import dataclasses
+    import inspect
+
+    params = set(inspect.signature(SMLMTSampler).parameters)
+    assert params == {f.name for f in dataclasses.fields(SamplerConfig)} | {"mask_token_id", "seed"}
+    assert pm.SMLMTSampler is SMLMTSampler
+    assert math.isclose(SMLMTSampler(2, 1, 1, 0, 4).max_freq, SamplerConfig.max_freq)
+
+
+def test_torch_only_path_matches(zipf, monkeypatch):
+    with_numpy = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, exclude_token_ids=(3, 5), seed=1)
+    expected = with_numpy.sample(zipf)
+    monkeypatch.setattr(smlmt, "_numpy_available", lambda: False)
+    without = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, exclude_token_ids=(3, 5), seed=1)
+    assert torch.equal(without.eligible(zipf), with_numpy.eligible(zipf))
+    assert episodes_equal(without.sample(zipf), expected)
+
+
+def test_mask_token_excluded_without_being_listed():
+    s = SMLMTSampler(
+        2, 1, 1, mask_token_id=4, window_len=4, min_freq=0, max_freq=1000, exclude_token_ids=(1,)
+    )
+    assert s.exclude_token_ids == (1,)  # the user's list is kept as given (round-trips to the config)
+    tokens = torch.tensor([[4, 2, 3, 1] * 6])
+    assert set(s.eligible(tokens).tolist()) == {2, 3}
+
+
+def test_worked_example_in_docs():
+    """docs/pages/episodes.md shows this episode; keep the page honest."""
+    words = ["the", "cat", "sat", "on", "mat", "dog", "ran", "to", "a", "park", "[M]"]
+    rows = [
+        "the cat sat on a mat the dog ran to a park".split(),
+        "a dog sat on the mat the cat ran to the park".split(),
+    ]
+    tokens = torch.tensor([[words.index(w) for w in r] for r in rows])
+    s = SMLMTSampler(2, 1, 1, mask_token_id=10, window_len=4, min_freq=2, max_freq=0.5, seed=0)
+    assert [words[t] for t in s.eligible(tokens).tolist()] == [w for w in words[:10] if w != "the"]
+    ep = s.sample(tokens)
+    decode = lambda ids: " ".join(words[t] for t in ids.tolist())  # noqa: E731
+    assert [words[t] for t in ep.class_token_ids.tolist()] == ["a", "to"]
+    assert [decode(r) for r in ep.support_ids] == ["[M] mat the dog", "ran [M] a park"]
+    assert [decode(r) for r in ep.query_ids] == ["[M] dog sat on", "ran [M] the park"]
+    assert ep.support_windows.tolist() == [1, 2] and ep.query_windows.tolist() == [3, 5]
+    assert ep.support_mask.int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]

@@ -1,0 +1,135 @@
+"""lm_loss, pool_features and meta_loss (one backbone forward per meta step)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from picomaml.meta.episode import Episode
+from picomaml.meta.head import MetaHead
+from picomaml.meta.inner_loop import InnerLoop
+from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+from picomaml.objectives import lm_loss, meta_loss, pool_features
+
+V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
+
+
+def tiny_model(seed: int = 0) -> PicoDecoder:
+    torch.manual_seed(seed)
+    cfg = PicoDecoderConfig(
+        vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=32
+    )
+    return PicoDecoder(cfg)
+
+
+def random_episode(seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+
+    def part(rows: int, per: int):
+        ids = torch.randint(2, V, (rows, W), generator=g)
+        mask = torch.rand(rows, W, generator=g) < 0.2
+        mask[:, 3] = True  # at least one masked position per window
+        ids[mask] = MASK
+        labels = torch.arange(N).repeat_interleave(per)
+        return ids, labels, mask
+
+    s_ids, s_lab, s_mask = part(N * K, K)
+    q_ids, q_lab, q_mask = part(N * Q, Q)
+    return Episode(s_ids, s_lab, s_mask, q_ids, q_lab, q_mask, torch.arange(10, 10 + N))
+
+
+def test_lm_loss_is_next_token_cross_entropy() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, V, (3, 12))
+    ref = F.cross_entropy(model(tokens[:, :-1]).reshape(-1, V), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(lm_loss(model, tokens), ref)
+    tokens[:, 6:] = 0  # padding: ignored as targets
+    logits = model(tokens[:, :-1])
+    ref = F.cross_entropy(logits[:, :5].reshape(-1, V), tokens[:, 1:6].reshape(-1))
+    torch.testing.assert_close(lm_loss(model, tokens, pad_id=0), ref)
+    with pytest.raises(ValueError, match="tokens"):
+        lm_loss(model, tokens[:, :1])
+
+
+def test_pool_features() -> None:
+    hidden = torch.randn(3, 5, 4)
+    mask = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
+    pooled = pool_features(hidden, mask, "mask")
+    for b in range(3):
+        torch.testing.assert_close(pooled[b], hidden[b][mask[b]].mean(0))
+    torch.testing.assert_close(pool_features(hidden, None, "last"), hidden[:, -1])
+    torch.testing.assert_close(pool_features(hidden, None, "mean"), hidden.mean(1))
+    assert pool_features(hidden.bfloat16(), mask, "mask").dtype == torch.bfloat16
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"rows \[1\] have no masked position"):
+        pool_features(hidden, mask, "mask")
+    with pytest.raises(ValueError, match="pooling"):
+        pool_features(hidden, mask, "max")
+    with pytest.raises(ValueError, match="mask"):
+        pool_features(hidden, None, "mask")
+
+
+def count_backbone_runs(model: PicoDecoder) -> list[int]:
+    calls: list[int] = []
+    model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    return calls
+
+
+@pytest.mark.parametrize("pooling", ["mask", "last", "mean"])
+def test_meta_loss_runs_the_backbone_once(pooling: str) -> None:
+    model = tiny_model()
+    calls = count_backbone_runs(model)
+    head = MetaHead(16, N, hidden_dims=(8,))
+    loop = InnerLoop(steps=5, lr=0.3)
+    ep = random_episode()
+    out = meta_loss(model, head, loop, ep, pooling=pooling)
+    out.loss.backward()
+    assert calls == [N * (K + Q)]  # one forward over support and query windows together
+    assert model.embed_tokens.weight.grad is not None and model.embed_tokens.weight.grad.abs().sum() > 0
+    # same numbers as pooling by hand and calling the loop
+    with torch.no_grad():
+        hid = model(torch.cat([ep.support_ids, ep.query_ids]), return_hidden=True)[1]
+        feats = pool_features(hid, torch.cat([ep.support_mask, ep.query_mask]), pooling)
+        ref = loop(head, feats[: N * K], ep.support_labels, feats[N * K :], ep.query_labels)
+    torch.testing.assert_close(out.loss.detach(), ref.loss, rtol=1e-5, atol=1e-6)
+
+
+def test_meta_loss_stacked_tasks_one_forward_and_equal_to_separate() -> None:
+    model = tiny_model()
+    calls = count_backbone_runs(model)
+    head = MetaHead(16, N, init="prototype")
+    loop = InnerLoop(steps=3, lr=0.3)
+    eps = [random_episode(s) for s in range(3)]
+    out = meta_loss(model, head, loop, Episode.stack(eps))
+    assert calls == [3 * N * (K + Q)]
+    separate = torch.stack([meta_loss(model, head, loop, e).loss for e in eps]).mean()
+    torch.testing.assert_close(out.loss, separate, rtol=1e-5, atol=1e-6)
+    assert out.params["out.weight"].shape == (3, N, 16)
+
+
+def test_meta_loss_under_autocast() -> None:
+    model = tiny_model()
+    head = MetaHead(16, N, hidden_dims=(8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = meta_loss(model, head, InnerLoop(steps=2, lr=0.3), random_episode())
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in head.parameters())
+
+
+def test_meta_loss_with_a_stand_in_backbone_without_hidden_states() -> None:
+    class Backbone(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = torch.nn.Embedding(V, 8)
+            self.calls = 0
+
+        def forward(self, ids, return_hidden=False):
+            self.calls += 1
+            h = self.emb(ids)
+            return h @ self.emb.weight.T, h
+
+    model = Backbone()
+    out = meta_loss(model, MetaHead(8, N), InnerLoop(steps=2, lr=0.5), random_episode(), pooling="mean")
+    assert model.calls == 1 and torch.isfinite(out.loss)
