@@ -35,7 +35,9 @@ def configs(vocab: int, seq: int) -> dict[str, pm.PicoDecoderConfig]:
     """The benchmarked architectures: the tiny preset and a 2-layer model of small-preset width."""
     return {
         "tiny (12L, d96)": pm.PicoDecoderConfig.preset("tiny", vocab_size=vocab, max_seq_len=seq),
-        "small-width (2L, d384)": pm.PicoDecoderConfig.preset("small", vocab_size=vocab, max_seq_len=seq, n_layers=2),
+        "small-width (2L, d384)": pm.PicoDecoderConfig.preset(
+            "small", vocab_size=vocab, max_seq_len=seq, n_layers=2
+        ),
     }
 
 

@@ -125,8 +125,11 @@ def main(argv=None) -> int:
     position = data.train.state_dict()
     probe = data.train.next_batch()
     data.train.load_state_dict(position)
-    if max(cfg.hybrid.ratio, cfg.hybrid.final_ratio) > 0:  # fail fast: an impossible episode (N too large, ...) stops the run here
-        pm.SMLMTSampler(**sampler_kwargs).sample(probe)
+    if max(cfg.hybrid.ratio, cfg.hybrid.final_ratio) > 0:  # fail fast: impossible episodes stop the run here
+        try:
+            pm.SMLMTSampler(**sampler_kwargs).sample(probe)
+        except pm.SamplingError as exc:
+            raise pm.ConfigError(f"sampler: no episode can be drawn from a training batch: {exc}") from exc
 
     torch.manual_seed(cfg.seed)  # the only global-RNG use: weight initialisation, identical on all ranks
     model = pm.PicoDecoder(cfg.model)
@@ -150,7 +153,9 @@ def main(argv=None) -> int:
     resume_dir = ckpt.resolve_resume(None if args.resume == "none" else args.resume, root)
     if resume_dir is not None:
         state = ckpt.load_checkpoint(resume_dir)
-        state.load_into(stateful)
+        # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
+        # run extended with a larger --max-steps follows the new schedule like the LR does
+        state.load_into({k: v for k, v in stateful.items() if k != "hybrid"})
         state.restore_rng()
         counters.update(state.counters)
         start = state.step
@@ -298,4 +303,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except pm.ConfigError as exc:  # a clear message, no traceback, before any training
+        print(f"config error: {exc}", file=sys.stderr)
+        sys.exit(2)

@@ -19,7 +19,9 @@ _EXPORTS: dict[str, str] = {
     "KVCache": "picomaml.model.decoder",
     # episodes and meta-learning
     "Episode": "picomaml.meta.episode",
+    "EpisodeError": "picomaml.meta.episode",
     "SMLMTSampler": "picomaml.meta.sampler",
+    "SamplingError": "picomaml.meta.smlmt",
     "MetaHead": "picomaml.meta.head",
     "InnerLoop": "picomaml.meta.inner_loop",
     "InnerLoopOutput": "picomaml.meta.inner_loop",
@@ -28,6 +30,20 @@ _EXPORTS: dict[str, str] = {
     "lm_loss": "picomaml.objectives",
     "meta_loss": "picomaml.objectives",
     "pool_features": "picomaml.objectives",
+    "HybridLearner": "picomaml.learner",
+    # data
+    "load_default_corpus": "picomaml.data.corpus",
+    "load_tokenizer": "picomaml.data.tokenizer",
+    "PretokenizedStream": "picomaml.data.hub",
+    "format_episode": "picomaml.data.display",
+    # checkpoints and evaluation
+    "save_checkpoint": "picomaml.checkpoint",
+    "load_checkpoint": "picomaml.checkpoint",
+    "find_latest": "picomaml.checkpoint",
+    "capture_learning_dynamics": "picomaml.dynamics",
+    "perplexity": "picomaml.eval.perplexity",
+    "fewshot_eval": "picomaml.eval.fewshot",
+    "FewShotResult": "picomaml.eval.fewshot",
     # configuration
     "ConfigError": "picomaml.config",
     "ExperimentConfig": "picomaml.config",
@@ -55,10 +71,20 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml._optional import MissingDependencyError
     from picomaml.config import ConfigError, ExperimentConfig, load_config
-    from picomaml.meta.episode import Episode
+    from picomaml.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from picomaml.data.corpus import load_default_corpus
+    from picomaml.data.display import format_episode
+    from picomaml.data.hub import PretokenizedStream
+    from picomaml.data.tokenizer import load_tokenizer
+    from picomaml.dynamics import capture_learning_dynamics
+    from picomaml.eval.fewshot import FewShotResult, fewshot_eval
+    from picomaml.eval.perplexity import perplexity
+    from picomaml.learner import HybridLearner
+    from picomaml.meta.episode import Episode, EpisodeError
     from picomaml.meta.head import MetaHead
     from picomaml.meta.hybrid import HybridScheduler
     from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
     from picomaml.meta.sampler import SMLMTSampler
+    from picomaml.meta.smlmt import SamplingError
     from picomaml.model.decoder import KVCache, PicoDecoder, PicoDecoderConfig
     from picomaml.objectives import lm_loss, meta_loss, pool_features

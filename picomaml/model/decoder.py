@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from picomaml.config import ConfigError, check
+from picomaml.model.layers import RMSNorm, rope_heads, rope_tables
 
-__all__ = ["PicoDecoderConfig", "PicoDecoder", "KVCache", "rope_tables", "apply_rope", "rope_heads"]
+__all__ = ["PicoDecoderConfig", "PicoDecoder", "KVCache"]
 
 # name -> d_model; every preset has 12 layers, 12 heads, 4 KV heads, FFN 4 x d_model (pico-decoder suite).
 _PRESET_WIDTHS = {"tiny": 96, "small": 384, "medium": 768, "large": 1536}
@@ -98,12 +99,20 @@ class PicoDecoderConfig:
             raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(_PRESET_WIDTHS)}")
         d = _PRESET_WIDTHS[name]
         base: dict[str, Any] = dict(
-            vocab_size=50304, d_model=d, n_layers=12, n_heads=12, n_kv_heads=4, ffn_dim=4 * d, max_seq_len=2048
+            vocab_size=50304,
+            d_model=d,
+            n_layers=12,
+            n_heads=12,
+            n_kv_heads=4,
+            ffn_dim=4 * d,
+            max_seq_len=2048,
         )
         valid = {f.name for f in dataclasses.fields(cls)}
         for key in overrides:
             if key not in valid:
-                raise ConfigError(f"unknown key '{key}' for preset {name!r}; valid keys: {', '.join(sorted(valid))}")
+                raise ConfigError(
+                    f"unknown key '{key}' for preset {name!r}; valid keys: {', '.join(sorted(valid))}"
+                )
         base.update(overrides)
         return cls(**base)
 
@@ -116,44 +125,6 @@ class PicoDecoderConfig:
         embed = self.vocab_size * d
         head = 0 if self.tie_embeddings else self.vocab_size * d
         return embed + self.n_layers * per_layer + d + head
-
-
-# ----------------------------------------------------------------------------------------------
-# functional core
-# ----------------------------------------------------------------------------------------------
-
-
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary cos/sin tables, ``(max_seq_len, head_dim)`` float32, both halves repeated (Llama layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.arange(max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Reference rotation of ``x`` (B, L, H, D) by tables (L, D): ``x*cos + rotate_half(x)*sin``."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
-
-
-def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rotate every head of ``x`` (B, L, n*head_dim) at once; equal to :func:`apply_rope` bit for bit.
-
-    Args:
-        x: Heads laid side by side in the last dimension.
-        cos: (L, n*head_dim) cosine table tiled over the n heads.
-        sin_signed: (L, n*head_dim) sine table tiled over heads, first half of each head negated, so
-            ``rotate_half(x) * sin == swap_halves(x) * sin_signed`` (negation is exact).
-
-    Returns:
-        (B, L, n*head_dim), contiguous.
-    """
-    b, n, width = x.shape
-    # Tables span the whole contiguous last dim: elementwise ops run over long rows, not 8-wide heads.
-    swapped = x.reshape(b, n, width // head_dim, head_dim).roll(head_dim // 2, dims=-1).view(b, n, width)
-    return x * cos + swapped * sin_signed
 
 
 class KVCache:
@@ -208,70 +179,6 @@ class KVCache:
         self.length = 0
 
 
-# ----------------------------------------------------------------------------------------------
-# modules
-# ----------------------------------------------------------------------------------------------
-
-
-class _RMSNormFunction(torch.autograd.Function):
-    """``w * x / sqrt(mean(x^2) + eps)`` with a hand-written backward (fewer passes than autograd's).
-
-    Returns ``(y, xhat, rstd)``; only ``y`` is differentiable. Under ``create_graph=True`` the backward
-    recomputes ``xhat`` from ``x`` with differentiable ops, so double backward works too.
-    """
-
-    @staticmethod
-    def forward(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + eps)
-        xhat = x * rstd
-        return xhat * weight, xhat, rstd
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: tuple) -> None:
-        x, weight, eps = inputs
-        _, xhat, rstd = output
-        ctx.save_for_backward(x, xhat, rstd, weight)
-        ctx.eps = eps
-        ctx.mark_non_differentiable(xhat, rstd)
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor, _gx: Any, _gr: Any) -> tuple:
-        x, xhat, rstd, weight = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: rebuild xhat as a function of x
-            rstd = torch.rsqrt((x * x).mean(-1, keepdim=True) + ctx.eps)
-            xhat = x * rstd
-        grad_w = None
-        if ctx.needs_input_grad[1]:
-            grad_w = (grad * xhat).reshape(-1, xhat.shape[-1]).sum(0)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            gw = grad * weight
-            # d xhat / d x = rstd * (I - xhat xhat^T / dim): remove the component along xhat.
-            grad_x = (gw - xhat * (gw * xhat).mean(-1, keepdim=True)) * rstd
-        return grad_x, grad_w, None
-
-
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm of ``x`` (..., dim) with gain ``weight`` (dim,); half precision is normalised in float32."""
-    if x.dtype not in (torch.float16, torch.bfloat16) and weight.dtype == x.dtype:
-        return _RMSNormFunction.apply(x, weight, eps)[0]
-    normed = _RMSNormFunction.apply(x.float(), torch.ones(x.shape[-1], device=x.device), eps)[0]
-    return weight * normed.to(x.dtype)  # Llama order: cast back, then scale
-
-
-class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain (see :func:`rms_norm`)."""
-
-    def __init__(self, dim: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Normalise ``x`` (..., dim) over its last dimension."""
-        return rms_norm(x, self.weight, self.eps)
-
-
 class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings, no biases."""
 
@@ -283,10 +190,6 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
         self.v_proj = nn.Linear(cfg.d_model, kv_dim, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
-        # Row order of [W_q; W_k] with the two halves of every head swapped: rotate_half inside the matmul.
-        qk_heads = cfg.n_heads + cfg.n_kv_heads
-        swap = torch.arange(qk_heads * cfg.head_dim).view(qk_heads, 2, cfg.head_dim // 2).flip(1).reshape(-1)
-        self.register_buffer("rope_swap", swap, persistent=False)
 
     def forward(
         self,
@@ -305,11 +208,9 @@ class Attention(nn.Module):
         b, n, _ = x.shape
         hd = self.head_dim
         qk_dim = (self.n_heads + self.n_kv_heads) * hd
-        w_qk = torch.cat((self.q_proj.weight, self.k_proj.weight))
-        weight = torch.cat((w_qk, w_qk[self.rope_swap], self.v_proj.weight))
-        qk, qk_swapped, v = F.linear(x, weight).split((qk_dim, qk_dim, self.n_kv_heads * hd), dim=-1)
-        # RoPE as x*cos + swap_halves(x)*sin_signed, with swap_halves(x) computed by the matmul above.
-        qk = torch.addcmul(qk * cos, qk_swapped, sin)
+        weight = torch.cat((self.q_proj.weight, self.k_proj.weight, self.v_proj.weight))
+        qk, v = F.linear(x, weight).split((qk_dim, self.n_kv_heads * hd), dim=-1)
+        qk = rope_heads(qk, cos, sin, hd)
         q = qk[..., : self.n_heads * hd].view(b, n, self.n_heads, hd).transpose(1, 2)
         k = qk[..., self.n_heads * hd :].view(b, n, self.n_kv_heads, hd).transpose(1, 2)
         v = v.view(b, n, self.n_kv_heads, hd).transpose(1, 2)
@@ -367,13 +268,14 @@ class PicoDecoder(nn.Module):
 
     Args:
         config: Architecture; see :class:`PicoDecoderConfig`.
+        generator: Seeded ``torch.Generator`` for the weight init; ``None`` uses the global torch RNG.
 
     Example:
         >>> model = PicoDecoder(PicoDecoderConfig(vocab_size=100))
         >>> logits, hidden = model(torch.zeros(2, 8, dtype=torch.long), return_hidden=True)
     """
 
-    def __init__(self, config: PicoDecoderConfig) -> None:
+    def __init__(self, config: PicoDecoderConfig, generator: torch.Generator | None = None) -> None:
         super().__init__()
         if not isinstance(config, PicoDecoderConfig):
             raise TypeError(f"config: expected a PicoDecoderConfig, got {type(config).__name__}")
@@ -391,13 +293,13 @@ class PicoDecoder(nn.Module):
         heads = config.n_heads + config.n_kv_heads
         self.register_buffer("rope_cos", cos.repeat(1, heads), persistent=False)
         self.register_buffer("rope_sin", sin_signed.repeat(1, heads), persistent=False)
-        self.reset_parameters()
+        self.reset_parameters(generator)
 
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers); norms 1.
 
-        Uses the global torch RNG: seed it (``torch.manual_seed``) before building the model for
-        reproducible weights.
+        Args:
+            generator: Seeded generator for reproducible weights; ``None`` draws from the global RNG.
         """
         std = self.config.init_std
         residual_std = std / math.sqrt(2 * self.config.n_layers)
@@ -406,7 +308,7 @@ class PicoDecoder(nn.Module):
                 if module is self.lm_head and self.config.tie_embeddings:
                     continue  # shares the embedding weight, initialised once
                 is_residual = name.endswith("attention.o_proj") or name.endswith("mlp.down_proj")
-                nn.init.normal_(module.weight, mean=0.0, std=residual_std if is_residual else std)
+                nn.init.normal_(module.weight, 0.0, residual_std if is_residual else std, generator=generator)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
 

@@ -95,7 +95,10 @@ def to_hf(model: PicoDecoder, **config_overrides: Any) -> Any:
     allowed_missing = {"lm_head.weight"} if model.config.tie_embeddings else set()
     if set(missing) - allowed_missing or unexpected:
         raise RuntimeError(f"weight mapping mismatch: missing {missing}, unexpected {unexpected}")
-    if model.config.tie_embeddings and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr():
+    if (
+        model.config.tie_embeddings
+        and hf.lm_head.weight.data_ptr() != hf.model.embed_tokens.weight.data_ptr()
+    ):
         hf.tie_weights()
     return hf.eval()
 
@@ -111,7 +114,9 @@ def pico_config_from_hf(hf_cfg: Any) -> PicoDecoderConfig:
     if model_type != "llama":
         raise ValueError(f"model: only Llama models can be imported, got model_type {model_type!r}")
     if getattr(hf_cfg, "attention_bias", False) or getattr(hf_cfg, "mlp_bias", False):
-        raise ValueError("model: attention_bias / mlp_bias are not supported by PicoDecoder (it has no biases)")
+        raise ValueError(
+            "model: attention_bias / mlp_bias are not supported by PicoDecoder (it has no biases)"
+        )
     if getattr(hf_cfg, "hidden_act", "silu") != "silu":
         raise ValueError(f"model: hidden_act {hf_cfg.hidden_act!r} is not supported; PicoDecoder uses 'silu'")
     rope = dict(getattr(hf_cfg, "rope_parameters", None) or {})

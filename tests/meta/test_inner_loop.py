@@ -310,3 +310,19 @@ def test_ddp_one_backward(tmp_path) -> None:
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     finally:
         dist.destroy_process_group()
+
+
+def test_dropout_in_the_inner_loop_is_reproducible_from_the_head_state() -> None:
+    head = MetaHead(D, N, hidden_dims=(16,), dropout=0.3, seed=4).double()
+    loop = InnerLoop(steps=3, lr=0.4)
+    xs, ys, xq, yq = episode()
+    state = head.state_dict()
+    first = loop(head, xs, ys, xq, yq).loss
+    second = loop(head, xs, ys, xq, yq).loss
+    assert not torch.equal(first, second)  # fresh masks each call
+    head.load_state_dict(state)
+    torch.testing.assert_close(loop(head, xs, ys, xq, yq).loss, first, rtol=0, atol=0)
+    head.eval()  # no dropout: deterministic
+    torch.testing.assert_close(
+        loop(head, xs, ys, xq, yq).loss, loop(head, xs, ys, xq, yq).loss, rtol=0, atol=0
+    )

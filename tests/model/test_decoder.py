@@ -9,7 +9,7 @@ import torch
 
 import picomaml as pm
 from picomaml.config import ConfigError, from_dict
-from picomaml.model.decoder import apply_rope, rope_tables
+from picomaml.model.layers import apply_rope, rope_tables
 
 V = 97
 
@@ -76,7 +76,9 @@ def test_preset_errors():
         pm.PicoDecoderConfig.preset("tiny", d_modl=3)
 
 
-@pytest.mark.parametrize("name, millions", [("tiny", 11.3), ("small", 64.6), ("medium", 181.2), ("large", 570.2)])
+@pytest.mark.parametrize(
+    "name, millions", [("tiny", 11.3), ("small", 64.6), ("medium", 181.2), ("large", 570.2)]
+)
 def test_preset_parameter_counts(name, millions):
     cfg = pm.PicoDecoderConfig.preset(name)
     assert cfg.num_parameters() / 1e6 == pytest.approx(millions, rel=0.01)
@@ -134,7 +136,10 @@ def test_rope_matches_complex_rotation():
     out = apply_rope(x, cos.double(), sin.double())
     freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
     angles = torch.arange(n, dtype=torch.float64)[:, None] * freqs[None]
-    z = torch.complex(x[..., : d // 2], x[..., d // 2 :]) * torch.polar(torch.ones_like(angles), angles)[:, None]
+    z = (
+        torch.complex(x[..., : d // 2], x[..., d // 2 :])
+        * torch.polar(torch.ones_like(angles), angles)[:, None]
+    )
     ref = torch.cat([z.real, z.imag], dim=-1)
     torch.testing.assert_close(out, ref, atol=1e-6, rtol=1e-6)
 
@@ -172,7 +177,9 @@ def test_bad_inputs(model):
 
 def test_init_std_and_residual_scaling():
     torch.manual_seed(0)
-    cfg = small_cfg(d_model=256, n_heads=4, n_kv_heads=4, ffn_dim=512, n_layers=8, vocab_size=2000, init_std=0.05)
+    cfg = small_cfg(
+        d_model=256, n_heads=4, n_kv_heads=4, ffn_dim=512, n_layers=8, vocab_size=2000, init_std=0.05
+    )
     m = pm.PicoDecoder(cfg)
     scaled = cfg.init_std / math.sqrt(2 * cfg.n_layers)
     for name, p in m.named_parameters():
@@ -257,7 +264,9 @@ def test_top_k_samples_only_top_tokens():
     from picomaml.model.generate import next_token
 
     logits = torch.tensor([[0.0, 5.0, 4.0, -1.0, 4.5]]).repeat(200, 1)
-    picks = next_token(logits, temperature=10.0, top_k=3, do_sample=True, generator=torch.Generator().manual_seed(0))
+    picks = next_token(
+        logits, temperature=10.0, top_k=3, do_sample=True, generator=torch.Generator().manual_seed(0)
+    )
     assert set(picks.tolist()) == {1, 2, 4}
 
 
@@ -283,3 +292,62 @@ def test_generate_errors(model):
     with pytest.raises(ValueError, match="top_k"):
         model.generate(x, 2, do_sample=True, top_k=0)
     assert torch.equal(model.generate(x, 0), x)
+
+
+# ---------------------------------------------------------------------------------------- kernels
+
+
+def test_rope_heads_equals_reference_rotation():
+    from picomaml.model.layers import rope_heads
+
+    d, n, heads = 8, 7, 3
+    cos, sin = rope_tables(d, n, 10000.0)
+    x = torch.randn(2, n, heads * d)
+    ref = apply_rope(x.view(2, n, heads, d), cos, sin).reshape(2, n, heads * d)
+    sin_signed = torch.cat((-sin[:, : d // 2], sin[:, d // 2 :]), dim=-1)
+    out = rope_heads(x, cos.repeat(1, heads), sin_signed.repeat(1, heads), d)
+    assert torch.equal(out, ref)  # same products, same sums: bit for bit
+
+
+def test_rms_norm_matches_reference_and_gradchecks():
+    from picomaml.model.layers import rms_norm
+
+    x = torch.randn(3, 5, 6, dtype=torch.float64, requires_grad=True)
+    w = (1 + torch.randn(6, dtype=torch.float64)).requires_grad_()
+    ref = w * (x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6))
+    torch.testing.assert_close(rms_norm(x, w, 1e-6), ref)
+    assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
+    assert torch.autograd.gradgradcheck(lambda a, b: rms_norm(a, b, 1e-6), (x, w))
+
+
+def test_torch_func_grad_through_model():
+    from torch.func import functional_call, grad
+
+    torch.manual_seed(0)
+    m = pm.PicoDecoder(small_cfg(n_layers=1))
+    params = {k: v.detach() for k, v in m.named_parameters()}
+    x = torch.randint(0, V, (2, 6))
+    g = grad(lambda p: functional_call(m, (p,), (x,)).square().mean())(params)
+    m(x).square().mean().backward()
+    for k, p in m.named_parameters():
+        torch.testing.assert_close(g[k], p.grad, atol=1e-7, rtol=1e-5)
+
+
+def test_bfloat16_forward_and_cache():
+    torch.manual_seed(0)
+    m = pm.PicoDecoder(small_cfg()).to(torch.bfloat16).eval()
+    x = torch.randint(0, V, (2, 9))
+    logits = m(x)
+    assert logits.dtype == torch.bfloat16 and torch.isfinite(logits.float()).all()
+    out = m.generate(x, 3)
+    assert out.shape == (2, 12)
+
+
+def test_init_generator_is_reproducible():
+    a = pm.PicoDecoder(small_cfg(), generator=torch.Generator().manual_seed(5))
+    b = pm.PicoDecoder(small_cfg(), generator=torch.Generator().manual_seed(5))
+    c = pm.PicoDecoder(small_cfg(), generator=torch.Generator().manual_seed(6))
+    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+        assert torch.equal(va, vb), k
+        if not k.endswith("norm.weight"):
+            assert not torch.equal(va, vc), k

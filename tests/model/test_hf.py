@@ -132,7 +132,9 @@ def test_from_hf_rejects_other_models(tmp_path):
 
 def test_from_hf_keeps_plain_llama_weights():
     torch.manual_seed(0)
-    hf = transformers.LlamaForCausalLM(llama_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4}))
+    hf = transformers.LlamaForCausalLM(
+        llama_config(rope_parameters={"rope_type": "default", "rope_theta": 1e4})
+    )
     hf.eval()
     m = pm.PicoDecoder.from_hf(hf).eval()
     x = torch.randint(0, V, (2, 12))

@@ -1,0 +1,200 @@
+"""The reference trainer end to end on a tiny model: objectives, counters, resume, crash safety, DDP parity."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import picomaml as pm
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "examples" / "train_smlmt.py"
+
+
+def _load_trainer():
+    spec = importlib.util.spec_from_file_location("train_smlmt", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+trainer = _load_trainer()
+
+
+@pytest.fixture(scope="session")
+def corpus_cache(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("corpus-cache")
+    pm.load_default_corpus(seq_len=33, cache_dir=path)  # build once for every run below
+    return str(path)
+
+
+def tiny_config(tmp_path: Path, cache: str, **sections) -> Path:
+    cfg = {
+        "seed": 3,
+        "model": {"vocab_size": 8192, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
+                  "ffn_dim": 64, "max_seq_len": 32},
+        "data": {"source": "embedded", "seq_len": 32, "batch_size": 8, "cache_dir": cache},
+        "sampler": {"n_way": 3, "k_shot": 2, "n_query": 2, "window_len": 8, "min_freq": 3, "max_freq": 0.5},
+        "head": {"hidden_dims": [16], "init": "xavier"},
+        "inner_loop": {"steps": 2, "lr": 0.1, "first_order": False},
+        "meta": {"pooling": "mask", "n_tasks": 2},
+        "hybrid": {"ratio": 0.5, "mode": "bernoulli"},
+        "optim": {"lr": 1e-3, "warmup_steps": 0, "decay": "constant", "grad_clip": 1.0},
+        "trainer": {"max_steps": 4, "log_every": 1, "eval_every": 100, "save_every": 100, "accelerator": "cpu"},
+        "eval": {"rows": 8, "batch_size": 8, "fewshot_episodes": 2, "fewshot_settings": [[3, 2]]},
+        "checkpoint": {"keep_last": 2},
+    }
+    for name, values in sections.items():
+        cfg[name] = {**cfg.get(name, {}), **values}
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def run(config: Path, run_dir: Path, *extra: str) -> list[dict[str, str]]:
+    assert trainer.main(["--config", str(config), "--run-dir", str(run_dir), *extra]) == 0
+    return read_csv(run_dir / "metrics.csv")
+
+
+@pytest.mark.parametrize(
+    ("ratio", "has_lm", "has_meta"), [(0.0, True, False), (1.0, False, True), (0.5, True, True)]
+)
+def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ratio, has_lm, has_meta):
+    config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": ratio})
+    rows = run(config, tmp_path / "run")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3, 4]
+    last = rows[-1]
+    assert int(last["trainer/ar_steps"]) + int(last["trainer/meta_steps"]) == 4
+    assert (int(last["trainer/ar_steps"]) > 0) == has_lm
+    assert (int(last["trainer/meta_steps"]) > 0) == has_meta
+    hs = pm.HybridScheduler(ratio=ratio, seed=3)
+    assert int(last["trainer/meta_steps"]) == sum(hs.choose(s) == "meta" for s in range(4))
+    columns = set(last)
+    assert {"trainer/lr", "trainer/grad_norm", "trainer/tokens", "trainer/tokens_per_s",
+            "trainer/nonfinite_skipped", "eval/perplexity", "eval/fewshot_acc", "eval/fewshot_acc_ci"} <= columns
+    assert ("train/lm_loss" in columns) == has_lm
+    if has_meta:
+        assert {"train/meta_loss", "meta/support_acc_before", "meta/support_acc_after", "meta/query_acc",
+                "meta/inner_grad_norm", "meta/inner_lr", "meta/head_weight_norm", "meta/head_grad_norm"} <= columns
+    # tokens: AR steps see 8 rows of seq_len + 1 = 33 tokens; meta steps 2 tasks x 3 classes x (2 + 2)
+    # windows x 8 tokens
+    expected = int(last["trainer/ar_steps"]) * 8 * 33 + int(last["trainer/meta_steps"]) * 2 * 3 * 4 * 8
+    assert int(last["trainer/tokens"]) == expected
+    run_dir = tmp_path / "run"
+    assert (run_dir / "curves.png").stat().st_size > 0
+    assert pm.find_latest(run_dir / "checkpoints").name == "step_000004"
+    assert pm.load_config(run_dir / "config.yaml").hybrid.ratio == ratio
+
+
+def test_resume_is_bit_identical(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, inner_loop={"learn_lr": "per_step"},
+                         hybrid={"ratio": 0.5, "mode": "interleave"}, trainer={"max_steps": 6})
+    straight = run(config, tmp_path / "a")
+    run(config, tmp_path / "b", "--max-steps", "3")
+    resumed = run(config, tmp_path / "b", "--max-steps", "6", "--resume", "auto")
+    for key in ("train/lm_loss", "train/meta_loss", "meta/query_acc", "trainer/grad_norm"):
+        assert [r.get(key) for r in straight] == [r.get(key) for r in resumed], key
+    a = pm.load_checkpoint(tmp_path / "a" / "checkpoints").states
+    b = pm.load_checkpoint(tmp_path / "b" / "checkpoints").states
+    for part in ("model", "head", "inner_loop", "optimizer", "sampler", "data"):
+        assert_identical(b[part], a[part], part)
+
+
+def assert_identical(x, y, where: str) -> None:
+    """Exact equality of nested states (tensors bit for bit)."""
+    if isinstance(x, torch.Tensor):
+        assert isinstance(y, torch.Tensor) and torch.equal(x, y), where
+    elif isinstance(x, dict):
+        assert isinstance(y, dict) and x.keys() == y.keys(), where
+        for key in x:
+            assert_identical(x[key], y[key], f"{where}.{key}")
+    elif isinstance(x, (list, tuple)):
+        assert isinstance(y, (list, tuple)) and len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y)):
+            assert_identical(u, v, f"{where}[{i}]")
+    else:
+        assert x == y, f"{where}: {x!r} != {y!r}"
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("sampler.n_wya=3", "unknown key 'n_wya'"),
+        ("hybrid.ratio=1.5", "hybrid.ratio"),
+        ("sampler.n_way=400", "eligible"),
+    ],
+)
+def test_bad_config_stops_before_training(tmp_path, corpus_cache, override, message):
+    config = tiny_config(tmp_path, corpus_cache)
+    result = subprocess.run(
+        [sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(tmp_path / "run"), "--set", override],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "config error" in result.stderr and message in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_sigkill_during_checkpoint_keeps_previous_and_resume_continues(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 400, "save_every": 2, "log_every": 2},
+                         hybrid={"ratio": 0.0})
+    run_dir = tmp_path / "run"
+    root = run_dir / "checkpoints"
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(run_dir)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    killed_mid_write = False
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            # wait until one checkpoint is complete and the next one is being written
+            if pm.find_latest(root) is not None and root.exists() and any(
+                    p.name.startswith(".tmp_step_") for p in root.iterdir()):
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_mid_write = True
+                break
+            time.sleep(0.002)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+    assert killed_mid_write, "the trainer never started a second checkpoint"
+    latest = pm.find_latest(root)
+    assert latest is not None
+    step = pm.load_checkpoint(latest).step
+    rows = run(config, run_dir, "--max-steps", str(step + 2), "--resume", "auto")
+    assert int(rows[-1]["step"]) == step + 2
+    assert pm.load_checkpoint(root).step == step + 2
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.5, "mode": "interleave"},
+                         trainer={"max_steps": 3})
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for devices in (1, 2):
+        cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(tmp_path / f"d{devices}"),
+               "--devices", str(devices), "--set", "eval.fewshot_episodes=0"]
+        result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+    one = pm.load_checkpoint(tmp_path / "d1" / "checkpoints")
+    two = pm.load_checkpoint(tmp_path / "d2" / "checkpoints")
+    assert one.counters["meta_steps"] >= 1 and one.counters == two.counters
+    for part in ("model", "head"):
+        for name, value in one.states[part].items():
+            torch.testing.assert_close(two.states[part][name], value, rtol=0, atol=1e-5, msg=f"{part}.{name}")
