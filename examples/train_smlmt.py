@@ -42,7 +42,9 @@ DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: tiny-cpu.yaml)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. hybrid.ratio=0.25")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. hybrid.ratio=0.25"
+    )
     p.add_argument("--max-steps", type=int, help="optimizer steps (trainer.max_steps)")
     p.add_argument("--run-dir", default="runs/tiny-cpu", help="outputs: config, metrics, checkpoints, plots")
     p.add_argument("--resume", default="auto", help="auto (latest in run dir, if any) | PATH | none")
@@ -54,9 +56,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--precision", help="Fabric precision, e.g. 32-true, bf16-mixed")
     p.add_argument("--logger", action="append", choices=["csv", "tensorboard", "wandb"], help="repeatable")
     args = p.parse_args(argv)
-    flags = {"max_steps": args.max_steps, "log_every": args.log_every, "save_every": args.save_every,
-             "eval_every": args.eval_every, "devices": args.devices, "strategy": args.strategy,
-             "precision": args.precision, "loggers": args.logger}
+    flags = {
+        "max_steps": args.max_steps,
+        "log_every": args.log_every,
+        "save_every": args.save_every,
+        "eval_every": args.eval_every,
+        "devices": args.devices,
+        "strategy": args.strategy,
+        "precision": args.precision,
+        "loggers": args.logger,
+    }
     args.set += [f"trainer.{k}={v}" for k, v in flags.items() if v is not None]
     return args
 
@@ -66,11 +75,20 @@ def make_fabric(cfg: pm.ExperimentConfig):
 
     L = require("lightning", "fabric", "the reference trainer")
     strategy = cfg.trainer.strategy
+    if strategy == "fsdp":  # checkpoints here gather full states on rank 0, which FSDP shards
+        raise pm.ConfigError(
+            "trainer.strategy: 'fsdp' is not supported by this trainer yet; use 'ddp' "
+            "(570M parameters with AdamW fit one 40 GB GPU per rank)"
+        )
     if strategy == "ddp" or (strategy == "auto" and cfg.trainer.devices > 1):
         # AR steps leave the head unused and meta steps the LM head: DDP must allow unused parameters
         strategy = L.fabric.strategies.DDPStrategy(find_unused_parameters=True)
-    return L.Fabric(accelerator=cfg.trainer.accelerator, devices=cfg.trainer.devices, strategy=strategy,
-                    precision=cfg.trainer.precision)
+    return L.Fabric(
+        accelerator=cfg.trainer.accelerator,
+        devices=cfg.trainer.devices,
+        strategy=strategy,
+        precision=cfg.trainer.precision,
+    )
 
 
 def task_share(episode: pm.Episode, rank: int, world: int) -> pm.Episode:
@@ -89,11 +107,24 @@ def evaluate(cfg, model, head, loop, data, mask_id) -> dict[str, float]:
     for i, (n_way, k_shot) in enumerate(cfg.eval.fewshot_settings):
         if cfg.eval.fewshot_episodes == 0:
             break
-        res = fewshot_eval(model, rows, n_way=n_way, k_shot=k_shot, n_query=cfg.sampler.n_query,
-                           mask_token_id=mask_id, window_len=cfg.sampler.window_len,
-                           episodes=cfg.eval.fewshot_episodes, head=head, inner_loop=loop,
-                           pooling=cfg.meta.pooling, seed=cfg.seed, min_freq=cfg.sampler.min_freq,
-                           max_freq=cfg.sampler.max_freq, exclude_token_ids=cfg.sampler.exclude_token_ids)
+        res = fewshot_eval(
+            model,
+            rows,
+            n_way=n_way,
+            k_shot=k_shot,
+            n_query=cfg.sampler.n_query,
+            mask_token_id=mask_id,
+            window_len=cfg.sampler.window_len,
+            episodes=cfg.eval.fewshot_episodes,
+            head=head,
+            inner_loop=loop,
+            pooling=cfg.meta.pooling,
+            feature_norm=cfg.meta.feature_norm,
+            seed=cfg.seed,
+            min_freq=cfg.sampler.min_freq,
+            max_freq=cfg.sampler.max_freq,
+            exclude_token_ids=cfg.sampler.exclude_token_ids,
+        )
         prefix = "eval/fewshot" if i == 0 else f"eval/fewshot_{n_way}w{k_shot}s"
         out.update(res.metrics(prefix))
     return out
@@ -106,8 +137,10 @@ def main(argv=None) -> int:
     fabric = make_fabric(cfg)
     fabric.launch()
     rank, world, is_main = fabric.global_rank, fabric.world_size, fabric.global_rank == 0
-    logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.INFO if is_main else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     if cfg.meta.n_tasks % world:
         raise pm.ConfigError(f"meta.n_tasks: {cfg.meta.n_tasks} must be divisible by the {world} devices")
 
@@ -115,13 +148,18 @@ def main(argv=None) -> int:
     data = build_training_data(cfg.data, seed=cfg.seed, rank=rank, world_size=world, eval_rows=cfg.eval.rows)
     tok, mask_id = data.tokenizer, data.tokenizer.mask_token_id
     if tok.vocab_size > cfg.model.vocab_size:
-        raise pm.ConfigError(f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
-                             f"{tok.vocab_size} tokens")
-    sampler_kwargs = vars(cfg.sampler) | {"mask_token_id": mask_id,
-                                           "exclude_token_ids": cfg.sampler.exclude_token_ids + data.special_ids}
+        raise pm.ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's "
+            f"{tok.vocab_size} tokens"
+        )
+    sampler_kwargs = vars(cfg.sampler) | {
+        "mask_token_id": mask_id,
+        "exclude_token_ids": cfg.sampler.exclude_token_ids + data.special_ids,
+    }
     sampler = pm.SMLMTSampler(**sampler_kwargs, seed=cfg.seed + (0 if data.train.shared else rank))
-    hybrid = pm.HybridScheduler(**vars(cfg.hybrid) | {"total_steps": cfg.hybrid.total_steps or cfg.trainer.max_steps},
-                                seed=cfg.seed)
+    hybrid = pm.HybridScheduler(
+        **vars(cfg.hybrid) | {"total_steps": cfg.hybrid.total_steps or cfg.trainer.max_steps}, seed=cfg.seed
+    )
     position = data.train.state_dict()
     probe = data.train.next_batch()
     data.train.load_state_dict(position)
@@ -137,16 +175,30 @@ def main(argv=None) -> int:
     loop = pm.InnerLoop(**vars(cfg.inner_loop))
     if cfg.inner_loop.learn_lr:
         loop.bind(head)
-    learner = HybridLearner(model, head, loop, pooling=cfg.meta.pooling)
-    optimizer = build_optimizer({"model": model, "head": head, "inner_loop": loop}, cfg.optim.lr,
-                                cfg.optim.weight_decay, cfg.optim.betas, cfg.optim.eps,
-                                lr_overrides={"head": cfg.meta.head_lr, "inner_loop": cfg.meta.head_lr})
-    scheduler = build_lr_scheduler(optimizer, cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.decay,
-                                   cfg.optim.min_lr_ratio)
+    learner = HybridLearner(model, head, loop, cfg.meta.pooling, cfg.meta.feature_norm)
+    optimizer = build_optimizer(
+        {"model": model, "head": head, "inner_loop": loop},
+        cfg.optim.lr,
+        cfg.optim.weight_decay,
+        cfg.optim.betas,
+        cfg.optim.eps,
+        lr_overrides={"head": cfg.meta.head_lr, "inner_loop": cfg.meta.head_lr},
+    )
+    scheduler = build_lr_scheduler(
+        optimizer, cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.decay, cfg.optim.min_lr_ratio
+    )
     learner, optimizer = fabric.setup(learner, optimizer)
     counters = {"ar_steps": 0, "meta_steps": 0, "tokens": 0, "nonfinite_skipped": 0}
-    stateful = {"model": model, "head": head, "inner_loop": loop, "optimizer": optimizer,
-                "lr_scheduler": scheduler, "sampler": sampler, "hybrid": hybrid, "data": data.train}
+    stateful = {
+        "model": model,
+        "head": head,
+        "inner_loop": loop,
+        "optimizer": optimizer,
+        "lr_scheduler": scheduler,
+        "sampler": sampler,
+        "hybrid": hybrid,
+        "data": data.train,
+    }
 
     # ---- resume -----------------------------------------------------------------------------------
     start = 0
@@ -163,9 +215,15 @@ def main(argv=None) -> int:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         pm.config.dump_config(cfg, run_dir / "config.yaml")
-    tracker = MetricsTracker(run_dir, cfg.trainer.loggers, enabled=is_main, config=cfg.to_dict(),
-                             resume_step=start, wandb_project=cfg.trainer.wandb_project,
-                             wandb_offline=cfg.trainer.wandb_offline)
+    tracker = MetricsTracker(
+        run_dir,
+        cfg.trainer.loggers,
+        enabled=is_main,
+        config=cfg.to_dict(),
+        resume_step=start,
+        wandb_project=cfg.trainer.wandb_project,
+        wandb_offline=cfg.trainer.wandb_offline,
+    )
 
     def save(step: int) -> None:
         if is_main:
@@ -173,12 +231,23 @@ def main(argv=None) -> int:
             if cfg.checkpoint.hf_export:
                 writers["hf"] = lambda d: ckpt.export_hf(model, d, getattr(tok, "backend", None))
             if cfg.checkpoint.learning_dynamics:
-                captured = {split: capture_learning_dynamics(model, rows, cfg.checkpoint.dynamics_layers,
-                                                             cfg.checkpoint.dynamics_seq_idx)
-                            for split, rows in dyn_rows.items() if rows.shape[0]}
+                captured = {
+                    split: capture_learning_dynamics(
+                        model, rows, cfg.checkpoint.dynamics_layers, cfg.checkpoint.dynamics_seq_idx
+                    )
+                    for split, rows in dyn_rows.items()
+                    if rows.shape[0]
+                }
                 writers["learning_dynamics"] = learning_dynamics_writer(captured)
-            path = ckpt.save_checkpoint(root, step, stateful, config=cfg.to_dict(), counters=counters,
-                                        writers=writers, keep_last=cfg.checkpoint.keep_last)
+            path = ckpt.save_checkpoint(
+                root,
+                step,
+                stateful,
+                config=cfg.to_dict(),
+                counters=counters,
+                writers=writers,
+                keep_last=cfg.checkpoint.keep_last,
+            )
             log.info("checkpoint: %s", path)
         fabric.barrier()
 
@@ -221,11 +290,15 @@ def main(argv=None) -> int:
                     else:
                         episode = sampler.sample(rows, n_tasks=cfg.meta.n_tasks // world)
                     episode = episode.to(fabric.device)
-                    counters["tokens"] += episode.support_ids.numel() * world + episode.query_ids.numel() * world
+                    counters["tokens"] += (
+                        episode.support_ids.numel() * world + episode.query_ids.numel() * world
+                    )
                 if "ar" in kinds:
                     counters["tokens"] += rows.numel() * world
                 with fabric.no_backward_sync(learner, enabled=micro < accum - 1):
-                    out = learner(rows=rows if "ar" in kinds else None, episode=episode, w_ar=w_ar, w_meta=w_meta)
+                    out = learner(
+                        rows=rows if "ar" in kinds else None, episode=episode, w_ar=w_ar, w_meta=w_meta
+                    )
                     fabric.backward(out.loss / accum)
                 if out.lm_loss is not None:
                     lm_vals.append(out.lm_loss.item())
@@ -235,12 +308,16 @@ def main(argv=None) -> int:
             end_reason = "end of data"
             optimizer.zero_grad(set_to_none=True)
             break
-        head_grad = math.sqrt(sum(float(p.grad.pow(2).sum()) for p in head.parameters() if p.grad is not None))
+        head_grad = math.sqrt(
+            sum(float(p.grad.pow(2).sum()) for p in head.parameters() if p.grad is not None)
+        )
         if cfg.optim.grad_clip is not None:
             grad_norm = float(fabric.clip_gradients(learner, optimizer, max_norm=cfg.optim.grad_clip))
         else:
             grads = [p.grad for p in learner.parameters() if p.grad is not None]
-            grad_norm = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+            grad_norm = float(
+                torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+            )
         finite = torch.tensor(float(math.isfinite(grad_norm) and all(map(math.isfinite, lm_vals))))
         if fabric.all_reduce(finite, reduce_op="min").item() < 1:
             counters["nonfinite_skipped"] += 1
@@ -265,23 +342,34 @@ def main(argv=None) -> int:
             window.setdefault("meta/head_grad_norm", []).append(head_grad)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix({k.split("/")[-1]: f"{v[-1]:.3f}" for k, v in window.items()
-                             if k in ("train/lm_loss", "train/meta_loss", "meta/query_acc")})
+            bar.set_postfix(
+                {
+                    k.split("/")[-1]: f"{v[-1]:.3f}"
+                    for k, v in window.items()
+                    if k in ("train/lm_loss", "train/meta_loss", "meta/query_acc")
+                }
+            )
         if step % cfg.trainer.log_every == 0 or step == cfg.trainer.max_steps:
             now = time.perf_counter()
             metrics = {k: sum(v) / len(v) for k, v in window.items() if v}
             metrics |= {f"trainer/{k}": float(v) for k, v in counters.items()}
             metrics["trainer/lr"] = scheduler.get_last_lr()[0]
             metrics["trainer/tokens_per_s"] = (counters["tokens"] - tokens_at_log) / max(now - last_log, 1e-9)
-            metrics["meta/head_weight_norm"] = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in head.parameters()))
+            metrics["meta/head_weight_norm"] = math.sqrt(
+                sum(float(p.detach().pow(2).sum()) for p in head.parameters())
+            )
             if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_steps:
                 if is_main:
                     metrics |= evaluate(cfg, model, head, loop, data, mask_id)
                 fabric.barrier()
             tracker.log(step, metrics)
             if bar is None and is_main:
-                log.info("step %d/%d %s", step, cfg.trainer.max_steps,
-                         " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("trainer/")))
+                log.info(
+                    "step %d/%d %s",
+                    step,
+                    cfg.trainer.max_steps,
+                    " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("trainer/")),
+                )
             window, last_log, tokens_at_log = {}, now, counters["tokens"]
         if step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:
             save(step)
@@ -290,15 +378,21 @@ def main(argv=None) -> int:
         bar.close()
     tracker.close()
     if is_main:
-        png = plot_curves(run_dir / "metrics.csv", run_dir / "curves.png", title=f"{run_dir.name} ({end_reason})")
+        png = plot_curves(
+            run_dir / "metrics.csv", run_dir / "curves.png", title=f"{run_dir.name} ({end_reason})"
+        )
         final = {k: v for k, v in (tracker.rows[-1] if tracker.rows else {}).items() if k != "step"}
-        print(f"\nrun finished ({end_reason}) at step {step}: {counters['ar_steps']} AR steps, "
-              f"{counters['meta_steps']} meta steps, {counters['tokens']:,} tokens, "
-              f"{time.perf_counter() - t0:.0f} s, {counters['nonfinite_skipped']} non-finite steps skipped")
+        print(
+            f"\nrun finished ({end_reason}) at step {step}: {counters['ar_steps']} AR steps, "
+            f"{counters['meta_steps']} meta steps, {counters['tokens']:,} tokens, "
+            f"{time.perf_counter() - t0:.0f} s, {counters['nonfinite_skipped']} non-finite steps skipped"
+        )
         for key in sorted(final):
             print(f"  {key:<28} {final[key]:.4g}")
-        print(f"config: {run_dir / 'config.yaml'}\nmetrics: {run_dir / 'metrics.csv'}\n"
-              f"checkpoints: {root}\ncurves: {png}")
+        print(
+            f"config: {run_dir / 'config.yaml'}\nmetrics: {run_dir / 'metrics.csv'}\n"
+            f"checkpoints: {root}\ncurves: {png}"
+        )
     return 0
 
 

@@ -70,8 +70,8 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml._optional import MissingDependencyError
-    from picomaml.config import ConfigError, ExperimentConfig, load_config
     from picomaml.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from picomaml.config import ConfigError, ExperimentConfig, load_config
     from picomaml.data.corpus import load_default_corpus
     from picomaml.data.display import format_episode
     from picomaml.data.hub import PretokenizedStream

@@ -54,7 +54,9 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     print(f"picomaml     {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
-    print(f"torch        {torch.__version__} (cuda available: {torch.cuda.is_available()}, threads: {torch.get_num_threads()})")
+    print(
+        f"torch        {torch.__version__} (cuda available: {torch.cuda.is_available()}, threads: {torch.get_num_threads()})"
+    )
     for module, extra in _OPTIONAL.items():
         ver = _version_of(module)
         state = ver if ver else f"missing -> pip install 'picomaml[{extra}]'"
@@ -84,7 +86,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
     )
     for i in range(args.n):
         episode = sampler.sample(corpus.train_rows)
-        print(f"=== episode {i + 1}/{args.n}: {args.n_way}-way {args.k_shot}-shot, {args.n_query} query per class")
+        print(
+            f"=== episode {i + 1}/{args.n}: {args.n_way}-way {args.k_shot}-shot, {args.n_query} query per class"
+        )
         print(format_episode(episode, tok, max_windows_per_class=args.show))
     return 0
 

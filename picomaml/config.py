@@ -106,7 +106,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         elif origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{path}: expected {len(args)} items, got {len(value)}")
-            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+            items = [_convert(v, a, f"{path}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True))]
         else:
             inner = args[0] if args else Any
             items = [_convert(v, inner, f"{path}[{i}]") for i, v in enumerate(value)]
@@ -251,7 +251,11 @@ class HeadConfig:
     init: Literal["xavier", "kaiming", "normal", "zeros", "prototype"] = "prototype"
 
     def __post_init__(self) -> None:
-        check(all(h >= 1 for h in self.hidden_dims), "hidden_dims", f"sizes must be >= 1, got {self.hidden_dims}")
+        check(
+            all(h >= 1 for h in self.hidden_dims),
+            "hidden_dims",
+            f"sizes must be >= 1, got {self.hidden_dims}",
+        )
         check(0.0 <= self.dropout < 1.0, "dropout", f"must be in [0, 1), got {self.dropout}")
 
 
@@ -270,14 +274,19 @@ class InnerLoopConfig:
     def __post_init__(self) -> None:
         check(self.steps >= 0, "steps", f"must be >= 0, got {self.steps}")
         check(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
-        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        check(
+            self.grad_clip is None or self.grad_clip > 0,
+            "grad_clip",
+            f"must be > 0 or null, got {self.grad_clip}",
+        )
 
 
 @dataclasses.dataclass
 class MetaConfig:
     """How a meta step turns an episode into a loss (:func:`picomaml.meta_loss` arguments)."""
 
-    pooling: Literal["mask", "last", "mean"] = "mask"
+    pooling: Literal["mask", "before_mask", "last", "mean"] = "mask"
+    feature_norm: Literal["none", "center", "standardize"] = "none"
     n_tasks: int = 1
     head_lr: float | None = None  # outer LR of the head and learned inner LRs; null = optim.lr
 
@@ -301,8 +310,11 @@ class HybridConfig:
         check(0.0 <= self.ratio <= 1.0, "ratio", f"must be in [0, 1], got {self.ratio}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(0.0 <= self.final_ratio <= 1.0, "final_ratio", f"must be in [0, 1], got {self.final_ratio}")
-        check(self.total_steps is None or self.total_steps >= 1, "total_steps",
-              f"must be >= 1 or null, got {self.total_steps}")
+        check(
+            self.total_steps is None or self.total_steps >= 1,
+            "total_steps",
+            f"must be >= 1 or null, got {self.total_steps}",
+        )
 
 
 @dataclasses.dataclass
@@ -351,7 +363,11 @@ class OptimConfig:
         check(all(0 <= b < 1 for b in self.betas), "betas", f"must be in [0, 1), got {self.betas}")
         check(self.warmup_steps >= 0, "warmup_steps", f"must be >= 0, got {self.warmup_steps}")
         check(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be in [0, 1], got {self.min_lr_ratio}")
-        check(self.grad_clip is None or self.grad_clip > 0, "grad_clip", f"must be > 0 or null, got {self.grad_clip}")
+        check(
+            self.grad_clip is None or self.grad_clip > 0,
+            "grad_clip",
+            f"must be > 0 or null, got {self.grad_clip}",
+        )
 
 
 @dataclasses.dataclass
@@ -437,7 +453,9 @@ class ExperimentConfig:
         elif isinstance(self.model, Mapping):
             self.model = _convert(self.model, model_cls, "model")
         elif not isinstance(self.model, model_cls):
-            raise ConfigError(f"model: expected a mapping or PicoDecoderConfig, got {type(self.model).__name__}")
+            raise ConfigError(
+                f"model: expected a mapping or PicoDecoderConfig, got {type(self.model).__name__}"
+            )
         check(
             self.data.seq_len <= self.model.max_seq_len,
             "data.seq_len",

@@ -14,7 +14,7 @@ from torch import nn
 
 from picomaml.meta.episode import Episode
 from picomaml.meta.inner_loop import InnerLoopOutput
-from picomaml.objectives import lm_loss, meta_loss
+from picomaml.objectives import POOLINGS, lm_loss, meta_loss
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -42,16 +42,25 @@ class HybridLearner(nn.Module):
         head: The :class:`picomaml.MetaHead` whose initial weights are meta-learned.
         loop: The :class:`picomaml.InnerLoop` (its learned inner LRs, if any, are trained too).
         pooling: How window features are pooled for the head: ``"mask"``, ``"last"`` or ``"mean"``.
+        feature_norm: Per-task feature normalisation before the inner loop (see :func:`picomaml.meta_loss`).
     """
 
-    def __init__(self, model: nn.Module, head: nn.Module, loop: nn.Module, pooling: str = "mask") -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        head: nn.Module,
+        loop: nn.Module,
+        pooling: str = "mask",
+        feature_norm: str = "none",
+    ) -> None:
         super().__init__()
-        if pooling not in ("mask", "last", "mean"):
-            raise ValueError(f"pooling must be 'mask', 'last' or 'mean', got {pooling!r}")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
         self.model = model
         self.head = head
         self.loop = loop
         self.pooling = pooling
+        self.feature_norm = feature_norm
 
     def forward(
         self,
@@ -76,7 +85,7 @@ class HybridLearner(nn.Module):
             ar = lm_loss(self.model, rows)
             total = w_ar * ar
         if episode is not None:
-            meta = meta_loss(self.model, self.head, self.loop, episode, pooling=self.pooling)
+            meta = meta_loss(self.model, self.head, self.loop, episode, self.pooling, self.feature_norm)
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
         assert total is not None
         return LearnerOutput(loss=total, lm_loss=None if ar is None else ar.detach(), meta=meta)

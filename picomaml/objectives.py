@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["lm_loss", "pool_features", "meta_loss", "POOLINGS"]
+__all__ = ["lm_loss", "pool_features", "normalize_task_features", "meta_loss", "POOLINGS", "FEATURE_NORMS"]
 
-POOLINGS = ("mask", "last", "mean")
+POOLINGS = ("mask", "before_mask", "last", "mean")
+FEATURE_NORMS = ("none", "center", "standardize")
 
 
 def lm_loss(model: nn.Module, tokens: Tensor, pad_id: int | None = None, ignore_index: int = -100) -> Tensor:
@@ -50,8 +51,10 @@ def pool_features(hidden: Tensor, mask: Tensor | None = None, pooling: str = "ma
     Args:
         hidden: ``(B, L, D)`` hidden states.
         mask: ``(B, L)`` bool, True at the masked (class-token) positions; needed for ``"mask"``.
-        pooling: ``"mask"`` (mean over the masked positions; every row needs at least one), ``"last"`` (the
-            last position, which sees the whole window in a causal decoder) or ``"mean"`` (mean over all).
+        pooling: ``"mask"`` (mean over the masked positions; every row needs at least one),
+            ``"before_mask"`` (mean over the positions just before the masked ones: in a causal LM the
+            state that predicts the class token; a mask at position 0 uses itself), ``"last"`` (the last
+            position, which sees the whole window in a causal decoder) or ``"mean"`` (mean over all).
 
     Returns:
         ``(B, D)`` in the dtype of ``hidden`` (sums accumulate in float32 for low-precision input).
@@ -69,6 +72,11 @@ def pool_features(hidden: Tensor, mask: Tensor | None = None, pooling: str = "ma
         raise ValueError("pooling='mask' needs the (B, L) mask of masked positions")
     if mask.shape != hidden.shape[:2]:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(hidden.shape[:2])}")
+    if pooling == "before_mask":
+        shifted = torch.zeros_like(mask)
+        shifted[:, :-1] = mask[:, 1:]
+        shifted[:, 0] |= mask[:, 0]
+        mask = shifted
     weights = mask.to(acc.dtype)
     counts = weights.sum(1)  # (B,)
     if not bool((counts > 0).all()):
@@ -86,7 +94,40 @@ def _hidden(model: nn.Module, ids: Tensor) -> Tensor:
     return model(ids, return_hidden=True)[1]
 
 
-def meta_loss(model: nn.Module, head: nn.Module, loop: nn.Module, episode: Any, pooling: str = "mask") -> Any:
+def normalize_task_features(xs: Tensor, xq: Tensor, mode: str = "none") -> tuple[Tensor, Tensor]:
+    """Centre (and scale) one task's features by statistics of its support set.
+
+    ``"center"`` subtracts the support mean from support and query features; ``"standardize"`` also
+    divides both by the root-mean-square of the centred support features (one scalar per task). Both are
+    differentiable and use support statistics only, so no query information reaches the adaptation. They
+    remove the cheapest way to lower an over-confident query loss, collapsing all windows onto one
+    direction, which otherwise stalls meta-training from scratch.
+
+    Args:
+        xs: Support features ``(..., N*K, D)``.
+        xq: Query features ``(..., N*Q, D)``.
+        mode: ``"none"``, ``"center"`` or ``"standardize"``.
+    """
+    if mode not in FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {mode!r}")
+    if mode == "none":
+        return xs, xq
+    mu = xs.mean(-2, keepdim=True)
+    xs, xq = xs - mu, xq - mu
+    if mode == "standardize":
+        scale = xs.pow(2).mean((-2, -1), keepdim=True).clamp_min(1e-12).sqrt()
+        xs, xq = xs / scale, xq / scale
+    return xs, xq
+
+
+def meta_loss(
+    model: nn.Module,
+    head: nn.Module,
+    loop: nn.Module,
+    episode: Any,
+    pooling: str = "mask",
+    feature_norm: str = "none",
+) -> Any:
     """Meta loss of an episode (one task or a stack of ``T``) with a single backbone forward.
 
     Args:
@@ -97,6 +138,8 @@ def meta_loss(model: nn.Module, head: nn.Module, loop: nn.Module, episode: Any, 
             ``support_mask``, ``query_ids (.., N*Q, W)``, ``query_labels``, ``query_mask``, with an
             optional leading task dim ``T`` on every tensor.
         pooling: ``"mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
+        feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` per task, from support statistics
+            (see :func:`normalize_task_features`).
 
     Returns:
         The :class:`~picomaml.InnerLoopOutput` of the inner loop (``.loss``, ``.metrics``, ...).
@@ -113,7 +156,7 @@ def meta_loss(model: nn.Module, head: nn.Module, loop: nn.Module, episode: Any, 
     t = s_ids.shape[0] if stacked else 1
     ids = torch.cat([s_ids.reshape(t, ns, width), q_ids.reshape(t, nq, width)], 1).reshape(-1, width)
     mask = None
-    if pooling == "mask":
+    if pooling in ("mask", "before_mask"):
         s_mask, q_mask = episode.support_mask, episode.query_mask
         mask = torch.cat([s_mask.reshape(t, ns, width), q_mask.reshape(t, nq, width)], 1).reshape(-1, width)
     param = next(iter(model.parameters()), None)
@@ -126,7 +169,7 @@ def meta_loss(model: nn.Module, head: nn.Module, loop: nn.Module, episode: Any, 
     dtype = head_param.dtype if head_param is not None else (torch.float32 if low else feats.dtype)
     feats = feats.to(dtype)  # the head is tiny: keep it in its own (usually float32) precision
     feats = feats.view(t, ns + nq, -1)
-    xs, xq = feats[:, :ns], feats[:, ns:]
+    xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
     ys = episode.support_labels.reshape(t, ns).to(feats.device)
     yq = episode.query_labels.reshape(t, nq).to(feats.device)
     if not stacked:

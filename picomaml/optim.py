@@ -56,7 +56,9 @@ def param_groups(
         group_lr = lr_overrides.get(mod_name) or lr
         for suffix, params, wd in (("decay", decay, weight_decay), ("no_decay", no_decay, 0.0)):
             if params:
-                groups.append({"params": params, "weight_decay": wd, "lr": group_lr, "name": f"{mod_name}/{suffix}"})
+                groups.append(
+                    {"params": params, "weight_decay": wd, "lr": group_lr, "name": f"{mod_name}/{suffix}"}
+                )
     return groups
 
 
@@ -73,7 +75,9 @@ def build_optimizer(
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, decay: str = "cosine", min_ratio: float = 0.1) -> float:
+def lr_multiplier(
+    step: int, warmup_steps: int, total_steps: int, decay: str = "cosine", min_ratio: float = 0.1
+) -> float:
     """Multiplier of the base LR at optimizer step ``step`` (0-based).
 
     Linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps`` steps, then ``cosine`` or ``linear``
@@ -95,7 +99,11 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, decay: str = "
 
 
 def build_lr_scheduler(
-    optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, decay: str = "cosine", min_ratio: float = 0.1
+    optimizer: torch.optim.Optimizer,
+    warmup_steps: int,
+    total_steps: int,
+    decay: str = "cosine",
+    min_ratio: float = 0.1,
 ) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` applying :func:`lr_multiplier` to every parameter group (step it once per update)."""
     return torch.optim.lr_scheduler.LambdaLR(

@@ -57,7 +57,9 @@ class MetricsTracker:
     ) -> None:
         unknown = set(loggers) - {"csv", "tensorboard", "wandb"}
         if unknown:
-            raise ValueError(f"loggers: unknown {sorted(unknown)}; choose from ['csv', 'tensorboard', 'wandb']")
+            raise ValueError(
+                f"loggers: unknown {sorted(unknown)}; choose from ['csv', 'tensorboard', 'wandb']"
+            )
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.csv"
         self._columns: list[str] = ["step"]
@@ -80,7 +82,10 @@ class MetricsTracker:
             if wandb_offline:
                 os.environ.setdefault("WANDB_MODE", "offline")
             self._wandb = wandb.init(
-                project=wandb_project, dir=str(run_dir), config=dict(config or {}), resume="allow",
+                project=wandb_project,
+                dir=str(run_dir),
+                config=dict(config or {}),
+                resume="allow",
                 id=Path(run_dir).resolve().name,
             )
 
@@ -158,18 +163,18 @@ def plot_curves(metrics_csv: str | Path, out_png: str | Path, title: str | None 
     cols = min(3, len(panels))
     nrows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(nrows, cols, figsize=(4.2 * cols, 3.2 * nrows), squeeze=False)
-    for ax, (name, keys) in zip(axes.flat, panels):
+    for ax, (name, keys) in zip(axes.flat, panels, strict=False):
         for key in keys:
             pts = [(r["step"], r[key]) for r in rows if key in r and math.isfinite(r[key])]
             if pts:
-                xs, ys = zip(*pts)
+                xs, ys = zip(*pts, strict=True)
                 ax.plot(xs, ys, marker="." if len(pts) < 30 else None, label=key.split("/", 1)[-1])
         ax.set_title(name)
         ax.set_xlabel("optimizer step")
         ax.grid(alpha=0.3)
         if len(keys) > 1:
             ax.legend(fontsize=7)
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     if title:
         fig.suptitle(title)

@@ -75,7 +75,9 @@ def test_cross_field_checks():
     with pytest.raises(ConfigError, match="sampler.window_len"):
         ExperimentConfig.from_dict({"data": {"seq_len": 32}, "sampler": {"window_len": 64}})
     with pytest.raises(ConfigError, match="data.seq_len"):
-        ExperimentConfig.from_dict({"model": {"vocab_size": 100, "max_seq_len": 64}, "data": {"seq_len": 128}})
+        ExperimentConfig.from_dict(
+            {"model": {"vocab_size": 100, "max_seq_len": 64}, "data": {"seq_len": 128}}
+        )
 
 
 def test_model_preset_with_overrides():
@@ -88,7 +90,9 @@ def test_model_preset_with_overrides():
 def test_dotted_overrides(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("hybrid:\n  ratio: 0.5\n")
-    cfg = load_config(path, ["hybrid.ratio=0.25", "head.hidden_dims=[64, 64]", "inner_loop.learn_lr=per_step"])
+    cfg = load_config(
+        path, ["hybrid.ratio=0.25", "head.hidden_dims=[64, 64]", "inner_loop.learn_lr=per_step"]
+    )
     assert cfg.hybrid.ratio == 0.25
     assert cfg.head.hidden_dims == (64, 64)
     assert cfg.inner_loop.learn_lr == "per_step"

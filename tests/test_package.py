@@ -8,8 +8,19 @@ import sys
 import picomaml as pm
 from picomaml.cli import main as cli_main
 
-OPTIONAL = ("transformers", "lightning", "datasets", "tokenizers", "pyarrow", "higher", "learn2learn",
-            "matplotlib", "tqdm", "wandb", "tensorboard")
+OPTIONAL = (
+    "transformers",
+    "lightning",
+    "datasets",
+    "tokenizers",
+    "pyarrow",
+    "higher",
+    "learn2learn",
+    "matplotlib",
+    "tqdm",
+    "wandb",
+    "tensorboard",
+)
 
 
 def test_version_and_all():

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from picomaml.eval.stats import mean_ci
+from picomaml.objectives import normalize_task_features, pool_features
 
 __all__ = ["FewShotResult", "fewshot_eval", "nearest_class_mean", "format_fewshot_table", "head_for_n_way"]
 
@@ -136,12 +137,11 @@ def head_for_n_way(head: nn.Module, n_way: int) -> nn.Module:
 
 
 def _backbone_features(model: nn.Module, ids: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    from picomaml.objectives import pool_features
 
     hidden = (
         model.hidden_states(ids) if hasattr(model, "hidden_states") else model(ids, return_hidden=True)[1]
     )
-    return pool_features(hidden, mask if pooling == "mask" else None, pooling)
+    return pool_features(hidden, mask if pooling in ("mask", "before_mask") else None, pooling)
 
 
 def _accuracy(pred: Tensor, labels: Tensor) -> float:
@@ -161,6 +161,7 @@ def fewshot_eval(
     head: nn.Module | Callable[[int], nn.Module] | None = None,
     inner_loop: nn.Module | None = None,
     pooling: str = "mask",
+    feature_norm: str = "none",
     seed: int = 0,
     min_freq: float | None = None,
     max_freq: float | None = None,
@@ -184,7 +185,10 @@ def fewshot_eval(
             nearest-class-mean accuracy is computed.
         inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``); ``loop.adapt`` runs with
             gradients enabled for the inner steps only.
-        pooling: ``"mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`).
+        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`).
+        feature_norm: Per-task normalisation of the features, as in training (see
+            :func:`picomaml.objectives.normalize_task_features`); Euclidean nearest-class-mean accuracy
+            does not depend on it.
         seed: Seed of the evaluation's own sampler (the training sampler is never touched).
         min_freq, max_freq, exclude_token_ids: Class-frequency band and excluded ids of the sampler
             (``None`` keeps the sampler defaults).
@@ -251,7 +255,7 @@ def fewshot_eval(
             ys, yq = ep.support_labels.to(device), ep.query_labels.to(device)  # (t, ns), (t, nq)
             with torch.no_grad():  # one backbone forward for the t episodes
                 feats = _backbone_features(model, ids, mask, pooling).view(t, ns + nq, -1)
-            xs, xq = feats[:, :ns], feats[:, ns:]
+            xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
             for i in range(t):
                 before.append(_accuracy(nearest_class_mean(xs[i], ys[i], xq[i], n_way), yq[i]))
             if head is not None:

@@ -170,6 +170,8 @@ class KVCache:
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Write ``k``/``v`` (B, n_kv, L, D) after the cached positions; return all keys/values so far."""
         end = self.length + k.shape[2]
+        if end > self.max_len:
+            raise ValueError(f"kv_cache: {end} positions exceed the cache's max_len {self.max_len}")
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]

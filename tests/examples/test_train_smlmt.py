@@ -41,8 +41,15 @@ def corpus_cache(tmp_path_factory) -> str:
 def tiny_config(tmp_path: Path, cache: str, **sections) -> Path:
     cfg = {
         "seed": 3,
-        "model": {"vocab_size": 8192, "d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2,
-                  "ffn_dim": 64, "max_seq_len": 32},
+        "model": {
+            "vocab_size": 8192,
+            "d_model": 32,
+            "n_layers": 2,
+            "n_heads": 4,
+            "n_kv_heads": 2,
+            "ffn_dim": 64,
+            "max_seq_len": 32,
+        },
         "data": {"source": "embedded", "seq_len": 32, "batch_size": 8, "cache_dir": cache},
         "sampler": {"n_way": 3, "k_shot": 2, "n_query": 2, "window_len": 8, "min_freq": 3, "max_freq": 0.5},
         "head": {"hidden_dims": [16], "init": "xavier"},
@@ -50,7 +57,13 @@ def tiny_config(tmp_path: Path, cache: str, **sections) -> Path:
         "meta": {"pooling": "mask", "n_tasks": 2},
         "hybrid": {"ratio": 0.5, "mode": "bernoulli"},
         "optim": {"lr": 1e-3, "warmup_steps": 0, "decay": "constant", "grad_clip": 1.0},
-        "trainer": {"max_steps": 4, "log_every": 1, "eval_every": 100, "save_every": 100, "accelerator": "cpu"},
+        "trainer": {
+            "max_steps": 4,
+            "log_every": 1,
+            "eval_every": 100,
+            "save_every": 100,
+            "accelerator": "cpu",
+        },
         "eval": {"rows": 8, "batch_size": 8, "fewshot_episodes": 2, "fewshot_settings": [[3, 2]]},
         "checkpoint": {"keep_last": 2},
     }
@@ -85,12 +98,28 @@ def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ra
     hs = pm.HybridScheduler(ratio=ratio, seed=3)
     assert int(last["trainer/meta_steps"]) == sum(hs.choose(s) == "meta" for s in range(4))
     columns = set(last)
-    assert {"trainer/lr", "trainer/grad_norm", "trainer/tokens", "trainer/tokens_per_s",
-            "trainer/nonfinite_skipped", "eval/perplexity", "eval/fewshot_acc", "eval/fewshot_acc_ci"} <= columns
+    assert {
+        "trainer/lr",
+        "trainer/grad_norm",
+        "trainer/tokens",
+        "trainer/tokens_per_s",
+        "trainer/nonfinite_skipped",
+        "eval/perplexity",
+        "eval/fewshot_acc",
+        "eval/fewshot_acc_ci",
+    } <= columns
     assert ("train/lm_loss" in columns) == has_lm
     if has_meta:
-        assert {"train/meta_loss", "meta/support_acc_before", "meta/support_acc_after", "meta/query_acc",
-                "meta/inner_grad_norm", "meta/inner_lr", "meta/head_weight_norm", "meta/head_grad_norm"} <= columns
+        assert {
+            "train/meta_loss",
+            "meta/support_acc_before",
+            "meta/support_acc_after",
+            "meta/query_acc",
+            "meta/inner_grad_norm",
+            "meta/inner_lr",
+            "meta/head_weight_norm",
+            "meta/head_grad_norm",
+        } <= columns
     # tokens: AR steps see 8 rows of seq_len + 1 = 33 tokens; meta steps 2 tasks x 3 classes x (2 + 2)
     # windows x 8 tokens
     expected = int(last["trainer/ar_steps"]) * 8 * 33 + int(last["trainer/meta_steps"]) * 2 * 3 * 4 * 8
@@ -102,8 +131,13 @@ def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ra
 
 
 def test_resume_is_bit_identical(tmp_path, corpus_cache):
-    config = tiny_config(tmp_path, corpus_cache, inner_loop={"learn_lr": "per_step"},
-                         hybrid={"ratio": 0.5, "mode": "interleave"}, trainer={"max_steps": 6})
+    config = tiny_config(
+        tmp_path,
+        corpus_cache,
+        inner_loop={"learn_lr": "per_step"},
+        hybrid={"ratio": 0.5, "mode": "interleave"},
+        trainer={"max_steps": 6},
+    )
     straight = run(config, tmp_path / "a")
     run(config, tmp_path / "b", "--max-steps", "3")
     resumed = run(config, tmp_path / "b", "--max-steps", "6", "--resume", "auto")
@@ -125,7 +159,7 @@ def assert_identical(x, y, where: str) -> None:
             assert_identical(x[key], y[key], f"{where}.{key}")
     elif isinstance(x, (list, tuple)):
         assert isinstance(y, (list, tuple)) and len(x) == len(y), where
-        for i, (u, v) in enumerate(zip(x, y)):
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
             assert_identical(u, v, f"{where}[{i}]")
     else:
         assert x == y, f"{where}: {x!r} != {y!r}"
@@ -142,8 +176,19 @@ def assert_identical(x, y, where: str) -> None:
 def test_bad_config_stops_before_training(tmp_path, corpus_cache, override, message):
     config = tiny_config(tmp_path, corpus_cache)
     result = subprocess.run(
-        [sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(tmp_path / "run"), "--set", override],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(SCRIPT),
+            "--config",
+            str(config),
+            "--run-dir",
+            str(tmp_path / "run"),
+            "--set",
+            override,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 2, result.stderr
     assert "config error" in result.stderr and message in result.stderr
@@ -152,19 +197,29 @@ def test_bad_config_stops_before_training(tmp_path, corpus_cache, override, mess
 
 
 def test_sigkill_during_checkpoint_keeps_previous_and_resume_continues(tmp_path, corpus_cache):
-    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 400, "save_every": 2, "log_every": 2},
-                         hybrid={"ratio": 0.0})
+    config = tiny_config(
+        tmp_path,
+        corpus_cache,
+        trainer={"max_steps": 400, "save_every": 2, "log_every": 2},
+        hybrid={"ratio": 0.0},
+    )
     run_dir = tmp_path / "run"
     root = run_dir / "checkpoints"
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(run_dir)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(run_dir)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     killed_mid_write = False
     try:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             # wait until one checkpoint is complete and the next one is being written
-            if pm.find_latest(root) is not None and root.exists() and any(
-                    p.name.startswith(".tmp_step_") for p in root.iterdir()):
+            if (
+                pm.find_latest(root) is not None
+                and root.exists()
+                and any(p.name.startswith(".tmp_step_") for p in root.iterdir())
+            ):
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_mid_write = True
                 break
@@ -184,12 +239,23 @@ def test_sigkill_during_checkpoint_keeps_previous_and_resume_continues(tmp_path,
 
 @pytest.mark.slow
 def test_two_cpu_processes_match_one(tmp_path, corpus_cache):
-    config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.5, "mode": "interleave"},
-                         trainer={"max_steps": 3})
+    config = tiny_config(
+        tmp_path, corpus_cache, hybrid={"ratio": 0.5, "mode": "interleave"}, trainer={"max_steps": 3}
+    )
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for devices in (1, 2):
-        cmd = [sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(tmp_path / f"d{devices}"),
-               "--devices", str(devices), "--set", "eval.fewshot_episodes=0"]
+        cmd = [
+            sys.executable,
+            str(SCRIPT),
+            "--config",
+            str(config),
+            "--run-dir",
+            str(tmp_path / f"d{devices}"),
+            "--devices",
+            str(devices),
+            "--set",
+            "eval.fewshot_episodes=0",
+        ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
     one = pm.load_checkpoint(tmp_path / "d1" / "checkpoints")

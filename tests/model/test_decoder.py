@@ -226,6 +226,8 @@ def test_kv_cache_errors(model):
     model(torch.zeros(2, 6, dtype=torch.long), kv_cache=cache)
     with pytest.raises(ValueError, match="batch size"):
         model(torch.zeros(3, 1, dtype=torch.long), kv_cache=cache)
+    with pytest.raises(ValueError, match="max_len 8"):
+        model(torch.zeros(2, 3, dtype=torch.long), kv_cache=cache)
     full = model.new_cache(1)
     model(torch.zeros(1, 128, dtype=torch.long), kv_cache=full)
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -347,7 +349,9 @@ def test_init_generator_is_reproducible():
     a = pm.PicoDecoder(small_cfg(), generator=torch.Generator().manual_seed(5))
     b = pm.PicoDecoder(small_cfg(), generator=torch.Generator().manual_seed(5))
     c = pm.PicoDecoder(small_cfg(), generator=torch.Generator().manual_seed(6))
-    for (k, va), vb, vc in zip(a.state_dict().items(), b.state_dict().values(), c.state_dict().values()):
+    for (k, va), vb, vc in zip(
+        a.state_dict().items(), b.state_dict().values(), c.state_dict().values(), strict=True
+    ):
         assert torch.equal(va, vb), k
         if not k.endswith("norm.weight"):
             assert not torch.equal(va, vc), k
