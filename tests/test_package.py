@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import picomaml as pm
-from picomaml.cli import main as cli_main
 
 OPTIONAL = (
     "transformers",
@@ -54,9 +53,3 @@ def test_import_does_not_load_optional_dependencies():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
-
-
-def test_cli_info(capsys):
-    assert cli_main(["info"]) == 0
-    out = capsys.readouterr().out
-    assert "picomaml" in out and "torch" in out and "transformers" in out

@@ -6,17 +6,9 @@ from typing import Any
 
 import torch
 
-__all__ = ["format_episode", "format_window"]
+from picomaml.meta.episode import CONTRACT_FIELDS
 
-_FIELDS = (
-    "support_ids",
-    "support_labels",
-    "support_mask",
-    "query_ids",
-    "query_labels",
-    "query_mask",
-    "class_token_ids",
-)
+__all__ = ["format_episode", "format_window"]
 
 
 def format_window(
@@ -105,7 +97,7 @@ def format_episode(
         )
     if max_windows_per_class < 0:
         raise ValueError(f"format_episode: max_windows_per_class must be >= 0, got {max_windows_per_class}")
-    missing = [name for name in _FIELDS if not hasattr(episode, name)]
+    missing = [name for name in CONTRACT_FIELDS if not hasattr(episode, name)]
     if missing:
         raise TypeError(f"format_episode: episode lacks the attributes {missing}")
     ids = episode.support_ids

@@ -17,9 +17,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Episode", "EpisodeError"]
+__all__ = ["Episode", "EpisodeError", "CONTRACT_FIELDS"]
 
-_TENSOR_FIELDS = (
+# the fields of the public contract (ARCHITECTURE.md); the window indices are provenance on top
+CONTRACT_FIELDS = (
     "support_ids",
     "support_labels",
     "support_mask",
@@ -27,9 +28,8 @@ _TENSOR_FIELDS = (
     "query_labels",
     "query_mask",
     "class_token_ids",
-    "support_windows",
-    "query_windows",
 )
+_TENSOR_FIELDS = (*CONTRACT_FIELDS, "support_windows", "query_windows")
 
 
 class EpisodeError(ValueError):
