@@ -30,7 +30,7 @@ import picomaml as pm  # noqa: E402
 from picomaml import checkpoint as ckpt  # noqa: E402
 from picomaml.data.pipeline import build_training_data  # noqa: E402
 from picomaml.dynamics import capture_learning_dynamics, learning_dynamics_writer  # noqa: E402
-from picomaml.eval import fewshot_eval, perplexity  # noqa: E402
+from picomaml.eval import experiment_step_flops, fewshot_eval, perplexity  # noqa: E402
 from picomaml.learner import HybridLearner  # noqa: E402
 from picomaml.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
@@ -188,7 +188,7 @@ def main(argv=None) -> int:
         optimizer, cfg.optim.warmup_steps, cfg.trainer.max_steps, cfg.optim.decay, cfg.optim.min_lr_ratio
     )
     learner, optimizer = fabric.setup(learner, optimizer)
-    counters = {"ar_steps": 0, "meta_steps": 0, "tokens": 0, "nonfinite_skipped": 0}
+    counters = {"ar_steps": 0, "meta_steps": 0, "tokens": 0, "flops": 0, "nonfinite_skipped": 0}
     stateful = {
         "model": model,
         "head": head,
@@ -229,7 +229,7 @@ def main(argv=None) -> int:
         if is_main:
             writers = {}
             if cfg.checkpoint.hf_export:
-                writers["hf"] = lambda d: ckpt.export_hf(model, d, getattr(tok, "backend", None))
+                writers["hf"] = lambda d: ckpt.export_hf(model, d, tok)
             if cfg.checkpoint.learning_dynamics:
                 captured = {
                     split: capture_learning_dynamics(
@@ -252,7 +252,10 @@ def main(argv=None) -> int:
         fabric.barrier()
 
     n = cfg.checkpoint.dynamics_batch_size  # learning dynamics: fixed train and held-out rows
-    dyn_rows = {"train": data.train.local(probe)[:n], "val": data.heldout_rows[:n]}
+    dyn_rows = {
+        "train": data.train.local(probe)[:n, :-1],
+        "val": data.heldout_rows[:n, :-1],
+    }  # <= max_seq_len
 
     # ---- training loop ----------------------------------------------------------------------------
     bar = None
@@ -328,6 +331,7 @@ def main(argv=None) -> int:
         scheduler.step()
         counters["ar_steps"] += "ar" in kinds
         counters["meta_steps"] += "meta" in kinds
+        counters["flops"] += experiment_step_flops(cfg, kinds)
         step += 1
 
         # ---- metrics (kept separate per objective; never averaged together) ------------------------

@@ -44,6 +44,11 @@ _EXPORTS: dict[str, str] = {
     "perplexity": "picomaml.eval.perplexity",
     "fewshot_eval": "picomaml.eval.fewshot",
     "FewShotResult": "picomaml.eval.fewshot",
+    "run_suite": "picomaml.eval.suite",
+    "downstream_eval": "picomaml.eval.downstream",
+    "load_leopard_file": "picomaml.eval.leopard",
+    "ar_step_flops": "picomaml.eval.flops",
+    "meta_step_flops": "picomaml.eval.flops",
     # configuration
     "ConfigError": "picomaml.config",
     "ExperimentConfig": "picomaml.config",
@@ -77,8 +82,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml.data.hub import PretokenizedStream
     from picomaml.data.tokenizer import load_tokenizer
     from picomaml.dynamics import capture_learning_dynamics
+    from picomaml.eval.downstream import downstream_eval
     from picomaml.eval.fewshot import FewShotResult, fewshot_eval
+    from picomaml.eval.flops import ar_step_flops, meta_step_flops
+    from picomaml.eval.leopard import load_leopard_file
     from picomaml.eval.perplexity import perplexity
+    from picomaml.eval.suite import run_suite
     from picomaml.learner import HybridLearner
     from picomaml.meta.episode import Episode, EpisodeError
     from picomaml.meta.head import MetaHead

@@ -1,4 +1,4 @@
-"""The ``picomaml`` console script: ``picomaml info``, ``picomaml sample``.
+"""The ``picomaml`` console script: ``picomaml info``, ``picomaml sample``, ``picomaml eval``.
 
 Subcommands print to stdout (this is the user-facing front end); the library modules they call only log.
 """
@@ -93,6 +93,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Run the few-shot evaluation suite on a checkpoint or an HF export."""
+    from picomaml.eval.suite import eval_main
+
+    return eval_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script."""
     parser = argparse.ArgumentParser(prog="picomaml", description=__doc__.splitlines()[0])
@@ -114,6 +121,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=2, help="windows shown per class")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    from picomaml.eval.suite import build_eval_parser
+
+    p = sub.add_parser("eval", help="few-shot evaluation suite of a checkpoint or HF export (table + JSON)")
+    build_eval_parser(p)
+    p.set_defaults(func=cmd_eval)
     return parser
 
 

@@ -188,6 +188,24 @@ class TokenizerWrapper:
         else:
             self._backend.save(str(path))
 
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        """Save as a ``transformers`` tokenizer directory (``AutoTokenizer.from_pretrained`` loads it).
+
+        A raw ``tokenizers`` backend is wrapped in ``PreTrainedTokenizerFast`` with its eos, pad and mask
+        tokens, so an HF export of a model trained on the embedded corpus ships a usable tokenizer.
+        """
+        if self._is_hf:
+            self._backend.save_pretrained(str(path))
+            return
+        transformers = require("transformers", "hf", "saving a tokenizer in the Hugging Face format")
+        roles = {}
+        for role in ("eos", "pad", "mask"):
+            token_id = getattr(self, f"{role}_token_id")
+            if token_id is not None:
+                roles[f"{role}_token"] = self._backend.id_to_token(token_id)
+        fast = transformers.PreTrainedTokenizerFast(tokenizer_object=self._backend, **roles)
+        fast.save_pretrained(str(path))
+
     def __repr__(self) -> str:
         kind = type(self._backend).__name__
         return (

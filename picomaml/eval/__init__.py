@@ -1,5 +1,6 @@
-"""Evaluation used during training: held-out perplexity, few-shot episode accuracy, confidence intervals."""
+"""Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOPs, the suite."""
 
+from picomaml.eval.downstream import documents_dataset, downstream_eval, load_downstream_dataset
 from picomaml.eval.fewshot import (
     FewShotResult,
     fewshot_eval,
@@ -7,8 +8,11 @@ from picomaml.eval.fewshot import (
     head_for_n_way,
     nearest_class_mean,
 )
+from picomaml.eval.flops import ar_step_flops, experiment_step_flops, meta_step_flops
+from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
 from picomaml.eval.perplexity import perplexity, token_nll
 from picomaml.eval.stats import binomial_ci, mean_ci, normal_quantile, t_quantile
+from picomaml.eval.suite import IncompatibleCheckpointError, format_suite_table, load_for_eval, run_suite
 
 __all__ = [
     "perplexity",
@@ -22,4 +26,18 @@ __all__ = [
     "binomial_ci",
     "t_quantile",
     "normal_quantile",
+    "downstream_eval",
+    "load_downstream_dataset",
+    "documents_dataset",
+    "ar_step_flops",
+    "meta_step_flops",
+    "experiment_step_flops",
+    "FewShotDataset",
+    "LeopardFormatError",
+    "load_leopard_file",
+    "to_episodes",
+    "run_suite",
+    "format_suite_table",
+    "load_for_eval",
+    "IncompatibleCheckpointError",
 ]

@@ -264,3 +264,28 @@ def test_two_cpu_processes_match_one(tmp_path, corpus_cache):
     for part in ("model", "head"):
         for name, value in one.states[part].items():
             torch.testing.assert_close(two.states[part][name], value, rtol=0, atol=1e-5, msg=f"{part}.{name}")
+
+
+def test_checkpoint_extras_hf_export_and_learning_dynamics(tmp_path, corpus_cache):
+    transformers = pytest.importorskip("transformers")
+    config = tiny_config(
+        tmp_path,
+        corpus_cache,
+        trainer={"max_steps": 2},
+        checkpoint={"hf_export": True, "learning_dynamics": True, "dynamics_batch_size": 2},
+    )
+    run(config, tmp_path / "run")
+    step_dir = pm.find_latest(tmp_path / "run" / "checkpoints")
+    for split in ("train", "val"):
+        for kind in ("activations", "weights", "gradients"):
+            data = torch.load(step_dir / "learning_dynamics" / f"{split}_{kind}.pt", weights_only=True)
+            assert any(name.endswith("attention.o_proj") for name in data), (split, kind, list(data))
+    hf_dir = step_dir / "hf"
+    tok = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert tok.mask_token == "<|mask|>" and tok.eos_token_id == 0
+    hf = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    model = pm.PicoDecoder.from_hf(hf)
+    model.load_state_dict(pm.load_checkpoint(step_dir).states["model"])
+    ids = torch.tensor([tok.encode("Return the value of the signal handler.")])
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)

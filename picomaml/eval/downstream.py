@@ -1,0 +1,267 @@
+"""A downstream few-shot text-classification task with real labels that works offline.
+
+**How the labels are built.** The embedded corpus (:func:`picomaml.load_default_corpus`) has one document
+per ``pydoc_data.topics`` topic (``"topic:<name>"``, the text ``help()`` shows) and one per pure-Python
+standard-library module (``"module:<dotted name>"``, its module, class and function docstrings in source
+order). Each document is one label, named by the document: a paragraph of a topic is labelled by its
+topic, a paragraph of a module's docstrings by its module. Paragraphs are the blocks between blank lines,
+with whitespace collapsed; a paragraph is kept when it has at least ``min_chars`` characters of which at
+least half are letters (this drops grammar rules, tables and code), and a paragraph text that occurs under
+more than one label is dropped altogether (it could not be classified). By default only documents of the
+corpus's held-out split are used (the split is a hash of the document name; see
+:func:`picomaml.data.corpus.is_heldout`), so a model pretrained on the train split has never seen the
+text of any evaluation label. A label takes part in an episode when it has at least ``K + Q`` paragraphs.
+
+**Evaluation.** :func:`downstream_eval` draws seeded N-way K-shot episodes over these labels (see
+:func:`picomaml.eval.leopard.to_episodes`: each paragraph is tokenized, truncated to ``window_len`` and
+right-padded), runs the frozen backbone once per batch of episodes, pools each window over its real
+tokens, and reports the nearest-class-mean accuracy (before adaptation) and the accuracy of the head
+adapted by the inner loop (after), as a :class:`picomaml.eval.fewshot.FewShotResult` with Student-t
+confidence intervals over episodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from picomaml.eval.fewshot import FewShotResult, head_for_n_way, nearest_class_mean
+from picomaml.eval.leopard import FewShotDataset, TextEpisode, to_episodes
+from picomaml.eval.stats import mean_ci
+from picomaml.objectives import normalize_task_features, pool_features
+
+__all__ = [
+    "split_paragraphs",
+    "documents_dataset",
+    "load_downstream_dataset",
+    "pool_text_features",
+    "downstream_eval",
+    "TEXT_POOLINGS",
+]
+
+logger = logging.getLogger(__name__)
+
+TEXT_POOLINGS = ("mean", "last")
+_BLANK = re.compile(r"\n\s*\n")
+_SPACE = re.compile(r"\s+")
+
+
+def split_paragraphs(text: str, min_chars: int = 64) -> list[str]:
+    """Paragraphs of ``text`` (blocks between blank lines, whitespace collapsed) that are mostly prose:
+    at least ``min_chars`` characters, at least half of them letters."""
+    out = []
+    for block in _BLANK.split(text):
+        para = _SPACE.sub(" ", block).strip()
+        if len(para) >= min_chars and sum(ch.isalpha() for ch in para) >= 0.5 * len(para):
+            out.append(para)
+    return out
+
+
+def documents_dataset(documents: Sequence[tuple[str, str]], min_chars: int = 64) -> FewShotDataset:
+    """A :class:`FewShotDataset` of paragraphs labelled by their document's name (``"topic:..."``,
+    ``"module:..."``); paragraph texts that occur under two labels are dropped."""
+    pairs = [(name, p) for name, text in documents for p in split_paragraphs(text, min_chars)]
+    owners: dict[str, set[str]] = {}
+    for name, p in pairs:
+        owners.setdefault(p, set()).add(name)
+    seen: set[tuple[str, str]] = set()
+    kept = []
+    for name, p in pairs:
+        if len(owners[p]) == 1 and (name, p) not in seen:  # also drop repeats within one document
+            seen.add((name, p))
+            kept.append((name, p))
+    names = sorted({n for n, _ in kept})
+    index = {n: i for i, n in enumerate(names)}
+    return FewShotDataset(
+        texts=[p for _, p in kept], labels=[index[n] for n, _ in kept], label_names=names, task="pydoc"
+    )
+
+
+def load_downstream_dataset(
+    split: str = "heldout",
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    corpus: Any = None,
+    min_chars: int = 64,
+) -> FewShotDataset:
+    """The downstream task built from the embedded corpus's ``split`` documents.
+
+    Args:
+        split: ``"heldout"`` (default: labels never seen in pretraining), ``"train"`` or ``"all"``.
+        cache_dir: Cache root of the embedded corpus (see :func:`picomaml.load_default_corpus`).
+        corpus: An already loaded :class:`picomaml.data.corpus.EmbeddedCorpus` (skips loading).
+        min_chars: Shortest paragraph kept.
+    """
+    if split not in ("heldout", "train", "all"):
+        raise ValueError(f"split must be 'heldout', 'train' or 'all', got {split!r}")
+    if corpus is None:
+        from picomaml.data.corpus import load_default_corpus
+
+        corpus = load_default_corpus(seq_len=64, cache_dir=cache_dir)
+    docs = {
+        "heldout": corpus.heldout_documents,
+        "train": corpus.train_documents,
+        "all": [*corpus.train_documents, *corpus.heldout_documents],
+    }[split]
+    ds = documents_dataset(docs, min_chars)
+    ds.split = split
+    return ds
+
+
+def pool_text_features(hidden: Tensor, mask: Tensor, pooling: str = "mean") -> Tensor:
+    """One vector per right-padded window: the mean over its real tokens, or its last real token.
+
+    Args:
+        hidden: ``(B, W, D)`` hidden states.
+        mask: ``(B, W)`` bool, True at real tokens (a prefix of each row).
+        pooling: ``"mean"`` or ``"last"``.
+
+    Returns:
+        ``(B, D)``.
+    """
+    if pooling not in TEXT_POOLINGS:
+        raise ValueError(f"pooling must be one of {list(TEXT_POOLINGS)} for text windows, got {pooling!r}")
+    if pooling == "mean":
+        return pool_features(hidden, mask, "mask")
+    last = mask.sum(1).clamp_min(1) - 1  # causal: the last real token has seen the whole text
+    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+
+
+def _features(model: nn.Module, ids: Tensor, mask: Tensor, pooling: str) -> Tensor:
+    hidden = (
+        model.hidden_states(ids) if hasattr(model, "hidden_states") else model(ids, return_hidden=True)[1]
+    )
+    return pool_text_features(hidden, mask, pooling)
+
+
+def downstream_eval(
+    model: nn.Module,
+    tokenizer: Any,
+    *,
+    n_way: int = 5,
+    k_shot: int = 4,
+    n_query: int = 4,
+    window_len: int = 64,
+    episodes: int = 100,
+    head: nn.Module | Callable[[int], nn.Module] | None = None,
+    inner_loop: nn.Module | None = None,
+    pooling: str = "mean",
+    seed: int = 0,
+    feature_norm: str = "none",
+    dataset: FewShotDataset | None = None,
+    query_dataset: FewShotDataset | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    confidence: float = 0.95,
+    episodes_per_batch: int = 16,
+) -> FewShotResult:
+    """Few-shot accuracy on real text labels, before (nearest class mean) and after the inner loop.
+
+    Args:
+        model: The backbone (a :class:`picomaml.PicoDecoder`), frozen: run under ``no_grad`` in eval
+            mode, its mode restored afterwards. Its vocabulary must cover the tokenizer's ids.
+        tokenizer: The model's tokenizer (see :func:`picomaml.eval.leopard.tokenize_examples`).
+        n_way: Classes per episode.
+        k_shot: Support paragraphs per class.
+        n_query: Query paragraphs per class.
+        window_len: Tokens per paragraph window.
+        episodes: Number of episodes.
+        head: The :class:`picomaml.MetaHead` the inner loop adapts (a prototype-init head of another
+            ``n_way`` is rebuilt for ``n_way``), a factory ``n_way -> head``, or ``None`` (only the
+            nearest-class-mean accuracy).
+        inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``).
+        pooling: ``"mean"`` over real tokens or ``"last"`` real token (see :func:`pool_text_features`).
+        seed: Seed of the episode generator: the same seed gives the same episodes for any model.
+        feature_norm: Per-task feature normalisation as in training (``"none"``, ``"center"``,
+            ``"standardize"``).
+        dataset: The labelled examples (default: :func:`load_downstream_dataset` on the held-out split);
+            a LEOPARD file from :func:`picomaml.eval.leopard.load_leopard_file` works too.
+        query_dataset: Optional separate query pool (e.g. LEOPARD's eval file).
+        cache_dir: Cache root of the embedded corpus (when ``dataset`` is None).
+        confidence: Coverage of the intervals.
+        episodes_per_batch: Episodes per backbone forward (results do not depend on it).
+
+    Returns:
+        A :class:`picomaml.eval.fewshot.FewShotResult` (``chance = 1 / n_way``).
+    """
+    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
+        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
+    if (
+        isinstance(episodes_per_batch, bool)
+        or not isinstance(episodes_per_batch, int)
+        or episodes_per_batch < 1
+    ):
+        raise ValueError(f"episodes_per_batch must be an integer >= 1, got {episodes_per_batch!r}")
+    if pooling not in TEXT_POOLINGS:
+        raise ValueError(f"pooling must be one of {list(TEXT_POOLINGS)} for text windows, got {pooling!r}")
+    if head is not None and inner_loop is None:
+        raise ValueError("inner_loop: needed when a head is given (acc_after adapts the head with it)")
+    if head is not None and not isinstance(head, nn.Module):
+        head = head(n_way)
+    if head is not None:
+        head = head_for_n_way(head, n_way)
+    if dataset is None:
+        dataset = load_downstream_dataset("heldout", cache_dir=cache_dir)
+    # all episodes drawn up front from one generator: batching cannot change them
+    eps: TextEpisode = to_episodes(
+        dataset, tokenizer, n_way=n_way, k_shot=k_shot, n_query=n_query, window_len=window_len,
+        episodes=episodes, seed=seed, query_dataset=query_dataset,
+    )  # fmt: skip
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    top = int(torch.maximum(eps.support_ids.max(), eps.query_ids.max()))
+    if vocab is not None and top >= vocab:
+        raise ValueError(f"tokenizer: token id {top} is outside the model's vocabulary of {vocab}")
+    device = next(model.parameters()).device
+    head_param = next(head.parameters(), None) if head is not None else None
+    ns, nq = n_way * k_shot, n_way * n_query
+    modules = [m for m in (model, head, inner_loop) if m is not None]
+    modes = [m.training for m in modules]
+    before: list[float] = []
+    after: list[float] = []
+    try:
+        for m in modules:
+            m.eval()
+        for lo in range(0, episodes, episodes_per_batch):
+            hi = min(episodes, lo + episodes_per_batch)
+            t = hi - lo
+            w = eps.support_ids.shape[-1]
+            ids = torch.cat([eps.support_ids[lo:hi], eps.query_ids[lo:hi]], 1).reshape(-1, w).to(device)
+            mask = torch.cat([eps.support_mask[lo:hi], eps.query_mask[lo:hi]], 1).reshape(-1, w).to(device)
+            ys, yq = eps.support_labels[lo:hi].to(device), eps.query_labels[lo:hi].to(device)
+            with torch.no_grad():
+                feats = _features(model, ids, mask, pooling).view(t, ns + nq, -1)
+            xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
+            for i in range(t):
+                pred = nearest_class_mean(xs[i], ys[i], xq[i], n_way)
+                before.append(float((pred == yq[i]).float().mean()))
+            if head is not None:
+                dtype = head_param.dtype if head_param is not None else xs.dtype
+                with torch.no_grad():  # adapt() enables gradients for the inner steps itself
+                    params = inner_loop.adapt(head, xs.to(dtype), ys)
+                    logits = head.functional(params, xq.to(dtype))
+                after.extend(float(a) for a in (logits.argmax(-1) == yq).float().mean(1))
+    finally:
+        for m, mode in zip(modules, modes, strict=True):
+            m.train(mode)
+    acc_before, ci_before = mean_ci(before, confidence)
+    acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
+    logger.debug("downstream %dw%ds: before %.4f, after %s", n_way, k_shot, acc_before, acc_after)
+    return FewShotResult(
+        n_way=n_way,
+        k_shot=k_shot,
+        n_query=n_query,
+        episodes=episodes,
+        acc_before=acc_before,
+        acc_before_ci=ci_before,
+        acc_after=acc_after,
+        acc_after_ci=ci_after,
+        chance=1.0 / n_way,
+        confidence=confidence,
+        per_episode_before=tuple(before),
+        per_episode_after=tuple(after),
+    )

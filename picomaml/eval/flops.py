@@ -1,0 +1,210 @@
+"""Training FLOPs of an AR step and a meta step, so runs can be compared at equal compute.
+
+The accounting is the standard one for transformers (Kaplan et al. 2020; Hoffmann et al. 2022): only
+matrix multiplications count, a multiply-add is 2 FLOPs, and the backward pass costs twice the forward
+(each matmul ``Y = X W`` needs ``dX = dY W^T`` and ``dW = X^T dY``, both the size of the forward).
+Norms, activations, rotary embeddings, softmax, the loss and the embedding lookup are left out (they are
+a few percent at most). Formulas, with ``d = d_model``, ``kv = n_kv_heads * head_dim``, ``f = ffn_dim``,
+``V = vocab_size``, ``n_layers`` blocks:
+
+* Matmul weights per block ``P = 2 d^2 + 2 d kv + 3 d f`` (q, o: ``d x d``; k, v: ``d x kv``; SwiGLU gate,
+  up, down: ``d x f``), so the body has ``P_body = n_layers * P``; the LM head has ``d V``.
+* Attention scores and values over a sequence of ``L`` tokens: ``2 * 2 * L * d`` forward FLOPs per
+  token and layer (``Q K^T`` and ``A V``; the full ``L x L`` square is counted, as the math kernel and the
+  usual accounting do, although a causal kernel may skip half of it).
+* **AR step**, ``B`` rows of ``L`` input tokens (``tokens = B L``)::
+
+      ar = 6 * tokens * (P_body + d V) + 12 * n_layers * L * d * tokens
+
+* **Meta step**: the backbone runs forward and backward once over ``M = T * N * (K + Q)`` windows of
+  ``W`` tokens, without the LM head (only hidden states are pooled)::
+
+      backbone = 6 * M * W * P_body + 12 * n_layers * W * d * M * W
+
+  plus, per task, the inner loop on the head. With ``P_h`` the matmul weights of the head (``D -> h_1 ->
+  ... -> N``, the output layer included also for prototype init) and ``P_1 = D h_1`` those of its first
+  layer, a forward over the ``N K`` support rows costs ``c = 2 P_h N K``, the first layer's share of it
+  ``c_1 = 2 P_1 N K``, and a forward over the ``N Q`` query rows ``q = 2 P_h N Q``::
+
+      inner step   s = 3 c - c_1                  (forward c; backward: weight gradients c, input
+                                                   gradients c - c_1, none for the first layer's input)
+      first order:   steps * s + 3 q              (no graph kept; query forward + backward)
+      second order:  steps * 3 s + 3 q            (the outer backward also runs through each inner step)
+
+  Model of the second-order cost: an inner step is a graph of matmuls costing ``s``; back-propagating
+  through it costs twice that graph again (``2 s``), so ``3 s`` per step, three times the first-order
+  step. This is exact for the autograd path (the tests compare it with ``FlopCounterMode``); the
+  closed-form path of linear heads and the prototype-init class means are not modelled. The head is
+  usually well under 1 % of a meta step.
+
+``tests/eval/test_flops.py`` checks these formulas against ``torch.utils.flop_counter.FlopCounterMode``
+for a real forward and backward of a tiny :class:`picomaml.PicoDecoder` (exact for the backbone).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+__all__ = [
+    "body_matmul_params",
+    "ar_step_flops",
+    "backbone_flops",
+    "head_matmul_params",
+    "inner_loop_flops",
+    "meta_step_flops",
+    "experiment_step_flops",
+]
+
+
+def _positive(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _model_dims(model_config: Any) -> tuple[int, int, int, int, int]:
+    """``(d_model, kv_dim, ffn_dim, vocab_size, n_layers)`` of a PicoDecoderConfig (or a mapping of it)."""
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k, None)
+    try:
+        d, n_heads, n_kv = int(get("d_model")), int(get("n_heads")), int(get("n_kv_heads"))
+        f, v, n_layers = int(get("ffn_dim")), int(get("vocab_size")), int(get("n_layers"))
+    except (TypeError, ValueError) as exc:
+        raise ValueError(
+            "model_config: expected a PicoDecoderConfig (or a dict) with d_model, n_heads, n_kv_heads, "
+            f"ffn_dim, vocab_size and n_layers, got {model_config!r}"
+        ) from exc
+    return d, n_kv * (d // n_heads), f, v, n_layers
+
+
+def body_matmul_params(model_config: Any) -> int:
+    """Matmul weights of all blocks, ``n_layers * (2 d^2 + 2 d kv + 3 d f)`` (no embeddings, no LM head)."""
+    d, kv, f, _, n_layers = _model_dims(model_config)
+    return n_layers * (2 * d * d + 2 * d * kv + 3 * d * f)
+
+
+def backbone_flops(model_config: Any, n_sequences: int, seq_len: int, lm_head: bool) -> int:
+    """Forward + backward FLOPs of the backbone over ``n_sequences`` sequences of ``seq_len`` tokens.
+
+    Args:
+        model_config: A :class:`picomaml.PicoDecoderConfig` (or a dict with its fields).
+        n_sequences: Sequences in the batch.
+        seq_len: Tokens per sequence (the model input length).
+        lm_head: Count the vocabulary projection (AR steps) or not (meta steps pool hidden states).
+    """
+    _positive("n_sequences", n_sequences)
+    _positive("seq_len", seq_len)
+    d, _, _, v, n_layers = _model_dims(model_config)
+    tokens = n_sequences * seq_len
+    weights = body_matmul_params(model_config) + (d * v if lm_head else 0)
+    return 6 * tokens * weights + 12 * n_layers * seq_len * d * tokens
+
+
+def ar_step_flops(model_config: Any, batch_size: int, seq_len: int) -> int:
+    """FLOPs of one next-token step: forward and backward over ``batch_size`` rows of ``seq_len`` inputs.
+
+    ``6 * B L * (P_body + d V) + 12 * n_layers * L * d * B L`` (see the module docstring). ``seq_len`` is
+    the number of input tokens per row (the trainer's rows hold ``seq_len + 1`` tokens for ``seq_len``
+    predictions).
+    """
+    return backbone_flops(model_config, batch_size, seq_len, lm_head=True)
+
+
+def head_matmul_params(in_dim: int, n_way: int, head_hidden_dims: Sequence[int] = ()) -> int:
+    """Matmul weights of a :class:`picomaml.MetaHead` ``in_dim -> hidden... -> n_way`` (biases left out)."""
+    dims = [_positive("in_dim", in_dim), *(_positive("head_hidden_dims", h) for h in head_hidden_dims)]
+    dims.append(_positive("n_way", n_way, 2))
+    return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+
+
+def inner_loop_flops(
+    in_dim: int,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    head_hidden_dims: Sequence[int] = (),
+    inner_steps: int = 5,
+    first_order: bool = False,
+) -> int:
+    """FLOPs of the head's inner loop and query loss (forward + outer backward) for one task.
+
+    ``steps * s + 3q`` first order, ``steps * 3s + 3q`` second order, with ``s = 3c - c_1``,
+    ``c = 2 P_h N K``, ``c_1 = 2 D h_1 N K`` and ``q = 2 P_h N Q`` (see the module docstring).
+    """
+    _positive("k_shot", k_shot)
+    _positive("n_query", n_query)
+    _positive("inner_steps", inner_steps, 0)
+    p_h = head_matmul_params(in_dim, n_way, head_hidden_dims)
+    p_1 = in_dim * (head_hidden_dims[0] if len(head_hidden_dims) else n_way)
+    c, c_1, q = 2 * p_h * n_way * k_shot, 2 * p_1 * n_way * k_shot, 2 * p_h * n_way * n_query
+    step = 3 * c - c_1
+    return inner_steps * (step if first_order else 3 * step) + 3 * q
+
+
+def meta_step_flops(
+    model_config: Any,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    window_len: int,
+    n_tasks: int = 1,
+    head_hidden_dims: Sequence[int] = (),
+    inner_steps: int = 5,
+    first_order: bool = False,
+) -> int:
+    """FLOPs of one meta step: the backbone over ``T N (K + Q)`` windows (no LM head) plus ``T`` inner loops.
+
+    Args:
+        model_config: A :class:`picomaml.PicoDecoderConfig` (or a dict with its fields).
+        n_way: Classes per task ``N``.
+        k_shot: Support windows per class ``K``.
+        n_query: Query windows per class ``Q``.
+        window_len: Tokens per window ``W``.
+        n_tasks: Tasks per meta step ``T``.
+        head_hidden_dims: Hidden sizes of the :class:`picomaml.MetaHead` (``()`` is linear).
+        inner_steps: Inner SGD steps.
+        first_order: FOMAML (``s`` per inner step) instead of second order (``3 s``).
+
+    Returns:
+        FLOPs as an integer.
+    """
+    _positive("n_way", n_way, 2)
+    _positive("n_tasks", n_tasks)
+    d = _model_dims(model_config)[0]
+    windows = n_tasks * n_way * (_positive("k_shot", k_shot) + _positive("n_query", n_query))
+    body = backbone_flops(model_config, windows, _positive("window_len", window_len), lm_head=False)
+    head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order)
+    return body + n_tasks * head
+
+
+def experiment_step_flops(config: Any, objectives: Iterable[str]) -> int:
+    """FLOPs of one optimizer step of the reference trainer, over all devices and micro-batches.
+
+    Each of ``data.grad_accum`` micro-batches runs the AR objective on ``data.batch_size`` rows of
+    ``data.seq_len`` inputs and/or the meta objective on ``meta.n_tasks`` episodes of the sampler's shape.
+
+    Args:
+        config: A :class:`picomaml.ExperimentConfig`.
+        objectives: What the step ran: ``{"ar"}``, ``{"meta"}`` or both (``HybridScheduler.objectives``).
+    """
+    kinds = set(objectives)
+    unknown = kinds - {"ar", "meta"}
+    if unknown:
+        raise ValueError(f"objectives: expected 'ar' and/or 'meta', got {sorted(unknown)}")
+    data, s = config.data, config.sampler
+    total = 0
+    if "ar" in kinds:
+        total += ar_step_flops(config.model, data.batch_size, data.seq_len)
+    if "meta" in kinds:
+        total += meta_step_flops(
+            config.model,
+            s.n_way,
+            s.k_shot,
+            s.n_query,
+            s.window_len,
+            n_tasks=config.meta.n_tasks,
+            head_hidden_dims=tuple(config.head.hidden_dims),
+            inner_steps=config.inner_loop.steps,
+            first_order=config.inner_loop.first_order,
+        )
+    return total * data.grad_accum
