@@ -37,6 +37,19 @@ from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
 
 log = logging.getLogger("train_smlmt")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"
+# what a log line shows (metrics.csv has everything)
+SHOWN = (
+    "train/lm_loss",
+    "train/meta_loss",
+    "meta/support_acc_after",
+    "meta/query_acc",
+    "eval/perplexity",
+    "eval/fewshot_acc",
+    "eval/fewshot_acc_ci",
+    "eval/fewshot_acc_before",
+    "trainer/lr",
+    "trainer/tokens_per_s",
+)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -123,7 +136,7 @@ def evaluate(cfg, model, head, loop, data, mask_id) -> dict[str, float]:
             seed=cfg.seed,
             min_freq=cfg.sampler.min_freq,
             max_freq=cfg.sampler.max_freq,
-            exclude_token_ids=cfg.sampler.exclude_token_ids,
+            exclude_token_ids=cfg.sampler.exclude_token_ids + data.special_ids,
         )
         prefix = "eval/fewshot" if i == 0 else f"eval/fewshot_{n_way}w{k_shot}s"
         out.update(res.metrics(prefix))
@@ -171,7 +184,7 @@ def main(argv=None) -> int:
 
     torch.manual_seed(cfg.seed)  # the only global-RNG use: weight initialisation, identical on all ranks
     model = pm.PicoDecoder(cfg.model)
-    head = pm.MetaHead(in_dim=cfg.model.d_model, n_way=cfg.sampler.n_way, **vars(cfg.head))
+    head = pm.MetaHead(in_dim=cfg.model.d_model, n_way=cfg.sampler.n_way, **vars(cfg.head), seed=cfg.seed)
     loop = pm.InnerLoop(**vars(cfg.inner_loop))
     if cfg.inner_loop.learn_lr:
         loop.bind(head)
@@ -251,11 +264,9 @@ def main(argv=None) -> int:
             log.info("checkpoint: %s", path)
         fabric.barrier()
 
-    n = cfg.checkpoint.dynamics_batch_size  # learning dynamics: fixed train and held-out rows
-    dyn_rows = {
-        "train": data.train.local(probe)[:n, :-1],
-        "val": data.heldout_rows[:n, :-1],
-    }  # <= max_seq_len
+    # learning dynamics on fixed train and held-out rows, cut to the model's seq_len inputs
+    n = cfg.checkpoint.dynamics_batch_size
+    dyn_rows = {"train": data.train.local(probe)[:n, :-1], "val": data.heldout_rows[:n, :-1]}
 
     # ---- training loop ----------------------------------------------------------------------------
     bar = None
@@ -315,13 +326,18 @@ def main(argv=None) -> int:
             sum(float(p.grad.pow(2).sum()) for p in head.parameters() if p.grad is not None)
         )
         if cfg.optim.grad_clip is not None:
-            grad_norm = float(fabric.clip_gradients(learner, optimizer, max_norm=cfg.optim.grad_clip))
+            grad_norm = float(
+                fabric.clip_gradients(
+                    learner, optimizer, max_norm=cfg.optim.grad_clip, error_if_nonfinite=False
+                )
+            )
         else:
             grads = [p.grad for p in learner.parameters() if p.grad is not None]
             grad_norm = float(
                 torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
             )
-        finite = torch.tensor(float(math.isfinite(grad_norm) and all(map(math.isfinite, lm_vals))))
+        losses = lm_vals + [m["train/meta_loss"] for m in meta_metrics]
+        finite = torch.tensor(float(math.isfinite(grad_norm) and all(map(math.isfinite, losses))))
         if fabric.all_reduce(finite, reduce_op="min").item() < 1:
             counters["nonfinite_skipped"] += 1
             warnings.warn(f"step {step}: non-finite loss or gradient; optimizer step skipped", stacklevel=1)
@@ -372,7 +388,7 @@ def main(argv=None) -> int:
                     "step %d/%d %s",
                     step,
                     cfg.trainer.max_steps,
-                    " ".join(f"{k}={v:.4g}" for k, v in metrics.items() if not k.startswith("trainer/")),
+                    " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics),
                 )
             window, last_log, tokens_at_log = {}, now, counters["tokens"]
         if step % cfg.trainer.save_every == 0 and step < cfg.trainer.max_steps:

@@ -289,3 +289,22 @@ def test_checkpoint_extras_hf_export_and_learning_dynamics(tmp_path, corpus_cach
     ids = torch.tensor([tok.encode("Return the value of the signal handler.")])
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, model(ids), rtol=1e-5, atol=1e-5)
+
+
+def test_nonfinite_loss_skips_the_step_and_the_run_continues(tmp_path, corpus_cache, monkeypatch):
+    import picomaml.learner
+
+    real, calls = picomaml.learner.lm_loss, []
+
+    def poisoned(model, tokens):
+        calls.append(1)
+        loss = real(model, tokens)
+        return loss * float("nan") if len(calls) == 2 else loss
+
+    monkeypatch.setattr(picomaml.learner, "lm_loss", poisoned)
+    config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.0})
+    with pytest.warns(UserWarning, match="step 1: non-finite"):
+        rows = run(config, tmp_path / "run")
+    assert [int(r["trainer/nonfinite_skipped"]) for r in rows] == [0, 1, 1, 1]
+    state = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states["model"]
+    assert all(torch.isfinite(t).all() for t in state.values())
