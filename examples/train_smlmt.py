@@ -30,7 +30,7 @@ import picomaml as pm  # noqa: E402
 from picomaml import checkpoint as ckpt  # noqa: E402
 from picomaml.data.pipeline import build_training_data  # noqa: E402
 from picomaml.dynamics import capture_learning_dynamics, learning_dynamics_writer  # noqa: E402
-from picomaml.eval import experiment_step_flops, fewshot_eval, perplexity  # noqa: E402
+from picomaml.eval import evaluate_during_training, experiment_step_flops  # noqa: E402
 from picomaml.learner import HybridLearner  # noqa: E402
 from picomaml.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
@@ -108,39 +108,6 @@ def task_share(episode: pm.Episode, rank: int, world: int) -> pm.Episode:
     """This rank's tasks of a stacked episode that every rank sampled identically."""
     share = episode.n_tasks // world
     return pm.Episode.stack([episode.task(i) for i in range(rank * share, (rank + 1) * share)])
-
-
-def evaluate(cfg, model, head, loop, data, mask_id) -> dict[str, float]:
-    rows = data.heldout_rows
-    out = {}
-    if rows.shape[0] == 0:
-        return out
-    ppl = perplexity(model, rows, batch_size=cfg.eval.batch_size)
-    out["eval/perplexity"], out["eval/lm_loss"] = ppl["perplexity"], ppl["loss"]
-    for i, (n_way, k_shot) in enumerate(cfg.eval.fewshot_settings):
-        if cfg.eval.fewshot_episodes == 0:
-            break
-        res = fewshot_eval(
-            model,
-            rows,
-            n_way=n_way,
-            k_shot=k_shot,
-            n_query=cfg.sampler.n_query,
-            mask_token_id=mask_id,
-            window_len=cfg.sampler.window_len,
-            episodes=cfg.eval.fewshot_episodes,
-            head=head,
-            inner_loop=loop,
-            pooling=cfg.meta.pooling,
-            feature_norm=cfg.meta.feature_norm,
-            seed=cfg.seed,
-            min_freq=cfg.sampler.min_freq,
-            max_freq=cfg.sampler.max_freq,
-            exclude_token_ids=cfg.sampler.exclude_token_ids + data.special_ids,
-        )
-        prefix = "eval/fewshot" if i == 0 else f"eval/fewshot_{n_way}w{k_shot}s"
-        out.update(res.metrics(prefix))
-    return out
 
 
 def main(argv=None) -> int:
@@ -380,7 +347,9 @@ def main(argv=None) -> int:
             )
             if step % cfg.trainer.eval_every == 0 or step == cfg.trainer.max_steps:
                 if is_main:
-                    metrics |= evaluate(cfg, model, head, loop, data, mask_id)
+                    metrics |= evaluate_during_training(
+                        cfg, model, head, loop, data.heldout_rows, mask_id, data.special_ids
+                    )
                 fabric.barrier()
             tracker.log(step, metrics)
             if bar is None and is_main:

@@ -1,6 +1,7 @@
 """Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOPs, the suite."""
 
 from picomaml.eval.downstream import documents_dataset, downstream_eval, load_downstream_dataset
+from picomaml.eval.during_training import evaluate_during_training
 from picomaml.eval.fewshot import (
     FewShotResult,
     fewshot_eval,
@@ -16,6 +17,7 @@ from picomaml.eval.suite import IncompatibleCheckpointError, format_suite_table,
 
 __all__ = [
     "perplexity",
+    "evaluate_during_training",
     "token_nll",
     "FewShotResult",
     "fewshot_eval",

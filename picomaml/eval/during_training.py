@@ -1,0 +1,66 @@
+"""The evaluation a training loop runs every few hundred steps: held-out perplexity and few-shot accuracy."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from picomaml.config import ExperimentConfig
+from picomaml.eval.fewshot import fewshot_eval
+from picomaml.eval.perplexity import perplexity
+
+__all__ = ["evaluate_during_training"]
+
+
+def evaluate_during_training(
+    cfg: ExperimentConfig,
+    model: nn.Module,
+    head: nn.Module,
+    loop: nn.Module,
+    heldout_rows: torch.Tensor,
+    mask_token_id: int,
+    exclude_token_ids: Sequence[int] = (),
+) -> dict[str, float]:
+    """Held-out perplexity and few-shot episode accuracy, as ``eval/*`` metrics.
+
+    The first setting of ``cfg.eval.fewshot_settings`` is logged as ``eval/fewshot_acc`` (with
+    ``_ci``, ``_before``, ``_before_ci`` and ``eval/fewshot_chance``); further settings as
+    ``eval/fewshot_<N>w<K>s_*``. Episodes use the training sampler's window length, frequency band,
+    pooling and feature normalisation, and the experiment seed, so every evaluation sees the same
+    episodes.
+
+    Args:
+        cfg: The experiment config (its ``eval``, ``sampler`` and ``meta`` sections are used).
+        model: The backbone (run under ``no_grad``; its train/eval mode is restored).
+        head: The meta head whose initial weights the inner loop adapts.
+        loop: The inner loop.
+        heldout_rows: ``(R, L)`` held-out token rows; empty rows give an empty dict.
+        mask_token_id: The tokenizer's mask id.
+        exclude_token_ids: Token ids never used as classes (special tokens), besides the config's.
+    """
+    if heldout_rows.shape[0] == 0:
+        return {}
+    ppl = perplexity(model, heldout_rows, batch_size=cfg.eval.batch_size)
+    out = {"eval/perplexity": ppl["perplexity"], "eval/lm_loss": ppl["loss"]}
+    if cfg.eval.fewshot_episodes == 0:
+        return out
+    episode_args = {
+        "n_query": cfg.sampler.n_query,
+        "mask_token_id": mask_token_id,
+        "window_len": cfg.sampler.window_len,
+        "episodes": cfg.eval.fewshot_episodes,
+        "pooling": cfg.meta.pooling,
+        "feature_norm": cfg.meta.feature_norm,
+        "seed": cfg.seed,
+        "min_freq": cfg.sampler.min_freq,
+        "max_freq": cfg.sampler.max_freq,
+        "exclude_token_ids": tuple(cfg.sampler.exclude_token_ids) + tuple(exclude_token_ids),
+    }
+    for i, (n_way, k_shot) in enumerate(cfg.eval.fewshot_settings):
+        res = fewshot_eval(
+            model, heldout_rows, n_way=n_way, k_shot=k_shot, head=head, inner_loop=loop, **episode_args
+        )
+        out.update(res.metrics("eval/fewshot" if i == 0 else f"eval/fewshot_{n_way}w{k_shot}s"))
+    return out
