@@ -8,23 +8,21 @@
 
 and returns a JSON-ready dict; :func:`format_suite_table` renders it as markdown with chance beside every
 accuracy. :func:`load_for_eval` rebuilds what the suite needs from a trainer checkpoint (a step
-directory, a checkpoint root or a run directory) or from a Hugging Face export, and :func:`eval_main` is
-the ``picomaml eval`` command line.
+directory, a checkpoint root or a run directory) or from a Hugging Face export; ``picomaml eval``
+(:func:`picomaml.cli.eval_main`) is the command line over them.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -38,7 +36,6 @@ __all__ = [
     "run_suite",
     "format_suite_table",
     "load_for_eval",
-    "eval_main",
 ]
 
 logger = logging.getLogger(__name__)
@@ -434,93 +431,3 @@ def load_for_eval(
 # ----------------------------------------------------------------------------------------------
 # the command line
 # ----------------------------------------------------------------------------------------------
-
-
-def _setting(text: str) -> tuple[int, int]:
-    try:
-        n, k = (int(x) for x in text.replace("x", ",").split(","))
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(f"expected N,K (e.g. 5,4), got {text!r}") from exc
-    if n < 2 or k < 1:
-        raise argparse.ArgumentTypeError(f"need N >= 2 and K >= 1, got {text!r}")
-    return n, k
-
-
-def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    """The arguments of ``picomaml eval`` (added to ``parser`` when given, e.g. a subcommand parser)."""
-    p = parser or argparse.ArgumentParser(
-        prog="picomaml eval", description="Run the few-shot evaluation suite."
-    )
-    p.add_argument("--checkpoint", required=True, help="step dir, checkpoint root, run dir, or HF export dir")
-    p.add_argument("--episodes", type=int, default=500, help="episodes per setting and task (default 500)")
-    p.add_argument("--json", help="write all numbers (per-episode accuracies included) to this JSON file")
-    p.add_argument(
-        "--setting", action="append", type=_setting, metavar="N,K",
-        help="(n_way, k_shot), repeatable; default 5,1 and 5,4 plus the run's training setting",
-    )  # fmt: skip
-    p.add_argument("--seed", type=int, help="episode seed (default: the run's seed, else 0)")
-    p.add_argument("--no-downstream", action="store_true", help="skip the downstream task")
-    p.add_argument("--downstream-window-len", type=int, default=64)
-    p.add_argument(
-        "--tokenizer", help="tokenizer of an HF export (default: its own files, else the corpus one)"
-    )
-    p.add_argument("--cache-dir", help="cache root of the embedded corpus")
-    p.add_argument("--episodes-per-batch", type=int, default=16)
-    return p
-
-
-def eval_main(
-    argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
-) -> int:
-    """``picomaml eval --checkpoint DIR [--episodes N] [--json OUT] ...``: print the table, write JSON.
-
-    Returns:
-        0 on success, 2 when the checkpoint is missing or incompatible (the reason goes to ``stderr``).
-    """
-    from picomaml._optional import MissingDependencyError
-    from picomaml.config import ConfigError
-    from picomaml.eval.downstream import load_downstream_dataset
-
-    out, err = stdout or sys.stdout, stderr or sys.stderr
-    args = build_eval_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
-    if args.episodes < 1:
-        print(f"picomaml eval: error: --episodes must be >= 1, got {args.episodes}", file=err)
-        return 2
-    try:
-        bundle = load_for_eval(args.checkpoint, cache_dir=args.cache_dir, tokenizer=args.tokenizer)
-    except (FileNotFoundError, IncompatibleCheckpointError, MissingDependencyError, ConfigError) as exc:
-        print(f"picomaml eval: error: {exc}", file=err)
-        return 2
-    settings = list(args.setting or DEFAULT_SETTINGS)
-    if not args.setting and bundle.train_setting and bundle.train_setting not in settings:
-        settings.append(bundle.train_setting)
-    kwargs = dict(bundle.suite_kwargs)
-    if args.seed is not None:
-        kwargs["seed"] = args.seed
-    head = bundle.head
-    if (
-        head is None and bundle.inner_loop is not None
-    ):  # an HF export: a fresh prototype head (ProtoMAML init)
-        from picomaml.meta.head import MetaHead
-
-        head = MetaHead(bundle.model.config.d_model, 2, init="prototype")
-    dataset = None
-    if not args.no_downstream:
-        dataset = load_downstream_dataset("heldout", corpus=bundle.corpus, cache_dir=args.cache_dir)
-    results = run_suite(
-        bundle.model, bundle.tokenizer, bundle.heldout_rows, head, bundle.inner_loop, settings, args.episodes,
-        downstream=not args.no_downstream, downstream_window_len=args.downstream_window_len,
-        downstream_dataset=dataset, episodes_per_batch=args.episodes_per_batch, **kwargs,
-    )  # fmt: skip
-    results["checkpoint"] = {"path": str(bundle.path), "source": bundle.source, "step": bundle.step}
-    title = f"{bundle.source} {bundle.path}" + (f" (step {bundle.step})" if bundle.step is not None else "")
-    print(
-        f"few-shot evaluation of {title}: {args.episodes} episodes per row, seed {results['seed']}", file=out
-    )
-    print(format_suite_table(results), file=out)
-    if args.json:
-        target = Path(args.json)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(json.dumps(results, indent=1), encoding="utf-8")
-        print(f"wrote {target}", file=out)
-    return 0

@@ -10,14 +10,9 @@ import torch
 import yaml
 
 from picomaml.checkpoint import save_checkpoint
+from picomaml.cli import eval_main
 from picomaml.config import ExperimentConfig
-from picomaml.eval.suite import (
-    IncompatibleCheckpointError,
-    eval_main,
-    format_suite_table,
-    load_for_eval,
-    run_suite,
-)
+from picomaml.eval.suite import IncompatibleCheckpointError, format_suite_table, load_for_eval, run_suite
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
 from picomaml.model.decoder import PicoDecoder
