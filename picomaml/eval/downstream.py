@@ -31,9 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from picomaml.eval.fewshot import FewShotResult, head_for_n_way, nearest_class_mean
+from picomaml.eval.fewshot import FewShotResult, head_for_n_way, score_tasks, summarize_accuracies
 from picomaml.eval.leopard import FewShotDataset, TextEpisode, to_episodes
-from picomaml.eval.stats import mean_ci
 from picomaml.objectives import normalize_task_features, pool_features
 
 __all__ = [
@@ -217,7 +216,6 @@ def downstream_eval(
     if vocab is not None and top >= vocab:
         raise ValueError(f"tokenizer: token id {top} is outside the model's vocabulary of {vocab}")
     device = next(model.parameters()).device
-    head_param = next(head.parameters(), None) if head is not None else None
     ns, nq = n_way * k_shot, n_way * n_query
     modules = [m for m in (model, head, inner_loop) if m is not None]
     modes = [m.training for m in modules]
@@ -236,32 +234,14 @@ def downstream_eval(
             with torch.no_grad():
                 feats = _features(model, ids, mask, pooling).view(t, ns + nq, -1)
             xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-            for i in range(t):
-                pred = nearest_class_mean(xs[i], ys[i], xq[i], n_way)
-                before.append(float((pred == yq[i]).float().mean()))
-            if head is not None:
-                dtype = head_param.dtype if head_param is not None else xs.dtype
-                with torch.no_grad():  # adapt() enables gradients for the inner steps itself
-                    params = inner_loop.adapt(head, xs.to(dtype), ys)
-                    logits = head.functional(params, xq.to(dtype))
-                after.extend(float(a) for a in (logits.argmax(-1) == yq).float().mean(1))
+            b, a = score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
+            before += b
+            after += a
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
-    acc_before, ci_before = mean_ci(before, confidence)
-    acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
-    logger.debug("downstream %dw%ds: before %.4f, after %s", n_way, k_shot, acc_before, acc_after)
-    return FewShotResult(
-        n_way=n_way,
-        k_shot=k_shot,
-        n_query=n_query,
-        episodes=episodes,
-        acc_before=acc_before,
-        acc_before_ci=ci_before,
-        acc_after=acc_after,
-        acc_after_ci=ci_after,
-        chance=1.0 / n_way,
-        confidence=confidence,
-        per_episode_before=tuple(before),
-        per_episode_after=tuple(after),
+    result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence)
+    logger.debug(
+        "downstream %dw%ds: before %.4f, after %s", n_way, k_shot, result.acc_before, result.acc_after
     )
+    return result

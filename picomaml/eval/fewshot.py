@@ -29,7 +29,15 @@ from torch import Tensor, nn
 from picomaml.eval.stats import mean_ci
 from picomaml.objectives import normalize_task_features, pool_features
 
-__all__ = ["FewShotResult", "fewshot_eval", "nearest_class_mean", "format_fewshot_table", "head_for_n_way"]
+__all__ = [
+    "FewShotResult",
+    "fewshot_eval",
+    "score_tasks",
+    "summarize_accuracies",
+    "nearest_class_mean",
+    "format_fewshot_table",
+    "head_for_n_way",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -233,8 +241,6 @@ def fewshot_eval(
     )
     index = sampler.index(rows.detach().cpu())
     device = next(model.parameters()).device
-    head_param = next(head.parameters(), None) if head is not None else None
-    head_dtype = head_param.dtype if head_param is not None else None  # the head keeps its own precision
     ns = n_way * k_shot
     modules = [m for m in (model, head, inner_loop) if m is not None]
     modes = [m.training for m in modules]
@@ -256,24 +262,60 @@ def fewshot_eval(
             with torch.no_grad():  # one backbone forward for the t episodes
                 feats = _backbone_features(model, ids, mask, pooling).view(t, ns + nq, -1)
             xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-            for i in range(t):
-                before.append(_accuracy(nearest_class_mean(xs[i], ys[i], xq[i], n_way), yq[i]))
-            if head is not None:
-                dtype = head_dtype or xs.dtype
-                with torch.no_grad():  # adapt() enables gradients for the inner steps itself
-                    params = inner_loop.adapt(head, xs.to(dtype), ys)  # vectorised over the t tasks
-                    logits = head.functional(params, xq.to(dtype))  # (t, nq, N)
-                after.extend(float(a) for a in (logits.argmax(-1) == yq).float().mean(1))
+            b, a = score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
+            before += b
+            after += a
     finally:
         for m, mode in zip(modules, modes, strict=True):
             m.train(mode)
+    result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence)
+    logger.debug("few-shot %s: before %.4f, after %s", result.setting, result.acc_before, result.acc_after)
+    return result
+
+
+def score_tasks(
+    xs: Tensor,
+    ys: Tensor,
+    xq: Tensor,
+    yq: Tensor,
+    n_way: int,
+    head: nn.Module | None = None,
+    inner_loop: nn.Module | None = None,
+) -> tuple[list[float], list[float]]:
+    """Query accuracy of each task before adaptation (nearest class mean) and after the inner loop.
+
+    Args:
+        xs: ``(T, N*K, D)`` support features; ys: ``(T, N*K)`` labels.
+        xq: ``(T, N*Q, D)`` query features; yq: ``(T, N*Q)`` labels.
+        n_way: Classes per task.
+        head: The head the inner loop adapts, or ``None`` for the nearest-class-mean accuracy only.
+        inner_loop: The inner loop (needed with ``head``).
+
+    Returns:
+        ``(before, after)``: one float per task each (``after`` empty without a head).
+    """
+    before = [_accuracy(nearest_class_mean(xs[i], ys[i], xq[i], n_way), yq[i]) for i in range(xs.shape[0])]
+    if head is None:
+        return before, []
+    param = next(head.parameters(), None)
+    dtype = param.dtype if param is not None else xs.dtype  # the head keeps its own precision
+    with torch.no_grad():  # adapt() enables gradients for the inner steps itself
+        params = inner_loop.adapt(head, xs.to(dtype), ys)  # vectorised over the tasks
+        logits = head.functional(params, xq.to(dtype))  # (T, N*Q, N)
+    return before, [float(a) for a in (logits.argmax(-1) == yq).float().mean(1)]
+
+
+def summarize_accuracies(
+    n_way: int, k_shot: int, n_query: int, before: Sequence[float], after: Sequence[float], confidence: float
+) -> FewShotResult:
+    """A :class:`FewShotResult` (means, confidence half-widths, chance) from per-episode accuracies."""
     acc_before, ci_before = mean_ci(before, confidence)
     acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
-    result = FewShotResult(
+    return FewShotResult(
         n_way=n_way,
         k_shot=k_shot,
         n_query=n_query,
-        episodes=episodes,
+        episodes=len(before),
         acc_before=acc_before,
         acc_before_ci=ci_before,
         acc_after=acc_after,
@@ -283,8 +325,6 @@ def fewshot_eval(
         per_episode_before=tuple(before),
         per_episode_after=tuple(after),
     )
-    logger.debug("few-shot %s: before %.4f, after %s", result.setting, acc_before, acc_after)
-    return result
 
 
 def _fmt(value: float | None, ci: float | None) -> str:
