@@ -14,7 +14,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["lm_loss", "pool_features", "normalize_task_features", "meta_loss", "POOLINGS", "FEATURE_NORMS"]
+__all__ = [
+    "lm_loss",
+    "backbone_hidden",
+    "pool_features",
+    "normalize_task_features",
+    "meta_loss",
+    "POOLINGS",
+    "FEATURE_NORMS",
+]
 
 POOLINGS = ("mask", "before_mask", "last", "mean")
 FEATURE_NORMS = ("none", "center", "standardize")
@@ -88,7 +96,8 @@ def pool_features(hidden: Tensor, mask: Tensor | None = None, pooling: str = "ma
     return pooled.to(hidden.dtype)
 
 
-def _hidden(model: nn.Module, ids: Tensor) -> Tensor:
+def backbone_hidden(model: nn.Module, ids: Tensor) -> Tensor:
+    """Final hidden states ``(B, L, D)`` of ``ids`` ``(B, L)``, skipping the vocabulary projection if possible."""
     if hasattr(model, "hidden_states"):
         return model.hidden_states(ids)  # skips the vocabulary projection
     return model(ids, return_hidden=True)[1]
@@ -163,7 +172,9 @@ def meta_loss(
     if param is not None and ids.device != param.device:
         ids = ids.to(param.device)
         mask = mask.to(param.device) if mask is not None else None
-    feats = pool_features(_hidden(model, ids), mask, pooling)  # (T*(ns+nq), D): the one backbone forward
+    feats = pool_features(
+        backbone_hidden(model, ids), mask, pooling
+    )  # (T*(ns+nq), D): the one backbone forward
     head_param = next(iter(head.parameters()), None)
     low = feats.dtype in (torch.float16, torch.bfloat16)
     dtype = head_param.dtype if head_param is not None else (torch.float32 if low else feats.dtype)

@@ -31,9 +31,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from picomaml.eval.fewshot import FewShotResult, head_for_n_way, score_tasks, summarize_accuracies
+from picomaml.eval.fewshot import (
+    FewShotResult,
+    eval_mode,
+    head_for_n_way,
+    score_episode_batch,
+    summarize_accuracies,
+)
 from picomaml.eval.leopard import FewShotDataset, TextEpisode, to_episodes
-from picomaml.objectives import normalize_task_features, pool_features
+from picomaml.objectives import pool_features
 
 __all__ = [
     "split_paragraphs",
@@ -132,13 +138,6 @@ def pool_text_features(hidden: Tensor, mask: Tensor, pooling: str = "mean") -> T
     return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
 
 
-def _features(model: nn.Module, ids: Tensor, mask: Tensor, pooling: str) -> Tensor:
-    hidden = (
-        model.hidden_states(ids) if hasattr(model, "hidden_states") else model(ids, return_hidden=True)[1]
-    )
-    return pool_text_features(hidden, mask, pooling)
-
-
 def downstream_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -215,31 +214,22 @@ def downstream_eval(
     top = int(torch.maximum(eps.support_ids.max(), eps.query_ids.max()))
     if vocab is not None and top >= vocab:
         raise ValueError(f"tokenizer: token id {top} is outside the model's vocabulary of {vocab}")
-    device = next(model.parameters()).device
-    ns, nq = n_way * k_shot, n_way * n_query
-    modules = [m for m in (model, head, inner_loop) if m is not None]
-    modes = [m.training for m in modules]
     before: list[float] = []
     after: list[float] = []
-    try:
-        for m in modules:
-            m.eval()
+    with eval_mode(model, head, inner_loop):
         for lo in range(0, episodes, episodes_per_batch):
-            hi = min(episodes, lo + episodes_per_batch)
-            t = hi - lo
-            w = eps.support_ids.shape[-1]
-            ids = torch.cat([eps.support_ids[lo:hi], eps.query_ids[lo:hi]], 1).reshape(-1, w).to(device)
-            mask = torch.cat([eps.support_mask[lo:hi], eps.query_mask[lo:hi]], 1).reshape(-1, w).to(device)
-            ys, yq = eps.support_labels[lo:hi].to(device), eps.query_labels[lo:hi].to(device)
-            with torch.no_grad():
-                feats = _features(model, ids, mask, pooling).view(t, ns + nq, -1)
-            xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-            b, a = score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
+            batch = eps.slice(lo, min(episodes, lo + episodes_per_batch))
+            b, a = score_episode_batch(
+                model,
+                batch,
+                lambda h, m: pool_text_features(h, m, pooling),
+                n_way,
+                head,
+                inner_loop,
+                feature_norm,
+            )
             before += b
             after += a
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
     result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence)
     logger.debug(
         "downstream %dw%ds: before %.4f, after %s", n_way, k_shot, result.acc_before, result.acc_after

@@ -18,21 +18,24 @@ of one episode share its classes and support set, so the episode is the independ
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from picomaml.eval.stats import mean_ci
-from picomaml.objectives import normalize_task_features, pool_features
+from picomaml.objectives import backbone_hidden, normalize_task_features, pool_features
 
 __all__ = [
     "FewShotResult",
     "fewshot_eval",
     "score_tasks",
+    "score_episode_batch",
+    "eval_mode",
     "summarize_accuracies",
     "nearest_class_mean",
     "format_fewshot_table",
@@ -144,14 +147,6 @@ def head_for_n_way(head: nn.Module, n_way: int) -> nn.Module:
     )
 
 
-def _backbone_features(model: nn.Module, ids: Tensor, mask: Tensor, pooling: str) -> Tensor:
-
-    hidden = (
-        model.hidden_states(ids) if hasattr(model, "hidden_states") else model(ids, return_hidden=True)[1]
-    )
-    return pool_features(hidden, mask if pooling in ("mask", "before_mask") else None, pooling)
-
-
 def _accuracy(pred: Tensor, labels: Tensor) -> float:
     return float((pred == labels).float().mean())
 
@@ -240,37 +235,76 @@ def fewshot_eval(
         **kwargs,
     )
     index = sampler.index(rows.detach().cpu())
-    device = next(model.parameters()).device
-    ns = n_way * k_shot
-    modules = [m for m in (model, head, inner_loop) if m is not None]
-    modes = [m.training for m in modules]
+    mask_pooled = pooling in ("mask", "before_mask")
+
+    def pool(hidden: Tensor, mask: Tensor) -> Tensor:
+        return pool_features(hidden, mask if mask_pooled else None, pooling)
+
     before: list[float] = []
     after: list[float] = []
-    try:
-        for m in modules:
-            m.eval()
+    with eval_mode(model, head, inner_loop):
         done = 0
         while done < episodes:
             t = min(episodes_per_batch, episodes - done)
             ep = sampler.sample(index, n_tasks=t)  # the same episodes as t single draws, in order
             done += t
-            nq = ep.query_ids.shape[1]
-            width = ep.support_ids.shape[-1]
-            ids = torch.cat([ep.support_ids, ep.query_ids], 1).reshape(-1, width).to(device)
-            mask = torch.cat([ep.support_mask, ep.query_mask], 1).reshape(-1, width).to(device)
-            ys, yq = ep.support_labels.to(device), ep.query_labels.to(device)  # (t, ns), (t, nq)
-            with torch.no_grad():  # one backbone forward for the t episodes
-                feats = _backbone_features(model, ids, mask, pooling).view(t, ns + nq, -1)
-            xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-            b, a = score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
+            b, a = score_episode_batch(model, ep, pool, n_way, head, inner_loop, feature_norm)
             before += b
             after += a
-    finally:
-        for m, mode in zip(modules, modes, strict=True):
-            m.train(mode)
     result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence)
     logger.debug("few-shot %s: before %.4f, after %s", result.setting, result.acc_before, result.acc_after)
     return result
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
+    """Put the given modules (``None`` skipped) in eval mode; restore each one's mode afterwards."""
+    present = [m for m in modules if m is not None]
+    modes = [m.training for m in present]
+    try:
+        for m in present:
+            m.eval()
+        yield
+    finally:
+        for m, mode in zip(present, modes, strict=True):
+            m.train(mode)
+
+
+def score_episode_batch(
+    model: nn.Module,
+    episode: Any,
+    pool: Callable[[Tensor, Tensor], Tensor],
+    n_way: int,
+    head: nn.Module | None = None,
+    inner_loop: nn.Module | None = None,
+    feature_norm: str = "none",
+) -> tuple[list[float], list[float]]:
+    """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
+
+    Args:
+        model: The backbone, run under ``no_grad``.
+        episode: Anything with stacked ``support_ids``/``support_mask``/``support_labels`` ``(T, N*K, ...)``
+            and the ``query_*`` counterparts ``(T, N*Q, ...)`` (an :class:`~picomaml.Episode` or a text
+            episode).
+        pool: ``(hidden (B, W, D), mask (B, W)) -> (B, D)`` window features.
+        n_way: Classes per task.
+        head: Head adapted by the inner loop, or ``None`` for nearest-class-mean accuracy only.
+        inner_loop: The inner loop (needed with ``head``).
+        feature_norm: Per-task feature normalisation (see :func:`picomaml.objectives.normalize_task_features`).
+
+    Returns:
+        ``(before, after)``: one accuracy per task each.
+    """
+    device = next(model.parameters()).device
+    t, ns, width = episode.support_ids.shape
+    ids = torch.cat([episode.support_ids, episode.query_ids], 1).reshape(-1, width).to(device)
+    mask = torch.cat([episode.support_mask, episode.query_mask], 1).reshape(-1, width).to(device)
+    with torch.no_grad():  # one backbone forward for the t episodes
+        pooled = pool(backbone_hidden(model, ids), mask)
+    feats = pooled.view(t, -1, pooled.shape[-1])  # (t, N*K + N*Q, D)
+    xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
+    ys, yq = episode.support_labels.to(device), episode.query_labels.to(device)
+    return score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
 
 
 def score_tasks(

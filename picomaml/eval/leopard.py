@@ -120,6 +120,10 @@ class TextEpisode:
     query_mask: Tensor
     classes: Tensor
 
+    def slice(self, start: int, stop: int) -> TextEpisode:
+        """Tasks ``start:stop`` of a stacked episode (views, no copies)."""
+        return TextEpisode(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
+
 
 def parse_leopard_name(path: str | os.PathLike[str]) -> dict[str, Any]:
     """``{"task", "split", "numbers"}`` from ``<task>_<split>[_<a>_<b>].jsonl`` (``numbers`` may be ``()``).
