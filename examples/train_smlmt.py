@@ -30,7 +30,7 @@ import picomaml as pm  # noqa: E402
 from picomaml import checkpoint as ckpt  # noqa: E402
 from picomaml.data.pipeline import build_training_data  # noqa: E402
 from picomaml.dynamics import capture_learning_dynamics, learning_dynamics_writer  # noqa: E402
-from picomaml.eval import evaluate_during_training, experiment_step_flops  # noqa: E402
+from picomaml.eval import check_eval_episodes, evaluate_during_training, experiment_step_flops  # noqa: E402
 from picomaml.learner import HybridLearner  # noqa: E402
 from picomaml.optim import build_lr_scheduler, build_optimizer  # noqa: E402
 from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
@@ -148,6 +148,7 @@ def main(argv=None) -> int:
             pm.SMLMTSampler(**sampler_kwargs).sample(probe)
         except pm.SamplingError as exc:
             raise pm.ConfigError(f"sampler: no episode can be drawn from a training batch: {exc}") from exc
+    check_eval_episodes(cfg, data.heldout_rows, mask_id, data.special_ids)
 
     torch.manual_seed(cfg.seed)  # the only global-RNG use: weight initialisation, identical on all ranks
     model = pm.PicoDecoder(cfg.model)

@@ -184,6 +184,13 @@ def eval_main(
     print(
         f"few-shot evaluation of {title}: {args.episodes} episodes per row, seed {results['seed']}", file=out
     )
+    split = results.get("class_split") or {}
+    if split:
+        print(
+            f"SMLMT classes: only the run's held-out token types (holdout_fraction {split['holdout_fraction']}, "
+            f"holdout_seed {split['holdout_seed']}), never meta-training classes",
+            file=out,
+        )
     print(format_suite_table(results), file=out)
     if args.json:
         target = Path(args.json)

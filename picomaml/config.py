@@ -231,6 +231,9 @@ class SamplerConfig:
     exclude_token_ids: tuple[int, ...] = ()
     class_sampling: Literal["uniform", "count_power"] = "uniform"
     power: float = 0.3
+    holdout_fraction: float = 0.0
+    holdout_seed: int = 0
+    class_split: Literal["train", "heldout"] = "train"
 
     def __post_init__(self) -> None:
         for name in ("n_way", "k_shot", "n_query", "window_len"):
@@ -239,6 +242,16 @@ class SamplerConfig:
         check(self.min_freq >= 0, "min_freq", f"must be >= 0, got {self.min_freq}")
         check(self.max_freq > 0, "max_freq", f"must be > 0, got {self.max_freq}")
         check(self.power > 0, "power", f"must be > 0, got {self.power}")
+        check(
+            0.0 <= self.holdout_fraction < 1.0,
+            "holdout_fraction",
+            f"must be in [0, 1), got {self.holdout_fraction}",
+        )
+        check(
+            self.class_split == "train" or self.holdout_fraction > 0,
+            "class_split",
+            "'heldout' draws classes only from the held-out token types, so it needs holdout_fraction > 0",
+        )
 
 
 @dataclasses.dataclass

@@ -1,7 +1,7 @@
 """Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOPs, the suite."""
 
 from picomaml.eval.downstream import documents_dataset, downstream_eval, load_downstream_dataset
-from picomaml.eval.during_training import evaluate_during_training
+from picomaml.eval.during_training import check_eval_episodes, eval_class_split, evaluate_during_training
 from picomaml.eval.fewshot import (
     FewShotResult,
     fewshot_eval,
@@ -9,21 +9,33 @@ from picomaml.eval.fewshot import (
     head_for_n_way,
     nearest_class_mean,
 )
-from picomaml.eval.flops import ar_step_flops, experiment_step_flops, meta_step_flops
+from picomaml.eval.flops import (
+    ar_step_flops,
+    experiment_step_flops,
+    meta_step_flops,
+    run_flops,
+    steps_for_flops,
+)
 from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
 from picomaml.eval.perplexity import perplexity, token_nll
+from picomaml.eval.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_predict
 from picomaml.eval.stats import binomial_ci, mean_ci, normal_quantile, t_quantile
 from picomaml.eval.suite import IncompatibleCheckpointError, format_suite_table, load_for_eval, run_suite
 
 __all__ = [
     "perplexity",
     "evaluate_during_training",
+    "eval_class_split",
+    "check_eval_episodes",
     "token_nll",
     "FewShotResult",
     "fewshot_eval",
     "format_fewshot_table",
     "head_for_n_way",
     "nearest_class_mean",
+    "fit_linear_probe",
+    "linear_probe_predict",
+    "linear_probe_accuracy",
     "mean_ci",
     "binomial_ci",
     "t_quantile",
@@ -34,6 +46,8 @@ __all__ = [
     "ar_step_flops",
     "meta_step_flops",
     "experiment_step_flops",
+    "run_flops",
+    "steps_for_flops",
     "FewShotDataset",
     "LeopardFormatError",
     "load_leopard_file",

@@ -15,8 +15,9 @@ text of any evaluation label. A label takes part in an episode when it has at le
 **Evaluation.** :func:`downstream_eval` draws seeded N-way K-shot episodes over these labels (see
 :func:`picomaml.eval.leopard.to_episodes`: each paragraph is tokenized, truncated to ``window_len`` and
 right-padded), runs the frozen backbone once per batch of episodes, pools each window over its real
-tokens, and reports the nearest-class-mean accuracy (before adaptation) and the accuracy of the head
-adapted by the inner loop (after), as a :class:`picomaml.eval.fewshot.FewShotResult` with Student-t
+tokens, and reports the nearest-class-mean accuracy (before adaptation), the accuracy of a linear probe
+fitted on each support set (see :mod:`picomaml.eval.probe`) and the accuracy of the head adapted by the
+inner loop (after), as a :class:`picomaml.eval.fewshot.FewShotResult` with Student-t
 confidence intervals over episodes.
 """
 
@@ -158,7 +159,7 @@ def downstream_eval(
     confidence: float = 0.95,
     episodes_per_batch: int = 16,
 ) -> FewShotResult:
-    """Few-shot accuracy on real text labels, before (nearest class mean) and after the inner loop.
+    """Few-shot accuracy on real text labels: nearest class mean, linear probe and after the inner loop.
 
     Args:
         model: The backbone (a :class:`picomaml.PicoDecoder`), frozen: run under ``no_grad`` in eval
@@ -216,10 +217,11 @@ def downstream_eval(
         raise ValueError(f"tokenizer: token id {top} is outside the model's vocabulary of {vocab}")
     before: list[float] = []
     after: list[float] = []
+    probe: list[float] = []
     with eval_mode(model, head, inner_loop):
         for lo in range(0, episodes, episodes_per_batch):
             batch = eps.slice(lo, min(episodes, lo + episodes_per_batch))
-            b, a = score_episode_batch(
+            b, a, p = score_episode_batch(
                 model,
                 batch,
                 lambda h, m: pool_text_features(h, m, pooling),
@@ -230,7 +232,8 @@ def downstream_eval(
             )
             before += b
             after += a
-    result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence)
+            probe += p
+    result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence, probe=probe)
     logger.debug(
         "downstream %dw%ds: before %.4f, after %s", n_way, k_shot, result.acc_before, result.acc_after
     )

@@ -7,11 +7,26 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from picomaml.config import ExperimentConfig
+from picomaml.config import ExperimentConfig, SamplerConfig
 from picomaml.eval.fewshot import fewshot_eval
 from picomaml.eval.perplexity import perplexity
 
-__all__ = ["evaluate_during_training"]
+__all__ = ["evaluate_during_training", "eval_class_split", "check_eval_episodes"]
+
+
+def eval_class_split(sampler: SamplerConfig) -> dict[str, object]:
+    """Sampler keyword arguments that make evaluation episodes use only the run's held-out token types.
+
+    Empty when the run holds none out (``holdout_fraction == 0``): then evaluation classes may also have
+    been training classes (on other documents).
+    """
+    if sampler.holdout_fraction == 0:
+        return {}
+    return {
+        "holdout_fraction": sampler.holdout_fraction,
+        "holdout_seed": sampler.holdout_seed,
+        "class_split": "heldout",
+    }
 
 
 def evaluate_during_training(
@@ -29,7 +44,8 @@ def evaluate_during_training(
     ``_ci``, ``_before``, ``_before_ci`` and ``eval/fewshot_chance``); further settings as
     ``eval/fewshot_<N>w<K>s_*``. Episodes use the training sampler's window length, frequency band,
     pooling and feature normalisation, and the experiment seed, so every evaluation sees the same
-    episodes.
+    episodes; with ``sampler.holdout_fraction > 0`` their classes are the held-out token types only
+    (see :func:`eval_class_split`).
 
     Args:
         cfg: The experiment config (its ``eval``, ``sampler`` and ``meta`` sections are used).
@@ -57,6 +73,7 @@ def evaluate_during_training(
         "min_freq": cfg.sampler.min_freq,
         "max_freq": cfg.sampler.max_freq,
         "exclude_token_ids": tuple(cfg.sampler.exclude_token_ids) + tuple(exclude_token_ids),
+        "sampler_kwargs": eval_class_split(cfg.sampler),
     }
     for i, (n_way, k_shot) in enumerate(cfg.eval.fewshot_settings):
         res = fewshot_eval(
@@ -64,3 +81,36 @@ def evaluate_during_training(
         )
         out.update(res.metrics("eval/fewshot" if i == 0 else f"eval/fewshot_{n_way}w{k_shot}s"))
     return out
+
+
+def check_eval_episodes(
+    cfg: ExperimentConfig,
+    heldout_rows: torch.Tensor,
+    mask_token_id: int,
+    exclude_token_ids: Sequence[int] = (),
+) -> None:
+    """Fail before training when an evaluation setting cannot draw episodes from the held-out rows.
+
+    Raises:
+        ConfigError: naming ``eval.fewshot_settings`` and what to change (more ``eval.rows``, a smaller
+            setting, a wider band, a larger ``sampler.holdout_fraction``).
+    """
+    from picomaml.config import ConfigError
+    from picomaml.meta.sampler import SamplingError, SMLMTSampler
+
+    if cfg.eval.fewshot_episodes == 0 or heldout_rows.shape[0] == 0:
+        return
+    s = cfg.sampler
+    for n_way, k_shot in cfg.eval.fewshot_settings:
+        sampler = SMLMTSampler(
+            n_way=n_way, k_shot=k_shot, n_query=s.n_query, mask_token_id=mask_token_id,
+            window_len=s.window_len, min_freq=s.min_freq, max_freq=s.max_freq,
+            exclude_token_ids=tuple(s.exclude_token_ids) + tuple(exclude_token_ids), **eval_class_split(s),
+        )  # fmt: skip
+        try:
+            sampler.sample(heldout_rows.cpu())
+        except SamplingError as exc:
+            raise ConfigError(
+                f"eval.fewshot_settings: no {n_way}-way {k_shot}-shot episode can be drawn from the "
+                f"{heldout_rows.shape[0]} held-out rows (eval.rows): {exc}"
+            ) from exc

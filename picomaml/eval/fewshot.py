@@ -8,10 +8,16 @@ per forward pass), and:
 * ``acc_before``: nearest class mean on the frozen pooled features. Each query window goes to the class
   whose support mean is closest in Euclidean distance (the Prototypical Networks rule). It needs no
   head, so it measures what the backbone features alone already separate.
+* ``acc_probe``: a linear probe, the classic "fit a linear classifier on frozen features" baseline: an
+  L2-penalised multinomial logistic regression fitted on each episode's support set and scored on its
+  query set (see :mod:`picomaml.eval.probe`). Unlike the inner loop it starts from zero (not from a
+  meta-learned initialisation), works on features standardised by the support set's own statistics, and
+  runs to convergence (Newton steps) instead of a few fixed gradient steps, so it shows how much a fully
+  fitted linear readout gets out of the features with no meta-learning at all.
 * ``acc_after``: the head adapted from its (meta-learned) initial weights by the inner loop on the
   support set, scored on the query set. This is what meta-training optimises.
 
-Both are reported as a mean over episodes with a Student-t confidence interval across episodes (queries
+All three are reported as a mean over episodes with a Student-t confidence interval across episodes (queries
 of one episode share its classes and support set, so the episode is the independent unit). Chance is
 ``1 / n_way``.
 """
@@ -27,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from picomaml.eval.probe import linear_probe_accuracy
 from picomaml.eval.stats import mean_ci
 from picomaml.objectives import backbone_hidden, normalize_task_features, pool_features
 
@@ -59,6 +66,10 @@ class FewShotResult:
         chance: ``1 / n_way``.
         confidence: Coverage of the intervals.
         per_episode_before, per_episode_after: The per-episode accuracies behind the means.
+        acc_probe: Mean query accuracy of a linear probe fitted on the support set (``None`` when not
+            computed).
+        acc_probe_ci: Half-width of its confidence interval.
+        per_episode_probe: The per-episode probe accuracies.
     """
 
     n_way: int
@@ -73,6 +84,9 @@ class FewShotResult:
     confidence: float = 0.95
     per_episode_before: tuple[float, ...] = ()
     per_episode_after: tuple[float, ...] = ()
+    acc_probe: float | None = None
+    acc_probe_ci: float | None = None
+    per_episode_probe: tuple[float, ...] = ()
 
     @property
     def setting(self) -> str:
@@ -81,17 +95,22 @@ class FewShotResult:
 
     def metrics(self, prefix: str = "eval/fewshot") -> dict[str, float]:
         """Flat metrics for a logger: ``{prefix}_acc`` (after adaptation, or before without a head),
-        ``{prefix}_acc_ci``, ``{prefix}_acc_before``, ``{prefix}_acc_before_ci``, ``{prefix}_chance``.
+        ``{prefix}_acc_ci``, ``{prefix}_acc_before``, ``{prefix}_acc_before_ci``, ``{prefix}_chance``, and
+        ``{prefix}_acc_probe``, ``{prefix}_acc_probe_ci`` when the probe was computed.
         """
         main = self.acc_after if self.acc_after is not None else self.acc_before
         main_ci = self.acc_after_ci if self.acc_after_ci is not None else self.acc_before_ci
-        return {
+        out = {
             f"{prefix}_acc": main,
             f"{prefix}_acc_ci": main_ci,
             f"{prefix}_acc_before": self.acc_before,
             f"{prefix}_acc_before_ci": self.acc_before_ci,
             f"{prefix}_chance": self.chance,
         }
+        if self.acc_probe is not None:  # loggers take floats only
+            out[f"{prefix}_acc_probe"] = self.acc_probe
+            out[f"{prefix}_acc_probe_ci"] = self.acc_probe_ci
+        return out
 
 
 def nearest_class_mean(
@@ -179,8 +198,11 @@ def fewshot_eval(
         model: The backbone (a :class:`picomaml.PicoDecoder`); run under ``no_grad`` in eval mode, its
             mode restored afterwards.
         rows: (B, L) long held-out token rows; episodes' windows are cut from them.
-        n_way, k_shot, n_query, mask_token_id, window_len: The episode shape (see
-            :class:`picomaml.SMLMTSampler`).
+        n_way: Classes per episode (see :class:`picomaml.SMLMTSampler` for this and the next four).
+        k_shot: Support windows per class.
+        n_query: Query windows per class.
+        mask_token_id: The id that replaces the class token.
+        window_len: Tokens per window.
         episodes: Number of episodes (>= 1).
         head: The :class:`picomaml.MetaHead` whose initial weights the inner loop adapts (the trained
             head, or a fresh one), or a factory ``n_way -> head``. A prototype-init head of another
@@ -193,8 +215,9 @@ def fewshot_eval(
             :func:`picomaml.objectives.normalize_task_features`); Euclidean nearest-class-mean accuracy
             does not depend on it.
         seed: Seed of the evaluation's own sampler (the training sampler is never touched).
-        min_freq, max_freq, exclude_token_ids: Class-frequency band and excluded ids of the sampler
-            (``None`` keeps the sampler defaults).
+        min_freq: Lower end of the sampler's class-frequency band (``None``: the sampler default).
+        max_freq: Upper end of the band (``None``: the sampler default).
+        exclude_token_ids: Ids never used as classes.
         confidence: Coverage of the reported intervals.
         sampler_kwargs: Further :class:`picomaml.SMLMTSampler` keyword arguments.
         episodes_per_batch: Episodes that share one backbone forward and one vectorised inner loop
@@ -242,16 +265,18 @@ def fewshot_eval(
 
     before: list[float] = []
     after: list[float] = []
+    probe: list[float] = []
     with eval_mode(model, head, inner_loop):
         done = 0
         while done < episodes:
             t = min(episodes_per_batch, episodes - done)
             ep = sampler.sample(index, n_tasks=t)  # the same episodes as t single draws, in order
             done += t
-            b, a = score_episode_batch(model, ep, pool, n_way, head, inner_loop, feature_norm)
+            b, a, p = score_episode_batch(model, ep, pool, n_way, head, inner_loop, feature_norm)
             before += b
             after += a
-    result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence)
+            probe += p
+    result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence, probe=probe)
     logger.debug("few-shot %s: before %.4f, after %s", result.setting, result.acc_before, result.acc_after)
     return result
 
@@ -278,7 +303,7 @@ def score_episode_batch(
     head: nn.Module | None = None,
     inner_loop: nn.Module | None = None,
     feature_norm: str = "none",
-) -> tuple[list[float], list[float]]:
+) -> tuple[list[float], list[float], list[float]]:
     """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
 
     Args:
@@ -293,7 +318,7 @@ def score_episode_batch(
         feature_norm: Per-task feature normalisation (see :func:`picomaml.objectives.normalize_task_features`).
 
     Returns:
-        ``(before, after)``: one accuracy per task each.
+        ``(before, after, probe)``: one accuracy per task each (see :func:`score_tasks`).
     """
     device = next(model.parameters()).device
     t, ns, width = episode.support_ids.shape
@@ -315,8 +340,8 @@ def score_tasks(
     n_way: int,
     head: nn.Module | None = None,
     inner_loop: nn.Module | None = None,
-) -> tuple[list[float], list[float]]:
-    """Query accuracy of each task before adaptation (nearest class mean) and after the inner loop.
+) -> tuple[list[float], list[float], list[float]]:
+    """Query accuracy of each task: nearest class mean, after the inner loop, and of a linear probe.
 
     Args:
         xs: ``(T, N*K, D)`` support features; ys: ``(T, N*K)`` labels.
@@ -326,25 +351,37 @@ def score_tasks(
         inner_loop: The inner loop (needed with ``head``).
 
     Returns:
-        ``(before, after)``: one float per task each (``after`` empty without a head).
+        ``(before, after, probe)``: one float per task each (``after`` empty without a head); ``probe`` is
+        the query accuracy of a linear probe fitted on the support features
+        (:func:`picomaml.eval.probe.linear_probe_accuracy`).
     """
     before = [_accuracy(nearest_class_mean(xs[i], ys[i], xq[i], n_way), yq[i]) for i in range(xs.shape[0])]
+    probe = linear_probe_accuracy(xs, ys, xq, yq, n_way)
     if head is None:
-        return before, []
+        return before, [], probe
     param = next(head.parameters(), None)
     dtype = param.dtype if param is not None else xs.dtype  # the head keeps its own precision
     with torch.no_grad():  # adapt() enables gradients for the inner steps itself
         params = inner_loop.adapt(head, xs.to(dtype), ys)  # vectorised over the tasks
         logits = head.functional(params, xq.to(dtype))  # (T, N*Q, N)
-    return before, [float(a) for a in (logits.argmax(-1) == yq).float().mean(1)]
+    return before, [float(a) for a in (logits.argmax(-1) == yq).float().mean(1)], probe
 
 
 def summarize_accuracies(
-    n_way: int, k_shot: int, n_query: int, before: Sequence[float], after: Sequence[float], confidence: float
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    before: Sequence[float],
+    after: Sequence[float],
+    confidence: float,
+    *,
+    probe: Sequence[float] = (),
 ) -> FewShotResult:
-    """A :class:`FewShotResult` (means, confidence half-widths, chance) from per-episode accuracies."""
+    """A :class:`FewShotResult` (means, confidence half-widths, chance) from per-episode accuracies
+    (``after`` and ``probe`` may be empty: their means are then ``None``)."""
     acc_before, ci_before = mean_ci(before, confidence)
     acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
+    acc_probe, ci_probe = mean_ci(probe, confidence) if probe else (None, None)
     return FewShotResult(
         n_way=n_way,
         k_shot=k_shot,
@@ -358,6 +395,9 @@ def summarize_accuracies(
         confidence=confidence,
         per_episode_before=tuple(before),
         per_episode_after=tuple(after),
+        acc_probe=acc_probe,
+        acc_probe_ci=ci_probe,
+        per_episode_probe=tuple(probe),
     )
 
 
@@ -372,20 +412,21 @@ def format_fewshot_table(results: Sequence[FewShotResult] | FewShotResult) -> st
 
     Example output::
 
-        | setting | episodes | NCM (before) | after inner loop | chance |
-        |---|---|---|---|---|
-        | 5-way 4-shot | 100 | 0.412 ± 0.021 | 0.455 ± 0.020 | 0.200 |
+        | setting | episodes | NCM before (95% CI) | linear probe (95% CI) | after inner loop (95% CI) | chance |
+        |---|---|---|---|---|---|
+        | 5-way 4-shot (4 query) | 100 | 0.412 ± 0.021 | 0.430 ± 0.022 | 0.455 ± 0.020 | 0.200 |
     """
     if isinstance(results, FewShotResult):
         results = [results]
     pct = f"{int(round(100 * results[0].confidence))}% CI" if results else "CI"
     lines = [
-        f"| setting | episodes | NCM before ({pct}) | after inner loop ({pct}) | chance |",
-        "|---|---|---|---|---|",
+        f"| setting | episodes | NCM before ({pct}) | linear probe ({pct}) | after inner loop ({pct}) | chance |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results:
         lines.append(
             f"| {r.n_way}-way {r.k_shot}-shot ({r.n_query} query) | {r.episodes} | "
-            f"{_fmt(r.acc_before, r.acc_before_ci)} | {_fmt(r.acc_after, r.acc_after_ci)} | {r.chance:.3f} |"
+            f"{_fmt(r.acc_before, r.acc_before_ci)} | {_fmt(r.acc_probe, r.acc_probe_ci)} | "
+            f"{_fmt(r.acc_after, r.acc_after_ci)} | {r.chance:.3f} |"
         )
     return "\n".join(lines)

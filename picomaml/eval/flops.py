@@ -54,6 +54,8 @@ __all__ = [
     "inner_loop_flops",
     "meta_step_flops",
     "experiment_step_flops",
+    "run_flops",
+    "steps_for_flops",
 ]
 
 
@@ -208,3 +210,56 @@ def experiment_step_flops(config: Any, objectives: Iterable[str]) -> int:
             first_order=config.inner_loop.first_order,
         )
     return total * data.grad_accum
+
+
+def run_flops(config: Any, steps: int | None = None) -> list[int]:
+    """Cumulative FLOPs after each optimizer step of a run, as the reference trainer counts them.
+
+    The hybrid scheduler is pure in ``(seed, step)``, so the objective of every step, and with it the
+    compute of a whole run, is known before training; a run's ``trainer/flops`` equals this list.
+
+    Args:
+        config: A :class:`picomaml.ExperimentConfig`.
+        steps: Run length (default ``config.trainer.max_steps``). A ratio schedule without its own
+            ``hybrid.total_steps`` stretches over ``steps``, as it does in the trainer.
+
+    Returns:
+        ``steps`` ints: FLOPs of steps ``0..i`` at index ``i``.
+    """
+    from picomaml.meta.hybrid import HybridScheduler
+
+    steps = config.trainer.max_steps if steps is None else _positive("steps", steps)
+    scheduler = HybridScheduler.from_config(config.hybrid, seed=config.seed, total_steps=steps)
+    cost = {kinds: experiment_step_flops(config, kinds) for kinds in (("ar",), ("meta",), ("ar", "meta"))}
+    out, total = [], 0
+    for step in range(steps):
+        total += cost[tuple(sorted(scheduler.objectives(step)))]
+        out.append(total)
+    return out
+
+
+def steps_for_flops(config: Any, budget: int, max_steps: int = 1_000_000) -> int:
+    """The shortest run of ``config`` whose total FLOPs reach ``budget`` (to use as ``trainer.max_steps``).
+
+    For matching the compute of two arms: e.g. a hybrid run that spends as much as an AR-only run. A
+    ratio schedule stretches over the run's own length, so each candidate length is counted in full.
+
+    Args:
+        config: A :class:`picomaml.ExperimentConfig`.
+        budget: FLOPs to reach (>= 1).
+        max_steps: Give up beyond this many steps.
+
+    Raises:
+        ValueError: ``budget`` is not reached within ``max_steps`` steps.
+    """
+    budget = _positive("budget", budget)
+    per_step = [experiment_step_flops(config, k) for k in (("ar",), ("meta",))]
+    # every step costs at least the cheaper objective and at most both: bracket, then scan upwards
+    steps = max(1, budget // sum(per_step))
+    while steps <= max_steps:
+        spent = run_flops(config, steps)[-1]
+        if spent >= budget:
+            return steps
+        # the missing FLOPs need at least this many more steps, even if every one ran both objectives
+        steps += max(1, (budget - spent) // sum(per_step))
+    raise ValueError(f"budget: {budget:.3e} FLOPs are not reached within max_steps={max_steps} steps")

@@ -57,6 +57,7 @@ def _result_dict(task: str, r: FewShotResult) -> dict[str, Any]:
     row = {"task": task, "setting": r.setting, **dataclasses.asdict(r)}
     row["per_episode_before"] = list(r.per_episode_before)
     row["per_episode_after"] = list(r.per_episode_after)
+    row["per_episode_probe"] = list(r.per_episode_probe)
     for key, value in row.items():  # JSON has no NaN: a single episode has no interval
         if isinstance(value, float) and math.isnan(value):
             row[key] = None
@@ -96,6 +97,7 @@ def run_suite(
     cache_dir: str | os.PathLike[str] | None = None,
     confidence: float = 0.95,
     episodes_per_batch: int = 16,
+    sampler_kwargs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run held-out SMLMT episodes and the downstream task at every setting.
 
@@ -124,6 +126,9 @@ def run_suite(
         cache_dir: Cache root of the embedded corpus.
         confidence: Coverage of the intervals.
         episodes_per_batch: Episodes per backbone forward.
+        sampler_kwargs: Further :class:`picomaml.SMLMTSampler` arguments of the SMLMT episodes, e.g.
+            ``holdout_fraction``/``holdout_seed``/``class_split="heldout"`` so that evaluation classes are
+            never training classes (a checkpoint's :attr:`EvalBundle.suite_kwargs` sets them from its run).
 
     Returns:
         ``{"episodes", "seed", "confidence", "settings", "smlmt": [row, ...], "downstream": [row, ...],
@@ -144,6 +149,7 @@ def run_suite(
         "seed": seed,
         "confidence": confidence,
         "settings": [list(s) for s in settings],
+        "class_split": dict(sampler_kwargs or {}),
         "smlmt": [],
         "downstream": [],
         "skipped": [],
@@ -163,7 +169,7 @@ def run_suite(
                 head=h, inner_loop=inner_loop if h is not None else None, pooling=pooling,
                 feature_norm=feature_norm, seed=seed, min_freq=min_freq, max_freq=max_freq,
                 exclude_token_ids=exclude_token_ids, confidence=confidence,
-                episodes_per_batch=episodes_per_batch,
+                episodes_per_batch=episodes_per_batch, sampler_kwargs=sampler_kwargs,
             )  # fmt: skip
             out["smlmt"].append(_result_dict("smlmt", res))
         except (SamplingError, ValueError) as exc:
@@ -199,22 +205,24 @@ def format_suite_table(results: dict[str, Any]) -> str:
 
     Example::
 
-        | task | setting | episodes | NCM before (95% CI) | after inner loop (95% CI) | chance |
-        |---|---|---|---|---|---|
-        | SMLMT held-out | 5-way 1-shot (4 query) | 500 | 0.312 ± 0.012 | 0.334 ± 0.013 | 0.200 |
+        | task | setting | episodes | NCM before (95% CI) | linear probe (95% CI) | after inner loop (95% CI) | chance |
+        |---|---|---|---|---|---|---|
+        | SMLMT held-out | 5-way 1-shot (4 query) | 500 | 0.312 ± 0.012 | 0.305 ± 0.012 | 0.334 ± 0.013 | 0.200 |
     """
     pct = f"{int(round(100 * results.get('confidence', 0.95)))}% CI"
     lines = [
-        f"| task | setting | episodes | NCM before ({pct}) | after inner loop ({pct}) | chance |",
-        "|---|---|---|---|---|---|",
+        f"| task | setting | episodes | NCM before ({pct}) | linear probe ({pct}) | after inner loop ({pct}) "
+        "| chance |",
+        "|---|---|---|---|---|---|---|",
     ]
     names = {"smlmt": "SMLMT held-out", "downstream": "downstream (pydoc paragraphs)"}
     for task in ("smlmt", "downstream"):
         for r in results.get(task, []):
             lines.append(
                 f"| {names[task]} | {r['n_way']}-way {r['k_shot']}-shot ({r['n_query']} query) | {r['episodes']} | "
-                f"{_cell(r['acc_before'], r['acc_before_ci'])} | {_cell(r['acc_after'], r['acc_after_ci'])} | "
-                f"{r['chance']:.3f} |"
+                f"{_cell(r['acc_before'], r['acc_before_ci'])} | "
+                f"{_cell(r.get('acc_probe'), r.get('acc_probe_ci'))} | "
+                f"{_cell(r['acc_after'], r['acc_after_ci'])} | {r['chance']:.3f} |"
             )
     for s in results.get("skipped", []):
         lines.append(f"\nskipped: {s['task']} {s['setting']}: {s['reason']}")
@@ -333,6 +341,7 @@ def _load_hf(path: Path, tokenizer: Any, cache_dir: Any) -> EvalBundle:
 def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     from picomaml import checkpoint as ckpt
     from picomaml.config import ConfigError, ExperimentConfig
+    from picomaml.eval.during_training import eval_class_split
     from picomaml.meta.head import MetaHead
     from picomaml.meta.inner_loop import InnerLoop
     from picomaml.model.decoder import PicoDecoder
@@ -392,6 +401,7 @@ def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
         "min_freq": s.min_freq,
         "max_freq": s.max_freq,
         "exclude_token_ids": tuple(s.exclude_token_ids) + tuple(special),
+        "sampler_kwargs": eval_class_split(s),  # evaluation classes = the run's held-out token types
     }
     return EvalBundle(
         model=model.eval(), head=head.eval(), inner_loop=loop.eval(), tokenizer=tok, heldout_rows=rows,

@@ -58,6 +58,12 @@ class SMLMTSampler:
         exclude_token_ids: Ids never used as classes (padding, BOS/EOS, ...).
         class_sampling: ``"uniform"`` or ``"count_power"``.
         power: Exponent of ``"count_power"`` sampling.
+        holdout_fraction: Share of token types (chosen by a hash of the id, see
+            :func:`picomaml.meta.smlmt.heldout_token_mask`) set aside as evaluation classes, in ``[0, 1)``.
+        holdout_seed: Chooses which types are held out.
+        class_split: ``"train"``: classes come from the types *not* held out (all types when
+            ``holdout_fraction`` is 0); ``"heldout"``: only from the held-out types. Training and evaluation
+            samplers with the same fraction and seed thus never share a class.
         seed: Seed of the sampler's own ``torch.Generator``.
     """
 
@@ -76,6 +82,9 @@ class SMLMTSampler:
         exclude_token_ids: Sequence[int] = (),
         class_sampling: str = "uniform",
         power: float = SamplerConfig.power,
+        holdout_fraction: float = SamplerConfig.holdout_fraction,
+        holdout_seed: int = SamplerConfig.holdout_seed,
+        class_split: str = SamplerConfig.class_split,
         seed: int = 0,
     ) -> None:
         for name, value in (
@@ -85,7 +94,12 @@ class SMLMTSampler:
             ("window_len", window_len),
         ):
             check(_is_int(value), name, f"must be an integer, got {value!r}")
-        for name, value in (("min_freq", min_freq), ("max_freq", max_freq), ("power", power)):
+        for name, value in (
+            ("min_freq", min_freq),
+            ("max_freq", max_freq),
+            ("power", power),
+            ("holdout_fraction", holdout_fraction),
+        ):
             check(
                 isinstance(value, (int, float)) and not isinstance(value, bool),
                 name,
@@ -97,6 +111,12 @@ class SMLMTSampler:
             f"must be an integer >= 0, got {mask_token_id!r}",
         )
         check(_is_int(seed), "seed", f"must be an integer, got {seed!r}")
+        check(_is_int(holdout_seed), "holdout_seed", f"must be an integer, got {holdout_seed!r}")
+        check(
+            class_split in ("train", "heldout"),
+            "class_split",
+            f"{class_split!r} is not allowed; choose one of ['train', 'heldout']",
+        )
         check(
             class_sampling in _CLASS_SAMPLING,
             "class_sampling",
@@ -119,12 +139,17 @@ class SMLMTSampler:
             exclude_token_ids=exclude,
             class_sampling=class_sampling,  # type: ignore[arg-type]
             power=float(power),
+            holdout_fraction=float(holdout_fraction),
+            holdout_seed=holdout_seed,
+            class_split=class_split,  # type: ignore[arg-type]
         )
         self.n_way, self.k_shot, self.n_query, self.window_len = n_way, k_shot, n_query, window_len
         self.mask_token_id = mask_token_id
         self.min_freq, self.max_freq, self.power = float(min_freq), float(max_freq), float(power)
         self.class_sampling = class_sampling
         self.exclude_token_ids = exclude
+        self.holdout_fraction, self.holdout_seed = float(holdout_fraction), holdout_seed
+        self.class_split = class_split
         self._excluded = tuple(sorted(set(exclude) | {mask_token_id}))  # the mask is never a class
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
@@ -174,7 +199,20 @@ class SMLMTSampler:
         return index, eligible
 
     def _eligible(self, index: WindowIndex) -> Tensor:
-        return smlmt.eligible_tokens(index, self.per_class, self.min_freq, self.max_freq, self._excluded)
+        eligible = smlmt.eligible_tokens(index, self.per_class, self.min_freq, self.max_freq, self._excluded)
+        if self.holdout_fraction == 0.0:
+            return eligible
+        held = smlmt.heldout_token_mask(eligible, self.holdout_fraction, self.holdout_seed)
+        return eligible[held if self.class_split == "heldout" else ~held]
+
+    def heldout_token_ids(self, vocab_size: int) -> Tensor:
+        """``(H,)`` ascending ids below ``vocab_size`` in the held-out class split (empty without one).
+
+        The training sampler (``class_split="train"``) never uses them as classes; an evaluation sampler
+        with the same ``holdout_fraction`` and ``holdout_seed`` and ``class_split="heldout"`` uses only them.
+        """
+        ids = torch.arange(vocab_size)
+        return ids[smlmt.heldout_token_mask(ids, self.holdout_fraction, self.holdout_seed)]
 
     # ------------------------------------------------------------------ sampling
 
@@ -207,11 +245,15 @@ class SMLMTSampler:
 
     def _sample_one(self, index: WindowIndex, eligible: Tensor) -> Episode:
         if eligible.numel() < self.n_way:
-            raise SamplingError(
-                smlmt.describe_shortfall(
-                    index, eligible.numel(), self.n_way, self.per_class, self.min_freq, self.max_freq
-                )
+            why = smlmt.describe_shortfall(
+                index, eligible.numel(), self.n_way, self.per_class, self.min_freq, self.max_freq
             )
+            if self.holdout_fraction > 0:
+                why += (
+                    f" Only the {self.class_split!r} class split counts (holdout_fraction="
+                    f"{self.holdout_fraction}, holdout_seed={self.holdout_seed})."
+                )
+            raise SamplingError(why)
         for _ in range(self.max_redraws):
             classes = smlmt.draw_classes(
                 index, eligible, self.n_way, self.class_sampling, self.power, self.generator
@@ -304,5 +346,6 @@ class SMLMTSampler:
         return (
             f"SMLMTSampler(n_way={self.n_way}, k_shot={self.k_shot}, n_query={self.n_query}, "
             f"window_len={self.window_len}, mask_token_id={self.mask_token_id}, min_freq={self.min_freq}, "
-            f"max_freq={self.max_freq}, class_sampling={self.class_sampling!r}, seed={self.seed})"
+            f"max_freq={self.max_freq}, class_sampling={self.class_sampling!r}, "
+            f"holdout_fraction={self.holdout_fraction}, class_split={self.class_split!r}, seed={self.seed})"
         )

@@ -29,6 +29,7 @@ __all__ = [
     "build_index",
     "frequency_bounds",
     "eligible_tokens",
+    "heldout_token_mask",
     "draw_classes",
     "assign_windows",
     "assemble_episode",
@@ -195,6 +196,37 @@ def eligible_tokens(
     ok = (index.counts >= max(lo, need)) & (index.counts <= hi)
     ok.index_fill_(0, torch.tensor(excl, dtype=torch.long), False)
     return ok.nonzero().squeeze(1)
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def heldout_token_mask(token_ids: Tensor, fraction: float, seed: int = 0) -> Tensor:
+    """``(E,)`` bool: which of ``token_ids`` ``(E,)`` belong to the held-out class split.
+
+    A token type is held out when a 32-bit integer hash of ``(id, seed)``, read as a number in ``[0, 1)``,
+    is below ``fraction``. The split is a pure function of the id, so it needs no vocabulary size, is the
+    same on every rank and in every process, and the training sampler (``class_split="train"``) and the
+    evaluation sampler (``class_split="heldout"``) partition every vocabulary exactly, whatever buffer they
+    index. About ``fraction`` of any large set of ids is held out.
+
+    Args:
+        token_ids: ``(E,)`` integer token ids (>= 0).
+        fraction: Share of token types held out, in ``[0, 1)``.
+        seed: Chooses among splits of the same size.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout_fraction: must be in [0, 1), got {fraction!r}")
+    if fraction == 0.0:
+        return torch.zeros(token_ids.shape, dtype=torch.bool)
+    # A multiplicative hash and two xor-shift-multiply rounds (int64 arithmetic, every product < 2**63):
+    # neighbouring ids, which BPE gives to related pieces, land far apart.
+    x = (token_ids.long() * 2654435761 + (seed & _MASK32) * 40503 + 0x9E3779B9) & _MASK32
+    for _ in range(2):
+        x = x ^ (x >> 16)
+        x = (x * 0x045D9F3B) & _MASK32
+    x = x ^ (x >> 16)
+    return x.double() / 2.0**32 < fraction
 
 
 def draw_classes(

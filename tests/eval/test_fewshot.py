@@ -179,6 +179,22 @@ def test_table_shows_chance():
         chance=0.2,
     )
     table = format_fewshot_table([r])
-    assert "| 5-way 4-shot (4 query) | 100 | 0.412 ± 0.021 | n/a | 0.200 |" in table
-    assert "chance" in table.splitlines()[0]
+    assert "| 5-way 4-shot (4 query) | 100 | 0.412 ± 0.021 | n/a | n/a | 0.200 |" in table
+    header = table.splitlines()[0]
+    assert "chance" in header
+    assert header.index("NCM before") < header.index("linear probe") < header.index("after inner loop")
     assert r.metrics("eval/fewshot_5w4s")["eval/fewshot_5w4s_acc"] == pytest.approx(0.41234)
+    assert "eval/fewshot_5w4s_acc_probe" not in r.metrics("eval/fewshot_5w4s")
+    r.acc_probe, r.acc_probe_ci = 0.5, 0.03
+    assert "| 0.412 ± 0.021 | 0.500 ± 0.030 | n/a | 0.200 |" in format_fewshot_table(r)
+    metrics = r.metrics("eval/fewshot_5w4s")
+    assert metrics["eval/fewshot_5w4s_acc_probe"] == 0.5 and metrics["eval/fewshot_5w4s_acc_probe_ci"] == 0.03
+
+
+def test_probe_accuracy_is_reported_per_episode():
+    res = fewshot_eval(BagOfTokens(), _separable_rows(), episodes=5, pooling="mean", seed=0, **COMMON)
+    # far above chance (0.2); below NCM's 1.0: standardising gives the noise-token dims unit scale too
+    assert len(res.per_episode_probe) == 5 and res.acc_probe > 0.5
+    res = fewshot_eval(_tiny_decoder(), _separable_rows(), episodes=4, seed=1, **COMMON)
+    assert len(res.per_episode_probe) == 4 and all(0.0 <= a <= 1.0 for a in res.per_episode_probe)
+    assert res.acc_probe == pytest.approx(sum(res.per_episode_probe) / 4)

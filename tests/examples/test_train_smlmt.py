@@ -124,6 +124,9 @@ def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ra
     # windows x 8 tokens
     expected = int(last["trainer/ar_steps"]) * 8 * 33 + int(last["trainer/meta_steps"]) * 2 * 3 * 4 * 8
     assert int(last["trainer/tokens"]) == expected
+    # the compute of the whole run is known before training, and the trainer counts exactly that
+    cfg = pm.load_config(config)
+    assert [int(r["trainer/flops"]) for r in rows] == pm.eval.run_flops(cfg)
     run_dir = tmp_path / "run"
     assert (run_dir / "curves.png").stat().st_size > 0
     assert pm.find_latest(run_dir / "checkpoints").name == "step_000004"
@@ -171,6 +174,7 @@ def assert_identical(x, y, where: str) -> None:
         ("sampler.n_wya=3", "unknown key 'n_wya'"),
         ("hybrid.ratio=1.5", "hybrid.ratio"),
         ("sampler.n_way=400", "eligible"),
+        ("eval.fewshot_settings=[[40, 4]]", "eval.fewshot_settings: no 40-way 4-shot episode"),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, corpus_cache, override, message):
@@ -308,3 +312,39 @@ def test_nonfinite_loss_skips_the_step_and_the_run_continues(tmp_path, corpus_ca
     assert [int(r["trainer/nonfinite_skipped"]) for r in rows] == [0, 1, 1, 1]
     state = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states["model"]
     assert all(torch.isfinite(t).all() for t in state.values())
+
+
+def test_heldout_token_types_are_never_meta_training_classes(tmp_path, corpus_cache, monkeypatch):
+    """With sampler.holdout_fraction the trainer's episodes use only the 'train' split and evaluation
+    (during training and from the checkpoint) only the held-out one."""
+    from picomaml.meta.sampler import SMLMTSampler
+    from picomaml.meta.smlmt import heldout_token_mask
+
+    seen: dict[str, set[int]] = {"train": set(), "heldout": set()}
+    original = SMLMTSampler.sample
+
+    def spy(self, tokens, n_tasks=None):
+        episode = original(self, tokens, n_tasks)
+        seen[self.class_split] |= set(episode.class_token_ids.reshape(-1).tolist())
+        return episode
+
+    monkeypatch.setattr(SMLMTSampler, "sample", spy)
+    config = tiny_config(
+        tmp_path,
+        corpus_cache,
+        sampler={"holdout_fraction": 0.3, "holdout_seed": 1},
+        hybrid={"ratio": 1.0},
+        eval={"rows": 48},
+    )
+    rows = run(config, tmp_path / "run", "--set", "trainer.eval_every=2")
+    assert float(rows[-1]["eval/fewshot_acc"]) >= 0
+    assert seen["train"] and seen["heldout"]
+    held = heldout_token_mask(torch.tensor(sorted(seen["train"] | seen["heldout"])), 0.3, seed=1)
+    ids = sorted(seen["train"] | seen["heldout"])
+    assert {t for t, h in zip(ids, held.tolist(), strict=True) if h} == seen["heldout"]
+    bundle = pm.eval.load_for_eval(tmp_path / "run")
+    assert bundle.suite_kwargs["sampler_kwargs"] == {
+        "holdout_fraction": 0.3,
+        "holdout_seed": 1,
+        "class_split": "heldout",
+    }

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import time
+
 import pytest
 import torch
 
@@ -301,6 +304,7 @@ def test_ddp_one_backward(tmp_path) -> None:
     xs, ys, xq, yq = episode(t=2, dtype=torch.float32, requires_grad=False)
     plain = Model()
     plain(xs, ys, xq, yq).backward()
+    model = None
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         model = DDP(Model())
@@ -309,6 +313,14 @@ def test_ddp_one_backward(tmp_path) -> None:
             assert p.grad is not None, name
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=1e-7)
     finally:
+        # Freeing the last DDP reference destroys gloo's process group, which joins its worker threads
+        # while this thread holds the GIL; a worker still dropping a finished allreduce needs the GIL to
+        # free that work's captured Python state, so the two wait for each other forever (seen once in
+        # ~10 runs, at 0 % CPU). Sleeping releases the GIL so the workers finish first; then free the
+        # model before the group.
+        time.sleep(0.2)
+        model = None
+        gc.collect()
         dist.destroy_process_group()
 
 

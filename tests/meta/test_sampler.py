@@ -537,3 +537,64 @@ def test_worked_example_in_docs():
     assert [decode(r) for r in ep.query_ids] == ["[M] dog sat on", "ran [M] the park"]
     assert ep.support_windows.tolist() == [1, 2] and ep.query_windows.tolist() == [3, 5]
     assert ep.support_mask.int().tolist() == [[1, 0, 0, 0], [0, 1, 0, 0]]
+
+
+# ---------------------------------------------------------------------- held-out class split
+
+
+def test_heldout_mask_is_a_stable_hash_of_the_id_with_about_the_requested_share():
+    ids = torch.arange(50_000)
+    mask = smlmt.heldout_token_mask(ids, 0.2, seed=0)
+    assert abs(mask.float().mean().item() - 0.2) < 0.01
+    # a pure function of (id, seed): any subset, in any order, gets the same answer
+    perm = torch.randperm(50_000, generator=torch.Generator().manual_seed(1))[:777]
+    assert torch.equal(smlmt.heldout_token_mask(perm, 0.2, seed=0), mask[perm])
+    other = smlmt.heldout_token_mask(ids, 0.2, seed=1)
+    assert not torch.equal(mask, other)
+    # seeds give (nearly) independent splits: overlap close to 0.2 * 0.2
+    assert abs((mask & other).float().mean().item() - 0.04) < 0.01
+    # fractions nest: a larger fraction holds out a superset
+    assert bool((mask <= smlmt.heldout_token_mask(ids, 0.3, seed=0)).all())
+    assert not smlmt.heldout_token_mask(ids, 0.0).any()
+    with pytest.raises(ValueError, match="holdout_fraction"):
+        smlmt.heldout_token_mask(ids, 1.0)
+
+
+def test_train_and_heldout_samplers_never_share_a_class():
+    gen = torch.Generator().manual_seed(0)
+    tokens = torch.randint(3, 300, (64, 64), generator=gen)
+    common = dict(n_way=4, k_shot=2, n_query=2, mask_token_id=0, window_len=16, min_freq=4, max_freq=0.9)
+    train = SMLMTSampler(**common, holdout_fraction=0.3, holdout_seed=5, class_split="train", seed=1)
+    held = SMLMTSampler(**common, holdout_fraction=0.3, holdout_seed=5, class_split="heldout", seed=1)
+    full = SMLMTSampler(**common, seed=1)
+    e_train, e_held, e_all = (set(s.eligible(tokens).tolist()) for s in (train, held, full))
+    assert e_train and e_held
+    assert e_train.isdisjoint(e_held) and e_train | e_held == e_all  # an exact partition
+    assert e_held == set(held.heldout_token_ids(300).tolist()) & e_all
+    train_classes = {c for _ in range(50) for c in train.sample(tokens).class_token_ids.tolist()}
+    held_classes = {c for _ in range(50) for c in held.sample(tokens).class_token_ids.tolist()}
+    assert train_classes <= e_train and held_classes <= e_held
+
+
+def test_heldout_split_validation_names_the_argument():
+    common = dict(n_way=2, k_shot=1, n_query=1, mask_token_id=0, window_len=4)
+    with pytest.raises(ConfigError, match="class_split"):
+        SMLMTSampler(**common, class_split="heldout")  # nothing is held out
+    with pytest.raises(ConfigError, match="class_split"):
+        SMLMTSampler(**common, holdout_fraction=0.2, class_split="eval")
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        SMLMTSampler(**common, holdout_fraction=1.0)
+    with pytest.raises(ConfigError, match="holdout_seed"):
+        SMLMTSampler(**common, holdout_fraction=0.2, holdout_seed=1.5)
+    with pytest.raises(ConfigError, match="holdout_fraction"):
+        SamplerConfig(holdout_fraction=-0.1)
+
+
+def test_a_too_small_heldout_split_says_so():
+    tokens = torch.randint(3, 40, (16, 32), generator=torch.Generator().manual_seed(0))
+    held = SMLMTSampler(
+        n_way=8, k_shot=1, n_query=1, mask_token_id=0, window_len=8, min_freq=1, max_freq=0.99,
+        holdout_fraction=0.05, class_split="heldout",
+    )  # fmt: skip
+    with pytest.raises(SamplingError, match="'heldout' class split"):
+        held.sample(tokens)

@@ -1,0 +1,438 @@
+#!/usr/bin/env python
+"""The study: does hybrid SMLMT meta-pretraining beat plain next-token training at equal compute?
+
+    python benchmarks/study_hybrid_vs_ar.py            # 3 seeds x 3 arms x 2 budgets, ~40 min on 2 CPU cores
+    python benchmarks/study_hybrid_vs_ar.py --quick    # the same pipeline on a toy budget, < 1 min (CI)
+
+Arms (everything else is examples/configs/tiny-cpu.yaml):
+
+* ``ar``: next-token training only (``hybrid.ratio=0``);
+* ``hybrid-0.5``: each step is a meta step with probability 0.5;
+* ``hybrid-sched``: the meta probability falls linearly from 0.8 to 0.2 over the run (same mean);
+* ``hybrid-0.2`` (only with ``--arms``): a meta step with probability 0.2.
+
+Budgets: ``steps`` gives every arm ``--steps`` optimizer steps; ``flops`` gives the hybrid arms as many
+steps as they need to spend the FLOPs of the AR arm's run (``picomaml.eval.steps_for_flops``; a meta step
+is cheaper than an AR step). Each run is a complete run with its own cosine schedule, trained by the
+reference trainer ``examples/train_smlmt.py`` in this process. A fifth of the token types is held out of
+meta-training (``sampler.holdout_fraction=0.2``): SMLMT evaluation classes are never training classes.
+
+After each run the final checkpoint is evaluated on the held-out documents: perplexity over all held-out
+rows, and few-shot accuracy (nearest class mean, linear probe, inner loop) on SMLMT episodes and on the
+downstream paragraph-classification task, with the same episodes for every run. Writes, under ``--out``:
+``study.json`` (every number, per run and aggregated), ``study.md`` (mean ± 95 % CI over seeds per arm,
+and paired differences to AR), ``study_curves.png`` (evaluation during training against FLOPs) and
+``study_final.png`` (final metrics against FLOPs). Finished runs and their evaluations are reused
+(``--work-dir``), so an interrupted study continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import importlib.util
+import json
+import logging
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+import torch  # noqa: E402
+
+import picomaml as pm  # noqa: E402
+from picomaml.eval import (  # noqa: E402
+    load_downstream_dataset,
+    load_for_eval,
+    mean_ci,
+    run_flops,
+    run_suite,
+    steps_for_flops,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+TRAINER = ROOT / "examples" / "train_smlmt.py"
+BASE_CONFIG = ROOT / "examples" / "configs" / "tiny-cpu.yaml"
+
+ARMS: dict[str, list[str]] = {
+    "ar": ["hybrid.ratio=0.0"],
+    "hybrid-0.5": ["hybrid.ratio=0.5"],
+    "hybrid-sched": ["hybrid.ratio=0.8", "hybrid.schedule=linear", "hybrid.final_ratio=0.2"],
+    "hybrid-0.2": ["hybrid.ratio=0.2"],  # not in the default study: --arms ar hybrid-0.2
+}
+DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
+COMMON = ["sampler.holdout_fraction=0.2", "checkpoint.keep_last=1"]
+QUICK = ["model.n_layers=1", "eval.rows=16", "eval.fewshot_episodes=4"]
+SETTINGS = ((5, 1), (5, 4))
+# (key in a run's "final" dict, label): the columns of the markdown tables
+COLUMNS = (
+    ("perplexity", "held-out ppl"),
+    ("smlmt_5w4s_after", "SMLMT 5w4s inner loop"),
+    ("smlmt_5w4s_probe", "SMLMT 5w4s linear probe"),
+    ("smlmt_5w4s_before", "SMLMT 5w4s NCM"),
+    ("smlmt_5w1s_after", "SMLMT 5w1s inner loop"),
+    ("downstream_5w4s_after", "downstream 5w4s inner loop"),
+    ("downstream_5w4s_probe", "downstream 5w4s linear probe"),
+)
+log = logging.getLogger("study")
+_CACHE: dict = {}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="toy budget for CI: 1-layer model, 3 steps, 2 seeds")
+    p.add_argument("--seeds", type=int, help="seeds per arm (default 3; quick 2)")
+    p.add_argument(
+        "--steps", type=int, help="optimizer steps of the equal-steps budget (default 300; quick 3)"
+    )
+    p.add_argument("--episodes", type=int, help="evaluation episodes per setting (default 500; quick 8)")
+    p.add_argument(
+        "--ppl-rows", type=int, help="held-out rows for the final perplexity (default all; quick 32)"
+    )
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS, help="default: %(default)s")
+    p.add_argument("--config", default=str(BASE_CONFIG), help="base trainer config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    p.add_argument("--out", help="results directory (default benchmarks/results/study[_quick])")
+    p.add_argument("--work-dir", help="run directories (default runs/study[_quick])")
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    args = p.parse_args(argv)
+    quick = args.quick
+    args.seeds = args.seeds or (2 if quick else 3)
+    args.steps = args.steps or (3 if quick else 300)
+    args.episodes = args.episodes or (8 if quick else 500)
+    args.ppl_rows = args.ppl_rows or (32 if quick else None)
+    suffix = "_quick" if quick else ""
+    args.out = Path(args.out or ROOT / "benchmarks" / "results" / f"study{suffix}")
+    args.work_dir = Path(args.work_dir or ROOT / "runs" / f"study{suffix}")
+    if "ar" not in args.arms:
+        p.error("--arms: 'ar' is needed (it sets the FLOP budget and is the reference)")
+    if args.seeds < 1 or args.steps < 1 or args.episodes < 1:
+        p.error("--seeds, --steps and --episodes must be >= 1")
+    return args
+
+
+def load_trainer():
+    """The reference trainer, as a module (its ``main(argv)`` trains in this process)."""
+    spec = importlib.util.spec_from_file_location("train_smlmt", TRAINER)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def plan(args: argparse.Namespace) -> list[dict]:
+    """Every run of the study: arm, budget, seed, overrides and length (FLOPs known before training)."""
+    runs = []
+    extra = COMMON + (QUICK if args.quick else []) + list(args.set)
+    for seed in range(args.seeds):
+        base = extra + [f"seed={seed}", f"trainer.max_steps={args.steps}"]
+        ar_cfg = pm.load_config(args.config, ARMS["ar"] + base)
+        budget = run_flops(ar_cfg)[-1]
+        for arm in args.arms:
+            for kind in ("steps", "flops"):
+                overrides = ARMS[arm] + base
+                if kind == "flops":
+                    if arm == "ar":
+                        continue  # the AR run is its own budget: the same run serves both comparisons
+                    n = steps_for_flops(pm.load_config(args.config, overrides), budget)
+                    overrides = overrides + [f"trainer.max_steps={n}"]
+                cfg = pm.load_config(args.config, overrides)
+                steps = cfg.trainer.max_steps
+                every = steps if args.quick else max(1, steps // 6)  # evaluations along the way
+                overrides += [f"trainer.eval_every={every}", f"trainer.save_every={steps}"]
+                runs.append(
+                    {
+                        "arm": arm, "budget": kind, "seed": seed, "steps": steps,
+                        "flops": run_flops(cfg)[-1], "overrides": overrides,
+                        "name": f"{kind}-{arm}-seed{seed}",
+                    }
+                )  # fmt: skip
+    # the AR run stands in both budgets
+    for r in [r for r in runs if r["arm"] == "ar"]:
+        runs.append(r | {"budget": "flops", "alias": True})
+    return runs
+
+
+def read_curve(metrics_csv: Path) -> list[dict]:
+    """Evaluation rows of a run's metrics.csv: step, FLOPs, perplexity, few-shot accuracy."""
+    keys = ("step", "trainer/flops", "eval/perplexity", "eval/fewshot_acc", "eval/fewshot_acc_before")
+    out = []
+    with open(metrics_csv, newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            if row.get("eval/perplexity"):
+                out.append({k: float(row[k]) for k in keys if row.get(k)})
+    return out
+
+
+def evaluate(run_dir: Path, episodes: int, ppl_rows: int | None) -> dict:
+    """Perplexity over the held-out rows and the few-shot suite, on the run's final checkpoint."""
+    bundle = load_for_eval(run_dir)
+    ppl = pm.perplexity(bundle.model, bundle.heldout_rows[:ppl_rows], batch_size=16)
+    if "downstream" not in _CACHE:  # the same paragraphs for every run
+        _CACHE["downstream"] = load_downstream_dataset("heldout", corpus=bundle.corpus)
+    suite = run_suite(
+        bundle.model, bundle.tokenizer, bundle.heldout_rows, bundle.head, bundle.inner_loop, SETTINGS,
+        episodes, downstream_dataset=_CACHE["downstream"], **bundle.suite_kwargs,
+    )  # fmt: skip
+    final = {
+        "perplexity": ppl["perplexity"],
+        "lm_loss": ppl["loss"],
+        "ppl_tokens": ppl["tokens"],
+    }
+    for task in ("smlmt", "downstream"):
+        for row in suite[task]:
+            for what in ("before", "probe", "after"):
+                final[f"{task}_{row['setting']}_{what}"] = row.get(f"acc_{what}")
+    return {
+        "step": bundle.step,
+        "final": final,
+        "skipped": suite["skipped"],
+        "suite_seconds": suite["seconds"],
+    }
+
+
+def run_one(trainer, run: dict, args: argparse.Namespace) -> dict:
+    run_dir = args.work_dir / run["name"]
+    cached = run_dir / "study_result.json"
+    if cached.exists():
+        old = json.loads(cached.read_text())
+        same = [old.get(k) == v for k, v in (("episodes", args.episodes), ("ppl_rows", args.ppl_rows))]
+        if old.get("overrides") == run["overrides"] and all(same):
+            log.info("%s: reusing %s", run["name"], cached)
+            return old
+    start = time.perf_counter()
+    code = trainer.main(
+        ["--config", args.config, "--run-dir", str(run_dir), "--resume", "auto"]
+        + [a for o in run["overrides"] for a in ("--set", o)]
+    )
+    if code:
+        raise RuntimeError(f"{run['name']}: the trainer exited with {code}")
+    train_s = time.perf_counter() - start
+    start = time.perf_counter()
+    result = run | evaluate(run_dir, args.episodes, args.ppl_rows)
+    result |= {
+        "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - start, 1),
+        "curve": read_curve(run_dir / "metrics.csv"), "episodes": args.episodes, "ppl_rows": args.ppl_rows,
+    }  # fmt: skip
+    if result["step"] != run["steps"]:
+        raise RuntimeError(
+            f"{run['name']}: the final checkpoint is at step {result['step']}, not {run['steps']}"
+        )
+    cached.write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+def aggregate(results: list[dict]) -> dict:
+    """Mean and 95 % CI over seeds per (budget, arm), and paired differences to AR (same seed)."""
+    out: dict = {}
+    for budget in ("steps", "flops"):
+        rows = [r for r in results if r["budget"] == budget]
+        ar = {r["seed"]: r for r in rows if r["arm"] == "ar"}
+        for arm in sorted(dict.fromkeys(r["arm"] for r in rows), key=list(ARMS).index):
+            mine = [r for r in rows if r["arm"] == arm]
+            cell: dict = {
+                "seeds": len(mine),
+                "steps": mean_ci([r["steps"] for r in mine])[0],
+                "flops": mean_ci([r["flops"] for r in mine])[0],
+            }
+            for key, _ in COLUMNS:
+                values = [r["final"].get(key) for r in mine]
+                if any(v is None for v in values):
+                    continue
+                cell[key] = mean_ci(values)
+                if arm != "ar":
+                    diffs = [r["final"][key] - ar[r["seed"]]["final"][key] for r in mine if r["seed"] in ar]
+                    cell[f"{key}_diff_vs_ar"] = mean_ci(diffs)
+            out.setdefault(budget, {})[arm] = cell
+    return out
+
+
+def time_to_target(results: list[dict]) -> dict:
+    """When each run first reaches its seed's AR run's final evaluation perplexity (the claim "reaches the
+    same loss sooner"): per run the step and FLOPs of the first evaluation at or below it, else None."""
+    ar = {r["seed"]: r for r in results if r["arm"] == "ar" and r["budget"] == "steps" and r["curve"]}
+    out: dict = {}
+    for r in results:
+        if r.get("alias") or r["seed"] not in ar or not r["curve"]:
+            continue
+        target = ar[r["seed"]]["curve"][-1]["eval/perplexity"]
+        hit = next((c for c in r["curve"] if c["eval/perplexity"] <= target), None)
+        out.setdefault(r["budget"], {}).setdefault(r["arm"], []).append(
+            {
+                "seed": r["seed"], "target": target,
+                "step": None if hit is None else int(hit["step"]),
+                "flops": None if hit is None else hit["trainer/flops"],
+                "ar_flops": ar[r["seed"]]["flops"],
+            }
+        )  # fmt: skip
+    return out
+
+
+def _fmt(pair, digits: int) -> str:
+    mean, ci = pair
+    return f"{mean:.{digits}f}" if ci is None or math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
+
+
+def markdown(summary: dict, reach: dict, args: argparse.Namespace, seconds: float) -> str:
+    lines = [
+        f"# Study: hybrid SMLMT meta-pretraining vs next-token only ({'quick' if args.quick else 'full'})",
+        "",
+        f"{args.seeds} seeds per arm, {args.steps} steps in the equal-steps budget, {args.episodes} evaluation "
+        f"episodes per setting; mean ± 95 % CI over seeds (Student t). Chance: 0.200 (5-way). "
+        f"Training and evaluation of all runs took {seconds / 60:.1f} min (torch {torch.__version__}, "
+        f"{args.threads} threads).",
+    ]
+    heads = [label for _, label in COLUMNS]
+    for budget, title in (("steps", "Equal optimizer steps"), ("flops", "Equal FLOPs (the AR run's budget)")):
+        if budget not in summary:
+            continue
+        lines += ["", f"## {title}", "", "| arm | steps | FLOPs | " + " | ".join(heads) + " |"]
+        lines.append("|---|---:|---:|" + "---:|" * len(heads))
+        for arm, cell in summary[budget].items():
+            vals = [_fmt(cell[k], 1 if k == "perplexity" else 3) if k in cell else "n/a" for k, _ in COLUMNS]
+            lines.append(f"| {arm} | {cell['steps']:.0f} | {cell['flops']:.3g} | " + " | ".join(vals) + " |")
+        lines += ["", f"Paired difference to `ar` (same seed, same episodes), {title.lower()}:", ""]
+        lines += ["| arm | " + " | ".join(heads) + " |", "|---|" + "---:|" * len(heads)]
+        for arm, cell in summary[budget].items():
+            if arm == "ar":
+                continue
+            vals = [
+                _fmt(cell[f"{k}_diff_vs_ar"], 1 if k == "perplexity" else 3)
+                if f"{k}_diff_vs_ar" in cell
+                else "n/a"
+                for k, _ in COLUMNS
+            ]
+            lines.append(f"| {arm} − ar | " + " | ".join(vals) + " |")
+    lines += [
+        "",
+        "## Reaching the AR run's final perplexity",
+        "",
+        "First evaluation during training at or below the same seed's AR run's final evaluation perplexity "
+        "(eval rows): step and FLOPs as a share of the AR run's; `—` = not reached.",
+        "",
+        "| budget | arm | per seed: step (FLOPs / AR FLOPs) |",
+        "|---|---|---|",
+    ]
+    for budget, arms in reach.items():
+        for arm, hits in arms.items():
+            cells = [
+                "—" if h["step"] is None else f"{h['step']} ({h['flops'] / h['ar_flops']:.2f})" for h in hits
+            ]
+            lines.append(f"| {budget} | {arm} | " + ", ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(results: list[dict], out: Path) -> list[Path]:
+    """Evaluation-during-training curves and final metrics, each against training FLOPs."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        warnings.warn("matplotlib is not installed (pip install 'picomaml[plots]'): no plots", stacklevel=1)
+        return []
+    colors = {
+        "ar": "tab:blue",
+        "hybrid-0.5": "tab:orange",
+        "hybrid-sched": "tab:green",
+        "hybrid-0.2": "tab:red",
+    }
+    styles = {"steps": "-", "flops": "--"}
+    paths = []
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for r in results:
+        if r.get("alias") or not r["curve"]:
+            continue
+        x = [c["trainer/flops"] for c in r["curve"]]
+        label = f"{r['arm']} ({r['budget']})" if r["seed"] == 0 else None
+        kw = {
+            "color": colors.get(r["arm"]),
+            "ls": styles[r["budget"]],
+            "alpha": 0.7,
+            "marker": ".",
+            "label": label,
+        }
+        axes[0].plot(x, [c["eval/perplexity"] for c in r["curve"]], **kw)
+        axes[1].plot(x, [c.get("eval/fewshot_acc", math.nan) for c in r["curve"]], **kw)
+    axes[0].set(xlabel="training FLOPs", ylabel="held-out perplexity (eval rows)", yscale="log")
+    axes[1].set(xlabel="training FLOPs", ylabel="held-out SMLMT 5w4s acc (inner loop)")
+    axes[1].axhline(0.2, color="grey", lw=0.8, ls=":", label="chance")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.suptitle("Evaluation during training, one line per run (solid: equal steps, dashed: equal FLOPs)")
+    fig.tight_layout()
+    paths.append(out / "study_curves.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    keys = [("perplexity", "held-out perplexity"), ("smlmt_5w4s_after", "SMLMT 5w4s (inner loop)"),
+            ("smlmt_5w4s_probe", "SMLMT 5w4s (linear probe)"), ("downstream_5w4s_after", "downstream 5w4s (inner loop)")]  # fmt: skip
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.6))
+    for ax, (key, label) in zip(axes, keys, strict=True):
+        for r in results:
+            if r.get("alias") or r["final"].get(key) is None:
+                continue
+            ax.scatter(r["flops"], r["final"][key], color=colors.get(r["arm"]),
+                       marker="o" if r["budget"] == "steps" else "^", s=22, alpha=0.8)  # fmt: skip
+        ax.set(xlabel="training FLOPs", title=label)
+        ax.grid(alpha=0.3)
+        if key != "perplexity":
+            ax.axhline(0.2, color="grey", lw=0.8, ls=":")
+    for arm, color in colors.items():
+        if any(r["arm"] == arm for r in results):
+            axes[0].scatter([], [], color=color, label=arm)
+    axes[0].legend(fontsize=7, title="o equal steps, ^ equal FLOPs", title_fontsize=7)
+    fig.suptitle("Final checkpoints, one point per run")
+    fig.tight_layout()
+    paths.append(out / "study_final.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+    return paths
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.work_dir.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    runs = plan(args)
+    trainer = load_trainer()
+    results, by_name = [], {}
+    todo = [r for r in runs if not r.get("alias")]
+    for i, run in enumerate(todo, 1):
+        log.info("run %d/%d: %s, %d steps, %.3g FLOPs", i, len(todo), run["name"], run["steps"], run["flops"])
+        by_name[run["name"]] = run_one(trainer, run, args)
+        results.append(by_name[run["name"]])
+    results += [by_name[r["name"]] | {"budget": "flops", "alias": True} for r in runs if r.get("alias")]
+    wall = time.perf_counter() - start
+    seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results if not r.get("alias"))
+    summary, reach = aggregate(results), time_to_target(results)
+    report = {
+        "command": " ".join(["python", "benchmarks/study_hybrid_vs_ar.py", *(argv or sys.argv[1:])]),
+        "seeds": args.seeds, "steps": args.steps, "episodes": args.episodes, "arms": args.arms,
+        "config": str(Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config),
+        "overrides": {"common": COMMON + (QUICK if args.quick else []) + args.set, "arms": ARMS},
+        "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
+        "wall_seconds_this_invocation": round(wall, 1), "summary": summary, "reach_ar_perplexity": reach,
+        "runs": results,
+    }  # fmt: skip
+    (args.out / "study.json").write_text(json.dumps(report, indent=1))
+    table = markdown(summary, reach, args, seconds)
+    (args.out / "study.md").write_text(table)
+    pngs = plot(results, args.out)
+    print(table)
+    print(f"wrote {args.out / 'study.json'}, {args.out / 'study.md'}" + "".join(f", {p}" for p in pngs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,80 @@
+"""The study command end to end on its --quick budget: plan, runs, evaluation, aggregation, reuse."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import picomaml as pm
+from picomaml.eval import run_flops
+
+ROOT = Path(__file__).resolve().parents[2]
+SCRIPT = ROOT / "benchmarks" / "study_hybrid_vs_ar.py"
+
+
+def study(out: Path, work: Path) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(SCRIPT), "--quick", "--arms", "ar", "hybrid-0.5", "--out", str(out)]
+    return subprocess.run(
+        [*cmd, "--work-dir", str(work), "--episodes", "4"], capture_output=True, text=True, timeout=500
+    )
+
+
+@pytest.mark.slow
+def test_quick_study_runs_matches_compute_and_reuses_finished_runs(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "runs"
+    first = study(out, work)
+    assert first.returncode == 0, first.stderr[-3000:]
+    report = json.loads((out / "study.json").read_text())
+    runs = report["runs"]
+    # 2 seeds x (ar + hybrid at equal steps + hybrid at equal FLOPs), plus the AR run standing in the FLOP budget
+    assert len(runs) == 8 and sum(bool(r.get("alias")) for r in runs) == 2
+    for seed in (0, 1):
+        ar = next(r for r in runs if r["seed"] == seed and r["arm"] == "ar" and r["budget"] == "steps")
+        same_steps = next(
+            r for r in runs if r["seed"] == seed and r["arm"] != "ar" and r["budget"] == "steps"
+        )
+        same_flops = next(
+            r for r in runs if r["seed"] == seed and r["arm"] != "ar" and r["budget"] == "flops"
+        )
+        assert same_steps["steps"] == ar["steps"] == 3
+        # equal FLOPs: the hybrid run is the first length that spends the AR run's FLOPs
+        cfg = pm.load_config(ROOT / "examples/configs/tiny-cpu.yaml", same_flops["overrides"])
+        assert (
+            run_flops(cfg)[-1]
+            == same_flops["flops"]
+            >= ar["flops"]
+            > run_flops(cfg, same_flops["steps"] - 1)[-1]
+        )
+        for r in (ar, same_steps, same_flops):
+            assert r["step"] == r["steps"]
+            assert (
+                r["curve"] and r["curve"][-1]["trainer/flops"] == r["flops"]
+            )  # the trainer counted the same
+            final = r["final"]
+            assert final["perplexity"] > 1
+            for key in ("smlmt_5w4s_after", "smlmt_5w4s_probe", "smlmt_5w4s_before", "downstream_5w4s_after"):
+                assert 0 <= final[key] <= 1, key
+    summary = report["summary"]
+    for budget in ("steps", "flops"):
+        mean, ci = summary[budget]["hybrid-0.5"]["perplexity_diff_vs_ar"]
+        diffs = [
+            r["final"]["perplexity"] - a["final"]["perplexity"]
+            for r in runs
+            for a in runs
+            if r["budget"] == budget and a["budget"] == budget
+            and r["arm"] == "hybrid-0.5" and a["arm"] == "ar" and r["seed"] == a["seed"]
+        ]  # fmt: skip
+        assert mean == pytest.approx(sum(diffs) / 2) and ci > 0
+    table = (out / "study.md").read_text()
+    assert "## Equal optimizer steps" in table and "## Equal FLOPs" in table and "hybrid-0.5 − ar" in table
+    for png in ("study_curves.png", "study_final.png"):
+        assert (out / png).stat().st_size > 0
+
+    again = study(out, work)  # every run and evaluation is reused
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stderr.count("reusing") == 6
+    assert json.loads((out / "study.json").read_text())["summary"] == summary
