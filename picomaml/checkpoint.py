@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import pickle
-import random
 import re
 import shutil
 import time
@@ -40,7 +39,10 @@ from typing import Any
 import torch
 import yaml
 
+from picomaml._atomic_io import fsync_dir, fsync_tree, pid_alive, rmtree_atomic, write_bytes, write_text
 from picomaml._version import __version__
+from picomaml.model.hf import export_hf
+from picomaml.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [
     "Checkpoint",
@@ -75,99 +77,8 @@ def step_dir_name(step: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# RNG states
+# small helpers
 # ----------------------------------------------------------------------------------------------
-
-
-def capture_rng_state() -> dict[str, Any]:
-    """The global RNG states: torch CPU, CUDA (when initialised), Python ``random``, NumPy (if installed).
-
-    The result holds only tensors, ints, floats, strings, lists and tuples, so it loads with
-    ``torch.load(weights_only=True)``.
-    """
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    try:
-        import numpy as np
-    except ImportError:  # numpy is optional
-        pass
-    else:
-        np_state = np.random.get_state(legacy=False)
-        state["numpy"] = {
-            "bit_generator": np_state["bit_generator"],
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        }
-    return state
-
-
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` returned (missing parts are left alone)."""
-    if "torch" in state:
-        torch.set_rng_state(state["torch"])
-    if "python" in state:
-        version, internal, gauss = state["python"]
-        random.setstate((version, tuple(internal), gauss))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    if "numpy" in state:
-        try:
-            import numpy as np
-        except ImportError:
-            logger.warning("checkpoint holds a NumPy RNG state but NumPy is not installed; skipped")
-        else:
-            s = state["numpy"]
-            np.random.set_state(
-                {
-                    "bit_generator": s["bit_generator"],
-                    "state": {"key": s["key"].numpy().astype(np.uint32), "pos": s["pos"]},
-                    "has_gauss": s["has_gauss"],
-                    "gauss": s["gauss"],
-                }
-            )
-
-
-# ----------------------------------------------------------------------------------------------
-# small file helpers
-# ----------------------------------------------------------------------------------------------
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # some platforms cannot open directories; the rename is still atomic
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(path: Path) -> None:
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            with open(p, "rb") as f:
-                os.fsync(f.fileno())
-        elif p.is_dir():
-            _fsync_dir(p)
-    _fsync_dir(path)
-
-
-def _write_bytes(path: Path, write: Callable[[Any], None], fsync: bool) -> None:
-    with open(path, "wb") as f:
-        write(f)
-        f.flush()
-        if fsync:
-            os.fsync(f.fileno())
-
-
-def _write_text(path: Path, text: str, fsync: bool) -> None:
-    _write_bytes(path, lambda f: f.write(text.encode("utf-8")), fsync)
 
 
 def _plain(obj: Any) -> Any:
@@ -187,34 +98,17 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists but not ours, or unknown: leave it alone
-    return True
-
-
 def _remove_stale_tmp(root: Path) -> None:
     """Delete temporary directories and pointer files left by writers that no longer run (pid in the name)."""
     for p in root.iterdir():
         m = _TMP_DIR.match(p.name) or _TMP_POINTER.match(p.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         logger.info("removing stale temporary checkpoint file %s", p)
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
-
-
-def _rmtree_atomic(path: Path) -> None:
-    """Rename out of the way first, so a crash mid-delete never leaves a half-deleted step directory."""
-    trash = path.with_name(f".tmp_delete_{path.name}_{os.getpid()}")
-    os.rename(path, trash)
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -384,18 +278,18 @@ def save_checkpoint(
     try:
         for name, obj in state.items():
             value = obj.state_dict() if callable(getattr(obj, "state_dict", None)) else obj
-            _write_bytes(tmp / f"{name}.pt", lambda f, v=value: torch.save(v, f), fsync)
+            write_bytes(tmp / f"{name}.pt", lambda f, v=value: torch.save(v, f), fsync)
         if rng:
             rng_state = capture_rng_state()
-            _write_bytes(tmp / f"{RNG}.pt", lambda f: torch.save(rng_state, f), fsync)
+            write_bytes(tmp / f"{RNG}.pt", lambda f: torch.save(rng_state, f), fsync)
         if config is not None:
-            _write_text(tmp / CONFIG, yaml.safe_dump(_plain(config), sort_keys=False), fsync)
+            write_text(tmp / CONFIG, yaml.safe_dump(_plain(config), sort_keys=False), fsync)
         for name, write in (writers or {}).items():
             sub = tmp / name
             sub.mkdir()
             write(sub)
             if fsync:
-                _fsync_tree(sub)  # third-party writers (save_pretrained) do not fsync
+                fsync_tree(sub)  # third-party writers (save_pretrained) do not fsync
         now = _dt.datetime.now(_dt.timezone.utc)
         trainer_state = {
             "step": step,
@@ -407,19 +301,19 @@ def save_checkpoint(
             "unix_time": now.timestamp(),
             "extra": _plain(dict(extra or {})),
         }
-        _write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2, sort_keys=False), fsync)
+        write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2, sort_keys=False), fsync)
         files = {
             p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
         }
-        _write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1), fsync)
+        write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1), fsync)
         if fsync:
-            _fsync_dir(tmp)
+            fsync_dir(tmp)
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
             trash = root / f".tmp_delete_{final.name}_{os.getpid()}"
             os.rename(final, trash)
         os.rename(tmp, final)
         if fsync:
-            _fsync_dir(root)
+            fsync_dir(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         if trash is not None and trash.exists() and not final.exists():
@@ -432,7 +326,7 @@ def save_checkpoint(
         for _old_step, old in list_checkpoints(root)[:-keep_last]:
             if old != final:
                 logger.debug("pruning checkpoint %s (keep_last=%d)", old, keep_last)
-                _rmtree_atomic(old)
+                rmtree_atomic(old)
     logger.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
     return final
 
@@ -440,10 +334,10 @@ def save_checkpoint(
 def _write_latest(root: Path, name: str, fsync: bool = True) -> None:
     """Point ``root/latest`` at ``name``: write a temporary file, then ``os.replace`` (atomic)."""
     tmp = root / f".{LATEST}.tmp_{os.getpid()}"
-    _write_text(tmp, name + "\n", fsync)
+    write_text(tmp, name + "\n", fsync)
     os.replace(tmp, root / LATEST)
     if fsync:
-        _fsync_dir(root)
+        fsync_dir(root)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -554,36 +448,3 @@ def load_checkpoint(
         rng=rng_state,
         trainer_state=trainer_state,
     )
-
-
-# ----------------------------------------------------------------------------------------------
-# Hugging Face export
-# ----------------------------------------------------------------------------------------------
-
-
-def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
-    """Save ``model.to_hf()`` with ``save_pretrained`` (and the tokenizer beside it, when given).
-
-    Needs ``transformers`` (``pip install 'picomaml[hf]'``). Usable as a checkpoint writer:
-    ``save_checkpoint(..., writers={"hf": lambda d: export_hf(model, d, tokenizer)})``.
-
-    Args:
-        model: A :class:`picomaml.PicoDecoder` (anything with ``to_hf()``).
-        path: Output directory (created).
-        tokenizer: Optional object with ``save_pretrained(path)`` (a ``transformers`` tokenizer).
-    """
-    from picomaml._optional import require
-
-    require("transformers", "hf", "Hugging Face export")
-    if not callable(getattr(model, "to_hf", None)):
-        raise TypeError(f"model: expected an object with to_hf() (a PicoDecoder), got {type(model).__name__}")
-    path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
-    model.to_hf().save_pretrained(path)
-    if tokenizer is not None:
-        if not callable(getattr(tokenizer, "save_pretrained", None)):
-            raise TypeError(
-                f"tokenizer: expected an object with save_pretrained(), got {type(tokenizer).__name__}"
-            )
-        tokenizer.save_pretrained(str(path))
-    return path

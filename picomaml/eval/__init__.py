@@ -17,10 +17,11 @@ from picomaml.eval.flops import (
     steps_for_flops,
 )
 from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
+from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
 from picomaml.eval.perplexity import perplexity, token_nll
 from picomaml.eval.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_predict
 from picomaml.eval.stats import binomial_ci, mean_ci, normal_quantile, t_quantile
-from picomaml.eval.suite import IncompatibleCheckpointError, format_suite_table, load_for_eval, run_suite
+from picomaml.eval.suite import format_suite_table, run_suite
 
 __all__ = [
     "perplexity",

@@ -147,9 +147,14 @@ def linear_probe_accuracy(
     """Query accuracy of a linear probe fitted on each task's support set (see :func:`fit_linear_probe`).
 
     Args:
-        xs: ``(T, S, D)`` support features; ys: ``(T, S)`` labels.
-        xq: ``(T, Q, D)`` query features; yq: ``(T, Q)`` labels.
-        n_way, steps, l2, tol: As in :func:`fit_linear_probe`.
+        xs: ``(T, S, D)`` support features.
+        ys: ``(T, S)`` support labels in ``[0, n_way)``.
+        xq: ``(T, Q, D)`` query features.
+        yq: ``(T, Q)`` query labels.
+        n_way: Number of classes (>= 2).
+        steps: Most Newton steps (see :func:`fit_linear_probe`).
+        l2: Penalty on the standardised weights and bias.
+        tol: Gradient-norm threshold at which a task stops.
 
     Returns:
         One accuracy per task.

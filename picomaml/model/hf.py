@@ -7,6 +7,7 @@ imported lazily (``pip install 'picomaml[hf]'``).
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import torch
 from picomaml._optional import require
 from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
 
-__all__ = ["to_hf", "from_hf", "hf_config", "pico_config_from_hf", "pico_to_hf_key"]
+__all__ = ["to_hf", "from_hf", "export_hf", "hf_config", "pico_config_from_hf", "pico_to_hf_key"]
 
 # PicoDecoder submodule name -> LlamaForCausalLM submodule name, per layer.
 _LAYER_NAMES = {
@@ -180,3 +181,29 @@ def from_hf(model_or_path: Any) -> PicoDecoder:
         for param in model.parameters():
             param.data = param.data.to(ref.dtype)
     return model
+
+
+def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+    """Save ``model.to_hf()`` with ``save_pretrained`` (and the tokenizer beside it, when given).
+
+    Needs ``transformers`` (``pip install 'picomaml[hf]'``). Usable as a checkpoint writer:
+    ``save_checkpoint(..., writers={"hf": lambda d: export_hf(model, d, tokenizer)})``.
+
+    Args:
+        model: A :class:`picomaml.PicoDecoder` (anything with ``to_hf()``).
+        path: Output directory (created).
+        tokenizer: Optional object with ``save_pretrained(path)`` (a ``transformers`` tokenizer).
+    """
+    require("transformers", "hf", "Hugging Face export")
+    if not callable(getattr(model, "to_hf", None)):
+        raise TypeError(f"model: expected an object with to_hf() (a PicoDecoder), got {type(model).__name__}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    model.to_hf().save_pretrained(path)
+    if tokenizer is not None:
+        if not callable(getattr(tokenizer, "save_pretrained", None)):
+            raise TypeError(
+                f"tokenizer: expected an object with save_pretrained(), got {type(tokenizer).__name__}"
+            )
+        tokenizer.save_pretrained(str(path))
+    return path
