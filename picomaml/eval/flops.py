@@ -242,7 +242,10 @@ def steps_for_flops(config: Any, budget: int, max_steps: int = 1_000_000) -> int
     """The shortest run of ``config`` whose total FLOPs reach ``budget`` (to use as ``trainer.max_steps``).
 
     For matching the compute of two arms: e.g. a hybrid run that spends as much as an AR-only run. A
-    ratio schedule stretches over the run's own length, so each candidate length is counted in full.
+    ratio schedule stretches over the run's own length, so each candidate length is counted in full;
+    then the total is not strictly monotone in the length, and the first length found scanning upwards
+    (from a lower bound, jumping by the fewest steps that could cover the remaining FLOPs) is returned.
+    For a constant ratio that is exactly the shortest run.
 
     Args:
         config: A :class:`picomaml.ExperimentConfig`.
