@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from picomaml._checks import int_at_least
 from picomaml.eval.fewshot import (
     FewShotResult,
     eval_mode,
@@ -188,14 +189,8 @@ def downstream_eval(
     Returns:
         A :class:`picomaml.eval.fewshot.FewShotResult` (``chance = 1 / n_way``).
     """
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
-    if (
-        isinstance(episodes_per_batch, bool)
-        or not isinstance(episodes_per_batch, int)
-        or episodes_per_batch < 1
-    ):
-        raise ValueError(f"episodes_per_batch must be an integer >= 1, got {episodes_per_batch!r}")
+    int_at_least("episodes", episodes)
+    int_at_least("episodes_per_batch", episodes_per_batch)
     if pooling not in TEXT_POOLINGS:
         raise ValueError(f"pooling must be one of {list(TEXT_POOLINGS)} for text windows, got {pooling!r}")
     if head is not None and inner_loop is None:

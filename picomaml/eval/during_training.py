@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -11,7 +12,27 @@ from picomaml.config import ExperimentConfig, SamplerConfig
 from picomaml.eval.fewshot import fewshot_eval
 from picomaml.eval.perplexity import perplexity
 
-__all__ = ["evaluate_during_training", "eval_class_split", "check_eval_episodes"]
+__all__ = ["evaluate_during_training", "fewshot_kwargs", "eval_class_split", "check_eval_episodes"]
+
+
+def fewshot_kwargs(cfg: ExperimentConfig, exclude_token_ids: Sequence[int] = ()) -> dict[str, Any]:
+    """Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` and
+    :func:`~picomaml.eval.suite.run_suite` that follow a run's config: its episode shape, window length,
+    frequency band, pooling, feature normalisation, seed, excluded ids (the config's plus
+    ``exclude_token_ids``) and held-out class split, so evaluation episodes look like training episodes.
+    """
+    s = cfg.sampler
+    return {
+        "n_query": s.n_query,
+        "window_len": s.window_len,
+        "pooling": cfg.meta.pooling,
+        "feature_norm": cfg.meta.feature_norm,
+        "seed": cfg.seed,
+        "min_freq": s.min_freq,
+        "max_freq": s.max_freq,
+        "exclude_token_ids": tuple(s.exclude_token_ids) + tuple(exclude_token_ids),
+        "sampler_kwargs": eval_class_split(s),  # evaluation classes = the run's held-out token types
+    }
 
 
 def eval_class_split(sampler: SamplerConfig) -> dict[str, object]:
@@ -62,18 +83,9 @@ def evaluate_during_training(
     out = {"eval/perplexity": ppl["perplexity"], "eval/lm_loss": ppl["loss"]}
     if cfg.eval.fewshot_episodes == 0:
         return out
-    episode_args = {
-        "n_query": cfg.sampler.n_query,
+    episode_args = fewshot_kwargs(cfg, exclude_token_ids) | {
         "mask_token_id": mask_token_id,
-        "window_len": cfg.sampler.window_len,
         "episodes": cfg.eval.fewshot_episodes,
-        "pooling": cfg.meta.pooling,
-        "feature_norm": cfg.meta.feature_norm,
-        "seed": cfg.seed,
-        "min_freq": cfg.sampler.min_freq,
-        "max_freq": cfg.sampler.max_freq,
-        "exclude_token_ids": tuple(cfg.sampler.exclude_token_ids) + tuple(exclude_token_ids),
-        "sampler_kwargs": eval_class_split(cfg.sampler),
     }
     for i, (n_way, k_shot) in enumerate(cfg.eval.fewshot_settings):
         res = fewshot_eval(
@@ -100,12 +112,12 @@ def check_eval_episodes(
 
     if cfg.eval.fewshot_episodes == 0 or heldout_rows.shape[0] == 0:
         return
-    s = cfg.sampler
+    kw = fewshot_kwargs(cfg, exclude_token_ids)
     for n_way, k_shot in cfg.eval.fewshot_settings:
         sampler = SMLMTSampler(
-            n_way=n_way, k_shot=k_shot, n_query=s.n_query, mask_token_id=mask_token_id,
-            window_len=s.window_len, min_freq=s.min_freq, max_freq=s.max_freq,
-            exclude_token_ids=tuple(s.exclude_token_ids) + tuple(exclude_token_ids), **eval_class_split(s),
+            n_way=n_way, k_shot=k_shot, n_query=kw["n_query"], mask_token_id=mask_token_id,
+            window_len=kw["window_len"], min_freq=kw["min_freq"], max_freq=kw["max_freq"],
+            exclude_token_ids=kw["exclude_token_ids"], **kw["sampler_kwargs"],
         )  # fmt: skip
         try:
             sampler.sample(heldout_rows.cpu())

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from picomaml._checks import int_at_least
 from picomaml.eval.probe import linear_probe_accuracy
 from picomaml.eval.stats import mean_ci
 from picomaml.objectives import backbone_hidden, normalize_task_features, pool_features
@@ -228,14 +229,8 @@ def fewshot_eval(
     """
     from picomaml.meta.sampler import SMLMTSampler
 
-    if isinstance(episodes, bool) or not isinstance(episodes, int) or episodes < 1:
-        raise ValueError(f"episodes must be an integer >= 1, got {episodes!r}")
-    if (
-        isinstance(episodes_per_batch, bool)
-        or not isinstance(episodes_per_batch, int)
-        or episodes_per_batch < 1
-    ):
-        raise ValueError(f"episodes_per_batch must be an integer >= 1, got {episodes_per_batch!r}")
+    int_at_least("episodes", episodes)
+    int_at_least("episodes_per_batch", episodes_per_batch)
     if head is not None and inner_loop is None:
         raise ValueError("inner_loop: needed when a head is given (acc_after adapts the head with it)")
     if head is not None and not isinstance(head, nn.Module):

@@ -46,6 +46,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from picomaml._checks import int_at_least
+
 __all__ = [
     "body_matmul_params",
     "ar_step_flops",
@@ -57,12 +59,6 @@ __all__ = [
     "run_flops",
     "steps_for_flops",
 ]
-
-
-def _positive(name: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return value
 
 
 def _model_dims(model_config: Any) -> tuple[int, int, int, int, int]:
@@ -94,8 +90,8 @@ def backbone_flops(model_config: Any, n_sequences: int, seq_len: int, lm_head: b
         seq_len: Tokens per sequence (the model input length).
         lm_head: Count the vocabulary projection (AR steps) or not (meta steps pool hidden states).
     """
-    _positive("n_sequences", n_sequences)
-    _positive("seq_len", seq_len)
+    int_at_least("n_sequences", n_sequences)
+    int_at_least("seq_len", seq_len)
     d, _, _, v, n_layers = _model_dims(model_config)
     tokens = n_sequences * seq_len
     weights = body_matmul_params(model_config) + (d * v if lm_head else 0)
@@ -114,8 +110,8 @@ def ar_step_flops(model_config: Any, batch_size: int, seq_len: int) -> int:
 
 def head_matmul_params(in_dim: int, n_way: int, head_hidden_dims: Sequence[int] = ()) -> int:
     """Matmul weights of a :class:`picomaml.MetaHead` ``in_dim -> hidden... -> n_way`` (biases left out)."""
-    dims = [_positive("in_dim", in_dim), *(_positive("head_hidden_dims", h) for h in head_hidden_dims)]
-    dims.append(_positive("n_way", n_way, 2))
+    dims = [int_at_least("in_dim", in_dim), *(int_at_least("head_hidden_dims", h) for h in head_hidden_dims)]
+    dims.append(int_at_least("n_way", n_way, 2))
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
 
 
@@ -133,9 +129,9 @@ def inner_loop_flops(
     ``steps * s + 3q`` first order, ``steps * 3s + 3q`` second order, with ``s = 3c - c_1``,
     ``c = 2 P_h N K``, ``c_1 = 2 D h_1 N K`` and ``q = 2 P_h N Q`` (see the module docstring).
     """
-    _positive("k_shot", k_shot)
-    _positive("n_query", n_query)
-    _positive("inner_steps", inner_steps, 0)
+    int_at_least("k_shot", k_shot)
+    int_at_least("n_query", n_query)
+    int_at_least("inner_steps", inner_steps, 0)
     p_h = head_matmul_params(in_dim, n_way, head_hidden_dims)
     p_1 = in_dim * (head_hidden_dims[0] if len(head_hidden_dims) else n_way)
     c, c_1, q = 2 * p_h * n_way * k_shot, 2 * p_1 * n_way * k_shot, 2 * p_h * n_way * n_query
@@ -170,11 +166,11 @@ def meta_step_flops(
     Returns:
         FLOPs as an integer.
     """
-    _positive("n_way", n_way, 2)
-    _positive("n_tasks", n_tasks)
+    int_at_least("n_way", n_way, 2)
+    int_at_least("n_tasks", n_tasks)
     d = _model_dims(model_config)[0]
-    windows = n_tasks * n_way * (_positive("k_shot", k_shot) + _positive("n_query", n_query))
-    body = backbone_flops(model_config, windows, _positive("window_len", window_len), lm_head=False)
+    windows = n_tasks * n_way * (int_at_least("k_shot", k_shot) + int_at_least("n_query", n_query))
+    body = backbone_flops(model_config, windows, int_at_least("window_len", window_len), lm_head=False)
     head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order)
     return body + n_tasks * head
 
@@ -228,7 +224,7 @@ def run_flops(config: Any, steps: int | None = None) -> list[int]:
     """
     from picomaml.meta.hybrid import HybridScheduler
 
-    steps = config.trainer.max_steps if steps is None else _positive("steps", steps)
+    steps = config.trainer.max_steps if steps is None else int_at_least("steps", steps)
     scheduler = HybridScheduler.from_config(config.hybrid, seed=config.seed, total_steps=steps)
     cost = {kinds: experiment_step_flops(config, kinds) for kinds in (("ar",), ("meta",), ("ar", "meta"))}
     out, total = [], 0
@@ -255,7 +251,7 @@ def steps_for_flops(config: Any, budget: int, max_steps: int = 1_000_000) -> int
     Raises:
         ValueError: ``budget`` is not reached within ``max_steps`` steps.
     """
-    budget = _positive("budget", budget)
+    budget = int_at_least("budget", budget)
     per_step = [experiment_step_flops(config, k) for k in (("ar",), ("meta",))]
     # every step costs at least the cheaper objective and at most both: bracket, then scan upwards
     steps = max(1, budget // sum(per_step))

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from picomaml._checks import int_at_least
+
 __all__ = [
     "LeopardFormatError",
     "FewShotDataset",
@@ -249,8 +251,7 @@ def tokenize_examples(dataset: FewShotDataset, tokenizer: Any, window_len: int) 
     A pair is ``sentence1 + [EOS] + sentence2``. Windows are truncated to ``window_len`` and right-padded
     with ``tokenizer.pad_token_id`` (EOS, then 0, when it has none); ``mask`` is True at real tokens.
     """
-    if isinstance(window_len, bool) or not isinstance(window_len, int) or window_len < 1:
-        raise ValueError(f"window_len must be an integer >= 1, got {window_len!r}")
+    int_at_least("window_len", window_len)
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -317,8 +318,7 @@ def to_episodes(
         ("n_query", n_query, 1),
         ("episodes", episodes, 1),
     ):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        int_at_least(name, value, low)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     s_ids, s_mask = tokenize_examples(dataset, tokenizer, window_len)
     s_groups = _by_label(dataset.labels, len(dataset.label_names))

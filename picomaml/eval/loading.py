@@ -135,7 +135,7 @@ def _load_hf(path: Path, tokenizer: Any, cache_dir: Any) -> EvalBundle:
 def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     from picomaml import checkpoint as ckpt
     from picomaml.config import ConfigError, ExperimentConfig
-    from picomaml.eval.during_training import eval_class_split
+    from picomaml.eval.during_training import fewshot_kwargs
     from picomaml.meta.head import MetaHead
     from picomaml.meta.inner_loop import InnerLoop
     from picomaml.model.decoder import PicoDecoder
@@ -186,17 +186,7 @@ def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     if rows.shape[0] == 0:
         raise IncompatibleCheckpointError(f"{where}: the run's data has no held-out rows to evaluate on")
     s = cfg.sampler
-    kwargs = {
-        "n_query": s.n_query,
-        "window_len": s.window_len,
-        "pooling": cfg.meta.pooling,
-        "feature_norm": cfg.meta.feature_norm,
-        "seed": cfg.seed,
-        "min_freq": s.min_freq,
-        "max_freq": s.max_freq,
-        "exclude_token_ids": tuple(s.exclude_token_ids) + tuple(special),
-        "sampler_kwargs": eval_class_split(s),  # evaluation classes = the run's held-out token types
-    }
+    kwargs = fewshot_kwargs(cfg, special)
     return EvalBundle(
         model=model.eval(), head=head.eval(), inner_loop=loop.eval(), tokenizer=tok, heldout_rows=rows,
         source="checkpoint", path=where, step=loaded.step, config=cfg, corpus=corpus, suite_kwargs=kwargs,

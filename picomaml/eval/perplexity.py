@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from picomaml._checks import int_at_least
+
 __all__ = ["perplexity", "token_nll"]
 
 IGNORE = -100
@@ -99,8 +101,7 @@ def perplexity(
     Returns:
         ``{"perplexity": exp(loss), "loss": mean NLL per predicted token (nats), "tokens": count, "rows": n}``.
     """
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    int_at_least("batch_size", batch_size)
     data = _as_rows(rows)
     if max_rows is not None:
         data = data[:max_rows]

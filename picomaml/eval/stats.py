@@ -14,6 +14,8 @@ from collections.abc import Iterable
 from statistics import NormalDist
 from typing import Literal
 
+from picomaml._checks import int_at_least
+
 __all__ = ["mean_ci", "binomial_ci", "t_quantile", "normal_quantile"]
 
 _EXACT_DF = 100
@@ -142,8 +144,7 @@ def binomial_ci(
         method: ``"wilson"`` or ``"normal"``.
     """
     _check_confidence(confidence)
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    int_at_least("n", n)
     if isinstance(successes, bool) or not isinstance(successes, int) or not 0 <= successes <= n:
         raise ValueError(f"successes must be an integer in [0, n={n}], got {successes!r}")
     z = normal_quantile(0.5 + confidence / 2.0)
