@@ -12,7 +12,7 @@ Arms (everything else is examples/configs/tiny-cpu.yaml):
 * ``hybrid-0.2`` (only with ``--arms``): a meta step with probability 0.2.
 
 Budgets: ``steps`` gives every arm ``--steps`` optimizer steps; ``flops`` gives the hybrid arms as many
-steps as they need to spend the FLOPs of the AR arm's run (``picomaml.eval.steps_for_flops``; a meta step
+steps as they need to spend the FLOPs of the AR arm's run (``picomaml.budget.steps_for_flops``; a meta step
 is cheaper than an AR step). Each run is a complete run with its own cosine schedule, trained by the
 reference trainer ``examples/train_smlmt.py`` in this process. A fifth of the token types is held out of
 meta-training (``sampler.holdout_fraction=0.2``): SMLMT evaluation classes are never training classes.
@@ -44,14 +44,8 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 import torch  # noqa: E402
 
 import picomaml as pm  # noqa: E402
-from picomaml.eval import (  # noqa: E402
-    load_downstream_dataset,
-    load_for_eval,
-    mean_ci,
-    run_flops,
-    run_suite,
-    steps_for_flops,
-)
+from picomaml.budget import run_flops, steps_for_flops  # noqa: E402
+from picomaml.eval import load_downstream_dataset, load_for_eval, mean_ci, run_suite  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "examples" / "train_smlmt.py"
@@ -65,14 +59,14 @@ ARMS: dict[str, list[str]] = {
 }
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
 COMMON = ["sampler.holdout_fraction=0.2", "checkpoint.keep_last=1"]
-QUICK = ["model.n_layers=1", "eval.rows=16", "eval.fewshot_episodes=4"]
+QUICK = ["model.n_layers=1", "eval.rows=16", "eval.episodes=4"]
 SETTINGS = ((5, 1), (5, 4))
 # (key in a run's "final" dict, label): the columns of the markdown tables
 COLUMNS = (
     ("perplexity", "held-out ppl"),
     ("smlmt_5w4s_after", "SMLMT 5w4s inner loop"),
     ("smlmt_5w4s_probe", "SMLMT 5w4s linear probe"),
-    ("smlmt_5w4s_before", "SMLMT 5w4s NCM"),
+    ("smlmt_5w4s_ncm", "SMLMT 5w4s NCM"),
     ("smlmt_5w1s_after", "SMLMT 5w1s inner loop"),
     ("downstream_5w4s_after", "downstream 5w4s inner loop"),
     ("downstream_5w4s_probe", "downstream 5w4s linear probe"),
@@ -118,6 +112,7 @@ def load_trainer():
     """The reference trainer, as a module (its ``main(argv)`` trains in this process)."""
     spec = importlib.util.spec_from_file_location("train_smlmt", TRAINER)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -157,7 +152,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
 
 def read_curve(metrics_csv: Path) -> list[dict]:
     """Evaluation rows of a run's metrics.csv: step, FLOPs, perplexity, few-shot accuracy."""
-    keys = ("step", "trainer/flops", "eval/perplexity", "eval/fewshot_acc", "eval/fewshot_acc_before")
+    keys = ("step", "trainer/flops", "eval/perplexity", "eval/fewshot_acc", "eval/fewshot_acc_ncm")
     out = []
     with open(metrics_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
@@ -183,7 +178,7 @@ def evaluate(run_dir: Path, episodes: int, ppl_rows: int | None) -> dict:
     }
     for task in ("smlmt", "downstream"):
         for row in suite[task]:
-            for what in ("before", "probe", "after"):
+            for what in ("ncm", "probe", "after"):
                 final[f"{task}_{row['setting']}_{what}"] = row.get(f"acc_{what}")
     return {
         "step": bundle.step,

@@ -14,7 +14,7 @@ from picomaml._version import __version__
 # public name -> module that defines it
 _EXPORTS: dict[str, str] = {
     # model
-    "PicoDecoderConfig": "picomaml.model.decoder",
+    "PicoDecoderConfig": "picomaml.model.config",
     "PicoDecoder": "picomaml.model.decoder",
     "KVCache": "picomaml.model.decoder",
     # episodes and meta-learning
@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "lm_loss": "picomaml.objectives",
     "meta_loss": "picomaml.objectives",
     "pool_features": "picomaml.objectives",
+    "episode_features": "picomaml.objectives",
     "HybridLearner": "picomaml.learner",
     # data
     "load_default_corpus": "picomaml.data.corpus",
@@ -95,5 +96,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
     from picomaml.meta.sampler import SMLMTSampler
     from picomaml.meta.smlmt import SamplingError
-    from picomaml.model.decoder import KVCache, PicoDecoder, PicoDecoderConfig
-    from picomaml.objectives import lm_loss, meta_loss, pool_features
+    from picomaml.model.config import PicoDecoderConfig
+    from picomaml.model.decoder import KVCache, PicoDecoder
+    from picomaml.objectives import episode_features, lm_loss, meta_loss, pool_features

@@ -41,7 +41,6 @@ import yaml
 
 from picomaml._atomic_io import fsync_dir, fsync_tree, pid_alive, rmtree_atomic, write_bytes, write_text
 from picomaml._version import __version__
-from picomaml.model.hf import export_hf
 from picomaml.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -52,9 +51,6 @@ __all__ = [
     "resolve_resume",
     "is_complete",
     "list_checkpoints",
-    "capture_rng_state",
-    "restore_rng_state",
-    "export_hf",
 ]
 
 logger = logging.getLogger(__name__)
@@ -234,8 +230,9 @@ def save_checkpoint(
         counters: JSON-serialisable numbers (AR steps, meta steps, tokens, ...) for ``trainer_state.json``.
         extra: More JSON-serialisable fields for ``trainer_state.json``.
         writers: Subdirectory name -> callable that fills that (already created) directory, e.g.
-            ``{"hf": lambda d: export_hf(model, d, tokenizer)}`` or learning dynamics; they run inside the
-            temporary directory, so their output is part of the atomic checkpoint.
+            ``{"hf": lambda d: export_hf(model, d, tokenizer)}`` (:func:`picomaml.model.hf.export_hf`) or
+            learning dynamics; they run inside the temporary directory, so their output is part of the
+            atomic checkpoint.
         rng: Also save the global RNG states (``rng.pt``).
         keep_last: Keep this many complete step directories (the new one included); ``None`` keeps all.
         fsync: Flush files and directories to disk (turn off only for throwaway tests).

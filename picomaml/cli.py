@@ -140,13 +140,8 @@ def eval_main(
     from picomaml._optional import MissingDependencyError
     from picomaml.config import ConfigError
     from picomaml.eval.downstream import load_downstream_dataset
-    from picomaml.eval.suite import (
-        DEFAULT_SETTINGS,
-        IncompatibleCheckpointError,
-        format_suite_table,
-        load_for_eval,
-        run_suite,
-    )
+    from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
+    from picomaml.eval.suite import DEFAULT_SETTINGS, format_suite_table, run_suite
 
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args = build_eval_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv

@@ -15,16 +15,20 @@ each a dict ``module name -> tensor`` (float32, CPU), the layout pico-analyze re
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from picomaml.objectives import lm_loss
+from picomaml.params import Params, hparam
+
 __all__ = [
+    "DynamicsConfig",
     "KINDS",
     "capture_learning_dynamics",
     "save_learning_dynamics",
@@ -39,14 +43,23 @@ KINDS = ("activations", "weights", "gradients")
 SUBDIR = "learning_dynamics"
 
 
+@dataclasses.dataclass
+class DynamicsConfig(Params):
+    """What a learning-dynamics capture records (YAML section ``checkpoint.dynamics``): the keyword
+    arguments of :func:`capture_learning_dynamics` and the rows it runs on."""
+
+    layers: tuple[str, ...] = hparam(
+        ("attention.o_proj", "mlp.down_proj"), doc="module-name suffixes to capture"
+    )
+    seq_idx: int = hparam(-1, doc="sequence position of the recorded activations (negative: from the end)")
+    batch_size: int = hparam(4, ge=1, doc="rows of the fixed train and held-out batches")
+
+
 def next_token_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    """Mean next-token cross-entropy of ``model`` on ``batch`` (B, L): logits[:, :-1] vs batch[:, 1:]."""
-    logits = model(batch)
-    if isinstance(logits, tuple):
-        logits = logits[0]
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # the loss in at least float32; float64 models stay float64
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1), batch[:, 1:].flatten())
+    """The default ``loss_fn`` of :func:`capture_learning_dynamics`: :func:`picomaml.lm_loss` on ``batch``
+    ``(B, L)`` with ``full_sequence=True``, so the recorded forward covers all ``L`` positions (the
+    activations at ``seq_idx`` index ``batch`` itself)."""
+    return lm_loss(model, batch, full_sequence=True)
 
 
 _WRAPPERS = {
@@ -72,25 +85,25 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     return model
 
 
-def select_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str, nn.Module]:
-    """Modules whose qualified name ends with one of ``layer_suffixes`` (on a ``.`` boundary), in order.
+def select_modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:
+    """Modules whose qualified name ends with one of ``layers`` (on a ``.`` boundary), in order.
 
     Raises:
         ValueError: no suffixes, or no module matches (the message lists some module names).
     """
-    if isinstance(layer_suffixes, str):
-        layer_suffixes = (layer_suffixes,)
-    if not layer_suffixes:
-        raise ValueError("layer_suffixes must name at least one module suffix, e.g. ['attention.o_proj']")
+    if isinstance(layers, str):
+        layers = (layers,)
+    if not layers:
+        raise ValueError("layers must name at least one module suffix, e.g. ['attention.o_proj']")
     found = {
         name: module
         for name, module in model.named_modules()
-        if name and any(name == s or name.endswith("." + s) for s in layer_suffixes)
+        if name and any(name == s or name.endswith("." + s) for s in layers)
     }
     if not found:
         names = [n for n, _ in model.named_modules() if n][:12]
         raise ValueError(
-            f"layer_suffixes {list(layer_suffixes)} match no module; module names look like {names}"
+            f"layers {list(layers)} match no module; module names look like {names}"
         )
     return found
 
@@ -98,8 +111,8 @@ def select_modules(model: nn.Module, layer_suffixes: Sequence[str]) -> dict[str,
 def capture_learning_dynamics(
     model: nn.Module,
     batch: Tensor,
-    layer_suffixes: Sequence[str] = ("attention.o_proj", "mlp.down_proj"),
-    seq_idx: int = -1,
+    layers: Sequence[str] = DynamicsConfig.layers,
+    seq_idx: int = DynamicsConfig.seq_idx,
     loss_fn: Callable[[nn.Module, Tensor], Tensor] | None = None,
     eval_mode: bool = True,
 ) -> dict[str, dict[str, Tensor]]:
@@ -111,7 +124,7 @@ def capture_learning_dynamics(
             parameters and train/eval mode are left as they were. Needs full (unsharded) weights, so
             call it on one rank with a non-FSDP model.
         batch: (B, L) long token ids, on the model's device.
-        layer_suffixes: Module-name suffixes to capture.
+        layers: Module-name suffixes to capture.
         seq_idx: Sequence position of the recorded activations (negative counts from the end).
         loss_fn: ``loss_fn(model, batch) -> scalar`` whose gradient is recorded; default
             :func:`next_token_loss`.
@@ -130,7 +143,7 @@ def capture_learning_dynamics(
     if not -length <= seq_idx < length:
         raise ValueError(f"seq_idx: {seq_idx} is outside a sequence of length {length}")
     model = unwrap_model(model)
-    modules = select_modules(model, layer_suffixes)
+    modules = select_modules(model, layers)
     loss_fn = loss_fn or next_token_loss
     activations: dict[str, Tensor] = {}
 

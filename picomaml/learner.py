@@ -41,7 +41,8 @@ class HybridLearner(nn.Module):
         model: The backbone (e.g. :class:`picomaml.PicoDecoder`).
         head: The :class:`picomaml.MetaHead` whose initial weights are meta-learned.
         loop: The :class:`picomaml.InnerLoop` (its learned inner LRs, if any, are trained too).
-        pooling: How window features are pooled for the head: ``"mask"``, ``"last"`` or ``"mean"``.
+        pooling: How window features are pooled for the head: ``"mask"``, ``"before_mask"``, ``"last"`` or
+            ``"mean"`` (see :func:`picomaml.objectives.pool_features`).
         feature_norm: Per-task feature normalisation before the inner loop (see :func:`picomaml.meta_loss`).
     """
 
@@ -85,7 +86,14 @@ class HybridLearner(nn.Module):
             ar = lm_loss(self.model, rows)
             total = w_ar * ar
         if episode is not None:
-            meta = meta_loss(self.model, self.head, self.loop, episode, self.pooling, self.feature_norm)
+            meta = meta_loss(
+                self.model,
+                self.head,
+                self.loop,
+                episode,
+                pooling=self.pooling,
+                feature_norm=self.feature_norm,
+            )
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
         assert total is not None
         return LearnerOutput(loss=total, lm_loss=None if ar is None else ar.detach(), meta=meta)

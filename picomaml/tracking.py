@@ -141,8 +141,8 @@ _PANELS = (
     ("meta loss", ("train/meta_loss",)),
     ("meta accuracy", ("meta/support_acc_before", "meta/support_acc_after", "meta/query_acc")),
     ("held-out perplexity", ("eval/perplexity",)),
-    ("few-shot accuracy", ("eval/fewshot_acc", "eval/fewshot_acc_before", "eval/fewshot_chance")),
-    ("learning rate", ("trainer/lr",)),
+    ("few-shot accuracy", ("eval/fewshot_acc", "eval/fewshot_acc_ncm", "eval/fewshot_chance")),
+    ("learning rate", ("trainer/lr/model", "trainer/lr/head")),
 )
 
 

@@ -48,7 +48,7 @@ def _train_two_steps(tmp_path: Path) -> Path:
         "meta": {"pooling": "mask", "n_tasks": 2},
         "hybrid": {"ratio": 0.5, "mode": "bernoulli"},
         "trainer": {"max_steps": 2, "log_every": 1, "eval_every": 100, "save_every": 2, "accelerator": "cpu"},
-        "eval": {"rows": 8, "batch_size": 8, "fewshot_episodes": 2, "fewshot_settings": [[3, 2]]},
+        "eval": {"rows": 8, "batch_size": 8, "episodes": 2, "settings": [[3, 2]]},
     }  # fmt: skip
     config = tmp_path / "config.yaml"
     config.write_text(yaml.safe_dump(cfg))
@@ -77,7 +77,7 @@ def test_eval_on_a_real_two_step_trainer_run(tmp_path, capsys):
     assert [r["setting"] for r in data["smlmt"]] == ["5w1s", "5w4s", "3w2s"]  # defaults + the training one
     for r in data["smlmt"]:
         assert r["episodes"] == 3 and r["chance"] == 1 / r["n_way"]
-        for key in ("acc_before", "acc_probe", "acc_after"):  # a prototype head serves every n_way
+        for key in ("acc_ncm", "acc_probe", "acc_after"):  # a prototype head serves every n_way
             assert 0.0 <= r[key] <= 1.0, (key, r)
         assert len(r["per_episode_probe"]) == 3
     assert "downstream" not in data or not data["downstream"]

@@ -5,16 +5,11 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from picomaml.config import (
-    ConfigError,
-    ExperimentConfig,
-    HybridConfig,
-    SamplerConfig,
-    apply_overrides,
-    dump_config,
-    from_dict,
-    load_config,
-)
+from picomaml.config import ExperimentConfig, dump_config, load_config
+from picomaml.meta.hybrid import HybridConfig
+from picomaml.meta.sampler import SamplerConfig
+from picomaml.params import ConfigError, from_dict
+from picomaml.strict_yaml import apply_overrides
 
 
 def test_defaults_validate_and_round_trip(tmp_path):

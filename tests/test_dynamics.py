@@ -16,7 +16,8 @@ from picomaml.dynamics import (
     save_learning_dynamics,
     select_modules,
 )
-from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.decoder import PicoDecoder
 
 SUFFIXES = ("attention.o_proj", "mlp.down_proj")
 

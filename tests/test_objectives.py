@@ -1,4 +1,4 @@
-"""lm_loss, pool_features and meta_loss (one backbone forward per meta step)."""
+"""lm_loss, pool_features, episode_features and meta_loss (one backbone forward per meta step)."""
 
 from __future__ import annotations
 
@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from picomaml.meta.episode import Episode
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
-from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
-from picomaml.objectives import lm_loss, meta_loss, pool_features
+from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.decoder import PicoDecoder
+from picomaml.objectives import (
+    EpisodeFeatures,
+    episode_features,
+    lm_loss,
+    meta_loss,
+    normalize_task_features,
+    pool_features,
+)
 
 V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
 
@@ -52,6 +60,28 @@ def test_lm_loss_is_next_token_cross_entropy() -> None:
         lm_loss(model, tokens[:, :1])
 
 
+def test_lm_loss_full_sequence_and_model_outputs() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, V, (3, 12))
+    # a causal model: feeding the last token too changes no logit that has a target
+    torch.testing.assert_close(lm_loss(model, tokens, full_sequence=True), lm_loss(model, tokens))
+
+    class TupleOut(torch.nn.Module):  # (logits, hidden), like PicoDecoder(return_hidden=True)
+        def forward(self, ids):
+            return model(ids, return_hidden=True)
+
+    class ModelOutput(torch.nn.Module):  # an object with .logits, like transformers' ModelOutput
+        def forward(self, ids):
+            return type("Out", (), {"logits": model(ids)})()
+
+    ref = lm_loss(model, tokens, pad_id=0)
+    torch.testing.assert_close(lm_loss(TupleOut(), tokens, pad_id=0), ref)
+    torch.testing.assert_close(lm_loss(ModelOutput(), tokens, pad_id=0), ref)
+    full = model(tokens)[:, :-1]
+    ref = F.cross_entropy(full.reshape(-1, V), tokens[:, 1:].reshape(-1))
+    torch.testing.assert_close(lm_loss(TupleOut(), tokens, full_sequence=True), ref)
+
+
 def test_pool_features() -> None:
     hidden = torch.randn(3, 5, 4)
     mask = torch.tensor([[1, 0, 0, 1, 0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]], dtype=torch.bool)
@@ -70,13 +100,94 @@ def test_pool_features() -> None:
         pool_features(hidden, None, "mask")
 
 
+def test_pool_features_over_valid_positions() -> None:
+    hidden = torch.randn(3, 5, 4)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]], dtype=torch.bool)
+    mean = pool_features(hidden, None, "mean", valid=valid)
+    last = pool_features(hidden, None, "last", valid=valid)
+    for b in range(3):
+        torch.testing.assert_close(mean[b], hidden[b][valid[b]].mean(0))
+        torch.testing.assert_close(last[b], hidden[b][valid[b]][-1])
+    # every position valid: the same numbers as no valid mask (SMLMT windows)
+    everything = torch.ones(3, 5, dtype=torch.bool)
+    torch.testing.assert_close(pool_features(hidden, None, "mean", valid=everything), hidden.mean(1))
+    assert torch.equal(pool_features(hidden, None, "last", valid=everything), hidden[:, -1])
+    # "mask" pools masked positions, which are real tokens: valid does not change it
+    mask = torch.zeros(3, 5, dtype=torch.bool)
+    mask[:, 0] = True
+    assert torch.equal(pool_features(hidden, mask, "mask", valid=valid), pool_features(hidden, mask, "mask"))
+    valid[2] = False
+    with pytest.raises(ValueError, match=r"valid: rows \[2\] have no valid"):
+        pool_features(hidden, None, "mean", valid=valid)
+    with pytest.raises(ValueError, match="valid has shape"):
+        pool_features(hidden, None, "last", valid=valid[:, :4])
+
+
+def test_episode_features_is_one_forward_with_a_task_dim() -> None:
+    model = tiny_model()
+    calls = count_backbone_runs(model)
+    eps = [random_episode(s) for s in range(3)]
+    out = episode_features(model, Episode.stack(eps), "before_mask", "center")
+    assert isinstance(out, EpisodeFeatures) and calls == [3 * N * (K + Q)]
+    xs, ys, xq, yq = out
+    assert xs.shape == (3, N * K, 16) and xq.shape == (3, N * Q, 16)
+    assert ys.shape == (3, N * K) and yq.shape == (3, N * Q)
+    for t, ep in enumerate(eps):  # the same as pooling and normalising each task by hand
+        with torch.no_grad():
+            hid = model(torch.cat([ep.support_ids, ep.query_ids]), return_hidden=True)[1]
+            f = pool_features(hid, torch.cat([ep.support_mask, ep.query_mask]), "before_mask")
+            ref_s, ref_q = normalize_task_features(f[: N * K], f[N * K :], "center")
+        torch.testing.assert_close(xs[t].detach(), ref_s, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(xq[t].detach(), ref_q, rtol=1e-5, atol=1e-6)
+        assert torch.equal(ys[t], ep.support_labels) and torch.equal(yq[t], ep.query_labels)
+    one = episode_features(model, eps[0], "mean")  # a single task gets T = 1
+    assert one.support_feats.shape == (1, N * K, 16) and one.query_labels.shape == (1, N * Q)
+
+
+def test_episode_features_dtype_and_features_callable() -> None:
+    model = tiny_model()
+    ep = random_episode()
+    ref = episode_features(model, ep, "mask")
+    assert ref.support_feats.dtype == torch.float32
+    assert episode_features(model, ep, "mask", dtype=torch.float64).query_feats.dtype == torch.float64
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # low-precision features: float32 by default
+        assert episode_features(model, ep, "mask").support_feats.dtype == torch.float32
+    # features=: any ids -> (B, L, D) callable instead of the model's hidden states
+    calls: list[int] = []
+
+    def trunk(ids: torch.Tensor) -> torch.Tensor:
+        calls.append(ids.shape[0])
+        return model.hidden_states(ids)
+
+    got = episode_features(None, ep, "mask", features=trunk)
+    assert calls == [N * (K + Q)]
+    for a, b in zip(got, ref, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_episode_features_errors() -> None:
+    model, ep = tiny_model(), random_episode()
+    with pytest.raises(ValueError, match="model"):
+        episode_features(None, ep)
+    with pytest.raises(ValueError, match="features: hidden states of shape"):
+        episode_features(None, ep, "mean", features=lambda ids: torch.zeros(ids.shape[0], 4))
+    bad = Episode(**{**vars(ep), "query_labels": ep.query_labels[:-1]})
+    with pytest.raises(ValueError, match="query_labels"):
+        episode_features(model, bad)
+    bad = Episode(**{**vars(ep), "query_ids": ep.query_ids[0]})
+    with pytest.raises(ValueError, match="episode: ids must be"):
+        episode_features(model, bad)
+    with pytest.raises(ValueError, match="pooling"):
+        episode_features(model, ep, "max")
+
+
 def count_backbone_runs(model: PicoDecoder) -> list[int]:
     calls: list[int] = []
     model.embed_tokens.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     return calls
 
 
-@pytest.mark.parametrize("pooling", ["mask", "last", "mean"])
+@pytest.mark.parametrize("pooling", ["mask", "before_mask", "last", "mean"])
 def test_meta_loss_runs_the_backbone_once(pooling: str) -> None:
     model = tiny_model()
     calls = count_backbone_runs(model)

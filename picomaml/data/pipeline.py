@@ -10,17 +10,43 @@ Rows carry ``seq_len + 1`` tokens, so the next-token loss has exactly ``seq_len`
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 from itertools import islice
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
-from picomaml.config import ConfigError, DataConfig
 from picomaml.data.row_batcher import RowBatcher
+from picomaml.params import ConfigError, Params, check, hparam
 
-__all__ = ["BatchSource", "StreamBatches", "TrainingData", "build_training_data"]
+__all__ = ["DataConfig", "BatchSource", "StreamBatches", "TrainingData", "build_training_data"]
+
+
+@dataclasses.dataclass
+class DataConfig(Params):
+    """Where token rows come from (YAML section ``data``).
+
+    ``source``: ``embedded`` (the built-in Python-docs corpus and its BPE tokenizer), ``hf`` (a
+    pretokenized Hugging Face dataset such as ``pico-lm/pretokenized-dolma``, streamed) or ``local``
+    (parquet / jsonl / text files in ``paths``, tokenized with ``tokenizer``).
+    """
+
+    source: Literal["embedded", "hf", "local"] = hparam("embedded", doc="embedded corpus, a Hub dataset, or local files")
+    dataset: str = hparam("pico-lm/pretokenized-dolma", doc="Hub dataset of pretokenized rows (source hf)")
+    split: str = hparam("train", doc="split of the Hub dataset")
+    eval_dataset: str | None = hparam(None, doc="Hub dataset of held-out rows; null: rows held out of dataset")
+    paths: list[str] = hparam(default_factory=list, doc="parquet / jsonl / text files (source local)")
+    eval_paths: list[str] = hparam(default_factory=list, doc="held-out files; []: rows held out of paths")
+    tokenizer: str | None = hparam(None, doc="tokenizer name or path; null: the source's own")
+    seq_len: int = hparam(256, ge=1, doc="next-token predictions per row (rows hold seq_len + 1 tokens)")
+    batch_size: int = hparam(8, ge=1, doc="rows per micro-batch (the global batch on in-memory sources)")
+    grad_accum: int = hparam(1, ge=1, doc="micro-batches per optimizer step")
+    cache_dir: str | None = hparam(None, doc="cache of the embedded corpus and downloads; null: the default")
+
+    def validate(self) -> None:
+        check(self.source != "local" or bool(self.paths), "paths", "source 'local' needs at least one path")
 
 log = logging.getLogger(__name__)
 
@@ -119,8 +145,14 @@ def build_training_data(
         seed: Shuffling seed of in-memory sources.
         rank: This process's data-parallel rank.
         world_size: Number of data-parallel processes (must divide ``cfg.batch_size``).
-        eval_rows: Held-out rows to keep for evaluation.
+        eval_rows: Held-out rows to keep for evaluation (0: none).
+
+    Raises:
+        ConfigError: A ``data.*`` value does not fit (the message names the key).
+        ValueError: ``eval_rows`` is negative.
     """
+    if eval_rows < 0:
+        raise ValueError(f"build_training_data: eval_rows must be >= 0, got {eval_rows}")
     if cfg.batch_size % world_size:
         raise ConfigError(f"data.batch_size: {cfg.batch_size} must be divisible by the {world_size} devices")
     row_len = cfg.seq_len + 1
@@ -138,11 +170,12 @@ def build_training_data(
         tokenizer = load_tokenizer(cfg.tokenizer)
         train_rows = load_token_rows(cfg.paths, row_len, tokenizer)
         heldout = load_token_rows(cfg.eval_paths, row_len, tokenizer) if cfg.eval_paths else train_rows[:0]
-        if heldout.shape[0] == 0:
+        if heldout.shape[0] == 0 and eval_rows > 0:
             log.warning(
                 "data.eval_paths is empty: the last %d training rows are held out for evaluation", eval_rows
             )
-            heldout, train_rows = train_rows[-eval_rows:], train_rows[:-eval_rows]
+            cut = max(0, train_rows.shape[0] - eval_rows)  # not train_rows[-eval_rows:]: -0 would take all
+            heldout, train_rows = train_rows[cut:], train_rows[:cut]
     else:  # hf
         from picomaml.data.hub import PretokenizedStream
         from picomaml.data.tokenizer import load_tokenizer
@@ -164,6 +197,7 @@ def build_training_data(
         eval_name = cfg.eval_dataset or cfg.dataset
         if eval_files is None and cfg.eval_dataset is None:
             log.warning("no data.eval_dataset / data.eval_paths: evaluating on the first training rows")
+            eval_files = files  # the training files, when training reads local files rather than the hub
         eval_stream = PretokenizedStream(
             eval_name, data_files=eval_files, split=cfg.split, seq_len=row_len, batch_size=1, drop_last=False
         )

@@ -1,7 +1,10 @@
-"""Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOPs, the suite."""
+"""Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOP formulas, the suite.
+
+The compute of a whole run (``run_flops``, ``steps_for_flops``) is in :mod:`picomaml.budget`.
+"""
 
 from picomaml.eval.downstream import documents_dataset, downstream_eval, load_downstream_dataset
-from picomaml.eval.during_training import check_eval_episodes, eval_class_split, evaluate_during_training
+from picomaml.eval.during_training import EvalConfig, check_eval_episodes, evaluate_during_training
 from picomaml.eval.fewshot import (
     FewShotResult,
     fewshot_eval,
@@ -9,13 +12,7 @@ from picomaml.eval.fewshot import (
     head_for_n_way,
     nearest_class_mean,
 )
-from picomaml.eval.flops import (
-    ar_step_flops,
-    experiment_step_flops,
-    meta_step_flops,
-    run_flops,
-    steps_for_flops,
-)
+from picomaml.eval.flops import ar_step_flops, meta_step_flops
 from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
 from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
 from picomaml.eval.perplexity import perplexity, token_nll
@@ -26,7 +23,7 @@ from picomaml.eval.suite import format_suite_table, run_suite
 __all__ = [
     "perplexity",
     "evaluate_during_training",
-    "eval_class_split",
+    "EvalConfig",
     "check_eval_episodes",
     "token_nll",
     "FewShotResult",
@@ -46,9 +43,6 @@ __all__ = [
     "documents_dataset",
     "ar_step_flops",
     "meta_step_flops",
-    "experiment_step_flops",
-    "run_flops",
-    "steps_for_flops",
     "FewShotDataset",
     "LeopardFormatError",
     "load_leopard_file",

@@ -14,11 +14,12 @@ text of any evaluation label. A label takes part in an episode when it has at le
 
 **Evaluation.** :func:`downstream_eval` draws seeded N-way K-shot episodes over these labels (see
 :func:`picomaml.eval.leopard.to_episodes`: each paragraph is tokenized, truncated to ``window_len`` and
-right-padded), runs the frozen backbone once per batch of episodes, pools each window over its real
-tokens, and reports the nearest-class-mean accuracy (before adaptation), the accuracy of a linear probe
-fitted on each support set (see :mod:`picomaml.eval.probe`) and the accuracy of the head adapted by the
-inner loop (after), as a :class:`picomaml.eval.fewshot.FewShotResult` with Student-t
-confidence intervals over episodes.
+right-padded), featurises each batch of episodes with one forward of the frozen backbone, as in training
+(:func:`picomaml.objectives.episode_features`; ``pooling="mean"`` averages a window over its real
+tokens, ``"last"`` takes its last real token), and reports the nearest-class-mean accuracy (before
+adaptation), the accuracy of a linear probe fitted on each support set (see :mod:`picomaml.eval.probe`)
+and the accuracy of the head adapted by the inner loop (after), as a
+:class:`picomaml.eval.fewshot.FewShotResult` with Student-t confidence intervals over episodes.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from picomaml._checks import int_at_least
 from picomaml.eval.fewshot import (
@@ -41,19 +42,18 @@ from picomaml.eval.fewshot import (
     summarize_accuracies,
 )
 from picomaml.eval.leopard import FewShotDataset, TextEpisode, to_episodes
-from picomaml.objectives import pool_features
 
 __all__ = [
     "split_paragraphs",
     "documents_dataset",
     "load_downstream_dataset",
-    "pool_text_features",
     "downstream_eval",
     "TEXT_POOLINGS",
 ]
 
 logger = logging.getLogger(__name__)
 
+# the poolings that make sense for a text window: it has padding but no masked class token
 TEXT_POOLINGS = ("mean", "last")
 _BLANK = re.compile(r"\n\s*\n")
 _SPACE = re.compile(r"\s+")
@@ -121,25 +121,6 @@ def load_downstream_dataset(
     return ds
 
 
-def pool_text_features(hidden: Tensor, mask: Tensor, pooling: str = "mean") -> Tensor:
-    """One vector per right-padded window: the mean over its real tokens, or its last real token.
-
-    Args:
-        hidden: ``(B, W, D)`` hidden states.
-        mask: ``(B, W)`` bool, True at real tokens (a prefix of each row).
-        pooling: ``"mean"`` or ``"last"``.
-
-    Returns:
-        ``(B, D)``.
-    """
-    if pooling not in TEXT_POOLINGS:
-        raise ValueError(f"pooling must be one of {list(TEXT_POOLINGS)} for text windows, got {pooling!r}")
-    if pooling == "mean":
-        return pool_features(hidden, mask, "mask")
-    last = mask.sum(1).clamp_min(1) - 1  # causal: the last real token has seen the whole text
-    return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-
-
 def downstream_eval(
     model: nn.Module,
     tokenizer: Any,
@@ -175,7 +156,8 @@ def downstream_eval(
             ``n_way`` is rebuilt for ``n_way``), a factory ``n_way -> head``, or ``None`` (only the
             nearest-class-mean accuracy).
         inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``).
-        pooling: ``"mean"`` over real tokens or ``"last"`` real token (see :func:`pool_text_features`).
+        pooling: ``"mean"`` over the real tokens or the ``"last"`` real token (see
+            :func:`picomaml.pool_features` with ``valid``).
         seed: Seed of the episode generator: the same seed gives the same episodes for any model.
         feature_norm: Per-task feature normalisation as in training (``"none"``, ``"center"``,
             ``"standardize"``).
@@ -216,20 +198,12 @@ def downstream_eval(
     with eval_mode(model, head, inner_loop):
         for lo in range(0, episodes, episodes_per_batch):
             batch = eps.slice(lo, min(episodes, lo + episodes_per_batch))
-            b, a, p = score_episode_batch(
-                model,
-                batch,
-                lambda h, m: pool_text_features(h, m, pooling),
-                n_way,
-                head,
-                inner_loop,
-                feature_norm,
-            )
+            b, a, p = score_episode_batch(model, batch, pooling, n_way, head, inner_loop, feature_norm)
             before += b
             after += a
             probe += p
     result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence, probe=probe)
     logger.debug(
-        "downstream %dw%ds: before %.4f, after %s", n_way, k_shot, result.acc_before, result.acc_after
+        "downstream %dw%ds: before %.4f, after %s", n_way, k_shot, result.acc_ncm, result.acc_after
     )
     return result

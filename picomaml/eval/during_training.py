@@ -1,128 +1,122 @@
-"""The evaluation a training loop runs every few hundred steps: held-out perplexity and few-shot accuracy."""
+"""The evaluation a training loop runs every few hundred steps: held-out perplexity and few-shot accuracy.
+
+It takes its own :class:`EvalConfig` and the episode arguments (window length, frequency band, pooling,
+class split, ...) as a plain mapping, so it depends on no training schema; the builder
+(:func:`picomaml.build.eval_episode_kwargs`) derives those arguments from an experiment config.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
-from picomaml.config import ExperimentConfig, SamplerConfig
-from picomaml.eval.fewshot import fewshot_eval
+from picomaml.eval.fewshot import fewshot_eval, head_for_n_way
 from picomaml.eval.perplexity import perplexity
+from picomaml.params import ConfigError, Params, hparam
 
-__all__ = ["evaluate_during_training", "fewshot_kwargs", "eval_class_split", "check_eval_episodes"]
+__all__ = ["EvalConfig", "evaluate_during_training", "check_eval_episodes"]
 
 
-def fewshot_kwargs(cfg: ExperimentConfig, exclude_token_ids: Sequence[int] = ()) -> dict[str, Any]:
-    """Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` and
-    :func:`~picomaml.eval.suite.run_suite` that follow a run's config: its episode shape, window length,
-    frequency band, pooling, feature normalisation, seed, excluded ids (the config's plus
-    ``exclude_token_ids``) and held-out class split, so evaluation episodes look like training episodes.
+@dataclasses.dataclass
+class EvalConfig(Params):
+    """Evaluation during training (YAML section ``eval``): held-out perplexity and few-shot accuracy.
+
+    ``settings`` are ``(n_way, k_shot)`` pairs; the first is logged as ``eval/fewshot_*``, further ones as
+    ``eval/fewshot_<N>w<K>s_*``.
     """
-    s = cfg.sampler
-    return {
-        "n_query": s.n_query,
-        "window_len": s.window_len,
-        "pooling": cfg.meta.pooling,
-        "feature_norm": cfg.meta.feature_norm,
-        "seed": cfg.seed,
-        "min_freq": s.min_freq,
-        "max_freq": s.max_freq,
-        "exclude_token_ids": tuple(s.exclude_token_ids) + tuple(exclude_token_ids),
-        "sampler_kwargs": eval_class_split(s),  # evaluation classes = the run's held-out token types
-    }
+
+    rows: int = hparam(64, ge=1, doc="held-out rows (perplexity and the episodes' windows)")
+    batch_size: int = hparam(8, ge=1, doc="rows per perplexity forward")
+    episodes: int = hparam(100, ge=0, doc="few-shot episodes per setting (0: perplexity only)")
+    settings: tuple[tuple[int, int], ...] = hparam(((5, 4),), ge=1, doc="(n_way, k_shot) few-shot settings")
 
 
-def eval_class_split(sampler: SamplerConfig) -> dict[str, object]:
-    """Sampler keyword arguments that make evaluation episodes use only the run's held-out token types.
-
-    Empty when the run holds none out (``holdout_fraction == 0``): then evaluation classes may also have
-    been training classes (on other documents).
-    """
-    if sampler.holdout_fraction == 0:
-        return {}
-    return {
-        "holdout_fraction": sampler.holdout_fraction,
-        "holdout_seed": sampler.holdout_seed,
-        "class_split": "heldout",
-    }
+def _fewshot_prefix(index: int, n_way: int, k_shot: int) -> str:
+    return "eval/fewshot" if index == 0 else f"eval/fewshot_{n_way}w{k_shot}s"
 
 
 def evaluate_during_training(
-    cfg: ExperimentConfig,
     model: nn.Module,
     head: nn.Module,
     loop: nn.Module,
     heldout_rows: torch.Tensor,
-    mask_token_id: int,
-    exclude_token_ids: Sequence[int] = (),
+    config: EvalConfig,
+    episode_kwargs: Mapping[str, Any],
 ) -> dict[str, float]:
     """Held-out perplexity and few-shot episode accuracy, as ``eval/*`` metrics.
 
-    The first setting of ``cfg.eval.fewshot_settings`` is logged as ``eval/fewshot_acc`` (with
-    ``_ci``, ``_before``, ``_before_ci`` and ``eval/fewshot_chance``); further settings as
-    ``eval/fewshot_<N>w<K>s_*``. Episodes use the training sampler's window length, frequency band,
-    pooling and feature normalisation, and the experiment seed, so every evaluation sees the same
-    episodes; with ``sampler.holdout_fraction > 0`` their classes are the held-out token types only
-    (see :func:`eval_class_split`).
+    The first setting of ``config.settings`` is logged as ``eval/fewshot_acc`` (with ``_ci``,
+    ``eval/fewshot_chance`` and the baselines of :meth:`~picomaml.eval.fewshot.FewShotResult.metrics`);
+    further settings as ``eval/fewshot_<N>w<K>s_*``. Every evaluation with the same arguments sees the
+    same episodes.
 
     Args:
-        cfg: The experiment config (its ``eval``, ``sampler`` and ``meta`` sections are used).
         model: The backbone (run under ``no_grad``; its train/eval mode is restored).
         head: The meta head whose initial weights the inner loop adapts.
         loop: The inner loop.
         heldout_rows: ``(R, L)`` held-out token rows; empty rows give an empty dict.
-        mask_token_id: The tokenizer's mask id.
-        exclude_token_ids: Token ids never used as classes (special tokens), besides the config's.
+        config: How much to evaluate.
+        episode_kwargs: Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` other than the
+            setting and the episode count: ``mask_token_id``, ``n_query``, ``window_len``, ``pooling``,
+            ``feature_norm``, ``seed``, ``min_freq``, ``max_freq``, ``exclude_token_ids``,
+            ``sampler_kwargs`` (see :func:`picomaml.build.eval_episode_kwargs`).
     """
     if heldout_rows.shape[0] == 0:
         return {}
-    ppl = perplexity(model, heldout_rows, batch_size=cfg.eval.batch_size)
+    ppl = perplexity(model, heldout_rows, batch_size=config.batch_size)
     out = {"eval/perplexity": ppl["perplexity"], "eval/lm_loss": ppl["loss"]}
-    if cfg.eval.fewshot_episodes == 0:
+    if config.episodes == 0:
         return out
-    episode_args = fewshot_kwargs(cfg, exclude_token_ids) | {
-        "mask_token_id": mask_token_id,
-        "episodes": cfg.eval.fewshot_episodes,
-    }
-    for i, (n_way, k_shot) in enumerate(cfg.eval.fewshot_settings):
+    for i, (n_way, k_shot) in enumerate(config.settings):
         res = fewshot_eval(
-            model, heldout_rows, n_way=n_way, k_shot=k_shot, head=head, inner_loop=loop, **episode_args
-        )
-        out.update(res.metrics("eval/fewshot" if i == 0 else f"eval/fewshot_{n_way}w{k_shot}s"))
+            model, heldout_rows, n_way=n_way, k_shot=k_shot, head=head, inner_loop=loop,
+            episodes=config.episodes, **episode_kwargs,
+        )  # fmt: skip
+        out.update(res.metrics(_fewshot_prefix(i, n_way, k_shot)))
     return out
 
 
 def check_eval_episodes(
-    cfg: ExperimentConfig,
     heldout_rows: torch.Tensor,
-    mask_token_id: int,
-    exclude_token_ids: Sequence[int] = (),
+    config: EvalConfig,
+    episode_kwargs: Mapping[str, Any],
+    head: nn.Module | None = None,
 ) -> None:
-    """Fail before training when an evaluation setting cannot draw episodes from the held-out rows.
+    """Fail before training when an evaluation setting cannot be scored.
+
+    Args:
+        heldout_rows: ``(R, L)`` held-out rows.
+        config: The evaluation config.
+        episode_kwargs: As for :func:`evaluate_during_training`.
+        head: The meta head; a setting it cannot score (another ``n_way``, unless it is a prototype head) is
+            refused too.
 
     Raises:
-        ConfigError: naming ``eval.fewshot_settings`` and what to change (more ``eval.rows``, a smaller
-            setting, a wider band, a larger ``sampler.holdout_fraction``).
+        ConfigError: naming ``eval.settings`` and what to change (more ``eval.rows``, a smaller setting, a
+            wider band, a larger ``sampler.holdout_fraction``, or settings that match ``sampler.n_way``).
     """
-    from picomaml.config import ConfigError
     from picomaml.meta.sampler import SamplingError, SMLMTSampler
 
-    if cfg.eval.fewshot_episodes == 0 or heldout_rows.shape[0] == 0:
+    if config.episodes == 0 or heldout_rows.shape[0] == 0:
         return
-    kw = fewshot_kwargs(cfg, exclude_token_ids)
-    for n_way, k_shot in cfg.eval.fewshot_settings:
-        sampler = SMLMTSampler(
-            n_way=n_way, k_shot=k_shot, n_query=kw["n_query"], mask_token_id=mask_token_id,
-            window_len=kw["window_len"], min_freq=kw["min_freq"], max_freq=kw["max_freq"],
-            exclude_token_ids=kw["exclude_token_ids"], **kw["sampler_kwargs"],
-        )  # fmt: skip
+    kw = dict(episode_kwargs)
+    sampler_args = {k: kw[k] for k in ("n_query", "mask_token_id", "window_len", "exclude_token_ids")}
+    sampler_args |= {k: kw[k] for k in ("min_freq", "max_freq") if kw.get(k) is not None}
+    sampler_args |= dict(kw.get("sampler_kwargs") or {})
+    for n_way, k_shot in config.settings:
         try:
-            sampler.sample(heldout_rows.cpu())
+            SMLMTSampler(n_way=n_way, k_shot=k_shot, **sampler_args).sample(heldout_rows.cpu())
         except SamplingError as exc:
             raise ConfigError(
-                f"eval.fewshot_settings: no {n_way}-way {k_shot}-shot episode can be drawn from the "
+                f"eval.settings: no {n_way}-way {k_shot}-shot episode can be drawn from the "
                 f"{heldout_rows.shape[0]} held-out rows (eval.rows): {exc}"
             ) from exc
+        if head is not None:
+            try:
+                head_for_n_way(head, n_way)
+            except ValueError as exc:
+                raise ConfigError(f"eval.settings: {exc} (the head is sampler.n_way-way)") from exc

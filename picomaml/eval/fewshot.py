@@ -5,7 +5,7 @@ call with the same rows and seed sees the same episodes, and evaluations at diff
 paired), the backbone runs over the support and query windows under ``torch.no_grad`` (several episodes
 per forward pass), and:
 
-* ``acc_before``: nearest class mean on the frozen pooled features. Each query window goes to the class
+* ``acc_ncm``: nearest class mean on the frozen pooled features. Each query window goes to the class
   whose support mean is closest in Euclidean distance (the Prototypical Networks rule). It needs no
   head, so it measures what the backbone features alone already separate.
 * ``acc_probe``: a linear probe, the classic "fit a linear classifier on frozen features" baseline: an
@@ -36,7 +36,8 @@ from torch import Tensor, nn
 from picomaml._checks import int_at_least
 from picomaml.eval.probe import linear_probe_accuracy
 from picomaml.eval.stats import mean_ci
-from picomaml.objectives import backbone_hidden, normalize_task_features, pool_features
+from picomaml.meta.functional import accuracy
+from picomaml.objectives import episode_features
 
 __all__ = [
     "FewShotResult",
@@ -60,13 +61,13 @@ class FewShotResult:
     Attributes:
         n_way, k_shot, n_query: The episode shape.
         episodes: Number of episodes evaluated.
-        acc_before: Mean query accuracy of the nearest class mean on frozen features.
-        acc_before_ci: Half-width of its confidence interval (``confidence``, Student t over episodes).
+        acc_ncm: Mean query accuracy of the nearest class mean on frozen features.
+        acc_ncm_ci: Half-width of its confidence interval (``confidence``, Student t over episodes).
         acc_after: Mean query accuracy after inner-loop adaptation (``None`` without a head).
         acc_after_ci: Half-width of its confidence interval (``None`` without a head).
         chance: ``1 / n_way``.
         confidence: Coverage of the intervals.
-        per_episode_before, per_episode_after: The per-episode accuracies behind the means.
+        per_episode_ncm, per_episode_after: The per-episode accuracies behind the means.
         acc_probe: Mean query accuracy of a linear probe fitted on the support set (``None`` when not
             computed).
         acc_probe_ci: Half-width of its confidence interval.
@@ -77,13 +78,13 @@ class FewShotResult:
     k_shot: int
     n_query: int
     episodes: int
-    acc_before: float
-    acc_before_ci: float
+    acc_ncm: float
+    acc_ncm_ci: float
     acc_after: float | None
     acc_after_ci: float | None
     chance: float
     confidence: float = 0.95
-    per_episode_before: tuple[float, ...] = ()
+    per_episode_ncm: tuple[float, ...] = ()
     per_episode_after: tuple[float, ...] = ()
     acc_probe: float | None = None
     acc_probe_ci: float | None = None
@@ -96,16 +97,16 @@ class FewShotResult:
 
     def metrics(self, prefix: str = "eval/fewshot") -> dict[str, float]:
         """Flat metrics for a logger: ``{prefix}_acc`` (after adaptation, or before without a head),
-        ``{prefix}_acc_ci``, ``{prefix}_acc_before``, ``{prefix}_acc_before_ci``, ``{prefix}_chance``, and
+        ``{prefix}_acc_ci``, ``{prefix}_acc_ncm``, ``{prefix}_acc_ncm_ci``, ``{prefix}_chance``, and
         ``{prefix}_acc_probe``, ``{prefix}_acc_probe_ci`` when the probe was computed.
         """
-        main = self.acc_after if self.acc_after is not None else self.acc_before
-        main_ci = self.acc_after_ci if self.acc_after_ci is not None else self.acc_before_ci
+        main = self.acc_after if self.acc_after is not None else self.acc_ncm
+        main_ci = self.acc_after_ci if self.acc_after_ci is not None else self.acc_ncm_ci
         out = {
             f"{prefix}_acc": main,
             f"{prefix}_acc_ci": main_ci,
-            f"{prefix}_acc_before": self.acc_before,
-            f"{prefix}_acc_before_ci": self.acc_before_ci,
+            f"{prefix}_acc_ncm": self.acc_ncm,
+            f"{prefix}_acc_ncm_ci": self.acc_ncm_ci,
             f"{prefix}_chance": self.chance,
         }
         if self.acc_probe is not None:  # loggers take floats only
@@ -165,10 +166,6 @@ def head_for_n_way(head: nn.Module, n_way: int) -> nn.Module:
         f"{n_way}-way episodes; evaluate at n_way={getattr(head, 'n_way', '?')}, use a prototype-init head, or "
         f"pass a factory `lambda n_way: MetaHead(...)`"
     )
-
-
-def _accuracy(pred: Tensor, labels: Tensor) -> float:
-    return float((pred == labels).float().mean())
 
 
 def fewshot_eval(
@@ -253,11 +250,6 @@ def fewshot_eval(
         **kwargs,
     )
     index = sampler.index(rows.detach().cpu())
-    mask_pooled = pooling in ("mask", "before_mask")
-
-    def pool(hidden: Tensor, mask: Tensor) -> Tensor:
-        return pool_features(hidden, mask if mask_pooled else None, pooling)
-
     before: list[float] = []
     after: list[float] = []
     probe: list[float] = []
@@ -267,12 +259,12 @@ def fewshot_eval(
             t = min(episodes_per_batch, episodes - done)
             ep = sampler.sample(index, n_tasks=t)  # the same episodes as t single draws, in order
             done += t
-            b, a, p = score_episode_batch(model, ep, pool, n_way, head, inner_loop, feature_norm)
+            b, a, p = score_episode_batch(model, ep, pooling, n_way, head, inner_loop, feature_norm)
             before += b
             after += a
             probe += p
     result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence, probe=probe)
-    logger.debug("few-shot %s: before %.4f, after %s", result.setting, result.acc_before, result.acc_after)
+    logger.debug("few-shot %s: before %.4f, after %s", result.setting, result.acc_ncm, result.acc_after)
     return result
 
 
@@ -293,7 +285,7 @@ def eval_mode(*modules: nn.Module | None) -> Iterator[None]:
 def score_episode_batch(
     model: nn.Module,
     episode: Any,
-    pool: Callable[[Tensor, Tensor], Tensor],
+    pooling: str,
     n_way: int,
     head: nn.Module | None = None,
     inner_loop: nn.Module | None = None,
@@ -301,12 +293,16 @@ def score_episode_batch(
 ) -> tuple[list[float], list[float], list[float]]:
     """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
 
+    The episodes are featurised as in training, by :func:`picomaml.objectives.episode_features` (under
+    ``no_grad``), with the features in the head's dtype.
+
     Args:
         model: The backbone, run under ``no_grad``.
-        episode: Anything with stacked ``support_ids``/``support_mask``/``support_labels`` ``(T, N*K, ...)``
-            and the ``query_*`` counterparts ``(T, N*Q, ...)`` (an :class:`~picomaml.Episode` or a text
-            episode).
-        pool: ``(hidden (B, W, D), mask (B, W)) -> (B, D)`` window features.
+        episode: A stacked :class:`~picomaml.Episode` or :class:`~picomaml.eval.leopard.TextEpisode`
+            (``support_*`` ``(T, N*K, ...)``, ``query_*`` ``(T, N*Q, ...)``; see
+            :func:`~picomaml.objectives.episode_features`).
+        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`;
+            ``"last"`` and ``"mean"`` use only the real tokens of a padded text episode).
         n_way: Classes per task.
         head: Head adapted by the inner loop, or ``None`` for nearest-class-mean accuracy only.
         inner_loop: The inner loop (needed with ``head``).
@@ -315,15 +311,11 @@ def score_episode_batch(
     Returns:
         ``(before, after, probe)``: one accuracy per task each (see :func:`score_tasks`).
     """
-    device = next(model.parameters()).device
-    t, ns, width = episode.support_ids.shape
-    ids = torch.cat([episode.support_ids, episode.query_ids], 1).reshape(-1, width).to(device)
-    mask = torch.cat([episode.support_mask, episode.query_mask], 1).reshape(-1, width).to(device)
+    param = next(head.parameters(), None) if head is not None else None
     with torch.no_grad():  # one backbone forward for the t episodes
-        pooled = pool(backbone_hidden(model, ids), mask)
-    feats = pooled.view(t, -1, pooled.shape[-1])  # (t, N*K + N*Q, D)
-    xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-    ys, yq = episode.support_labels.to(device), episode.query_labels.to(device)
+        xs, ys, xq, yq = episode_features(
+            model, episode, pooling, feature_norm, dtype=param.dtype if param is not None else None
+        )
     return score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
 
 
@@ -350,7 +342,8 @@ def score_tasks(
         the query accuracy of a linear probe fitted on the support features
         (:func:`picomaml.eval.probe.linear_probe_accuracy`).
     """
-    before = [_accuracy(nearest_class_mean(xs[i], ys[i], xq[i], n_way), yq[i]) for i in range(xs.shape[0])]
+    ncm = torch.stack([nearest_class_mean(xs[i], ys[i], xq[i], n_way) for i in range(xs.shape[0])])
+    before = accuracy(ncm, yq, per_task=True).tolist()
     probe = linear_probe_accuracy(xs, ys, xq, yq, n_way)
     if head is None:
         return before, [], probe
@@ -359,7 +352,7 @@ def score_tasks(
     with torch.no_grad():  # adapt() enables gradients for the inner steps itself
         params = inner_loop.adapt(head, xs.to(dtype), ys)  # vectorised over the tasks
         logits = head.functional(params, xq.to(dtype))  # (T, N*Q, N)
-    return before, [float(a) for a in (logits.argmax(-1) == yq).float().mean(1)], probe
+    return before, accuracy(logits, yq, per_task=True).tolist(), probe
 
 
 def summarize_accuracies(
@@ -374,7 +367,7 @@ def summarize_accuracies(
 ) -> FewShotResult:
     """A :class:`FewShotResult` (means, confidence half-widths, chance) from per-episode accuracies
     (``after`` and ``probe`` may be empty: their means are then ``None``)."""
-    acc_before, ci_before = mean_ci(before, confidence)
+    acc_ncm, ci_before = mean_ci(before, confidence)
     acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
     acc_probe, ci_probe = mean_ci(probe, confidence) if probe else (None, None)
     return FewShotResult(
@@ -382,13 +375,13 @@ def summarize_accuracies(
         k_shot=k_shot,
         n_query=n_query,
         episodes=len(before),
-        acc_before=acc_before,
-        acc_before_ci=ci_before,
+        acc_ncm=acc_ncm,
+        acc_ncm_ci=ci_before,
         acc_after=acc_after,
         acc_after_ci=ci_after,
         chance=1.0 / n_way,
         confidence=confidence,
-        per_episode_before=tuple(before),
+        per_episode_ncm=tuple(before),
         per_episode_after=tuple(after),
         acc_probe=acc_probe,
         acc_probe_ci=ci_probe,
@@ -421,7 +414,7 @@ def format_fewshot_table(results: Sequence[FewShotResult] | FewShotResult) -> st
     for r in results:
         lines.append(
             f"| {r.n_way}-way {r.k_shot}-shot ({r.n_query} query) | {r.episodes} | "
-            f"{_fmt(r.acc_before, r.acc_before_ci)} | {_fmt(r.acc_probe, r.acc_probe_ci)} | "
+            f"{_fmt(r.acc_ncm, r.acc_ncm_ci)} | {_fmt(r.acc_probe, r.acc_probe_ci)} | "
             f"{_fmt(r.acc_after, r.acc_after_ci)} | {r.chance:.3f} |"
         )
     return "\n".join(lines)

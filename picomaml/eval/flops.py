@@ -43,7 +43,7 @@ for a real forward and backward of a tiny :class:`picomaml.PicoDecoder` (exact f
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from picomaml._checks import int_at_least
@@ -55,9 +55,6 @@ __all__ = [
     "head_matmul_params",
     "inner_loop_flops",
     "meta_step_flops",
-    "experiment_step_flops",
-    "run_flops",
-    "steps_for_flops",
 ]
 
 
@@ -173,92 +170,3 @@ def meta_step_flops(
     body = backbone_flops(model_config, windows, int_at_least("window_len", window_len), lm_head=False)
     head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order)
     return body + n_tasks * head
-
-
-def experiment_step_flops(config: Any, objectives: Iterable[str]) -> int:
-    """FLOPs of one optimizer step of the reference trainer, over all devices and micro-batches.
-
-    Each of ``data.grad_accum`` micro-batches runs the AR objective on ``data.batch_size`` rows of
-    ``data.seq_len`` inputs and/or the meta objective on ``meta.n_tasks`` episodes of the sampler's shape.
-
-    Args:
-        config: A :class:`picomaml.ExperimentConfig`.
-        objectives: What the step ran: ``{"ar"}``, ``{"meta"}`` or both (``HybridScheduler.objectives``).
-    """
-    kinds = set(objectives)
-    unknown = kinds - {"ar", "meta"}
-    if unknown:
-        raise ValueError(f"objectives: expected 'ar' and/or 'meta', got {sorted(unknown)}")
-    data, s = config.data, config.sampler
-    total = 0
-    if "ar" in kinds:
-        total += ar_step_flops(config.model, data.batch_size, data.seq_len)
-    if "meta" in kinds:
-        total += meta_step_flops(
-            config.model,
-            s.n_way,
-            s.k_shot,
-            s.n_query,
-            s.window_len,
-            n_tasks=config.meta.n_tasks,
-            head_hidden_dims=tuple(config.head.hidden_dims),
-            inner_steps=config.inner_loop.steps,
-            first_order=config.inner_loop.first_order,
-        )
-    return total * data.grad_accum
-
-
-def run_flops(config: Any, steps: int | None = None) -> list[int]:
-    """Cumulative FLOPs after each optimizer step of a run, as the reference trainer counts them.
-
-    The hybrid scheduler is pure in ``(seed, step)``, so the objective of every step, and with it the
-    compute of a whole run, is known before training; a run's ``trainer/flops`` equals this list.
-
-    Args:
-        config: A :class:`picomaml.ExperimentConfig`.
-        steps: Run length (default ``config.trainer.max_steps``). A ratio schedule without its own
-            ``hybrid.total_steps`` stretches over ``steps``, as it does in the trainer.
-
-    Returns:
-        ``steps`` ints: FLOPs of steps ``0..i`` at index ``i``.
-    """
-    from picomaml.meta.hybrid import HybridScheduler
-
-    steps = config.trainer.max_steps if steps is None else int_at_least("steps", steps)
-    scheduler = HybridScheduler.from_config(config.hybrid, seed=config.seed, total_steps=steps)
-    cost = {kinds: experiment_step_flops(config, kinds) for kinds in (("ar",), ("meta",), ("ar", "meta"))}
-    out, total = [], 0
-    for step in range(steps):
-        total += cost[tuple(sorted(scheduler.objectives(step)))]
-        out.append(total)
-    return out
-
-
-def steps_for_flops(config: Any, budget: int, max_steps: int = 1_000_000) -> int:
-    """The shortest run of ``config`` whose total FLOPs reach ``budget`` (to use as ``trainer.max_steps``).
-
-    For matching the compute of two arms: e.g. a hybrid run that spends as much as an AR-only run. A
-    ratio schedule stretches over the run's own length, so each candidate length is counted in full;
-    then the total is not strictly monotone in the length, and the first length found scanning upwards
-    (from a lower bound, jumping by the fewest steps that could cover the remaining FLOPs) is returned.
-    For a constant ratio that is exactly the shortest run.
-
-    Args:
-        config: A :class:`picomaml.ExperimentConfig`.
-        budget: FLOPs to reach (>= 1).
-        max_steps: Give up beyond this many steps.
-
-    Raises:
-        ValueError: ``budget`` is not reached within ``max_steps`` steps.
-    """
-    budget = int_at_least("budget", budget)
-    per_step = [experiment_step_flops(config, k) for k in (("ar",), ("meta",))]
-    # every step costs at least the cheaper objective and at most both: bracket, then scan upwards
-    steps = max(1, budget // sum(per_step))
-    while steps <= max_steps:
-        spent = run_flops(config, steps)[-1]
-        if spent >= budget:
-            return steps
-        # the missing FLOPs need at least this many more steps, even if every one ran both objectives
-        steps += max(1, (budget - spent) // sum(per_step))
-    raise ValueError(f"budget: {budget:.3e} FLOPs are not reached within max_steps={max_steps} steps")

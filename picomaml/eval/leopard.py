@@ -18,7 +18,10 @@ pair), truncates to ``window_len`` tokens and right-pads with the tokenizer's pa
 ``n_way`` labels uniformly among those with enough examples, gives them task-local labels ``[0, N)`` by a
 fresh random permutation, and draws ``k_shot`` support and ``n_query`` query examples per label without
 replacement (from ``query_dataset`` when one is given, e.g. the ``eval`` file beside a ``train_<k>``
-file). All random choices use one seeded ``torch.Generator``.
+file). All random choices use one seeded ``torch.Generator``. The result is a :class:`TextEpisode`, whose
+fields mean what they mean on :class:`picomaml.Episode` (``*_valid`` marks the real tokens, ``*_mask``
+the masked class tokens, of which text has none, and ``class_ids`` the dataset label of each task-local
+label).
 """
 
 from __future__ import annotations
@@ -104,14 +107,24 @@ class TextEpisode:
     """One N-way K-shot text task (or ``T`` stacked along a leading dimension), label-major like
     :class:`picomaml.Episode`.
 
+    Its fields mean what the fields of the same name mean on :class:`picomaml.Episode` (the names in
+    :data:`picomaml.meta.episode.COMMON_FIELDS`), so one featuriser
+    (:func:`picomaml.objectives.episode_features`) and one display (:func:`picomaml.format_episode`) serve
+    both. A text window masks no class token and may end in padding; an SMLMT window is the other way round.
+
     Attributes:
         support_ids: ``([T,] N*K, W)`` long token ids, right-padded with the pad id.
         support_labels: ``([T,] N*K,)`` long in ``[0, N)``; row ``i`` has label ``i // K``.
-        support_mask: ``([T,] N*K, W)`` bool, True at real (non-pad) tokens.
+        support_mask: ``([T,] N*K, W)`` bool, True where a class token was masked: all False (text
+            examples keep all their tokens).
         query_ids: ``([T,] N*Q, W)``, as ``support_ids`` for the query rows.
         query_labels: ``([T,] N*Q,)``; row ``j`` has label ``j // Q``.
-        query_mask: ``([T,] N*Q, W)`` bool.
-        classes: ``([T,] N)`` long: the dataset label index behind each task-local label.
+        query_mask: ``([T,] N*Q, W)`` bool, all False.
+        class_ids: ``([T,] N)`` long, what each task-local label stands for in the source: here the index
+            of the dataset label (into :attr:`FewShotDataset.label_names`); on an :class:`~picomaml.Episode`
+            the class token id.
+        support_valid: ``([T,] N*K, W)`` bool, True at real (non-pad) tokens, a prefix of each row.
+        query_valid: ``([T,] N*Q, W)`` bool, as ``support_valid``.
     """
 
     support_ids: Tensor
@@ -120,7 +133,14 @@ class TextEpisode:
     query_ids: Tensor
     query_labels: Tensor
     query_mask: Tensor
-    classes: Tensor
+    class_ids: Tensor
+    support_valid: Tensor
+    query_valid: Tensor
+
+    @property
+    def padded(self) -> bool:
+        """True: rows may end in padding, so poolings read :attr:`support_valid` / :attr:`query_valid`."""
+        return True
 
     def slice(self, start: int, stop: int) -> TextEpisode:
         """Tasks ``start:stop`` of a stacked episode (views, no copies)."""
@@ -246,10 +266,10 @@ def load_leopard_file(path: str | os.PathLike[str], *, strict_name: bool = False
 
 
 def tokenize_examples(dataset: FewShotDataset, tokenizer: Any, window_len: int) -> tuple[Tensor, Tensor]:
-    """Token windows of every example: ``(ids (n, W) long, mask (n, W) bool)``.
+    """Token windows of every example: ``(ids (n, W) long, valid (n, W) bool)``.
 
     A pair is ``sentence1 + [EOS] + sentence2``. Windows are truncated to ``window_len`` and right-padded
-    with ``tokenizer.pad_token_id`` (EOS, then 0, when it has none); ``mask`` is True at real tokens.
+    with ``tokenizer.pad_token_id`` (EOS, then 0, when it has none); ``valid`` is True at real tokens.
     """
     int_at_least("window_len", window_len)
     pad = getattr(tokenizer, "pad_token_id", None)
@@ -263,14 +283,14 @@ def tokenize_examples(dataset: FewShotDataset, tokenizer: Any, window_len: int) 
             a + sep + b if p else a for a, b, p in zip(encoded, second, dataset.text_pairs, strict=True)
         ]
     ids = torch.full((len(encoded), window_len), pad, dtype=torch.long)
-    mask = torch.zeros((len(encoded), window_len), dtype=torch.bool)
+    valid = torch.zeros((len(encoded), window_len), dtype=torch.bool)
     for i, toks in enumerate(encoded):
         toks = toks[:window_len]
         if not toks:
             raise ValueError(f"{dataset.source or 'dataset'}: example {i} tokenizes to nothing")
         ids[i, : len(toks)] = torch.tensor(toks, dtype=torch.long)
-        mask[i, : len(toks)] = True
-    return ids, mask
+        valid[i, : len(toks)] = True
+    return ids, valid
 
 
 def _by_label(labels: Sequence[int], n_labels: int) -> list[Tensor]:
@@ -320,13 +340,13 @@ def to_episodes(
     ):
         int_at_least(name, value, low)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-    s_ids, s_mask = tokenize_examples(dataset, tokenizer, window_len)
+    s_ids, s_valid = tokenize_examples(dataset, tokenizer, window_len)
     s_groups = _by_label(dataset.labels, len(dataset.label_names))
     if query_dataset is None:
-        q_ids, q_mask, q_groups = s_ids, s_mask, s_groups
+        q_ids, q_valid, q_groups = s_ids, s_valid, s_groups
         need = [(g.numel() >= k_shot + n_query) for g in s_groups]
     else:
-        q_ids, q_mask = tokenize_examples(query_dataset, tokenizer, window_len)
+        q_ids, q_valid = tokenize_examples(query_dataset, tokenizer, window_len)
         q_index = {n: i for i, n in enumerate(query_dataset.label_names)}
         by_q = _by_label(query_dataset.labels, len(query_dataset.label_names))
         empty = torch.empty(0, dtype=torch.long)
@@ -339,7 +359,7 @@ def to_episodes(
             f"{dataset.source or 'dataset'}: {n_way}-way {k_shot}-shot episodes with {n_query} queries need "
             f"{n_way} labels with enough examples, only {eligible.numel()} have them; examples per label: {counts}"
         )
-    out: dict[str, list[Tensor]] = {k: [] for k in ("si", "sm", "qi", "qm", "cls")}
+    out: dict[str, list[Tensor]] = {k: [] for k in ("si", "sv", "qi", "qv", "cls")}
     for _ in range(episodes):
         classes = eligible[torch.randperm(eligible.numel(), generator=gen)[:n_way]]  # position = task label
         s_rows, q_rows = [], []
@@ -353,17 +373,20 @@ def to_episodes(
                 q_rows.append(q_groups[c][torch.randperm(q_groups[c].numel(), generator=gen)[:n_query]])
         s, q = torch.cat(s_rows), torch.cat(q_rows)
         out["si"].append(s_ids[s])
-        out["sm"].append(s_mask[s])
+        out["sv"].append(s_valid[s])
         out["qi"].append(q_ids[q])
-        out["qm"].append(q_mask[q])
+        out["qv"].append(q_valid[q])
         out["cls"].append(classes)
     labels = torch.arange(n_way)
+    support_ids, query_ids = torch.stack(out["si"]), torch.stack(out["qi"])
     return TextEpisode(
-        support_ids=torch.stack(out["si"]),
+        support_ids=support_ids,
         support_labels=labels.repeat_interleave(k_shot).expand(episodes, -1).clone(),
-        support_mask=torch.stack(out["sm"]),
-        query_ids=torch.stack(out["qi"]),
+        support_mask=torch.zeros_like(support_ids, dtype=torch.bool),
+        query_ids=query_ids,
         query_labels=labels.repeat_interleave(n_query).expand(episodes, -1).clone(),
-        query_mask=torch.stack(out["qm"]),
-        classes=torch.stack(out["cls"]),
+        query_mask=torch.zeros_like(query_ids, dtype=torch.bool),
+        class_ids=torch.stack(out["cls"]),
+        support_valid=torch.stack(out["sv"]),
+        query_valid=torch.stack(out["qv"]),
     )

@@ -134,11 +134,8 @@ def _load_hf(path: Path, tokenizer: Any, cache_dir: Any) -> EvalBundle:
 
 def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     from picomaml import checkpoint as ckpt
-    from picomaml.config import ConfigError, ExperimentConfig
-    from picomaml.eval.during_training import fewshot_kwargs
-    from picomaml.meta.head import MetaHead
-    from picomaml.meta.inner_loop import InnerLoop
-    from picomaml.model.decoder import PicoDecoder
+    from picomaml.build import build_run, eval_episode_kwargs
+    from picomaml.config import ConfigError, ExperimentConfig, upgrade_config_dict
 
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run directory
     try:
@@ -154,22 +151,13 @@ def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     where = loaded.path
     if loaded.config is None:
         raise IncompatibleCheckpointError(f"{where}: no config.yaml, so the model cannot be rebuilt")
+    data, renamed = upgrade_config_dict(loaded.config)
+    if renamed:
+        logger.info("%s/config.yaml uses keys of an earlier release: %s", where, ", ".join(renamed))
     try:
-        cfg = ExperimentConfig.from_dict(loaded.config)
+        cfg = ExperimentConfig.from_dict(data)
     except ConfigError as exc:
         raise IncompatibleCheckpointError(f"{where}/config.yaml: {exc}") from exc
-    model = PicoDecoder(cfg.model)
-    head = MetaHead(in_dim=cfg.model.d_model, n_way=cfg.sampler.n_way, **vars(cfg.head))
-    loop = InnerLoop(**(vars(cfg.inner_loop) | {"backend": "torch"}))  # every backend gives the same numbers
-    if cfg.inner_loop.learn_lr:
-        loop.bind(head)
-    for name, module in (("model", model), ("head", head), ("inner_loop", loop)):
-        try:
-            module.load_state_dict(loaded.states[name])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            raise IncompatibleCheckpointError(
-                f"{where}: the saved {name!r} state does not fit the module its config.yaml describes: {exc}"
-            ) from exc
     corpus = None
     cache = cache_dir if cache_dir is not None else cfg.data.cache_dir
     if cfg.data.source == "embedded":
@@ -185,12 +173,20 @@ def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
         tok, rows, special = data.tokenizer, data.heldout_rows, data.special_ids
     if rows.shape[0] == 0:
         raise IncompatibleCheckpointError(f"{where}: the run's data has no held-out rows to evaluate on")
+    # exactly what training built (same head seed, inner-loop backend and learned-LR layout)
+    run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=special, optimizer=False)
+    for name, module in (("model", run.model), ("head", run.head), ("inner_loop", run.inner_loop)):
+        try:
+            module.load_state_dict(loaded.states[name])
+        except (RuntimeError, KeyError, TypeError) as exc:
+            raise IncompatibleCheckpointError(
+                f"{where}: the saved {name!r} state does not fit the module its config.yaml describes: {exc}"
+            ) from exc
     s = cfg.sampler
-    kwargs = fewshot_kwargs(cfg, special)
     return EvalBundle(
-        model=model.eval(), head=head.eval(), inner_loop=loop.eval(), tokenizer=tok, heldout_rows=rows,
-        source="checkpoint", path=where, step=loaded.step, config=cfg, corpus=corpus, suite_kwargs=kwargs,
-        train_setting=(s.n_way, s.k_shot),
+        model=run.model.eval(), head=run.head.eval(), inner_loop=run.inner_loop.eval(), tokenizer=tok,
+        heldout_rows=rows, source="checkpoint", path=where, step=loaded.step, config=cfg, corpus=corpus,
+        suite_kwargs=eval_episode_kwargs(cfg, special_ids=special), train_setting=(s.n_way, s.k_shot),
     )  # fmt: skip
 
 

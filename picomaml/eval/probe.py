@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from picomaml._checks import int_at_least
+from picomaml.meta.functional import accuracy
 
 __all__ = ["fit_linear_probe", "linear_probe_predict", "linear_probe_accuracy"]
 
@@ -167,5 +168,4 @@ def linear_probe_accuracy(
     if yq.shape != xq.shape[:2]:
         raise ValueError(f"yq must be (T, Q) = {tuple(xq.shape[:2])} labels, got shape {tuple(yq.shape)}")
     w, b = fit_linear_probe(xs, ys, n_way, steps=steps, l2=l2, tol=tol)
-    pred = linear_probe_predict(w, b, xq)
-    return [float(a) for a in (pred == yq.to(pred.device)).float().mean(1)]
+    return accuracy(linear_probe_predict(w, b, xq), yq, per_task=True).tolist()

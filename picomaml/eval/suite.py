@@ -7,7 +7,7 @@
   (:func:`picomaml.eval.downstream.downstream_eval`),
 
 and returns a JSON-ready dict; :func:`format_suite_table` renders it as markdown with chance beside every
-accuracy. :func:`picomaml.eval.loading.load_for_eval` (re-exported here) rebuilds what the suite needs
+accuracy. :func:`picomaml.eval.loading.load_for_eval` rebuilds what the suite needs
 from a trainer checkpoint or a Hugging Face export; ``picomaml eval`` (:func:`picomaml.cli.eval_main`) is
 the command line over them.
 """
@@ -25,15 +25,11 @@ from typing import Any
 from torch import Tensor, nn
 
 from picomaml.eval.fewshot import FewShotResult, fewshot_eval, head_for_n_way
-from picomaml.eval.loading import EvalBundle, IncompatibleCheckpointError, load_for_eval
 
 __all__ = [
     "DEFAULT_SETTINGS",
-    "IncompatibleCheckpointError",
-    "EvalBundle",
     "run_suite",
     "format_suite_table",
-    "load_for_eval",
 ]
 
 logger = logging.getLogger(__name__)
@@ -48,7 +44,7 @@ DEFAULT_SETTINGS: tuple[tuple[int, int], ...] = ((5, 1), (5, 4))
 
 def _result_dict(task: str, r: FewShotResult) -> dict[str, Any]:
     row = {"task": task, "setting": r.setting, **dataclasses.asdict(r)}
-    row["per_episode_before"] = list(r.per_episode_before)
+    row["per_episode_ncm"] = list(r.per_episode_ncm)
     row["per_episode_after"] = list(r.per_episode_after)
     row["per_episode_probe"] = list(r.per_episode_probe)
     for key, value in row.items():  # JSON has no NaN: a single episode has no interval
@@ -113,7 +109,8 @@ def run_suite(
         exclude_token_ids: Never SMLMT classes (default: the tokenizer's special tokens).
         downstream: Also run the downstream task.
         downstream_window_len: Tokens per paragraph window (capped at the model's ``max_seq_len``).
-        downstream_pooling: ``"mean"`` or ``"last"`` (see :func:`picomaml.eval.downstream.pool_text_features`).
+        downstream_pooling: ``"mean"`` over a paragraph window's real tokens or its ``"last"`` real token
+            (see :func:`picomaml.pool_features` with ``valid``).
         downstream_dataset: The downstream :class:`~picomaml.eval.leopard.FewShotDataset` (default: the
             held-out paragraphs of the embedded corpus).
         cache_dir: Cache root of the embedded corpus.
@@ -121,7 +118,7 @@ def run_suite(
         episodes_per_batch: Episodes per backbone forward.
         sampler_kwargs: Further :class:`picomaml.SMLMTSampler` arguments of the SMLMT episodes, e.g.
             ``holdout_fraction``/``holdout_seed``/``class_split="heldout"`` so that evaluation classes are
-            never training classes (a checkpoint's :attr:`EvalBundle.suite_kwargs` sets them from its run).
+            never training classes (a checkpoint's :attr:`picomaml.eval.loading.EvalBundle.suite_kwargs` sets them from its run).
 
     Returns:
         ``{"episodes", "seed", "confidence", "settings", "smlmt": [row, ...], "downstream": [row, ...],
@@ -213,7 +210,7 @@ def format_suite_table(results: dict[str, Any]) -> str:
         for r in results.get(task, []):
             lines.append(
                 f"| {names[task]} | {r['n_way']}-way {r['k_shot']}-shot ({r['n_query']} query) | {r['episodes']} | "
-                f"{_cell(r['acc_before'], r['acc_before_ci'])} | "
+                f"{_cell(r['acc_ncm'], r['acc_ncm_ci'])} | "
                 f"{_cell(r.get('acc_probe'), r.get('acc_probe_ci'))} | "
                 f"{_cell(r['acc_after'], r['acc_after_ci'])} | {r['chance']:.3f} |"
             )

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from picomaml._optional import MissingDependencyError, require
 from picomaml.meta.functional import LrFn, clip_grads, global_grad_norm, task_cross_entropy
+from picomaml.meta.head import ACTIVATIONS
 
 __all__ = ["L2L_INSTALL", "load_learn2learn_maml", "head_shell", "higher_sgd_steps", "learn2learn_sgd_steps"]
 
@@ -40,7 +41,17 @@ L2L_INSTALL = (
 )
 _L2L_MAML: ModuleType | None = None
 _SHELLS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-_ACT_MODULES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class _Activation(nn.Module):
+    """The head's activation function as a parameter-free module (the shells are ``nn.Sequential``)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        self.name, self.fn = name, ACTIVATIONS[name]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fn(x)
 
 
 def load_learn2learn_maml() -> ModuleType:
@@ -100,7 +111,7 @@ def head_shell(head: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.
         dims = (head.in_dim, *head.hidden_dims)
         layers: list[nn.Module] = []
         for a, b in zip(dims[:-1], dims[1:], strict=True):
-            layers += [nn.Linear(a, b), _ACT_MODULES[head.activation]()]
+            layers += [nn.Linear(a, b), _Activation(head.activation)]
         layers.append(nn.Linear(dims[-1], head.n_way))
         cache[key] = nn.Sequential(*layers).to(device=device, dtype=dtype).requires_grad_(True)
     return cache[key]

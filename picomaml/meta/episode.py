@@ -6,6 +6,13 @@ An :class:`Episode` is plain data: it does not know how it was sampled (see
 that label ``l`` stands for in this task. Optional provenance (``support_windows`` / ``query_windows``,
 the indices of the source windows in the sampler's buffer, and ``windows_per_row``) lets tests and
 displays map every row back to the tokens it came from.
+
+The text episodes of the downstream evaluation (:class:`picomaml.eval.leopard.TextEpisode`) carry the
+fields of :data:`COMMON_FIELDS` with the same meanings, so featurising
+(:func:`picomaml.objectives.episode_features`) and display (:func:`picomaml.format_episode`) treat both
+alike: ``*_mask`` is True at masked class tokens (none in a text window), ``*_valid`` at real, non-pad
+tokens (every position of an SMLMT window), and ``class_ids`` says what each task-local label stands for
+(the class token id here, the dataset label index there).
 """
 
 from __future__ import annotations
@@ -17,9 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["Episode", "EpisodeError", "CONTRACT_FIELDS"]
+__all__ = ["Episode", "EpisodeError", "CONTRACT_FIELDS", "COMMON_FIELDS"]
 
-# the fields of the public contract (ARCHITECTURE.md); the window indices are provenance on top
+# the fields other code relies on (documented in docs/pages/episodes.md); the window indices are
+# provenance on top
 CONTRACT_FIELDS = (
     "support_ids",
     "support_labels",
@@ -30,6 +38,18 @@ CONTRACT_FIELDS = (
     "class_token_ids",
 )
 _TENSOR_FIELDS = (*CONTRACT_FIELDS, "support_windows", "query_windows")
+# what every episode type (Episode, picomaml.eval.leopard.TextEpisode) has, each with one meaning
+COMMON_FIELDS = (
+    "support_ids",
+    "support_labels",
+    "support_mask",
+    "support_valid",
+    "query_ids",
+    "query_labels",
+    "query_mask",
+    "query_valid",
+    "class_ids",
+)
 
 
 class EpisodeError(ValueError):
@@ -56,6 +76,10 @@ class Episode:
             ``s = (w % windows_per_row) * W``).
         query_windows: ``(N*Q,)`` long or None, as ``support_windows``.
         windows_per_row: Windows cut from each buffer row (None when unknown).
+
+    Properties shared with :class:`picomaml.eval.leopard.TextEpisode` (see :data:`COMMON_FIELDS`):
+    ``support_valid`` / ``query_valid`` (all True: an SMLMT window has no padding), ``class_ids`` (the
+    same tensor as ``class_token_ids``) and ``padded`` (False).
     """
 
     support_ids: Tensor
@@ -68,6 +92,28 @@ class Episode:
     support_windows: Tensor | None = None
     query_windows: Tensor | None = None
     windows_per_row: int | None = None
+
+    # ------------------------------------------------------------------ fields shared with TextEpisode
+
+    @property
+    def support_valid(self) -> Tensor:
+        """``([T,] N*K, W)`` bool, True at real (non-pad) tokens: all True, SMLMT windows are never padded."""
+        return torch.ones_like(self.support_mask)
+
+    @property
+    def query_valid(self) -> Tensor:
+        """``([T,] N*Q, W)`` bool, all True (as :attr:`support_valid`)."""
+        return torch.ones_like(self.query_mask)
+
+    @property
+    def class_ids(self) -> Tensor:
+        """``([T,] N)`` long, what each task-local label stands for: :attr:`class_token_ids` itself."""
+        return self.class_token_ids
+
+    @property
+    def padded(self) -> bool:
+        """False: every position is a real token, so poolings need not read :attr:`support_valid`."""
+        return False
 
     # ------------------------------------------------------------------ shape properties
 

@@ -29,17 +29,30 @@ __all__ = [
 LrFn = Callable[[int, int], "float | Tensor"]
 
 
-def accuracy(logits: Tensor, labels: Tensor) -> Tensor:
-    """Fraction of rows whose arg-max logit is the label (the one accuracy used everywhere).
+def accuracy(scores: Tensor, labels: Tensor, *, per_task: bool = False) -> Tensor:
+    """Fraction of rows predicted right: the one accuracy of the library (training metrics and evaluation).
 
     Args:
-        logits: ``(..., n, N)``.
-        labels: ``(..., n)`` long.
+        scores: Logits ``(..., n, N)`` (the prediction is their arg-max; ties go to the lowest index, as
+            ``argmax``) or predicted labels ``(..., n)`` long, e.g. from a nearest-class-mean rule.
+        labels: ``(..., n)`` long (moved to the device of ``scores``).
+        per_task: Average over the rows ``n`` only, one accuracy per leading index (e.g. ``(T,)`` for
+            ``T`` tasks); default: one mean over all rows and tasks.
 
     Returns:
-        A 0-dim float tensor (mean over all rows and tasks). Ties go to the lowest index, as ``argmax``.
+        A float tensor: 0-dim, or shaped ``scores.shape[:-2]`` / ``labels.shape[:-1]`` with ``per_task``.
+
+    Raises:
+        ValueError: ``scores`` is neither ``labels``-shaped nor ``labels``-shaped plus a class dim.
     """
-    return (logits.argmax(-1) == labels).float().mean()
+    pred = scores.argmax(-1) if scores.dim() == labels.dim() + 1 else scores
+    if pred.shape != labels.shape:
+        raise ValueError(
+            f"scores: shape {tuple(scores.shape)} fits neither labels {tuple(labels.shape)} (predictions) nor "
+            f"labels plus a class dim (logits)"
+        )
+    hits = (pred == labels.to(pred.device)).float()
+    return hits.mean(-1) if per_task else hits.mean()
 
 
 def task_cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:

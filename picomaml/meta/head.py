@@ -17,17 +17,36 @@ The pico-maml setting (4 linear layers, 128 hidden units, xavier init) is
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["MetaHead", "ACTIVATIONS", "INITS", "prototype_layer"]
+from picomaml.params import Params, check_int, choices, hparam
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu, "tanh": torch.tanh}
-INITS = ("xavier", "kaiming", "normal", "zeros", "prototype")
+__all__ = ["MetaHead", "HeadConfig", "Activation", "HeadInit", "ACTIVATIONS", "INITS", "prototype_layer"]
+
+Activation = Literal["relu", "gelu", "silu", "tanh"]
+HeadInit = Literal["xavier", "kaiming", "normal", "zeros", "prototype"]
+ACTIVATIONS = dict(zip(choices(Activation), (F.relu, F.gelu, F.silu, torch.tanh), strict=True))
+INITS = choices(HeadInit)
+
+
+@dataclasses.dataclass
+class HeadConfig(Params):
+    """Hyperparameters of :class:`MetaHead` (YAML section ``head``); ``in_dim``, ``n_way`` and ``seed``
+    come from the model, the sampler and the experiment."""
+
+    hidden_dims: tuple[int, ...] = hparam((), ge=1, doc="sizes of the hidden layers; [] is a linear head")
+    activation: Activation = hparam("relu", doc="non-linearity after each hidden layer")
+    dropout: float = hparam(0.0, ge=0.0, lt=1.0, doc="dropout on hidden activations (torch backend)")
+    init: HeadInit = hparam(
+        "xavier", doc="initial weights; prototype builds the output layer from support class means"
+    )
 
 
 def prototype_layer(feats: Tensor, labels: Tensor, n_way: int) -> tuple[Tensor, Tensor]:
@@ -72,28 +91,18 @@ class MetaHead(nn.Module):
         self,
         in_dim: int,
         n_way: int,
-        hidden_dims: Sequence[int] = (),
-        activation: str = "relu",
-        dropout: float = 0.0,
-        init: str = "xavier",
+        hidden_dims: Sequence[int] = HeadConfig.hidden_dims,
+        activation: Activation = HeadConfig.activation,
+        dropout: float = HeadConfig.dropout,
+        init: HeadInit = HeadConfig.init,
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if in_dim < 1:
-            raise ValueError(f"in_dim must be >= 1, got {in_dim}")
-        if n_way < 2:
-            raise ValueError(f"n_way must be >= 2, got {n_way}")
-        hidden_dims = tuple(int(h) for h in hidden_dims)
-        if any(h < 1 for h in hidden_dims):
-            raise ValueError(f"hidden_dims must all be >= 1, got {hidden_dims}")
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-        if init not in INITS:
-            raise ValueError(f"init must be one of {list(INITS)}, got {init!r}")
-        self.in_dim, self.n_way, self.hidden_dims = in_dim, n_way, hidden_dims
-        self.activation, self.dropout, self.init, self.seed = activation, float(dropout), init, seed
+        in_dim, n_way = check_int("in_dim", in_dim, ge=1), check_int("n_way", n_way, ge=2)
+        config = HeadConfig(hidden_dims=tuple(hidden_dims), activation=activation, dropout=dropout, init=init)
+        self.in_dim, self.n_way, self.hidden_dims = in_dim, n_way, config.hidden_dims
+        self.activation, self.dropout, self.init = config.activation, config.dropout, config.init
+        self.seed = check_int("seed", seed)
         self._act = ACTIVATIONS[activation]
         self._generator = torch.Generator().manual_seed(seed)
         dims = (in_dim, *hidden_dims)

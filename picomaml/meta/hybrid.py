@@ -35,15 +35,35 @@ from __future__ import annotations
 import dataclasses
 import math
 import operator
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
-from picomaml.config import check
+from picomaml.params import Params, check, check_int, hparam
 
-__all__ = ["HybridScheduler", "uniform_hash"]
+__all__ = ["HybridScheduler", "HybridConfig", "StepPlan", "Mode", "Schedule", "uniform_hash"]
 
 Mode = Literal["bernoulli", "interleave", "weighted"]
 Schedule = Literal["constant", "linear", "cosine"]
 Choice = Literal["ar", "meta", "both"]
+
+
+class StepPlan(NamedTuple):
+    """One optimizer step's objectives and loss weights (see :meth:`HybridScheduler.plan`)."""
+
+    objectives: tuple[str, ...]
+    w_ar: float
+    w_meta: float
+
+
+@dataclasses.dataclass
+class HybridConfig(Params):
+    """Hyperparameters of :class:`HybridScheduler` (YAML section ``hybrid``); its seed is the experiment's."""
+
+    ratio: float = hparam(0.5, ge=0, le=1, doc="meta fraction of steps (the meta loss weight in weighted mode)")
+    mode: Mode = hparam("bernoulli", doc="bernoulli per step, a deterministic interleave, or both losses weighted")
+    schedule: Schedule = hparam("constant", doc="ratio after warm-up: constant, or linear/cosine to final_ratio")
+    warmup_steps: int = hparam(0, ge=0, doc="steps over which the ratio rises from 0 to ratio")
+    total_steps: int | None = hparam(None, ge=1, doc="end of a linear/cosine ratio schedule; null: trainer.max_steps")
+    final_ratio: float = hparam(0.0, ge=0, le=1, doc="ratio reached at total_steps by linear/cosine schedules")
 
 _MASK64 = (1 << 64) - 1
 # Distinguishes this component's stream from any other user of the same experiment seed.
@@ -76,8 +96,9 @@ def uniform_hash(seed: int, step: int, stream: int = _STREAM) -> float:
 class HybridScheduler:
     """Decides per optimizer step between the AR objective, the meta objective, or a weighted sum.
 
-    The constructor arguments ``ratio``, ``mode``, ``schedule`` and ``warmup_steps`` are the fields of
-    :class:`picomaml.config.HybridConfig`; ``seed`` is the experiment seed.
+    The constructor arguments ``ratio``, ``mode``, ``schedule``, ``warmup_steps``, ``total_steps`` and
+    ``final_ratio`` are the fields of :class:`HybridConfig` (whose ``total_steps: null`` means
+    ``trainer.max_steps``); ``seed`` is the experiment seed.
 
     Args:
         ratio: Meta fraction (or meta loss weight in ``"weighted"`` mode), in [0, 1].
@@ -99,53 +120,25 @@ class HybridScheduler:
 
     def __init__(
         self,
-        ratio: float = 0.5,
-        mode: Mode = "bernoulli",
-        schedule: Schedule = "constant",
-        warmup_steps: int = 0,
+        ratio: float = HybridConfig.ratio,
+        mode: Mode = HybridConfig.mode,
+        schedule: Schedule = HybridConfig.schedule,
+        warmup_steps: int = HybridConfig.warmup_steps,
         seed: int = 0,
-        total_steps: int | None = None,
-        final_ratio: float = 0.0,
+        total_steps: int | None = HybridConfig.total_steps,
+        final_ratio: float = HybridConfig.final_ratio,
     ) -> None:
-        check(
-            isinstance(ratio, (int, float)) and not isinstance(ratio, bool) and 0.0 <= ratio <= 1.0,
-            "ratio",
-            f"must be a number in [0, 1], got {ratio!r}",
-        )
-        check(
-            mode in ("bernoulli", "interleave", "weighted"),
-            "mode",
-            f"{mode!r} is not allowed; choose one of ['bernoulli', 'interleave', 'weighted']",
-        )
-        check(
-            schedule in ("constant", "linear", "cosine"),
-            "schedule",
-            f"{schedule!r} is not allowed; choose one of ['constant', 'linear', 'cosine']",
-        )
-        check(
-            isinstance(warmup_steps, int) and warmup_steps >= 0,
-            "warmup_steps",
-            f"must be an integer >= 0, got {warmup_steps!r}",
-        )
-        check(
-            isinstance(seed, int) and not isinstance(seed, bool), "seed", f"must be an integer, got {seed!r}"
-        )
-        check(
-            isinstance(final_ratio, (int, float)) and 0.0 <= final_ratio <= 1.0,
-            "final_ratio",
-            f"must be a number in [0, 1], got {final_ratio!r}",
-        )
+        config = HybridConfig(
+            ratio=ratio, mode=mode, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
+            final_ratio=final_ratio,
+        )  # fmt: skip
+        seed = check_int("seed", seed)
+        ratio, warmup_steps, final_ratio = config.ratio, config.warmup_steps, config.final_ratio
         if schedule != "constant":
             check(
-                isinstance(total_steps, int) and total_steps > warmup_steps,
+                total_steps is not None and total_steps > warmup_steps,
                 "total_steps",
                 f"schedule {schedule!r} needs total_steps > warmup_steps ({warmup_steps}), got {total_steps!r}",
-            )
-        elif total_steps is not None:
-            check(
-                isinstance(total_steps, int) and total_steps >= 1,
-                "total_steps",
-                f"must be an integer >= 1 or None, got {total_steps!r}",
             )
         self.ratio = float(ratio)
         self.mode: Mode = mode
@@ -225,6 +218,15 @@ class HybridScheduler:
             r = self.ratio_at(step)
             return (1.0 - r, r)
         return (0.0, 1.0) if self.choose(step) == "meta" else (1.0, 0.0)
+
+    def plan(self, step: int) -> StepPlan:
+        """What a training loop does at ``step``: the objectives and the weight of each loss.
+
+        ``loss = w_ar * ar_loss + w_meta * meta_loss`` over ``plan.objectives`` is the step's loss in every
+        mode (in ``"weighted"`` mode both weights come from the ratio; otherwise the one objective has 1).
+        """
+        w_ar, w_meta = self.weights(step)
+        return StepPlan(self.objectives(step), w_ar, w_meta)
 
     # ------------------------------------------------------------------ state
 

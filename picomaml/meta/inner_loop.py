@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -27,11 +27,34 @@ from torch import Tensor, nn
 from picomaml._optional import require
 from picomaml.meta import backends as _backends
 from picomaml.meta.functional import accuracy, sgd_steps, task_cross_entropy
+from picomaml.params import ConfigError, Params, choices, hparam
 
-__all__ = ["InnerLoop", "InnerLoopOutput", "accuracy", "BACKENDS", "LEARN_LR"]
+__all__ = ["InnerLoop", "InnerLoopConfig", "InnerLoopOutput", "Backend", "LearnLR", "BACKENDS", "LEARN_LR"]
 
-BACKENDS = ("torch", "higher", "learn2learn")
-LEARN_LR = (None, "per_tensor", "per_step")
+Backend = Literal["torch", "higher", "learn2learn"]
+LearnLR = Literal["per_tensor", "per_step"] | None
+BACKENDS = choices(Backend)
+LEARN_LR = choices(LearnLR)
+
+
+@dataclasses.dataclass
+class InnerLoopConfig(Params):
+    """Hyperparameters of :class:`InnerLoop` (YAML section ``inner_loop``)."""
+
+    steps: int = hparam(5, ge=0, doc="inner SGD steps on the support set (0 scores the initial head)")
+    lr: float = hparam(0.1, gt=0, doc="inner learning rate (the initial value of learned ones)")
+    first_order: bool = hparam(False, doc="first-order MAML instead of the exact second-order gradient")
+    backend: Backend = hparam("torch", doc="torch (batched over tasks) or the higher / learn2learn references")
+    learn_lr: LearnLR = hparam(None, doc="learned inner LRs: one per head tensor, or per step and tensor")
+    multi_step_loss: bool = hparam(False, doc="MAML++: mean of the query losses after every inner step")
+    grad_clip: float | None = hparam(None, gt=0, doc="clip each task's inner-gradient norm; null: off")
+    closed_form: bool | None = hparam(
+        None, doc="written-out gradient of a linear head: null = when it applies, false = never, true = require"
+    )
+
+    def validate(self) -> None:
+        if self.closed_form and self.backend != "torch":
+            raise ConfigError(f"closed_form: true needs backend 'torch', got backend {self.backend!r}")
 
 
 @dataclasses.dataclass
@@ -78,29 +101,22 @@ class InnerLoop(nn.Module):
 
     def __init__(
         self,
-        steps: int,
-        lr: float,
-        first_order: bool = False,
-        backend: str = "torch",
-        learn_lr: str | None = None,
-        multi_step_loss: bool = False,
-        grad_clip: float | None = None,
+        steps: int = InnerLoopConfig.steps,
+        lr: float = InnerLoopConfig.lr,
+        first_order: bool = InnerLoopConfig.first_order,
+        backend: Backend = InnerLoopConfig.backend,
+        learn_lr: LearnLR = InnerLoopConfig.learn_lr,
+        multi_step_loss: bool = InnerLoopConfig.multi_step_loss,
+        grad_clip: float | None = InnerLoopConfig.grad_clip,
         head: nn.Module | None = None,
-        closed_form: bool | None = None,
+        closed_form: bool | None = InnerLoopConfig.closed_form,
     ) -> None:
         super().__init__()
-        if int(steps) != steps or steps < 0:
-            raise ValueError(f"steps must be an integer >= 0, got {steps!r}")
-        if not lr > 0:
-            raise ValueError(f"lr must be > 0, got {lr!r}")
-        if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {list(BACKENDS)}, got {backend!r}")
-        if learn_lr not in LEARN_LR:
-            raise ValueError(f"learn_lr must be one of {list(LEARN_LR)}, got {learn_lr!r}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {grad_clip!r}")
-        if closed_form and backend != "torch":
-            raise ValueError(f"closed_form=True needs backend='torch', got backend={backend!r}")
+        config = InnerLoopConfig(
+            steps=steps, lr=lr, first_order=first_order, backend=backend, learn_lr=learn_lr,
+            multi_step_loss=multi_step_loss, grad_clip=grad_clip, closed_form=closed_form,
+        )  # fmt: skip
+        steps, lr, grad_clip = config.steps, config.lr, config.grad_clip
         if backend == "learn2learn" and (learn_lr is not None or grad_clip is not None):
             raise NotImplementedError(
                 "backend='learn2learn' supports neither learn_lr nor grad_clip (learn2learn's MAML has one fixed "

@@ -12,24 +12,47 @@ import logging
 import weakref
 from collections import deque
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from picomaml.config import SamplerConfig, check, to_dict
 from picomaml.meta import smlmt
 from picomaml.meta.episode import Episode
 from picomaml.meta.smlmt import SamplingError, TokensTypeError, WindowIndex
+from picomaml.params import ConfigError, Params, check, check_int, hparam, to_dict
 
-__all__ = ["SMLMTSampler", "SamplingError", "TokensTypeError", "WindowIndex"]
+__all__ = ["SMLMTSampler", "SamplerConfig", "ClassSampling", "ClassSplit", "SamplingError", "TokensTypeError", "WindowIndex"]
 
-_CLASS_SAMPLING = ("uniform", "count_power")
+ClassSampling = Literal["uniform", "count_power"]
+ClassSplit = Literal["train", "heldout"]
 _log = logging.getLogger(__name__)
 
 
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+@dataclasses.dataclass
+class SamplerConfig(Params):
+    """Hyperparameters of :class:`SMLMTSampler` (YAML section ``sampler``); ``mask_token_id`` comes from the
+    tokenizer and ``seed`` from the experiment. See :class:`SMLMTSampler` for the meaning of each."""
+
+    n_way: int = hparam(8, ge=2, doc="classes per task N")
+    k_shot: int = hparam(4, ge=1, doc="support windows per class K")
+    n_query: int = hparam(4, ge=1, doc="query windows per class Q")
+    window_len: int = hparam(32, ge=1, doc="tokens per window W (rows are cut into L // W windows)")
+    min_freq: float = hparam(4.0, ge=0, doc="lower bound of the window-count band: fraction in (0, 1) or count")
+    max_freq: float = hparam(0.5, gt=0, doc="upper bound of the window-count band: fraction in (0, 1) or count")
+    exclude_token_ids: tuple[int, ...] = hparam((), ge=0, doc="ids never used as classes (besides the specials)")
+    class_sampling: ClassSampling = hparam("uniform", doc="classes uniformly, or with p ~ window_count ** power")
+    power: float = hparam(0.3, gt=0, doc="exponent of count_power class sampling")
+    holdout_fraction: float = hparam(0.0, ge=0, lt=1, doc="share of token types kept out of training classes")
+    holdout_seed: int = hparam(0, doc="chooses which token types are held out")
+    class_split: ClassSplit = hparam("train", doc="train: classes from the types not held out; heldout: only those")
+
+    def validate(self) -> None:
+        check(
+            self.class_split == "train" or self.holdout_fraction > 0,
+            "class_split",
+            "'heldout' draws classes only from the held-out token types, so it needs holdout_fraction > 0",
+        )
 
 
 class SMLMTSampler:
@@ -79,70 +102,27 @@ class SMLMTSampler:
         window_len: int,
         min_freq: float = SamplerConfig.min_freq,
         max_freq: float = SamplerConfig.max_freq,
-        exclude_token_ids: Sequence[int] = (),
-        class_sampling: str = "uniform",
+        exclude_token_ids: Sequence[int] = SamplerConfig.exclude_token_ids,
+        class_sampling: ClassSampling = SamplerConfig.class_sampling,
         power: float = SamplerConfig.power,
         holdout_fraction: float = SamplerConfig.holdout_fraction,
         holdout_seed: int = SamplerConfig.holdout_seed,
-        class_split: str = SamplerConfig.class_split,
+        class_split: ClassSplit = SamplerConfig.class_split,
         seed: int = 0,
     ) -> None:
-        for name, value in (
-            ("n_way", n_way),
-            ("k_shot", k_shot),
-            ("n_query", n_query),
-            ("window_len", window_len),
-        ):
-            check(_is_int(value), name, f"must be an integer, got {value!r}")
-        for name, value in (
-            ("min_freq", min_freq),
-            ("max_freq", max_freq),
-            ("power", power),
-            ("holdout_fraction", holdout_fraction),
-        ):
-            check(
-                isinstance(value, (int, float)) and not isinstance(value, bool),
-                name,
-                f"must be a number, got {value!r}",
-            )
-        check(
-            _is_int(mask_token_id) and mask_token_id >= 0,
-            "mask_token_id",
-            f"must be an integer >= 0, got {mask_token_id!r}",
-        )
-        check(_is_int(seed), "seed", f"must be an integer, got {seed!r}")
-        check(_is_int(holdout_seed), "holdout_seed", f"must be an integer, got {holdout_seed!r}")
-        check(
-            class_split in ("train", "heldout"),
-            "class_split",
-            f"{class_split!r} is not allowed; choose one of ['train', 'heldout']",
-        )
-        check(
-            class_sampling in _CLASS_SAMPLING,
-            "class_sampling",
-            f"{class_sampling!r} is not allowed; choose one of {list(_CLASS_SAMPLING)}",
-        )
-        exclude = tuple(exclude_token_ids)
-        check(
-            all(_is_int(t) and t >= 0 for t in exclude),
-            "exclude_token_ids",
-            f"must be integers >= 0, got {exclude!r}",
-        )
-        # range checks shared with the YAML config (raise ConfigError naming the field)
+        mask_token_id = check_int("mask_token_id", mask_token_id, ge=0)
+        seed = check_int("seed", seed)
+        if isinstance(exclude_token_ids, (str, bytes)) or not isinstance(exclude_token_ids, Iterable):
+            raise ConfigError(f"exclude_token_ids: must be a sequence of integers >= 0, got {exclude_token_ids!r}")
         self.config = SamplerConfig(
-            n_way=n_way,
-            k_shot=k_shot,
-            n_query=n_query,
-            window_len=window_len,
-            min_freq=float(min_freq),
-            max_freq=float(max_freq),
-            exclude_token_ids=exclude,
-            class_sampling=class_sampling,  # type: ignore[arg-type]
-            power=float(power),
-            holdout_fraction=float(holdout_fraction),
-            holdout_seed=holdout_seed,
-            class_split=class_split,  # type: ignore[arg-type]
-        )
+            n_way=n_way, k_shot=k_shot, n_query=n_query, window_len=window_len, min_freq=min_freq,
+            max_freq=max_freq, exclude_token_ids=tuple(exclude_token_ids), class_sampling=class_sampling,
+            power=power, holdout_fraction=holdout_fraction, holdout_seed=holdout_seed, class_split=class_split,
+        )  # fmt: skip
+        c = self.config
+        n_way, k_shot, n_query, window_len = c.n_way, c.k_shot, c.n_query, c.window_len
+        min_freq, max_freq, power, exclude = c.min_freq, c.max_freq, c.power, c.exclude_token_ids
+        holdout_fraction = c.holdout_fraction
         self.n_way, self.k_shot, self.n_query, self.window_len = n_way, k_shot, n_query, window_len
         self.mask_token_id = mask_token_id
         self.min_freq, self.max_freq, self.power = float(min_freq), float(max_freq), float(power)
@@ -232,8 +212,8 @@ class SMLMTSampler:
             SamplingError: fewer eligible token types than ``n_way``, or no way to give every class
                 ``k_shot + n_query`` windows without reuse after :attr:`max_redraws` draws.
         """
-        if n_tasks is not None and not (_is_int(n_tasks) and n_tasks >= 1):
-            raise ValueError(f"n_tasks: must be None or an integer >= 1, got {n_tasks!r}")
+        if n_tasks is not None:
+            n_tasks = check_int("n_tasks", n_tasks, ge=1)
         index, eligible = self._prepare(tokens)
         if n_tasks is None:
             episode = self._sample_one(index, eligible)
@@ -290,10 +270,8 @@ class SMLMTSampler:
         iterable is exhausted (after yielding from the last buffer). All rows must share one length.
         The position in ``rows`` is not part of :meth:`state_dict`.
         """
-        if not (_is_int(buffer_rows) and buffer_rows >= 1):
-            raise ValueError(f"buffer_rows: must be an integer >= 1, got {buffer_rows!r}")
-        if not (_is_int(refresh) and refresh >= 1):
-            raise ValueError(f"refresh: must be an integer >= 1, got {refresh!r}")
+        buffer_rows = check_int("buffer_rows", buffer_rows, ge=1)
+        refresh = check_int("refresh", refresh, ge=1)
         buffer: deque[Tensor] = deque(maxlen=buffer_rows)
         source = iter(rows)
         end = object()

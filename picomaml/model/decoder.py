@@ -8,7 +8,6 @@ rotate-half convention, so weights map one-to-one onto ``LlamaForCausalLM`` (see
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -16,116 +15,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from picomaml.config import ConfigError, check
+from picomaml.model.config import PicoDecoderConfig
 from picomaml.model.layers import RMSNorm, rope_heads, rope_tables
 
-__all__ = ["PicoDecoderConfig", "PicoDecoder", "KVCache"]
-
-# name -> d_model; every preset has 12 layers, 12 heads, 4 KV heads, FFN 4 x d_model (pico-decoder suite).
-_PRESET_WIDTHS = {"tiny": 96, "small": 384, "medium": 768, "large": 1536}
-
-
-@dataclasses.dataclass
-class PicoDecoderConfig:
-    """Architecture of a :class:`PicoDecoder`.
-
-    Attributes:
-        vocab_size: Number of token ids.
-        d_model: Residual stream width.
-        n_layers: Number of transformer blocks.
-        n_heads: Query heads.
-        n_kv_heads: Key/value heads (grouped-query attention); divides ``n_heads``.
-        ffn_dim: Hidden width of the SwiGLU MLP.
-        max_seq_len: Longest sequence (prompt plus generated tokens) the model accepts.
-        rope_theta: Base of the rotary embedding frequencies.
-        norm_eps: Epsilon of every RMSNorm.
-        tie_embeddings: Share the LM head weight with the token embedding.
-        init_std: Std of the normal init of every linear and embedding weight.
-    """
-
-    vocab_size: int = 50304
-    d_model: int = 64
-    n_layers: int = 2
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_dim: int = 256
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-6
-    tie_embeddings: bool = False
-    init_std: float = 0.02
-
-    def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "max_seq_len"):
-            value = getattr(self, name)
-            check(
-                isinstance(value, int) and not isinstance(value, bool) and value >= 1,
-                name,
-                f"must be a positive integer, got {value!r}",
-            )
-        check(
-            self.d_model % self.n_heads == 0,
-            "d_model",
-            f"{self.d_model} is not divisible by n_heads {self.n_heads}",
-        )
-        check(
-            self.n_heads % self.n_kv_heads == 0,
-            "n_heads",
-            f"{self.n_heads} is not divisible by n_kv_heads {self.n_kv_heads}",
-        )
-        check(
-            self.head_dim % 2 == 0,
-            "d_model",
-            f"head_dim = d_model / n_heads = {self.head_dim} must be even for rotary embeddings",
-        )
-        check(self.rope_theta > 0, "rope_theta", f"must be > 0, got {self.rope_theta}")
-        check(self.norm_eps > 0, "norm_eps", f"must be > 0, got {self.norm_eps}")
-        check(self.init_std > 0, "init_std", f"must be > 0, got {self.init_std}")
-
-    @property
-    def head_dim(self) -> int:
-        """Width of one attention head, ``d_model // n_heads``."""
-        return self.d_model // self.n_heads
-
-    @classmethod
-    def preset(cls, name: str, **overrides: Any) -> PicoDecoderConfig:
-        """A pico-decoder preset (``tiny``/``small``/``medium``/``large``) with optional field overrides.
-
-        Raises:
-            ValueError: ``name`` is not a preset (the message lists the valid names).
-            ConfigError: an override is unknown or out of range.
-        """
-        if name not in _PRESET_WIDTHS:
-            raise ValueError(f"unknown preset {name!r}; valid presets: {', '.join(_PRESET_WIDTHS)}")
-        d = _PRESET_WIDTHS[name]
-        base: dict[str, Any] = dict(
-            vocab_size=50304,
-            d_model=d,
-            n_layers=12,
-            n_heads=12,
-            n_kv_heads=4,
-            ffn_dim=4 * d,
-            max_seq_len=2048,
-        )
-        valid = {f.name for f in dataclasses.fields(cls)}
-        for key in overrides:
-            if key not in valid:
-                raise ConfigError(
-                    f"unknown key '{key}' for preset {name!r}; valid keys: {', '.join(sorted(valid))}"
-                )
-        base.update(overrides)
-        return cls(**base)
-
-    def num_parameters(self) -> int:
-        """Trainable parameter count, computed from the config alone (tied weights counted once)."""
-        d, kv = self.d_model, self.n_kv_heads * self.head_dim
-        attn = 2 * d * d + 2 * d * kv  # q, o: d x d; k, v: d x kv
-        mlp = 3 * d * self.ffn_dim
-        per_layer = attn + mlp + 2 * d  # + two RMSNorm weights
-        embed = self.vocab_size * d
-        head = 0 if self.tie_embeddings else self.vocab_size * d
-        return embed + self.n_layers * per_layer + d + head
-
+__all__ = ["PicoDecoder", "KVCache"]
 
 class KVCache:
     """Per-layer key/value buffers for incremental decoding.
@@ -419,7 +312,18 @@ class PicoDecoder(nn.Module):
 
     @classmethod
     def from_hf(cls, model_or_path: Any) -> PicoDecoder:
-        """Import a ``LlamaForCausalLM`` or a saved Llama directory (see :func:`picomaml.model.hf.from_hf`)."""
-        from picomaml.model.hf import from_hf
+        """Import a ``LlamaForCausalLM`` or a saved Llama directory with equal logits.
 
-        return from_hf(model_or_path)
+        The weights keep the source dtype and device; see :func:`picomaml.model.hf.state_from_hf`.
+        """
+        from picomaml.model.hf import state_from_hf
+
+        config, state, dtype = state_from_hf(model_or_path)
+        device = state["embed_tokens.weight"].device
+        model = cls(config).to(device=device)
+        model.load_state_dict(state)
+        if dtype != torch.float32:
+            # Parameters take the source dtype; the RoPE tables stay float32 (cast per forward).
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+        return model

@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
-
-if TYPE_CHECKING:
-    from picomaml.model.decoder import PicoDecoder
+from torch import nn
 
 __all__ = ["generate", "next_token"]
 
@@ -36,7 +32,7 @@ def next_token(
 
 @torch.no_grad()
 def generate(
-    model: PicoDecoder,
+    model: nn.Module,
     input_ids: torch.Tensor,
     max_new_tokens: int,
     temperature: float = 1.0,

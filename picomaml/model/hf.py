@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from picomaml._optional import require
-from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+from picomaml.model.config import PicoDecoderConfig
 
-__all__ = ["to_hf", "from_hf", "export_hf", "hf_config", "pico_config_from_hf", "pico_to_hf_key"]
+__all__ = ["to_hf", "state_from_hf", "export_hf", "hf_config", "pico_config_from_hf", "pico_to_hf_key", "pico_state_keys"]
 
 # PicoDecoder submodule name -> LlamaForCausalLM submodule name, per layer.
 _LAYER_NAMES = {
@@ -43,6 +43,12 @@ def pico_to_hf_key(key: str) -> str:
             raise KeyError(f"no Llama counterpart for PicoDecoder key {key!r}")
         return f"model.layers.{idx}.{_LAYER_NAMES[module]}.{param}"
     return f"model.{key}"
+
+
+def pico_state_keys(config: PicoDecoderConfig) -> list[str]:
+    """The state-dict keys of a PicoDecoder of this architecture (its persistent tensors)."""
+    layers = [f"layers.{i}.{m}.weight" for i in range(config.n_layers) for m in _LAYER_NAMES]
+    return ["embed_tokens.weight", *layers, "norm.weight", "lm_head.weight"]
 
 
 def hf_config(config: PicoDecoderConfig, **overrides: Any) -> Any:
@@ -73,7 +79,7 @@ def hf_config(config: PicoDecoderConfig, **overrides: Any) -> Any:
     return transformers.LlamaConfig(**kwargs)
 
 
-def to_hf(model: PicoDecoder, **config_overrides: Any) -> Any:
+def to_hf(model: Any, **config_overrides: Any) -> Any:
     """Build a ``transformers.LlamaForCausalLM`` with ``model``'s weights (same dtype; CPU-built, then moved).
 
     Args:
@@ -84,7 +90,7 @@ def to_hf(model: PicoDecoder, **config_overrides: Any) -> Any:
         ``LlamaForCausalLM`` in eval mode whose logits equal ``model``'s.
     """
     transformers = require("transformers", "hf", "export to Hugging Face Llama")
-    if not isinstance(model, PicoDecoder):
+    if not isinstance(getattr(model, "config", None), PicoDecoderConfig) or not hasattr(model, "state_dict"):
         raise TypeError(f"model: expected a PicoDecoder, got {type(model).__name__}")
     ref = model.embed_tokens.weight
     hf = transformers.LlamaForCausalLM(hf_config(model.config, **config_overrides))
@@ -145,15 +151,19 @@ def pico_config_from_hf(hf_cfg: Any) -> PicoDecoderConfig:
     )
 
 
-def from_hf(model_or_path: Any) -> PicoDecoder:
-    """Build a :class:`PicoDecoder` from a ``LlamaForCausalLM`` or a directory saved by ``save_pretrained``.
+def state_from_hf(model_or_path: Any) -> tuple[PicoDecoderConfig, dict[str, torch.Tensor], torch.dtype]:
+    """The config and PicoDecoder state dict of a ``LlamaForCausalLM`` or a ``save_pretrained`` directory.
+
+    :meth:`picomaml.PicoDecoder.from_hf` builds the model from these; this module never imports the model
+    class, so the model and its converters import in one direction only.
 
     Args:
         model_or_path: A loaded Llama causal-LM model, or a path loaded with
             ``AutoModelForCausalLM.from_pretrained``.
 
     Returns:
-        A PicoDecoder (same dtype and device as the source weights) with equal logits.
+        ``(config, state_dict, dtype)``: the state dict is keyed by PicoDecoder names (tied weights under
+        both names) and ``dtype`` is the source weights' dtype.
     """
     transformers = require("transformers", "hf", "import from Hugging Face Llama")
     hf = model_or_path
@@ -167,20 +177,11 @@ def from_hf(model_or_path: Any) -> PicoDecoder:
         )
     cfg = pico_config_from_hf(hf.config)
     source = hf.state_dict()
-    ref = source["model.embed_tokens.weight"]
-    model = PicoDecoder(cfg).to(device=ref.device)
     state = {}
-    for key in model.state_dict():
-        hf_key = pico_to_hf_key(key)
-        if cfg.tie_embeddings and key == "lm_head.weight":
-            hf_key = "model.embed_tokens.weight"
-        state[key] = source[hf_key]
-    model.load_state_dict(state)
-    if ref.dtype != torch.float32:
-        # Parameters take the source dtype; the RoPE tables stay float32 (cast per forward).
-        for param in model.parameters():
-            param.data = param.data.to(ref.dtype)
-    return model
+    for key in pico_state_keys(cfg):
+        tied = cfg.tie_embeddings and key == "lm_head.weight"
+        state[key] = source["model.embed_tokens.weight" if tied else pico_to_hf_key(key)]
+    return cfg, state, source["model.embed_tokens.weight"].dtype
 
 
 def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import picomaml as pm
-from picomaml.eval import run_flops
+from picomaml.budget import run_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "study_hybrid_vs_ar.py"
@@ -56,7 +56,7 @@ def test_quick_study_runs_matches_compute_and_reuses_finished_runs(tmp_path):
             )  # the trainer counted the same
             final = r["final"]
             assert final["perplexity"] > 1
-            for key in ("smlmt_5w4s_after", "smlmt_5w4s_probe", "smlmt_5w4s_before", "downstream_5w4s_after"):
+            for key in ("smlmt_5w4s_after", "smlmt_5w4s_probe", "smlmt_5w4s_ncm", "downstream_5w4s_after"):
                 assert 0 <= final[key] <= 1, key
     summary = report["summary"]
     for budget in ("steps", "flops"):

@@ -96,3 +96,25 @@ def test_errors():
         format_episode(SimpleNamespace(support_ids=torch.zeros(2, 2)), WordTokenizer())
     with pytest.raises(ValueError, match="same shape"):
         format_window(torch.zeros(3, dtype=torch.long), torch.zeros(2, dtype=torch.bool), WordTokenizer())
+
+
+def test_format_text_episode_names_classes_and_drops_padding():
+    # a text episode: no masked class token, right-padded rows (pad id 9 = "away"), dataset label ids
+    ids = torch.tensor([[1, 2, 4, 9], [1, 3, 9, 9]])
+    valid = ids != 9
+    episode = SimpleNamespace(
+        support_ids=ids, support_labels=torch.tensor([0, 1]), support_mask=torch.zeros_like(valid),
+        support_valid=valid, query_ids=ids[:0], query_labels=torch.tensor([], dtype=torch.long),
+        query_mask=valid[:0], query_valid=valid[:0], class_ids=torch.tensor([5, 2]), padded=True,
+    )  # fmt: skip
+    text = format_episode(episode, WordTokenizer(), class_names=[f"name{i}" for i in range(6)])
+    assert text.splitlines() == [
+        "label 0: class 'name5' (id 5)",
+        "  support | the cat sat",
+        "label 1: class 'name2' (id 2)",
+        "  support | the dog",
+    ]
+    assert format_episode(episode, WordTokenizer()).splitlines()[0] == "label 0: class (id 5)"
+    assert format_window(ids[1], valid[1] & False, WordTokenizer(), valid=valid[1]) == "the dog"
+    with pytest.raises(ValueError, match="valid"):
+        format_window(ids[1], valid[1], WordTokenizer(), valid=valid[1, :2])

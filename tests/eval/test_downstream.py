@@ -10,13 +10,14 @@ from picomaml.eval.downstream import (
     documents_dataset,
     downstream_eval,
     load_downstream_dataset,
-    pool_text_features,
     split_paragraphs,
 )
 from picomaml.eval.leopard import to_episodes
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
-from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.decoder import PicoDecoder
+from picomaml.objectives import pool_features
 
 pytest.importorskip("tokenizers")
 
@@ -80,20 +81,20 @@ def test_episodes_have_right_shapes_and_labels(corpus):
     assert ep.support_ids.shape == (4, 10, 24) and ep.query_ids.shape == (4, 15, 24)
     assert ep.support_labels.tolist() == [[i // 2 for i in range(10)]] * 4
     assert int(ep.support_ids.max()) < tok.vocab_size
-    assert bool(ep.support_mask[..., 0].all())  # every window starts with a real token
+    assert bool(ep.support_valid[..., 0].all())  # every window starts with a real token
     # a window's text is the start of a paragraph of the label it stands for
-    text = tok.decode(ep.support_ids[0, 0][ep.support_mask[0, 0]].tolist())
-    label = int(ep.classes[0, 0])
+    text = tok.decode(ep.support_ids[0, 0][ep.support_valid[0, 0]].tolist())
+    label = int(ep.class_ids[0, 0])
     assert any(p.startswith(text) for p, y in zip(ds.texts, ds.labels, strict=True) if y == label)
 
 
 def test_pool_text_features():
     hidden = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 3)
     mask = torch.tensor([[True, True, False, False], [True, True, True, True]])
-    assert torch.equal(pool_text_features(hidden, mask, "last"), hidden[[0, 1], [1, 3]])
-    assert torch.allclose(pool_text_features(hidden, mask, "mean")[0], hidden[0, :2].mean(0))
+    assert torch.equal(pool_features(hidden, None, "last", valid=mask), hidden[[0, 1], [1, 3]])
+    assert torch.allclose(pool_features(hidden, None, "mean", valid=mask)[0], hidden[0, :2].mean(0))
     with pytest.raises(ValueError, match="pooling"):
-        pool_text_features(hidden, mask, "mask")
+        pool_features(hidden, None, "mask", valid=mask)
 
 
 def test_downstream_eval_is_deterministic_and_in_range(corpus, model):
@@ -113,16 +114,16 @@ def test_downstream_eval_is_deterministic_and_in_range(corpus, model):
     )
     first = downstream_eval(model, corpus.tokenizer, **kwargs)
     second = downstream_eval(model, corpus.tokenizer, **kwargs, episodes_per_batch=4)
-    assert first.per_episode_before == second.per_episode_before
+    assert first.per_episode_ncm == second.per_episode_ncm
     assert first.per_episode_after == pytest.approx(second.per_episode_after)
-    assert len(first.per_episode_before) == 6 and len(first.per_episode_after) == 6
-    assert all(0.0 <= a <= 1.0 for a in first.per_episode_before + first.per_episode_after)
+    assert len(first.per_episode_ncm) == 6 and len(first.per_episode_after) == 6
+    assert all(0.0 <= a <= 1.0 for a in first.per_episode_ncm + first.per_episode_after)
     assert first.chance == pytest.approx(0.2) and first.acc_after is not None and first.acc_after_ci >= 0
     assert model.training  # mode restored
     ncm_only = downstream_eval(
         model, corpus.tokenizer, n_way=5, k_shot=2, n_query=2, window_len=24, episodes=6, dataset=ds, seed=3
     )
-    assert ncm_only.acc_after is None and ncm_only.per_episode_before == first.per_episode_before
+    assert ncm_only.acc_after is None and ncm_only.per_episode_ncm == first.per_episode_ncm
 
 
 def test_downstream_eval_errors(corpus, model):

@@ -18,7 +18,8 @@ from picomaml.eval.fewshot import (
 from picomaml.eval.stats import mean_ci, t_quantile
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
-from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.decoder import PicoDecoder
 
 MASK = 1
 V = 48
@@ -80,7 +81,7 @@ def test_ncm_is_perfect_on_separable_stand_in():
     res = fewshot_eval(
         model, _separable_rows(), episodes=20, head=head, inner_loop=loop, pooling="mean", seed=0, **COMMON
     )
-    assert res.acc_before == 1.0 and res.acc_before_ci == 0.0
+    assert res.acc_ncm == 1.0 and res.acc_ncm_ci == 0.0
     assert res.acc_after is not None and res.acc_after >= 0.95
     assert res.chance == pytest.approx(0.2)
 
@@ -94,11 +95,11 @@ def test_deterministic_and_seed_dependent():
     b = fewshot_eval(model, rows, seed=3, **kwargs)
     c = fewshot_eval(model, rows, seed=4, **kwargs)
     assert a == b
-    assert a.per_episode_before != c.per_episode_before or a.per_episode_after != c.per_episode_after
+    assert a.per_episode_ncm != c.per_episode_ncm or a.per_episode_after != c.per_episode_after
     for r in (a, c):
-        assert all(0.0 <= x <= 1.0 for x in (*r.per_episode_before, *r.per_episode_after))
-        assert 0.0 <= r.acc_before <= 1.0 and 0.0 <= r.acc_after <= 1.0
-        assert len(r.per_episode_before) == len(r.per_episode_after) == 6
+        assert all(0.0 <= x <= 1.0 for x in (*r.per_episode_ncm, *r.per_episode_after))
+        assert 0.0 <= r.acc_ncm <= 1.0 and 0.0 <= r.acc_after <= 1.0
+        assert len(r.per_episode_ncm) == len(r.per_episode_after) == 6
 
 
 def test_results_do_not_depend_on_episodes_per_batch():
@@ -108,7 +109,7 @@ def test_results_do_not_depend_on_episodes_per_batch():
     kwargs = dict(episodes=7, head=head, inner_loop=loop, seed=1, **COMMON)
     one = fewshot_eval(model, rows, episodes_per_batch=1, **kwargs)
     three = fewshot_eval(model, rows, episodes_per_batch=3, **kwargs)
-    assert one.per_episode_before == three.per_episode_before
+    assert one.per_episode_ncm == three.per_episode_ncm
     assert one.per_episode_after == three.per_episode_after
 
 
@@ -130,12 +131,12 @@ def test_leaves_model_head_and_loop_untouched():
 
 def test_ci_half_width_is_student_t_over_episodes():
     res = fewshot_eval(_tiny_decoder(), _separable_rows(), episodes=8, seed=2, **COMMON)
-    xs = res.per_episode_before
+    xs = res.per_episode_ncm
     m = sum(xs) / len(xs)
     s = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    assert res.acc_before == pytest.approx(m)
-    assert res.acc_before_ci == pytest.approx(t_quantile(0.975, 7) * s / math.sqrt(8))
-    assert (res.acc_before, res.acc_before_ci) == pytest.approx(mean_ci(xs))
+    assert res.acc_ncm == pytest.approx(m)
+    assert res.acc_ncm_ci == pytest.approx(t_quantile(0.975, 7) * s / math.sqrt(8))
+    assert (res.acc_ncm, res.acc_ncm_ci) == pytest.approx(mean_ci(xs))
     assert res.acc_after is None and res.acc_after_ci is None  # no head given
 
 
@@ -172,8 +173,8 @@ def test_table_shows_chance():
         k_shot=4,
         n_query=4,
         episodes=100,
-        acc_before=0.41234,
-        acc_before_ci=0.0211,
+        acc_ncm=0.41234,
+        acc_ncm_ci=0.0211,
         acc_after=None,
         acc_after_ci=None,
         chance=0.2,

@@ -111,11 +111,11 @@ def test_missing_and_empty_files(tmp_path):
 
 def test_tokenize_truncates_pads_and_joins_pairs():
     ds = FewShotDataset(["abcdef", "ab"], [0, 1], ["a", "b"], text_pairs=["xy", None])
-    ids, mask = tokenize_examples(ds, CharTokenizer(), 5)
+    ids, valid = tokenize_examples(ds, CharTokenizer(), 5)
     tok = CharTokenizer()
     assert ids[0].tolist() == tok.encode("abcde")  # truncated before the pair
     assert ids[1].tolist() == tok.encode("ab") + [1, 1, 1]  # right-padded with the pad id
-    assert mask.sum(1).tolist() == [5, 2]
+    assert valid.sum(1).tolist() == [5, 2]
     ids, _ = tokenize_examples(ds, tok, 10)
     assert ids[0].tolist() == tok.encode("abcdef") + [0] + tok.encode("xy") + [1]  # eos between pair texts
 
@@ -129,7 +129,7 @@ def test_episodes_shapes_labels_and_determinism(tmp_path):
     assert ep.query_labels[0].tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     ids, _ = tokenize_examples(ds, tok, 12)
     for e in range(5):
-        classes = ep.classes[e].tolist()
+        classes = ep.class_ids[e].tolist()
         assert len(set(classes)) == 3
         rows = torch.cat([ep.support_ids[e], ep.query_ids[e]])
         labels = torch.cat([ep.support_labels[e], ep.query_labels[e]])
@@ -137,9 +137,9 @@ def test_episodes_shapes_labels_and_determinism(tmp_path):
         assert len(set(found)) == len(found)  # support and query never share an example
         assert [ds.labels[i] for i in found] == [classes[y] for y in labels.tolist()]
     again = to_episodes(ds, tok, n_way=3, k_shot=2, n_query=3, window_len=12, episodes=5, seed=1)
-    assert torch.equal(again.support_ids, ep.support_ids) and torch.equal(again.classes, ep.classes)
+    assert torch.equal(again.support_ids, ep.support_ids) and torch.equal(again.class_ids, ep.class_ids)
     other = to_episodes(ds, tok, n_way=3, k_shot=2, n_query=3, window_len=12, episodes=5, seed=2)
-    assert not torch.equal(other.classes, ep.classes)
+    assert not torch.equal(other.class_ids, ep.class_ids)
 
 
 def test_episodes_with_a_separate_query_file_and_errors(tmp_path):
@@ -153,8 +153,30 @@ def test_episodes_with_a_separate_query_file_and_errors(tmp_path):
     for e in range(3):
         for row, y in zip(ep.query_ids[e], ep.query_labels[e].tolist(), strict=True):
             text = dec[tuple(t for t in row.tolist() if t != 1)]
-            assert text.startswith(train.label_names[int(ep.classes[e, y])])
+            assert text.startswith(train.label_names[int(ep.class_ids[e, y])])
     with pytest.raises(ValueError, match="only 0 have them"):
         to_episodes(train, CharTokenizer(), n_way=2, k_shot=3, n_query=1, window_len=8, episodes=1)
     with pytest.raises(ValueError, match="n_way"):
         to_episodes(train, CharTokenizer(), n_way=1, k_shot=1, n_query=1, window_len=8, episodes=1)
+
+
+def test_text_episodes_share_the_episode_fields_and_featuriser(tmp_path):
+    from picomaml.meta.episode import COMMON_FIELDS
+    from picomaml.objectives import episode_features, pool_features
+
+    ds = load_leopard_file(_write(tmp_path / "t_train_6_0.jsonl", _records(("a", "b", "c"), 6)))
+    ep = to_episodes(ds, CharTokenizer(), n_way=3, k_shot=2, n_query=2, window_len=12, episodes=2, seed=0)
+    assert all(hasattr(ep, name) for name in COMMON_FIELDS) and ep.padded
+    assert not bool(ep.support_mask.any() or ep.query_mask.any())  # no class token is masked in text
+    assert bool((ep.support_valid == (ep.support_ids != 1)).all())  # valid: the non-pad tokens
+    assert ep.slice(1, 2).class_ids.tolist() == ep.class_ids[1:].tolist()
+
+    emb = torch.nn.Embedding(64, 4)
+    xs, ys, xq, yq = episode_features(None, ep, "mean", features=emb)
+    for t in range(2):  # each window is the mean over its real tokens only
+        ref = pool_features(emb(ep.support_ids[t]), None, "mean", valid=ep.support_valid[t])
+        torch.testing.assert_close(xs[t], ref)
+    last = episode_features(None, ep, "last", features=emb).query_feats
+    lengths = ep.query_valid.sum(-1)
+    torch.testing.assert_close(last[1, 0], emb(ep.query_ids[1, 0, lengths[1, 0] - 1]))
+    assert torch.equal(ys, ep.support_labels) and torch.equal(yq, ep.query_labels)

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 from picomaml.eval.perplexity import perplexity
-from picomaml.model.decoder import PicoDecoder, PicoDecoderConfig
+from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.decoder import PicoDecoder
 
 V = 40
 

@@ -12,7 +12,8 @@ import yaml
 from picomaml.checkpoint import save_checkpoint
 from picomaml.cli import eval_main
 from picomaml.config import ExperimentConfig
-from picomaml.eval.suite import IncompatibleCheckpointError, format_suite_table, load_for_eval, run_suite
+from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
+from picomaml.eval.suite import format_suite_table, run_suite
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
 from picomaml.model.decoder import PicoDecoder
@@ -105,10 +106,10 @@ def test_run_suite_and_table(saved):
     assert res["smlmt"][1]["acc_after"] is None  # an xavier 3-way head cannot score 5-way episodes
     assert any(s["setting"] == "5w1s" and "head" in s["reason"] for s in res["skipped"])
     for r in res["smlmt"] + res["downstream"]:
-        assert 0 <= r["acc_before"] <= 1 and len(r["per_episode_before"]) == 4
+        assert 0 <= r["acc_ncm"] <= 1 and len(r["per_episode_ncm"]) == 4
         assert r["chance"] == pytest.approx(1 / r["n_way"])
-    assert [r["per_episode_before"] for r in res["smlmt"]] == [
-        r["per_episode_before"] for r in again["smlmt"]
+    assert [r["per_episode_ncm"] for r in res["smlmt"]] == [
+        r["per_episode_ncm"] for r in again["smlmt"]
     ]
     json.dumps(res)  # JSON-ready
     table = format_suite_table(res)
@@ -183,7 +184,7 @@ def test_incompatible_checkpoints(tmp_path, cache, saved):
 
 def test_hf_export(tmp_path, cache):
     pytest.importorskip("transformers")
-    from picomaml.checkpoint import export_hf
+    from picomaml.model.hf import export_hf
 
     torch.manual_seed(0)
     model = PicoDecoder(_config(cache).model)

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 import picomaml as pm
+from picomaml.budget import run_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train_smlmt.py"
@@ -24,6 +25,7 @@ SCRIPT = ROOT / "examples" / "train_smlmt.py"
 def _load_trainer():
     spec = importlib.util.spec_from_file_location("train_smlmt", SCRIPT)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the script look their module up
     spec.loader.exec_module(module)
     return module
 
@@ -64,7 +66,7 @@ def tiny_config(tmp_path: Path, cache: str, **sections) -> Path:
             "save_every": 100,
             "accelerator": "cpu",
         },
-        "eval": {"rows": 8, "batch_size": 8, "fewshot_episodes": 2, "fewshot_settings": [[3, 2]]},
+        "eval": {"rows": 8, "batch_size": 8, "episodes": 2, "settings": [[3, 2]]},
         "checkpoint": {"keep_last": 2},
     }
     for name, values in sections.items():
@@ -99,7 +101,7 @@ def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ra
     assert int(last["trainer/meta_steps"]) == sum(hs.choose(s) == "meta" for s in range(4))
     columns = set(last)
     assert {
-        "trainer/lr",
+        "trainer/lr/model",
         "trainer/grad_norm",
         "trainer/tokens",
         "trainer/tokens_per_s",
@@ -126,7 +128,7 @@ def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ra
     assert int(last["trainer/tokens"]) == expected
     # the compute of the whole run is known before training, and the trainer counts exactly that
     cfg = pm.load_config(config)
-    assert [int(r["trainer/flops"]) for r in rows] == pm.eval.run_flops(cfg)
+    assert [int(r["trainer/flops"]) for r in rows] == run_flops(cfg)
     run_dir = tmp_path / "run"
     assert (run_dir / "curves.png").stat().st_size > 0
     assert pm.find_latest(run_dir / "checkpoints").name == "step_000004"
@@ -174,7 +176,7 @@ def assert_identical(x, y, where: str) -> None:
         ("sampler.n_wya=3", "unknown key 'n_wya'"),
         ("hybrid.ratio=1.5", "hybrid.ratio"),
         ("sampler.n_way=400", "eligible"),
-        ("eval.fewshot_settings=[[40, 4]]", "eval.fewshot_settings: no 40-way 4-shot episode"),
+        ("eval.settings=[[40, 4]]", "eval.settings: no 40-way 4-shot episode"),
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, corpus_cache, override, message):
@@ -258,7 +260,7 @@ def test_two_cpu_processes_match_one(tmp_path, corpus_cache):
             "--devices",
             str(devices),
             "--set",
-            "eval.fewshot_episodes=0",
+            "eval.episodes=0",
         ]
         result = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -276,7 +278,7 @@ def test_checkpoint_extras_hf_export_and_learning_dynamics(tmp_path, corpus_cach
         tmp_path,
         corpus_cache,
         trainer={"max_steps": 2},
-        checkpoint={"hf_export": True, "learning_dynamics": True, "dynamics_batch_size": 2},
+        checkpoint={"hf_export": True, "learning_dynamics": True, "dynamics": {"batch_size": 2}},
     )
     run(config, tmp_path / "run")
     step_dir = pm.find_latest(tmp_path / "run" / "checkpoints")

@@ -130,3 +130,17 @@ def test_origins_map_windows_to_rows_and_offsets():
     ep.windows_per_row = None
     with pytest.raises(EpisodeError, match="no provenance"):
         ep.origins()
+
+
+def test_fields_shared_with_text_episodes():
+    from picomaml.meta.episode import COMMON_FIELDS
+
+    for ep in (toy_episode(), Episode.stack([toy_episode(), toy_episode(offset=5)])):
+        assert all(hasattr(ep, name) for name in COMMON_FIELDS)
+        # an SMLMT window has no padding: every position is a real token
+        for part in ("support", "query"):
+            valid = getattr(ep, f"{part}_valid")
+            assert valid.dtype == torch.bool and valid.shape == getattr(ep, f"{part}_ids").shape
+            assert bool(valid.all())
+        assert ep.class_ids is ep.class_token_ids
+        assert ep.padded is False

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from picomaml.config import ConfigError, HybridConfig
-from picomaml.meta.hybrid import HybridScheduler, uniform_hash
+from picomaml.meta.hybrid import HybridConfig, HybridScheduler, uniform_hash
+from picomaml.params import ConfigError
 
 N = 20_000
 

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import picomaml as pm
-from picomaml.config import ConfigError, SamplerConfig
 from picomaml.meta import smlmt
-from picomaml.meta.sampler import SamplingError, SMLMTSampler
+from picomaml.meta.sampler import SamplerConfig, SamplingError, SMLMTSampler
+from picomaml.params import ConfigError
 
 FAST = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import picomaml as pm
-from picomaml.config import ConfigError, from_dict
 from picomaml.model.layers import apply_rope, rope_tables
+from picomaml.params import ConfigError, from_dict
 
 V = 97
 

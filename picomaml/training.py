@@ -1,0 +1,180 @@
+"""Pieces of a hybrid training loop that every trainer needs and none should rewrite.
+
+* :func:`meta_episode` / :func:`shard_tasks`: the step's episode for this rank. With an in-memory source
+  every rank sees the same global batch, samples the same ``n_tasks`` tasks and keeps its share, so
+  the tasks of a step do not depend on the number of devices; with a sharded stream each rank samples
+  ``n_tasks / world`` tasks from its own rows.
+* :class:`MetricWindow`: per-step metrics averaged over a logging window, one name per metric: the inner
+  loop's metrics go under ``meta/``, the loop's own under ``train/`` and ``trainer/``.
+* :func:`check_run`: every problem that can be seen before training (tokenizer vs. model vocabulary, tasks
+  vs. devices, impossible training or evaluation episodes), as a :class:`~picomaml.ConfigError`.
+* :func:`global_grad_norm`, :func:`group_lrs`: what a log line reports about the optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from picomaml.build import eval_episode_kwargs, head_from_config, sampler_from_config
+from picomaml.config import ExperimentConfig
+from picomaml.eval.during_training import check_eval_episodes
+from picomaml.meta.episode import Episode
+from picomaml.meta.sampler import SamplingError, SMLMTSampler
+from picomaml.params import ConfigError
+
+__all__ = ["shard_tasks", "meta_episode", "MetricWindow", "peek_batch", "check_run", "global_grad_norm", "group_lrs"]
+
+# tasks drawn by the start-up check: an impossible episode shape fails there, not at step 2
+PROBE_TASKS = 4
+
+
+def shard_tasks(episode: Episode, rank: int, world: int) -> Episode:
+    """This rank's tasks of a stacked episode that every rank sampled identically.
+
+    Args:
+        episode: An episode with a leading task dimension ``T`` divisible by ``world``.
+        rank: This process's rank in ``[0, world)``.
+        world: Number of processes.
+
+    Returns:
+        An episode of ``T / world`` tasks: ``[rank * T/world, (rank + 1) * T/world)``.
+    """
+    if episode.n_tasks is None:
+        raise ValueError("episode: expected stacked tasks (sample with n_tasks=...)")
+    if world < 1 or not 0 <= rank < world or episode.n_tasks % world:
+        raise ValueError(f"episode: {episode.n_tasks} tasks cannot be split over rank {rank} of {world}")
+    share = episode.n_tasks // world
+    return Episode.stack([episode.task(i) for i in range(rank * share, (rank + 1) * share)])
+
+
+def meta_episode(
+    sampler: SMLMTSampler, batch: Tensor, rows: Tensor, n_tasks: int, shared: bool, rank: int = 0, world: int = 1
+) -> Episode:
+    """The meta episode of one micro-batch for this rank (see the module docstring).
+
+    Args:
+        sampler: The training sampler (same seed on every rank when ``shared``).
+        batch: The micro-batch as the source returned it (the global batch when ``shared``).
+        rows: This rank's rows of it.
+        n_tasks: Tasks of the step over all ranks (``meta.n_tasks``).
+        shared: Whether every rank sees the same ``batch``.
+        rank: This process's rank.
+        world: Number of processes.
+
+    Returns:
+        A stacked episode of ``n_tasks / world`` tasks.
+    """
+    if shared:
+        return shard_tasks(sampler.sample(batch, n_tasks=n_tasks), rank, world)
+    return sampler.sample(rows, n_tasks=n_tasks // world)
+
+
+class MetricWindow:
+    """Per-step values averaged over a logging window.
+
+    Example:
+        >>> w = MetricWindow()
+        >>> w.add({"train/lm_loss": 2.0}); w.add_inner_loop({"query_acc": 0.5})
+        >>> w.means()
+        {'train/lm_loss': 2.0, 'meta/query_acc': 0.5}
+    """
+
+    #: prefix of every inner-loop metric (``query_acc`` -> ``meta/query_acc``, ``inner_lr/out.weight`` ->
+    #: ``meta/inner_lr/out.weight``)
+    INNER_PREFIX = "meta/"
+
+    def __init__(self) -> None:
+        self._values: dict[str, list[float]] = {}
+
+    def add(self, metrics: Mapping[str, float]) -> None:
+        """Record one value per named metric (names are kept as they are)."""
+        for key, value in metrics.items():
+            self._values.setdefault(key, []).append(float(value))
+
+    def add_inner_loop(self, metrics: Mapping[str, float]) -> None:
+        """Record an :class:`~picomaml.InnerLoopOutput`'s metrics under ``meta/``."""
+        self.add({self.INNER_PREFIX + key: value for key, value in metrics.items()})
+
+    def last(self, key: str) -> float | None:
+        """The newest value of ``key`` (``None`` when it has none in this window)."""
+        values = self._values.get(key)
+        return values[-1] if values else None
+
+    def means(self) -> dict[str, float]:
+        """``name -> mean`` over the window."""
+        return {k: sum(v) / len(v) for k, v in self._values.items() if v}
+
+    def clear(self) -> None:
+        """Start a new window."""
+        self._values = {}
+
+
+def global_grad_norm(parameters: Iterable[nn.Parameter]) -> float:
+    """The L2 norm of all gradients together (``inf``/``nan`` when one is non-finite; 0 without any)."""
+    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in parameters if p.grad is not None]
+    if not norms:
+        return 0.0
+    return float(torch.linalg.vector_norm(torch.stack(norms)))
+
+
+def group_lrs(optimizer: torch.optim.Optimizer, prefix: str = "trainer/lr/") -> dict[str, float]:
+    """The current learning rate of every parameter group, keyed by the module that owns it.
+
+    Groups named ``"<module>/decay"`` and ``"<module>/no_decay"`` (see :func:`picomaml.optim.param_groups`)
+    share one LR and give one key ``{prefix}<module>``; unnamed groups are numbered.
+    """
+    out: dict[str, float] = {}
+    for i, group in enumerate(optimizer.param_groups):
+        name = str(group.get("name", i)).split("/")[0]
+        out.setdefault(f"{prefix}{name}", float(group["lr"]))
+    return out
+
+
+def peek_batch(source: Any) -> Tensor:
+    """The next batch of a resumable batch source, leaving the source where it was."""
+    position = source.state_dict()
+    try:
+        return source.next_batch()
+    finally:
+        source.load_state_dict(position)
+
+
+def check_run(
+    cfg: ExperimentConfig,
+    data: Any,
+    world: int = 1,
+    probe_tasks: int = PROBE_TASKS,
+) -> None:
+    """Everything about a run that can fail before training, checked before any training work.
+
+    Args:
+        cfg: The experiment config.
+        data: The :class:`~picomaml.data.pipeline.TrainingData` of the run (its position is left as it was).
+        world: Number of processes.
+        probe_tasks: Training tasks drawn from the first batch (several, so a shape that only sometimes
+            fits fails here).
+
+    Raises:
+        ConfigError: naming the key to change.
+    """
+    tok = data.tokenizer
+    if tok.vocab_size > cfg.model.vocab_size:
+        raise ConfigError(
+            f"model.vocab_size: {cfg.model.vocab_size} is smaller than the tokenizer's {tok.vocab_size} tokens"
+        )
+    if cfg.meta.n_tasks % world:
+        raise ConfigError(f"meta.n_tasks: {cfg.meta.n_tasks} must be divisible by the {world} devices")
+    mask_id, special = tok.mask_token_id, data.special_ids
+    if max(cfg.hybrid.ratio, cfg.hybrid.final_ratio) > 0:
+        batch = peek_batch(data.train)
+        try:
+            sampler_from_config(cfg, mask_id, special).sample(batch, n_tasks=max(probe_tasks, cfg.meta.n_tasks))
+        except SamplingError as exc:
+            raise ConfigError(f"sampler: no episode can be drawn from a training batch: {exc}") from exc
+    check_eval_episodes(
+        data.heldout_rows, cfg.eval, eval_episode_kwargs(cfg, mask_id, special), head=head_from_config(cfg)
+    )

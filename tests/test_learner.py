@@ -1,0 +1,135 @@
+"""HybridLearner: AR, meta and weighted losses through one module, with gradients to every trainable part."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import picomaml as pm
+from picomaml.learner import HybridLearner
+from picomaml.objectives import lm_loss, meta_loss
+
+V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
+
+
+def parts(learn_lr: str | None = "per_tensor"):
+    torch.manual_seed(0)
+    cfg = pm.PicoDecoderConfig(
+        vocab_size=V, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=32
+    )
+    model = pm.PicoDecoder(cfg)
+    head = pm.MetaHead(in_dim=32, n_way=N, hidden_dims=(16,))
+    loop = pm.InnerLoop(steps=2, lr=0.1, learn_lr=learn_lr, head=head)
+    return model, head, loop
+
+
+def episode(seed: int = 0) -> pm.Episode:
+    g = torch.Generator().manual_seed(seed)
+
+    def windows(rows: int, per: int):
+        ids = torch.randint(3, V, (rows, W), generator=g)
+        mask = torch.rand(rows, W, generator=g) < 0.2
+        mask[:, 4] = True  # every window needs a masked position for "mask" pooling
+        ids[mask] = MASK
+        return ids, torch.arange(N).repeat_interleave(per), mask
+
+    return pm.Episode(*windows(N * K, K), *windows(N * Q, Q), torch.arange(10, 10 + N))
+
+
+def rows(seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, V, (4, 17), generator=torch.Generator().manual_seed(seed))
+
+
+def grads(loss: torch.Tensor, modules) -> list[torch.Tensor]:
+    """Gradients of ``loss`` for every parameter of ``modules`` (zeros where it does not depend on one)."""
+    params = [p for m in modules for p in m.parameters()]
+    got = torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    return [torch.zeros_like(p) if g is None else g for p, g in zip(params, got, strict=True)]
+
+
+def test_bundles_every_trainable_part():
+    model, head, loop = parts()
+    learner = HybridLearner(model, head, loop)
+    expected = {id(p) for m in (model, head, loop) for p in m.parameters()}
+    assert {id(p) for p in learner.parameters()} == expected
+    assert id(loop.lrs) in expected  # learned inner LRs are trained through the same wrapped module
+
+
+def test_ar_only_is_lm_loss_and_never_touches_the_head():
+    model, head, loop = parts()
+    out = HybridLearner(model, head, loop)(rows=rows(), w_ar=0.7)
+    expected = lm_loss(model, rows())
+    torch.testing.assert_close(out.lm_loss, expected.detach())
+    torch.testing.assert_close(out.loss, 0.7 * expected)
+    assert out.meta is None and not out.lm_loss.requires_grad
+    out.loss.backward()
+    assert all(p.grad is None for p in (*head.parameters(), *loop.parameters()))
+    assert model.lm_head.weight.grad is not None and model.lm_head.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("pooling", ["mask", "before_mask", "last", "mean"])
+def test_meta_only_is_meta_loss_with_the_learners_pooling(pooling):
+    model, head, loop = parts()
+    ep = episode()
+    out = HybridLearner(model, head, loop, pooling=pooling, feature_norm="center")(episode=ep, w_meta=2.0)
+    direct = meta_loss(model, head, loop, ep, pooling=pooling, feature_norm="center")
+    torch.testing.assert_close(out.meta.loss, direct.loss)
+    torch.testing.assert_close(out.loss, 2.0 * direct.loss)
+    assert out.lm_loss is None
+    assert out.meta.metrics.keys() == direct.metrics.keys()
+
+
+def test_pooling_and_feature_norm_are_passed_through():
+    model, head, loop = parts()
+    ep = episode()
+    losses = {
+        (pooling, norm): HybridLearner(model, head, loop, pooling, norm)(episode=ep).loss.item()
+        for pooling in ("mask", "last")
+        for norm in ("none", "standardize")
+    }
+    assert len(set(losses.values())) == 4  # each setting changes the loss, so none is ignored
+
+
+def test_meta_only_gradients_reach_backbone_head_and_learned_lrs_but_not_the_lm_head():
+    model, head, loop = parts()
+    out = HybridLearner(model, head, loop)(episode=episode())
+    out.loss.backward()
+    for name, p in (*head.named_parameters(), ("loop.lrs", loop.lrs), ("embed", model.embed_tokens.weight)):
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+    assert model.lm_head.weight.grad is None  # a meta step never computes the vocabulary projection
+
+
+@pytest.mark.parametrize(("w_ar", "w_meta"), [(1.0, 1.0), (0.25, 0.75), (0.0, 1.0)])
+def test_weighted_loss_and_gradients_equal_the_direct_sum(w_ar, w_meta):
+    model, head, loop = parts()
+    ep, x = episode(), rows()
+    out = HybridLearner(model, head, loop)(rows=x, episode=ep, w_ar=w_ar, w_meta=w_meta)
+    ar, meta = lm_loss(model, x), meta_loss(model, head, loop, ep, pooling="mask", feature_norm="none").loss
+    direct = w_ar * ar + w_meta * meta
+    torch.testing.assert_close(out.loss, direct)
+    torch.testing.assert_close(out.lm_loss, ar.detach())
+    torch.testing.assert_close(out.meta.loss, meta)
+    for got, want in zip(
+        grads(out.loss, (model, head, loop)), grads(direct, (model, head, loop)), strict=True
+    ):
+        torch.testing.assert_close(got, want)
+
+
+def test_weighted_gradients_reach_model_head_and_lm_head():
+    model, head, loop = parts(learn_lr=None)
+    out = HybridLearner(model, head, loop)(rows=rows(), episode=episode(), w_ar=0.5, w_meta=0.5)
+    out.loss.backward()
+    for name, p in (*model.named_parameters(), *head.named_parameters()):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+def test_needs_rows_or_an_episode():
+    model, head, loop = parts()
+    with pytest.raises(ValueError, match="needs rows \\(AR\\), an episode \\(meta\\), or both"):
+        HybridLearner(model, head, loop)()
+
+
+def test_unknown_pooling_names_the_allowed_values():
+    model, head, loop = parts()
+    with pytest.raises(ValueError, match=r"pooling must be one of \['mask', 'before_mask', 'last', 'mean'\]"):
+        HybridLearner(model, head, loop, pooling="max")
