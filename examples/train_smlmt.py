@@ -32,14 +32,14 @@ import torch  # noqa: E402
 
 import picomaml as pm  # noqa: E402
 from picomaml import checkpoint as ckpt  # noqa: E402
+from picomaml import training  # noqa: E402
 from picomaml.budget import experiment_step_flops  # noqa: E402
 from picomaml.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.data.pipeline import TrainingData, build_training_data  # noqa: E402
-from picomaml.dynamics import capture_learning_dynamics, learning_dynamics_writer  # noqa: E402
+from picomaml.dynamics import capture_splits, learning_dynamics_writer  # noqa: E402
 from picomaml.eval import evaluate_during_training  # noqa: E402
 from picomaml.model.hf import export_hf  # noqa: E402
 from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
-from picomaml.training import MetricWindow, check_run, global_grad_norm, group_lrs, meta_episode, peek_batch  # noqa: E402
 
 log = logging.getLogger("train_smlmt")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"
@@ -72,8 +72,6 @@ def make_fabric(cfg: pm.ExperimentConfig):
 
     L = require("lightning", "fabric", "the reference trainer")
     strategy = cfg.trainer.strategy
-    if strategy == "fsdp":  # checkpoints here gather full states on rank 0, which FSDP shards
-        raise pm.ConfigError("trainer.strategy: 'fsdp' is not supported by this trainer yet; use 'ddp'")
     if strategy == "ddp" or (strategy == "auto" and cfg.trainer.devices > 1):
         # AR steps leave the head unused and meta steps the LM head: DDP must allow unused parameters
         strategy = L.fabric.strategies.DDPStrategy(find_unused_parameters=True)
@@ -95,9 +93,7 @@ class Trainer:
     dynamics_rows: dict[str, torch.Tensor]
     tracker: MetricsTracker | None = None
     step: int = 0
-    counters: dict[str, float] = field(
-        default_factory=lambda: {"ar_steps": 0, "meta_steps": 0, "tokens": 0, "flops": 0, "nonfinite_skipped": 0}
-    )
+    counters: dict[str, float] = field(default_factory=training.new_counters)
     interrupted: bool = False
 
     @property
@@ -118,13 +114,15 @@ def setup(args: argparse.Namespace) -> Trainer:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     data = build_training_data(cfg.data, seed=cfg.seed, rank=rank, world_size=world, eval_rows=cfg.eval.rows)
-    check_run(cfg, data, world)  # vocabulary, tasks per device, training and evaluation episodes
+    training.check_run(cfg, data, world)  # vocabulary, tasks per device, training and evaluation episodes
     tok = data.tokenizer
     sampler_seed = cfg.seed + (0 if data.train.shared else rank)
-    run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed)
+    run = build_run(
+        cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed
+    )
     learner, optimizer = fabric.setup(run.learner, run.optimizer)
     n = cfg.checkpoint.dynamics.batch_size  # learning dynamics on fixed train and held-out inputs
-    dyn_rows = {"train": data.train.local(peek_batch(data.train))[:n, :-1], "val": data.heldout_rows[:n, :-1]}
+    dyn_rows = {"train": data.train.local(training.peek_batch(data.train))[:n, :-1], "val": data.heldout_rows[:n, :-1]}
     run_dir = Path(args.run_dir)
     t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows)
     resume_dir = ckpt.resolve_resume(None if args.resume == "none" else args.resume, run_dir / "checkpoints")
@@ -147,7 +145,7 @@ def setup(args: argparse.Namespace) -> Trainer:
     return t
 
 
-def train_step(t: Trainer, window: MetricWindow) -> bool:
+def train_step(t: Trainer, window: training.MetricWindow) -> bool:
     """One optimizer step over ``data.grad_accum`` micro-batches; False at the end of the data."""
     cfg, fabric, run = t.cfg, t.fabric, t.run
     plan, accum, world = run.hybrid.plan(t.step), cfg.data.grad_accum, fabric.world_size
@@ -158,16 +156,15 @@ def train_step(t: Trainer, window: MetricWindow) -> bool:
             rows = t.data.train.local(batch).to(fabric.device)
             episode = None
             if "meta" in plan.objectives:
-                episode = meta_episode(
+                episode = training.meta_episode(
                     run.sampler, batch, rows, cfg.meta.n_tasks, t.data.train.shared, fabric.global_rank, world
                 ).to(fabric.device)
                 t.counters["tokens"] += (episode.support_ids.numel() + episode.query_ids.numel()) * world
             if "ar" in plan.objectives:
                 t.counters["tokens"] += rows.numel() * world
+            ar_rows = rows if "ar" in plan.objectives else None
             with fabric.no_backward_sync(t.learner, enabled=micro < accum - 1):
-                out = t.learner(
-                    rows=rows if "ar" in plan.objectives else None, episode=episode, w_ar=plan.w_ar, w_meta=plan.w_meta
-                )
+                out = t.learner(rows=ar_rows, episode=episode, w_ar=plan.w_ar, w_meta=plan.w_meta)
                 fabric.backward(out.loss / accum)
             if out.lm_loss is not None:
                 losses.append(out.lm_loss.item())
@@ -180,21 +177,8 @@ def train_step(t: Trainer, window: MetricWindow) -> bool:
         t.optimizer.zero_grad(set_to_none=True)
         return False
     if "meta" in plan.objectives:
-        window.add({"meta/head_grad_norm": global_grad_norm(run.head.parameters())})
-    if cfg.optim.grad_clip is not None:
-        clipped = fabric.clip_gradients(t.learner, t.optimizer, max_norm=cfg.optim.grad_clip, error_if_nonfinite=False)
-        grad_norm = float(clipped)
-    else:
-        grad_norm = global_grad_norm(t.learner.parameters())
-    window.add({"trainer/grad_norm": grad_norm})
-    finite = torch.isfinite(torch.tensor([grad_norm, *losses])).all().float()
-    if fabric.all_reduce(finite, reduce_op="min").item() < 1:  # every rank skips together
-        t.counters["nonfinite_skipped"] += 1
-        warnings.warn(f"step {t.step}: non-finite loss or gradient; optimizer step skipped", stacklevel=1)
-    else:
-        t.optimizer.step()
-    t.optimizer.zero_grad(set_to_none=True)
-    run.lr_scheduler.step()
+        window.add({"meta/head_grad_norm": training.global_grad_norm(run.head.parameters())})
+    update(t, losses, window)
     t.counters["ar_steps"] += "ar" in plan.objectives
     t.counters["meta_steps"] += "meta" in plan.objectives
     t.counters["flops"] += experiment_step_flops(cfg, plan.objectives)
@@ -202,11 +186,29 @@ def train_step(t: Trainer, window: MetricWindow) -> bool:
     return True
 
 
-def log_and_evaluate(t: Trainer, window: MetricWindow, elapsed: float, tokens_before: float, quiet: bool) -> None:
+def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> None:
+    """Clip, then step the optimizer unless a loss or the gradient is non-finite on any rank."""
+    clip = t.cfg.optim.grad_clip
+    if clip is not None:
+        grad_norm = float(t.fabric.clip_gradients(t.learner, t.optimizer, max_norm=clip, error_if_nonfinite=False))
+    else:
+        grad_norm = training.global_grad_norm(t.learner.parameters())
+    window.add({"trainer/grad_norm": grad_norm})
+    finite = torch.isfinite(torch.tensor([grad_norm, *losses])).all().float()
+    if t.fabric.all_reduce(finite, reduce_op="min").item() < 1:  # every rank skips together
+        t.counters["nonfinite_skipped"] += 1
+        warnings.warn(f"step {t.step}: non-finite loss or gradient; optimizer step skipped", stacklevel=1)
+    else:
+        t.optimizer.step()
+    t.optimizer.zero_grad(set_to_none=True)
+    t.run.lr_scheduler.step()
+
+
+def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, tokens0: float, quiet: bool) -> None:
     cfg, run = t.cfg, t.run
     metrics = window.means() | {f"trainer/{k}": float(v) for k, v in t.counters.items()}
-    metrics |= group_lrs(t.optimizer)
-    metrics["trainer/tokens_per_s"] = (t.counters["tokens"] - tokens_before) / max(elapsed, 1e-9)
+    metrics |= training.group_lrs(t.optimizer)
+    metrics["trainer/tokens_per_s"] = (t.counters["tokens"] - tokens0) / max(elapsed, 1e-9)
     metrics["meta/head_weight_norm"] = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in run.head.parameters()))
     if t.step % cfg.trainer.eval_every == 0 or t.step == cfg.trainer.max_steps:
         if t.is_main:
@@ -228,12 +230,7 @@ def save(t: Trainer) -> None:
         if cfg.checkpoint.hf_export:
             writers["hf"] = lambda d: export_hf(t.run.model, d, t.data.tokenizer)
         if cfg.checkpoint.learning_dynamics:
-            dyn = cfg.checkpoint.dynamics
-            captured = {
-                split: capture_learning_dynamics(t.run.model, rows, dyn.layers, dyn.seq_idx)
-                for split, rows in t.dynamics_rows.items()
-                if rows.shape[0]
-            }
+            captured = capture_splits(t.run.model, t.dynamics_rows, cfg.checkpoint.dynamics)
             writers["learning_dynamics"] = learning_dynamics_writer(captured)
         path = ckpt.save_checkpoint(
             t.run_dir / "checkpoints", t.step, t.stateful(), config=cfg.to_dict(), counters=t.counters,
@@ -246,12 +243,8 @@ def save(t: Trainer) -> None:
 def train(t: Trainer) -> str:
     """The loop: train step, log/evaluate every ``log_every`` steps, save every ``save_every``."""
     trainer_cfg = t.cfg.trainer
-    bar = None
-    if t.is_main and sys.stderr.isatty():
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=trainer_cfg.max_steps, initial=t.step, desc="train", dynamic_ncols=True)
-    window, last_log, tokens_at_log = MetricWindow(), time.perf_counter(), t.counters["tokens"]
+    bar = training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty())
+    window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
     end_reason = "max_steps"
     while t.step < trainer_cfg.max_steps:
         if t.interrupted:
@@ -260,37 +253,25 @@ def train(t: Trainer) -> str:
         if not train_step(t, window):
             end_reason = "end of data"
             break
-        if bar is not None:
-            bar.update(1)
-            keys = ("train/lm_loss", "train/meta_loss", "meta/query_acc")
-            bar.set_postfix({k.split("/")[-1]: f"{window.last(k):.3f}" for k in keys if window.last(k) is not None})
+        bar.update(window)
         if t.step % trainer_cfg.log_every == 0 or t.step == trainer_cfg.max_steps:
             now = time.perf_counter()
-            log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar is not None)
+            log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
             window.clear()
             last_log, tokens_at_log = now, t.counters["tokens"]
         if t.step % trainer_cfg.save_every == 0 and t.step < trainer_cfg.max_steps:
             save(t)
     save(t)  # always: max steps, end of data or Ctrl-C
-    if bar is not None:
-        bar.close()
+    bar.close()
     return end_reason
 
 
 def summarize(t: Trainer, end_reason: str, seconds: float) -> None:
-    png = plot_curves(t.run_dir / "metrics.csv", t.run_dir / "curves.png", title=f"{t.run_dir.name} ({end_reason})")
-    c = t.counters
-    final = {k: v for k, v in (t.tracker.rows[-1] if t.tracker.rows else {}).items() if k != "step"}
-    print(
-        f"\nrun finished ({end_reason}) at step {t.step}: {c['ar_steps']:.0f} AR steps, {c['meta_steps']:.0f} "
-        f"meta steps, {c['tokens']:,.0f} tokens, {seconds:.0f} s, {c['nonfinite_skipped']:.0f} non-finite steps skipped"
-    )
-    for key in sorted(final):
-        print(f"  {key:<28} {final[key]:.4g}")
-    print(
-        f"config: {t.run_dir / 'config.yaml'}\nmetrics: {t.run_dir / 'metrics.csv'}\n"
-        f"checkpoints: {t.run_dir / 'checkpoints'}\ncurves: {png}"
-    )
+    d = t.run_dir
+    png = plot_curves(d / "metrics.csv", d / "curves.png", title=f"{d.name} ({end_reason})")
+    last = t.tracker.rows[-1] if t.tracker.rows else {}
+    print(f"\n{training.run_summary(t.step, t.counters, end_reason, seconds, last)}\nconfig: {d / 'config.yaml'}")
+    print(f"metrics: {d / 'metrics.csv'}\ncheckpoints: {d / 'checkpoints'}\ncurves: {png}")
 
 
 def main(argv=None) -> int:

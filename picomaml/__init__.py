@@ -51,7 +51,7 @@ _EXPORTS: dict[str, str] = {
     "ar_step_flops": "picomaml.eval.flops",
     "meta_step_flops": "picomaml.eval.flops",
     # configuration
-    "ConfigError": "picomaml.config",
+    "ConfigError": "picomaml.params",
     "ExperimentConfig": "picomaml.config",
     "load_config": "picomaml.config",
     # optional-dependency errors
@@ -77,7 +77,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml._optional import MissingDependencyError
     from picomaml.checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from picomaml.config import ConfigError, ExperimentConfig, load_config
+    from picomaml.config import ExperimentConfig, load_config
     from picomaml.data.corpus import load_default_corpus
     from picomaml.data.display import format_episode
     from picomaml.data.hub import PretokenizedStream
@@ -99,3 +99,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml.model.config import PicoDecoderConfig
     from picomaml.model.decoder import KVCache, PicoDecoder
     from picomaml.objectives import episode_features, lm_loss, meta_loss, pool_features
+    from picomaml.params import ConfigError

@@ -61,7 +61,9 @@ def inner_loop_from_config(cfg: ExperimentConfig, head: nn.Module) -> InnerLoop:
     return InnerLoop(**_fields(cfg.inner_loop), head=head)
 
 
-def learner_from_config(cfg: ExperimentConfig, model: nn.Module, head: nn.Module, loop: nn.Module) -> HybridLearner:
+def learner_from_config(
+    cfg: ExperimentConfig, model: nn.Module, head: nn.Module, loop: nn.Module
+) -> HybridLearner:
     """Backbone, head and inner loop in one module, with the ``meta`` section's pooling and normalisation."""
     return HybridLearner(model, head, loop, pooling=cfg.meta.pooling, feature_norm=cfg.meta.feature_norm)
 
@@ -191,7 +193,11 @@ def eval_class_split(sampler: SamplerConfig) -> dict[str, Any]:
     """
     if sampler.holdout_fraction == 0:
         return {}
-    return {"holdout_fraction": sampler.holdout_fraction, "holdout_seed": sampler.holdout_seed, "class_split": "heldout"}
+    return {
+        "holdout_fraction": sampler.holdout_fraction,
+        "holdout_seed": sampler.holdout_seed,
+        "class_split": "heldout",
+    }
 
 
 def eval_episode_kwargs(

@@ -41,6 +41,7 @@ import yaml
 
 from picomaml._atomic_io import fsync_dir, fsync_tree, pid_alive, rmtree_atomic, write_bytes, write_text
 from picomaml._version import __version__
+from picomaml.params import check_int
 from picomaml.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -240,28 +241,10 @@ def save_checkpoint(
     Returns:
         The final step directory.
     """
-    if isinstance(step, bool) or not isinstance(step, int) or step < 0:
-        raise ValueError(f"step must be an integer >= 0, got {step!r}")
-    if keep_last is not None and (
-        isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1
-    ):
-        raise ValueError(f"keep_last must be an integer >= 1 or None, got {keep_last!r}")
-    for name in state:
-        if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
-            raise ValueError(
-                f"state: invalid component name {name!r} (letters, digits, '_.-'; reserved: {sorted(_RESERVED)})"
-            )
-    for name in writers or {}:
-        if (
-            not isinstance(name, str)
-            or not _NAME.match(name)
-            or name in _RESERVED
-            or name.endswith((".pt", ".json", ".yaml"))
-        ):
-            raise ValueError(
-                f"writers: invalid subdirectory name {name!r} (letters, digits, '_.-', no file suffix)"
-            )
-
+    step = check_int("step", step, ge=0)
+    if keep_last is not None:
+        keep_last = check_int("keep_last", keep_last, ge=1)
+    _check_names(state, writers or {})
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp(root)
@@ -270,41 +253,85 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    trash: Path | None = None
     t0 = time.perf_counter()
     try:
-        for name, obj in state.items():
-            value = obj.state_dict() if callable(getattr(obj, "state_dict", None)) else obj
-            write_bytes(tmp / f"{name}.pt", lambda f, v=value: torch.save(v, f), fsync)
-        if rng:
-            rng_state = capture_rng_state()
-            write_bytes(tmp / f"{RNG}.pt", lambda f: torch.save(rng_state, f), fsync)
-        if config is not None:
-            write_text(tmp / CONFIG, yaml.safe_dump(_plain(config), sort_keys=False), fsync)
-        for name, write in (writers or {}).items():
-            sub = tmp / name
-            sub.mkdir()
-            write(sub)
-            if fsync:
-                fsync_tree(sub)  # third-party writers (save_pretrained) do not fsync
-        now = _dt.datetime.now(_dt.timezone.utc)
-        trainer_state = {
-            "step": step,
-            "counters": _plain(dict(counters or {})),
-            "components": list(state),
-            "picomaml_version": __version__,
-            "torch_version": torch.__version__,
-            "time": now.isoformat(timespec="seconds"),
-            "unix_time": now.timestamp(),
-            "extra": _plain(dict(extra or {})),
-        }
-        write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2, sort_keys=False), fsync)
-        files = {
-            p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()
-        }
-        write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1), fsync)
+        _write_contents(tmp, step, state, config, counters, extra, writers or {}, rng, fsync)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(root, tmp, final, fsync)
+    _write_latest(root, final.name, fsync)
+    if keep_last is not None:
+        for _old_step, old in list_checkpoints(root)[:-keep_last]:
+            if old != final:
+                logger.debug("pruning checkpoint %s (keep_last=%d)", old, keep_last)
+                rmtree_atomic(old)
+    logger.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
+    return final
+
+
+def _check_names(state: Mapping[str, Any], writers: Mapping[str, Any]) -> None:
+    for name in state:
+        if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED:
+            raise ValueError(
+                f"state: invalid component name {name!r} (letters, digits, '_.-'; reserved: {sorted(_RESERVED)})"
+            )
+    for name in writers:
+        bad_suffix = isinstance(name, str) and name.endswith((".pt", ".json", ".yaml"))
+        if not isinstance(name, str) or not _NAME.match(name) or name in _RESERVED or bad_suffix:
+            raise ValueError(
+                f"writers: invalid subdirectory name {name!r} (letters, digits, '_.-', no file suffix)"
+            )
+
+
+def _write_contents(
+    tmp: Path,
+    step: int,
+    state: Mapping[str, Any],
+    config: Any,
+    counters: Mapping[str, Any] | None,
+    extra: Mapping[str, Any] | None,
+    writers: Mapping[str, Callable[[Path], None]],
+    rng: bool,
+    fsync: bool,
+) -> None:
+    """Every file of a checkpoint into ``tmp``, the manifest (``MARKER``) last."""
+    for name, obj in state.items():
+        value = obj.state_dict() if callable(getattr(obj, "state_dict", None)) else obj
+        write_bytes(tmp / f"{name}.pt", lambda f, v=value: torch.save(v, f), fsync)
+    if rng:
+        rng_state = capture_rng_state()
+        write_bytes(tmp / f"{RNG}.pt", lambda f: torch.save(rng_state, f), fsync)
+    if config is not None:
+        write_text(tmp / CONFIG, yaml.safe_dump(_plain(config), sort_keys=False), fsync)
+    for name, write in writers.items():
+        sub = tmp / name
+        sub.mkdir()
+        write(sub)
         if fsync:
-            fsync_dir(tmp)
+            fsync_tree(sub)  # third-party writers (save_pretrained) do not fsync
+    now = _dt.datetime.now(_dt.timezone.utc)
+    trainer_state = {
+        "step": step,
+        "counters": _plain(dict(counters or {})),
+        "components": list(state),
+        "picomaml_version": __version__,
+        "torch_version": torch.__version__,
+        "time": now.isoformat(timespec="seconds"),
+        "unix_time": now.timestamp(),
+        "extra": _plain(dict(extra or {})),
+    }
+    write_text(tmp / TRAINER_STATE, json.dumps(trainer_state, indent=2, sort_keys=False), fsync)
+    files = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+    write_text(tmp / MARKER, json.dumps({"step": step, "files": files}, indent=1), fsync)
+    if fsync:
+        fsync_dir(tmp)
+
+
+def _publish(root: Path, tmp: Path, final: Path, fsync: bool) -> None:
+    """Rename the finished ``tmp`` to ``final``; an earlier save of the same step is replaced."""
+    trash: Path | None = None
+    try:
         if final.exists():  # the same step saved again (e.g. the final save after a periodic one)
             trash = root / f".tmp_delete_{final.name}_{os.getpid()}"
             os.rename(final, trash)
@@ -318,14 +345,6 @@ def save_checkpoint(
         raise
     if trash is not None:
         shutil.rmtree(trash, ignore_errors=True)
-    _write_latest(root, final.name, fsync)
-    if keep_last is not None:
-        for _old_step, old in list_checkpoints(root)[:-keep_last]:
-            if old != final:
-                logger.debug("pruning checkpoint %s (keep_last=%d)", old, keep_last)
-                rmtree_atomic(old)
-    logger.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
-    return final
 
 
 def _write_latest(root: Path, name: str, fsync: bool = True) -> None:

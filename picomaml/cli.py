@@ -138,10 +138,10 @@ def eval_main(
         0 on success, 2 when the checkpoint is missing or incompatible (the reason goes to ``stderr``).
     """
     from picomaml._optional import MissingDependencyError
-    from picomaml.config import ConfigError
     from picomaml.eval.downstream import load_downstream_dataset
     from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
     from picomaml.eval.suite import DEFAULT_SETTINGS, format_suite_table, run_suite
+    from picomaml.params import ConfigError
 
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args = build_eval_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
@@ -195,6 +195,23 @@ def eval_main(
     return 0
 
 
+def cmd_config(args: argparse.Namespace, out: TextIO | None = None) -> int:
+    """``picomaml config``: the resolved config as YAML, or ``--reference`` for the field reference."""
+    out = out or sys.stdout
+    from picomaml.config import load_config, reference_markdown
+    from picomaml.params import ConfigError
+
+    if args.reference:
+        print(reference_markdown(), file=out)
+        return 0
+    try:
+        print(load_config(args.config, args.set).to_yaml(), end="", file=out)
+    except ConfigError as exc:
+        print(f"config error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script."""
     parser = argparse.ArgumentParser(prog="picomaml", description=__doc__.splitlines()[0])
@@ -216,6 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=2, help="windows shown per class")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_sample)
+
+    p = sub.add_parser("config", help="print the default config as YAML, or the reference of every field")
+    p.add_argument(
+        "--reference", action="store_true", help="Markdown table of every field (type, default, meaning)"
+    )
+    p.add_argument("--config", help="a YAML config to resolve (defaults: every field at its default)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. hybrid.ratio=0.25"
+    )
+    p.set_defaults(func=cmd_config)
 
     p = sub.add_parser("eval", help="few-shot evaluation suite of a checkpoint or HF export (table + JSON)")
     build_eval_parser(p)

@@ -31,6 +31,7 @@ __all__ = [
     "DynamicsConfig",
     "KINDS",
     "capture_learning_dynamics",
+    "capture_splits",
     "save_learning_dynamics",
     "load_learning_dynamics",
     "learning_dynamics_writer",
@@ -249,3 +250,15 @@ def learning_dynamics_writer(
             save_learning_dynamics(directory, split, data, subdir=None)
 
     return write
+
+
+def capture_splits(
+    model: nn.Module, rows: Mapping[str, Tensor], config: DynamicsConfig
+) -> dict[str, dict[str, dict[str, Tensor]]]:
+    """:func:`capture_learning_dynamics` on each split's fixed rows (``{"train": (B, L), "val": ...}``) with
+    the layers and position of ``config``; a split without rows is left out."""
+    return {
+        split: capture_learning_dynamics(model, batch, config.layers, config.seq_idx)
+        for split, batch in rows.items()
+        if batch.shape[0]
+    }

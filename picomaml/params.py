@@ -84,7 +84,9 @@ def check_int(name: str, value: Any, ge: int | None = None, le: int | None = Non
     ok = isinstance(value, numbers.Integral) and not isinstance(value, bool)
     if not ok or not _in_bounds(int(value), ge, None, le, None):
         bounds = _bounds_text(ge=ge, le=le)
-        raise ConfigError(f"{name}: must be an integer{' ' + bounds if bounds else ''}, got {short_repr(value)}")
+        raise ConfigError(
+            f"{name}: must be an integer{' ' + bounds if bounds else ''}, got {short_repr(value)}"
+        )
     return int(value)
 
 
@@ -116,7 +118,9 @@ def choices(tp: Any) -> tuple[Any, ...]:
     if origin is Literal:
         return typing.get_args(tp)
     if origin in (Union, types.UnionType):
-        return tuple(v for arg in typing.get_args(tp) for v in (choices(arg) if arg is not type(None) else (None,)))
+        return tuple(
+            v for arg in typing.get_args(tp) for v in (choices(arg) if arg is not type(None) else (None,))
+        )
     raise TypeError(f"not a Literal annotation: {tp!r}")
 
 
@@ -183,7 +187,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         if type(None) in typing.get_args(tp) and all(
             typing.get_origin(a) is Literal or a is type(None) for a in typing.get_args(tp)
         ):
-            raise ConfigError(f"{path}: {short_repr(value)} is not allowed; choose one of {list(choices(tp))}")
+            raise ConfigError(
+                f"{path}: {short_repr(value)} is not allowed; choose one of {list(choices(tp))}"
+            )
         raise ConfigError(f"{path}: {short_repr(value)} does not match {_type_name(tp)}")
     if tp is type(None):
         if value is not None:

@@ -51,7 +51,10 @@ def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode) -
             line = key_node.start_mark.line + 1
             first = seen[key].start_mark.line + 1
             raise yaml.constructor.ConstructorError(
-                None, None, f"duplicate key {short_repr(key)} (line {line}; first at line {first})", key_node.start_mark
+                None,
+                None,
+                f"duplicate key {short_repr(key)} (line {line}; first at line {first})",
+                key_node.start_mark,
             )
         seen[key] = key_node
     return loader.construct_mapping(node, deep=True)

@@ -26,10 +26,43 @@ from picomaml.meta.episode import Episode
 from picomaml.meta.sampler import SamplingError, SMLMTSampler
 from picomaml.params import ConfigError
 
-__all__ = ["shard_tasks", "meta_episode", "MetricWindow", "peek_batch", "check_run", "global_grad_norm", "group_lrs"]
+__all__ = [
+    "COUNTERS",
+    "new_counters",
+    "run_summary",
+    "shard_tasks",
+    "meta_episode",
+    "MetricWindow",
+    "peek_batch",
+    "check_run",
+    "global_grad_norm",
+    "group_lrs",
+]
 
 # tasks drawn by the start-up check: an impossible episode shape fails there, not at step 2
 PROBE_TASKS = 4
+
+
+#: what a run counts (saved in every checkpoint, logged as ``trainer/<name>``)
+COUNTERS = ("ar_steps", "meta_steps", "tokens", "flops", "nonfinite_skipped")
+
+
+def new_counters() -> dict[str, float]:
+    """Every counter of :data:`COUNTERS` at zero."""
+    return dict.fromkeys(COUNTERS, 0)
+
+
+def run_summary(
+    step: int, counters: Mapping[str, float], end_reason: str, seconds: float, final: Mapping[str, float]
+) -> str:
+    """The text a trainer prints when a run ends: what ran, then the last metric row, one per line."""
+    c = counters
+    lines = [
+        f"run finished ({end_reason}) at step {step}: {c['ar_steps']:.0f} AR steps, {c['meta_steps']:.0f} meta steps, "
+        f"{c['tokens']:,.0f} tokens, {seconds:.0f} s, {c['nonfinite_skipped']:.0f} non-finite steps skipped"
+    ]
+    lines += [f"  {key:<28} {final[key]:.4g}" for key in sorted(final) if key != "step"]
+    return "\n".join(lines)
 
 
 def shard_tasks(episode: Episode, rank: int, world: int) -> Episode:
@@ -52,7 +85,13 @@ def shard_tasks(episode: Episode, rank: int, world: int) -> Episode:
 
 
 def meta_episode(
-    sampler: SMLMTSampler, batch: Tensor, rows: Tensor, n_tasks: int, shared: bool, rank: int = 0, world: int = 1
+    sampler: SMLMTSampler,
+    batch: Tensor,
+    rows: Tensor,
+    n_tasks: int,
+    shared: bool,
+    rank: int = 0,
+    world: int = 1,
 ) -> Episode:
     """The meta episode of one micro-batch for this rank (see the module docstring).
 
@@ -111,6 +150,36 @@ class MetricWindow:
     def clear(self) -> None:
         """Start a new window."""
         self._values = {}
+
+
+class ProgressBar:
+    """A tqdm bar over optimizer steps showing the newest losses, or nothing when ``enabled`` is false
+    (a non-main rank, or output that is not a terminal: the log lines say the same)."""
+
+    SHOWN = ("train/lm_loss", "train/meta_loss", "meta/query_acc")
+
+    def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+
+    @property
+    def active(self) -> bool:
+        """Whether a bar is shown."""
+        return self.bar is not None
+
+    def update(self, window: MetricWindow) -> None:
+        """Advance one step and show the window's newest values."""
+        if self.bar is not None:
+            self.bar.update(1)
+            shown = {k.split("/")[-1]: window.last(k) for k in self.SHOWN}
+            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 def global_grad_norm(parameters: Iterable[nn.Parameter]) -> float:
@@ -172,7 +241,9 @@ def check_run(
     if max(cfg.hybrid.ratio, cfg.hybrid.final_ratio) > 0:
         batch = peek_batch(data.train)
         try:
-            sampler_from_config(cfg, mask_id, special).sample(batch, n_tasks=max(probe_tasks, cfg.meta.n_tasks))
+            sampler_from_config(cfg, mask_id, special).sample(
+                batch, n_tasks=max(probe_tasks, cfg.meta.n_tasks)
+            )
         except SamplingError as exc:
             raise ConfigError(f"sampler: no episode can be drawn from a training batch: {exc}") from exc
     check_eval_episodes(

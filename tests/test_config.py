@@ -119,3 +119,28 @@ def test_top_level_must_be_mapping(tmp_path):
     path.write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(path)
+
+
+def test_configuration_page_embeds_the_current_reference():
+    """docs/pages/configuration.md carries the generated field reference; regenerate it with
+    ``picomaml config --reference`` when a declaration changes."""
+    from pathlib import Path
+
+    from picomaml.config import REFERENCE_END, REFERENCE_START, reference_markdown
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "pages" / "configuration.md").read_text()
+    start, end = page.index(REFERENCE_START), page.index(REFERENCE_END) + len(REFERENCE_END)
+    assert page[start:end] == reference_markdown()
+    for section in ("sampler", "head", "inner_loop", "optim", "checkpoint"):
+        assert f"`{section}." in page
+
+
+def test_config_command_prints_yaml_and_reference(capsys, tmp_path):
+    from picomaml.cli import main
+
+    assert main(["config", "--set", "hybrid.ratio=0.25"]) == 0
+    assert load_config(None, ["hybrid.ratio=0.25"]) == ExperimentConfig.from_dict(yaml.safe_load(capsys.readouterr().out))
+    assert main(["config", "--reference"]) == 0
+    assert "`inner_loop.steps`" in capsys.readouterr().out
+    assert main(["config", "--set", "hybrid.ratio=2"]) == 2
+    assert "hybrid.ratio" in capsys.readouterr().err

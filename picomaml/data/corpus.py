@@ -35,6 +35,7 @@ import torch
 
 from picomaml._optional import require
 from picomaml.data.tokenizer import TokenizerWrapper
+from picomaml.params import check_int
 
 __all__ = [
     "CORPUS_FORMAT_VERSION",
@@ -251,8 +252,7 @@ def pack_rows(tokens: torch.Tensor, seq_len: int) -> torch.Tensor:
     Returns:
         ``(T // seq_len, seq_len)`` long tensor.
     """
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
-        raise ValueError(f"pack_rows: seq_len must be an int >= 2, got {seq_len!r}")
+    seq_len = check_int("seq_len", seq_len, ge=2)
     n_rows = tokens.numel() // seq_len
     return tokens[: n_rows * seq_len].to(torch.long).reshape(n_rows, seq_len)
 
@@ -385,8 +385,7 @@ def load_default_corpus(
     Returns:
         The :class:`EmbeddedCorpus`.
     """
-    if not isinstance(seq_len, int) or isinstance(seq_len, bool) or seq_len < 2:
-        raise ValueError(f"load_default_corpus: seq_len must be an int >= 2, got {seq_len!r}")
+    seq_len = check_int("seq_len", seq_len, ge=2)
     tk = require("tokenizers", "data", "the embedded corpus")
     target = corpus_cache_dir(cache_dir)
     complete = all((target / f).is_file() for f in _FILES)

@@ -27,17 +27,12 @@ from typing import Any
 import torch
 
 from picomaml._optional import require
+from picomaml.params import check_int
 
 __all__ = ["DOLMA", "PretokenizedStream"]
 
 DOLMA = "pico-lm/pretokenized-dolma"
 _MODES = ("split", "truncate")
-
-
-def _int_arg(name: str, value: Any, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"PretokenizedStream: {name} must be an int >= {minimum}, got {value!r}")
-    return value
 
 
 def _parquet_files(data_files: str | os.PathLike[str] | Sequence[str | os.PathLike[str]]) -> list[str]:
@@ -97,10 +92,10 @@ class PretokenizedStream:
         drop_last: bool = True,
         **load_kwargs: Any,
     ) -> None:
-        self.seq_len = _int_arg("seq_len", seq_len, 2)
-        self.batch_size = _int_arg("batch_size", batch_size, 1)
-        self.world_size = _int_arg("world_size", world_size, 1)
-        self.rank = _int_arg("rank", rank, 0)
+        self.seq_len = check_int("seq_len", seq_len, ge=2)
+        self.batch_size = check_int("batch_size", batch_size, ge=1)
+        self.world_size = check_int("world_size", world_size, ge=1)
+        self.rank = check_int("rank", rank, ge=0)
         if self.rank >= self.world_size:
             raise ValueError(f"PretokenizedStream: rank must be in [0, {world_size}), got {rank}")
         if mode not in _MODES:
@@ -217,5 +212,5 @@ class PretokenizedStream:
                     f"PretokenizedStream.load_state_dict: saved {key}={state[key]!r} but this stream has "
                     f"{key}={getattr(self, key)!r}; the saved position would point at different rows"
                 )
-        self.rows_consumed = _int_arg("rows_consumed", state["rows_consumed"], 0)
-        self.windows_into_row = _int_arg("windows_into_row", state["windows_into_row"], 0)
+        self.rows_consumed = check_int("rows_consumed", state["rows_consumed"], ge=0)
+        self.windows_into_row = check_int("windows_into_row", state["windows_into_row"], ge=0)

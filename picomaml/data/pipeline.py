@@ -21,7 +21,7 @@ import torch
 from picomaml.data.row_batcher import RowBatcher
 from picomaml.params import ConfigError, Params, check, hparam
 
-__all__ = ["DataConfig", "BatchSource", "StreamBatches", "TrainingData", "build_training_data"]
+__all__ = ["DataConfig", "BatchSource", "InMemoryBatches", "StreamBatches", "TrainingData", "build_training_data"]
 
 
 @dataclasses.dataclass
@@ -67,7 +67,10 @@ class BatchSource(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class _InMemory:
+class InMemoryBatches:
+    """A :class:`BatchSource` over rows in memory: every rank gets the same global batch of a
+    :class:`~picomaml.data.row_batcher.RowBatcher` and keeps its slice (:meth:`local`)."""
+
     shared = True
 
     def __init__(self, batcher: RowBatcher) -> None:
@@ -210,4 +213,4 @@ def build_training_data(
             f"{row_len} tokens; lower data.batch_size or data.seq_len"
         )
     batcher = RowBatcher(train_rows, cfg.batch_size, seed=seed, rank=rank, world_size=world_size)
-    return TrainingData(_InMemory(batcher), heldout[:eval_rows], tokenizer, _special_ids(tokenizer))
+    return TrainingData(InMemoryBatches(batcher), heldout[:eval_rows], tokenizer, _special_ids(tokenizer))

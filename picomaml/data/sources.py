@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from picomaml._optional import require
+from picomaml.params import check_int
 
 __all__ = [
     "SUPPORTED_EXTENSIONS",
@@ -162,11 +163,6 @@ def _pack(sequences: Iterable[list[int]], seq_len: int) -> Iterator[torch.Tensor
             start = 0
 
 
-def _check_positive(name: str, value: Any, minimum: int = 1) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
-
-
 def iter_token_rows(
     paths: PathLike | Sequence[PathLike],
     seq_len: int,
@@ -191,9 +187,9 @@ def iter_token_rows(
     Returns:
         An iterator of long tensors ``(seq_len,)`` or ``(B, seq_len)``.
     """
-    _check_positive("seq_len", seq_len, 2)
+    check_int("seq_len", seq_len, ge=2)
     if batch_size is not None:
-        _check_positive("batch_size", batch_size)
+        check_int("batch_size", batch_size, ge=1)
     files = resolve_files(paths)  # a plain function: missing files or bad extensions fail at the call
     rows = _pack(iter_sequences(files, tokenizer, ids_key=ids_key, text_key=text_key), seq_len)
     return rows if batch_size is None else _batched(rows, batch_size, drop_last)
@@ -231,7 +227,7 @@ def load_token_rows(
         ValueError: The files hold fewer than ``seq_len`` tokens (no complete row).
     """
     if max_rows is not None:
-        _check_positive("max_rows", max_rows)
+        check_int("max_rows", max_rows, ge=1)
     rows: list[torch.Tensor] = []
     for row in iter_token_rows(paths, seq_len, tokenizer, ids_key=ids_key, text_key=text_key):
         rows.append(row)
@@ -262,9 +258,9 @@ class TokenRows:
         batch_size: int | None = None,
         drop_last: bool = True,
     ) -> None:
-        _check_positive("seq_len", seq_len, 2)
+        check_int("seq_len", seq_len, ge=2)
         if batch_size is not None:
-            _check_positive("batch_size", batch_size)
+            check_int("batch_size", batch_size, ge=1)
         self.files = resolve_files(paths)
         self.seq_len = seq_len
         self.tokenizer = tokenizer

@@ -33,7 +33,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from picomaml._checks import int_at_least
 from picomaml.eval.fewshot import (
     FewShotResult,
     eval_mode,
@@ -42,6 +41,7 @@ from picomaml.eval.fewshot import (
     summarize_accuracies,
 )
 from picomaml.eval.leopard import FewShotDataset, TextEpisode, to_episodes
+from picomaml.params import check_int
 
 __all__ = [
     "split_paragraphs",
@@ -171,8 +171,8 @@ def downstream_eval(
     Returns:
         A :class:`picomaml.eval.fewshot.FewShotResult` (``chance = 1 / n_way``).
     """
-    int_at_least("episodes", episodes)
-    int_at_least("episodes_per_batch", episodes_per_batch)
+    check_int("episodes", episodes, ge=1)
+    check_int("episodes_per_batch", episodes_per_batch, ge=1)
     if pooling not in TEXT_POOLINGS:
         raise ValueError(f"pooling must be one of {list(TEXT_POOLINGS)} for text windows, got {pooling!r}")
     if head is not None and inner_loop is None:

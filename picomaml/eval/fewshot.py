@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from picomaml._checks import int_at_least
 from picomaml.eval.probe import linear_probe_accuracy
 from picomaml.eval.stats import mean_ci
 from picomaml.meta.functional import accuracy
 from picomaml.objectives import episode_features
+from picomaml.params import check_int
 
 __all__ = [
     "FewShotResult",
@@ -226,8 +226,8 @@ def fewshot_eval(
     """
     from picomaml.meta.sampler import SMLMTSampler
 
-    int_at_least("episodes", episodes)
-    int_at_least("episodes_per_batch", episodes_per_batch)
+    check_int("episodes", episodes, ge=1)
+    check_int("episodes_per_batch", episodes_per_batch, ge=1)
     if head is not None and inner_loop is None:
         raise ValueError("inner_loop: needed when a head is given (acc_after adapts the head with it)")
     if head is not None and not isinstance(head, nn.Module):

@@ -46,7 +46,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from picomaml._checks import int_at_least
+from picomaml.params import check_int
 
 __all__ = [
     "body_matmul_params",
@@ -87,8 +87,8 @@ def backbone_flops(model_config: Any, n_sequences: int, seq_len: int, lm_head: b
         seq_len: Tokens per sequence (the model input length).
         lm_head: Count the vocabulary projection (AR steps) or not (meta steps pool hidden states).
     """
-    int_at_least("n_sequences", n_sequences)
-    int_at_least("seq_len", seq_len)
+    check_int("n_sequences", n_sequences, ge=1)
+    check_int("seq_len", seq_len, ge=1)
     d, _, _, v, n_layers = _model_dims(model_config)
     tokens = n_sequences * seq_len
     weights = body_matmul_params(model_config) + (d * v if lm_head else 0)
@@ -107,8 +107,8 @@ def ar_step_flops(model_config: Any, batch_size: int, seq_len: int) -> int:
 
 def head_matmul_params(in_dim: int, n_way: int, head_hidden_dims: Sequence[int] = ()) -> int:
     """Matmul weights of a :class:`picomaml.MetaHead` ``in_dim -> hidden... -> n_way`` (biases left out)."""
-    dims = [int_at_least("in_dim", in_dim), *(int_at_least("head_hidden_dims", h) for h in head_hidden_dims)]
-    dims.append(int_at_least("n_way", n_way, 2))
+    dims = [check_int("in_dim", in_dim, ge=1), *(check_int("head_hidden_dims", h, ge=1) for h in head_hidden_dims)]
+    dims.append(check_int("n_way", n_way, ge=2))
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
 
 
@@ -126,9 +126,9 @@ def inner_loop_flops(
     ``steps * s + 3q`` first order, ``steps * 3s + 3q`` second order, with ``s = 3c - c_1``,
     ``c = 2 P_h N K``, ``c_1 = 2 D h_1 N K`` and ``q = 2 P_h N Q`` (see the module docstring).
     """
-    int_at_least("k_shot", k_shot)
-    int_at_least("n_query", n_query)
-    int_at_least("inner_steps", inner_steps, 0)
+    check_int("k_shot", k_shot, ge=1)
+    check_int("n_query", n_query, ge=1)
+    check_int("inner_steps", inner_steps, ge=0)
     p_h = head_matmul_params(in_dim, n_way, head_hidden_dims)
     p_1 = in_dim * (head_hidden_dims[0] if len(head_hidden_dims) else n_way)
     c, c_1, q = 2 * p_h * n_way * k_shot, 2 * p_1 * n_way * k_shot, 2 * p_h * n_way * n_query
@@ -163,10 +163,10 @@ def meta_step_flops(
     Returns:
         FLOPs as an integer.
     """
-    int_at_least("n_way", n_way, 2)
-    int_at_least("n_tasks", n_tasks)
+    check_int("n_way", n_way, ge=2)
+    check_int("n_tasks", n_tasks, ge=1)
     d = _model_dims(model_config)[0]
-    windows = n_tasks * n_way * (int_at_least("k_shot", k_shot) + int_at_least("n_query", n_query))
-    body = backbone_flops(model_config, windows, int_at_least("window_len", window_len), lm_head=False)
+    windows = n_tasks * n_way * (check_int("k_shot", k_shot, ge=1) + check_int("n_query", n_query, ge=1))
+    body = backbone_flops(model_config, windows, check_int("window_len", window_len, ge=1), lm_head=False)
     head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order)
     return body + n_tasks * head

@@ -37,7 +37,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from picomaml._checks import int_at_least
+from picomaml.params import check_int
 
 __all__ = [
     "LeopardFormatError",
@@ -271,7 +271,7 @@ def tokenize_examples(dataset: FewShotDataset, tokenizer: Any, window_len: int) 
     A pair is ``sentence1 + [EOS] + sentence2``. Windows are truncated to ``window_len`` and right-padded
     with ``tokenizer.pad_token_id`` (EOS, then 0, when it has none); ``valid`` is True at real tokens.
     """
-    int_at_least("window_len", window_len)
+    check_int("window_len", window_len, ge=1)
     pad = getattr(tokenizer, "pad_token_id", None)
     eos = getattr(tokenizer, "eos_token_id", None)
     pad = pad if pad is not None else (eos if eos is not None else 0)
@@ -338,7 +338,7 @@ def to_episodes(
         ("n_query", n_query, 1),
         ("episodes", episodes, 1),
     ):
-        int_at_least(name, value, low)
+        check_int(name, value, ge=low)
     gen = generator if generator is not None else torch.Generator().manual_seed(seed)
     s_ids, s_valid = tokenize_examples(dataset, tokenizer, window_len)
     s_groups = _by_label(dataset.labels, len(dataset.label_names))

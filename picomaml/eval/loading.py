@@ -135,7 +135,8 @@ def _load_hf(path: Path, tokenizer: Any, cache_dir: Any) -> EvalBundle:
 def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     from picomaml import checkpoint as ckpt
     from picomaml.build import build_run, eval_episode_kwargs
-    from picomaml.config import ConfigError, ExperimentConfig, upgrade_config_dict
+    from picomaml.config import ExperimentConfig, upgrade_config_dict
+    from picomaml.params import ConfigError
 
     root = path / "checkpoints" if (path / "checkpoints").is_dir() else path  # a run directory
     try:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from picomaml._checks import int_at_least
+from picomaml.params import check_int
 
 __all__ = ["perplexity", "token_nll"]
 
@@ -101,7 +101,7 @@ def perplexity(
     Returns:
         ``{"perplexity": exp(loss), "loss": mean NLL per predicted token (nats), "tokens": count, "rows": n}``.
     """
-    int_at_least("batch_size", batch_size)
+    check_int("batch_size", batch_size, ge=1)
     data = _as_rows(rows)
     if max_rows is not None:
         data = data[:max_rows]

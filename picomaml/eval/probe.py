@@ -29,8 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from picomaml._checks import int_at_least
 from picomaml.meta.functional import accuracy
+from picomaml.params import check_int
 
 __all__ = ["fit_linear_probe", "linear_probe_predict", "linear_probe_accuracy"]
 
@@ -39,14 +39,14 @@ _ARMIJO = 1e-4  # sufficient-decrease constant of the line search
 
 
 def _check(xs: Tensor, ys: Tensor, n_way: int, steps: int, l2: float) -> None:
-    int_at_least("n_way", n_way, 2)
+    check_int("n_way", n_way, ge=2)
     if xs.dim() != 3:
         raise ValueError(f"xs must be (T, S, D) features, got shape {tuple(xs.shape)}")
     if ys.shape != xs.shape[:2]:
         raise ValueError(f"ys must be (T, S) = {tuple(xs.shape[:2])} labels, got shape {tuple(ys.shape)}")
     if ys.numel() and (int(ys.min()) < 0 or int(ys.max()) >= n_way):
         raise ValueError(f"ys: labels must lie in [0, {n_way}), got [{int(ys.min())}, {int(ys.max())}]")
-    int_at_least("steps", steps)
+    check_int("steps", steps, ge=1)
     if not l2 > 0:
         raise ValueError(f"l2 must be > 0 (it makes the fit strictly convex), got {l2!r}")
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from statistics import NormalDist
 from typing import Literal
 
-from picomaml._checks import int_at_least
+from picomaml.params import check_int
 
 __all__ = ["mean_ci", "binomial_ci", "t_quantile", "normal_quantile"]
 
@@ -144,7 +144,7 @@ def binomial_ci(
         method: ``"wilson"`` or ``"normal"``.
     """
     _check_confidence(confidence)
-    int_at_least("n", n)
+    check_int("n", n, ge=1)
     if isinstance(successes, bool) or not isinstance(successes, int) or not 0 <= successes <= n:
         raise ValueError(f"successes must be an integer in [0, n={n}], got {successes!r}")
     z = normal_quantile(0.5 + confidence / 2.0)

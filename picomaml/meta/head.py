@@ -106,8 +106,9 @@ class MetaHead(nn.Module):
         self._act = ACTIVATIONS[activation]
         self._generator = torch.Generator().manual_seed(seed)
         dims = (in_dim, *hidden_dims)
-        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
-        self.out = None if init == "prototype" else nn.Linear(dims[-1], n_way)
+        with torch.random.fork_rng(devices=[]):  # torch's default init (overwritten below) uses the global RNG
+            self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:], strict=True))
+            self.out = None if self.init == "prototype" else nn.Linear(dims[-1], n_way)
         self.reset_parameters()
 
     @property

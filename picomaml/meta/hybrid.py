@@ -150,7 +150,7 @@ class HybridScheduler:
 
     @classmethod
     def from_config(cls, config: Any, seed: int = 0, total_steps: int | None = None) -> HybridScheduler:
-        """Build from a :class:`picomaml.config.HybridConfig` (or its dict) and the experiment seed.
+        """Build from a :class:`HybridConfig` (or its dict) and the experiment seed.
 
         Args:
             config: The ``hybrid`` section; unknown keys raise.

@@ -140,7 +140,7 @@ class SMLMTSampler:
     def from_config(
         cls, config: SamplerConfig | Mapping[str, Any], mask_token_id: int, seed: int = 0
     ) -> SMLMTSampler:
-        """Build from a :class:`picomaml.config.SamplerConfig` (or its dict) plus the tokenizer's mask id."""
+        """Build from a :class:`SamplerConfig` (or its dict) plus the tokenizer's mask id."""
         values = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
         return cls(**values, mask_token_id=mask_token_id, seed=seed)
 

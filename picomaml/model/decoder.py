@@ -175,10 +175,13 @@ class PicoDecoder(nn.Module):
         if not isinstance(config, PicoDecoderConfig):
             raise TypeError(f"config: expected a PicoDecoderConfig, got {type(config).__name__}")
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
-        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
-        self.norm = RMSNorm(config.d_model, config.norm_eps)
-        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        # torch's layers draw a default init from the global RNG; with our own generator that draw is
+        # thrown away, so keep the global stream untouched (a seeded component never moves it)
+        with torch.random.fork_rng(devices=[], enabled=generator is not None):
+            self.embed_tokens = nn.Embedding(config.vocab_size, config.d_model)
+            self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+            self.norm = RMSNorm(config.d_model, config.norm_eps)
+            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)

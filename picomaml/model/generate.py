@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from picomaml.params import check_int
+
 __all__ = ["generate", "next_token"]
 
 
@@ -60,12 +62,11 @@ def generate(
     Returns:
         (B, L + n) long tensor with ``n <= max_new_tokens`` (fewer only when every row hit EOS).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens: must be an integer >= 0, got {max_new_tokens!r}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, ge=0)
     if do_sample and not temperature > 0:
         raise ValueError(f"temperature: must be > 0 when sampling, got {temperature}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: must be an integer >= 1 or None, got {top_k!r}")
+    if top_k is not None:
+        top_k = check_int("top_k", top_k, ge=1)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
         raise ValueError("input_ids: expected a (batch, seq) tensor of token ids")
     cfg = model.config

@@ -101,5 +101,5 @@ def test_binomial_wilson_known_values():
     assert high == 1.0 and low == pytest.approx(1 - 0.2775, abs=1e-4)
     with pytest.raises(ValueError, match="successes"):
         binomial_ci(11, 10)
-    with pytest.raises(ValueError, match="n must"):
+    with pytest.raises(ValueError, match="n: must"):
         binomial_ci(0, 0)

@@ -1,0 +1,159 @@
+"""The training-loop pieces: task sharding, the metric window, optimizer reports, the start-up check."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import picomaml as pm
+from picomaml.build import build_run
+from picomaml.config import ExperimentConfig
+from picomaml.data.pipeline import InMemoryBatches, TrainingData
+from picomaml.data.row_batcher import RowBatcher
+from picomaml.params import ConfigError
+from picomaml.training import (
+    MetricWindow,
+    check_run,
+    global_grad_norm,
+    group_lrs,
+    meta_episode,
+    peek_batch,
+    shard_tasks,
+)
+
+V = 200
+
+
+def _rows(n=16, length=33, seed=0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 40, (n, length), generator=g)  # few types: frequent enough for episodes
+
+
+def _sampler(**kw) -> pm.SMLMTSampler:
+    return pm.SMLMTSampler(**({"n_way": 3, "k_shot": 2, "n_query": 2, "mask_token_id": 2, "window_len": 8} | kw))
+
+
+def test_shard_tasks_splits_a_stack_in_order():
+    ep = _sampler().sample(_rows(), n_tasks=4)
+    parts = [shard_tasks(ep, r, 2) for r in range(2)]
+    assert [p.n_tasks for p in parts] == [2, 2]
+    assert torch.equal(torch.cat([p.support_ids for p in parts]), ep.support_ids)
+    with pytest.raises(ValueError, match="cannot be split"):
+        shard_tasks(ep, 0, 3)
+    with pytest.raises(ValueError, match="stacked"):
+        shard_tasks(_sampler().sample(_rows()), 0, 1)
+
+
+def test_meta_episode_shared_batches_give_the_same_tasks_on_any_number_of_ranks():
+    batch = _rows()
+    one = meta_episode(_sampler(seed=5), batch, batch, 4, shared=True)
+    halves = [meta_episode(_sampler(seed=5), batch, batch[r * 8 : (r + 1) * 8], 4, True, r, 2) for r in range(2)]
+    assert torch.equal(torch.cat([h.query_ids for h in halves]), one.query_ids)
+    own = meta_episode(_sampler(seed=5), batch, batch[:8], 4, shared=False, rank=0, world=2)
+    assert own.n_tasks == 2  # a sharded stream samples its share from its own rows
+
+
+def test_metric_window_names_and_means():
+    w = MetricWindow()
+    w.add({"train/lm_loss": 2.0})
+    w.add({"train/lm_loss": 4.0})
+    w.add_inner_loop({"query_acc": 0.5, "inner_lr/out.weight": 0.1})
+    assert w.means() == {"train/lm_loss": 3.0, "meta/query_acc": 0.5, "meta/inner_lr/out.weight": 0.1}
+    assert w.last("train/lm_loss") == 4.0 and w.last("missing") is None
+    w.clear()
+    assert w.means() == {}
+
+
+def test_grad_norm_and_group_lrs():
+    a, b = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(3))
+    a.grad, b.grad = torch.tensor([3.0, 0.0]), torch.tensor([0.0, 4.0, 0.0])
+    assert global_grad_norm([a, b]) == pytest.approx(5.0)
+    assert global_grad_norm([torch.nn.Parameter(torch.zeros(1))]) == 0.0
+    b.grad[0] = math.inf
+    assert math.isinf(global_grad_norm([a, b]))
+    opt = torch.optim.SGD(
+        [{"params": [a], "lr": 0.1, "name": "model/decay"}, {"params": [b], "lr": 0.1, "name": "model/no_decay"},
+         {"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.5, "name": "head/no_decay"}], lr=1.0
+    )  # fmt: skip
+    assert group_lrs(opt) == {"trainer/lr/model": 0.1, "trainer/lr/head": 0.5}
+
+
+def _data(rows: torch.Tensor, vocab: int = V) -> TrainingData:
+    class Tok:
+        vocab_size, mask_token_id = vocab, 2
+
+    return TrainingData(InMemoryBatches(RowBatcher(rows, 8, seed=0)), rows[:8], Tok(), (0, 1))
+
+
+def _cfg(**sections) -> ExperimentConfig:
+    base = {
+        "model": {"vocab_size": V, "d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
+                  "max_seq_len": 32},
+        "data": {"seq_len": 32}, "sampler": {"n_way": 3, "k_shot": 2, "n_query": 2, "window_len": 8, "min_freq": 2},
+        "meta": {"n_tasks": 2}, "eval": {"episodes": 2, "settings": [[3, 2]]},
+    }  # fmt: skip
+    return ExperimentConfig.from_dict(base | sections)
+
+
+def test_check_run_passes_and_leaves_the_data_where_it_was():
+    data = _data(_rows())
+    expected = peek_batch(data.train)
+    check_run(_cfg(), data, world=2)
+    assert torch.equal(data.train.next_batch(), expected)
+
+
+@pytest.mark.parametrize(
+    ("cfg", "world", "vocab", "match"),
+    [
+        ({}, 1, V + 1, "model.vocab_size"),
+        ({}, 3, V, "meta.n_tasks: 2 must be divisible by the 3 devices"),
+        ({"sampler": {"n_way": 30, "window_len": 8}}, 1, V, "sampler: no episode"),
+        ({"eval": {"settings": [[30, 2]]}}, 1, V, "eval.settings: no 30-way"),
+        ({"eval": {"settings": [[2, 2]]}}, 1, V, "eval.settings: .*3-way head"),
+    ],
+)
+def test_check_run_refuses_what_would_fail_later(cfg, world, vocab, match):
+    with pytest.raises(ConfigError, match=match):
+        check_run(_cfg(**cfg), _data(_rows(), vocab), world=world)
+
+
+def test_check_run_without_meta_steps_skips_the_episode_probe():
+    check_run(_cfg(sampler={"n_way": 30, "window_len": 8}, hybrid={"ratio": 0.0}, eval={"episodes": 0}), _data(_rows()))
+
+
+def test_built_run_steps_with_the_plan_weights():
+    cfg = _cfg(hybrid={"mode": "weighted", "ratio": 0.25})
+    run = build_run(cfg, mask_token_id=2, special_ids=(0, 1))
+    plan = run.hybrid.plan(0)
+    assert plan.objectives == ("ar", "meta") and (plan.w_ar, plan.w_meta) == (0.75, 0.25)
+    rows = _rows()
+    out = run.learner(rows=rows, episode=run.sampler.sample(rows, n_tasks=2), w_ar=plan.w_ar, w_meta=plan.w_meta)
+    assert torch.allclose(out.loss, 0.75 * out.lm_loss + 0.25 * out.meta.loss)
+
+
+def test_progress_bar_shows_the_newest_values(capsys):
+    from picomaml.training import ProgressBar
+
+    off = ProgressBar(10, enabled=False)
+    off.update(MetricWindow())
+    off.close()
+    assert not off.active
+    w = MetricWindow()
+    w.add({"train/lm_loss": 1.23456})
+    bar = ProgressBar(10, 2, enabled=True)
+    bar.update(w)
+    assert bar.active and bar.bar.n == 3 and bar.bar.postfix == "lm_loss=1.235"
+    bar.close()
+
+
+def test_run_summary_lists_counters_and_the_last_row():
+    from picomaml.training import new_counters, run_summary
+
+    c = new_counters() | {"ar_steps": 3, "meta_steps": 1, "tokens": 12345}
+    text = run_summary(4, c, "max_steps", 9.6, {"step": 4, "eval/perplexity": 341.7})
+    assert text.splitlines()[0] == (
+        "run finished (max_steps) at step 4: 3 AR steps, 1 meta steps, 12,345 tokens, 10 s, 0 non-finite steps skipped"
+    )
+    assert text.splitlines()[1].split() == ["eval/perplexity", "341.7"]
