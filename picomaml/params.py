@@ -16,6 +16,7 @@ name (a dotted path inside a config) and says what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import types
@@ -236,6 +237,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     return value
 
 
+@functools.cache
+def _hints(cls: type) -> dict[str, Any]:
+    """The resolved field annotations of a dataclass (resolved once per class: constructors call this)."""
+    return typing.get_type_hints(cls)
+
+
 def _check_range(value: Any, meta: Mapping[str, Any], path: str) -> None:
     bounds = {k: meta.get(k) for k in ("ge", "gt", "le", "lt")}
     if isinstance(value, (tuple, list)):
@@ -262,7 +269,7 @@ class Params:
     """
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _hints(type(self))
         for f in dataclasses.fields(self):
             if not f.init:
                 continue
@@ -291,7 +298,7 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
     if data is not None and not isinstance(data, Mapping):
         raise ConfigError(f"{path or 'config'}: expected a mapping, got {type(data).__name__}")
     data = dict(data or {})
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     where = f" in '{path}'" if path else ""
     preset = data.pop("preset", None) if hasattr(cls, "preset") else None
@@ -334,7 +341,7 @@ def to_dict(obj: Any) -> Any:
 
 def field_docs(cls: type) -> list[tuple[str, str, Any, str]]:
     """``(name, type, default, meaning)`` of every field of a hyperparameter dataclass, in order."""
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
         if not f.init:

@@ -1,0 +1,132 @@
+"""Structure that keeps the library cheap to change: no import cycles, a thin reference trainer.
+
+Run ``python tests/test_architecture.py`` to print the figures these tests check.
+"""
+
+from __future__ import annotations
+
+import ast
+import io
+import tokenize
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "picomaml"
+TRAINER = ROOT / "examples" / "train_smlmt.py"
+
+
+def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
+    """``module -> picomaml modules it imports``, lazy (in-function) and ``TYPE_CHECKING`` imports included."""
+    modules = {}
+    for path in package.rglob("*.py"):
+        parts = list(path.relative_to(package.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts = parts[:-1]
+        modules[".".join(parts)] = path
+
+    def resolve(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph: dict[str, set[str]] = {m: set() for m in modules}
+    for module, path in modules.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                names = [node.module, *(f"{node.module}.{a.name}" for a in node.names)]
+            for name in names:
+                target = resolve(name) if name.startswith("picomaml") else None
+                # the top-level package only maps public names to modules (lazily): not an edge back
+                if target and target != module and module != "picomaml":
+                    graph[module].add(target)
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    found: list[list[str]] = []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return found
+
+
+def function_code_lines(path: Path) -> dict[str, int]:
+    """Code lines (no blank, comment or docstring lines) of every function in ``path``."""
+    source = path.read_text(encoding="utf-8")
+    tree = ast.parse(source)
+    docstrings: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
+            if ast.get_docstring(node):
+                first = node.body[0]
+                docstrings |= set(range(first.lineno, first.end_lineno + 1))
+    code: set[int] = set()
+    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type not in skip:
+            code |= set(range(tok.start[0], tok.end[0] + 1))
+    code -= docstrings
+    return {
+        node.name: sum(1 for line in range(node.lineno, node.end_lineno + 1) if line in code)
+        for node in ast.walk(tree)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+    }
+
+
+def test_no_import_cycles_inside_the_package():
+    assert cycles(import_graph()) == []
+
+
+def test_the_graph_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_model_config_needs_no_torch_and_no_other_module():
+    assert import_graph()["picomaml.model.config"] == {"picomaml.params"}
+    assert import_graph()["picomaml.params"] == set()
+    source = (PACKAGE / "model" / "config.py").read_text() + (PACKAGE / "params.py").read_text()
+    assert "import torch" not in source
+
+
+def test_reference_trainer_is_thin():
+    lines = len(TRAINER.read_text(encoding="utf-8").splitlines())
+    longest = max(function_code_lines(TRAINER).values())
+    assert lines <= 300 and longest <= 80, (lines, longest)
+
+
+if __name__ == "__main__":
+    found = cycles(import_graph())
+    print(f"import cycles: {len(found)}", *(" <-> ".join(c) for c in found), sep="\n  ")
+    fns = function_code_lines(TRAINER)
+    name = max(fns, key=fns.get)
+    print(f"{TRAINER.name}: {len(TRAINER.read_text().splitlines())} lines, longest function {name} ({fns[name]} code lines)")
