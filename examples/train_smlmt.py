@@ -16,6 +16,7 @@ A recipe to copy and edit: setup, then the loop (train step, log/evaluate, save)
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import math
 import signal
@@ -33,12 +34,14 @@ import torch  # noqa: E402
 import picomaml as pm  # noqa: E402
 from picomaml import checkpoint as ckpt  # noqa: E402
 from picomaml import training  # noqa: E402
+from picomaml._optional import require  # noqa: E402
 from picomaml.budget import experiment_step_flops  # noqa: E402
 from picomaml.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.data.pipeline import TrainingData, build_training_data  # noqa: E402
-from picomaml.dynamics import capture_splits, learning_dynamics_writer  # noqa: E402
+from picomaml.dynamics import capture_splits, learning_dynamics_writer, select_modules  # noqa: E402
 from picomaml.eval import evaluate_during_training  # noqa: E402
 from picomaml.model.hf import export_hf  # noqa: E402
+from picomaml.run_dir import RESUME_HELP, USER_ERRORS, error_line, open_run  # noqa: E402
 from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
 
 log = logging.getLogger("train_smlmt")
@@ -56,7 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: tiny-cpu.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="e.g. hybrid.ratio=0.25")
     p.add_argument("--run-dir", default="runs/tiny-cpu", help="outputs: config, metrics, checkpoints, plots")
-    p.add_argument("--resume", default="auto", help="auto (latest in run dir, if any) | PATH | none")
+    p.add_argument("--resume", default="auto", help=RESUME_HELP)
     for flag in FLAGS:  # shorthands for trainer.<flag>
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"trainer.{flag}")
     p.add_argument("--logger", action="append", choices=["csv", "tensorboard", "wandb"], help="repeatable")
@@ -68,15 +71,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def make_fabric(cfg: pm.ExperimentConfig):
-    from picomaml._optional import require
-
-    L = require("lightning", "fabric", "the reference trainer")
-    strategy = cfg.trainer.strategy
-    if strategy == "ddp" or (strategy == "auto" and cfg.trainer.devices > 1):
+    L, t = require("lightning", "fabric", "the reference trainer"), cfg.trainer
+    strategy = t.strategy
+    if strategy == "ddp" or (strategy == "auto" and t.devices > 1):
         # AR steps leave the head unused and meta steps the LM head: DDP must allow unused parameters
         strategy = L.fabric.strategies.DDPStrategy(find_unused_parameters=True)
-    t = cfg.trainer
-    return L.Fabric(accelerator=t.accelerator, devices=t.devices, strategy=strategy, precision=t.precision)
+    try:
+        return L.Fabric(accelerator=t.accelerator, devices=t.devices, strategy=strategy, precision=t.precision)
+    except (RuntimeError, ValueError) as exc:  # a setting this machine cannot run, in Lightning's words
+        raise pm.ConfigError(f"trainer.accelerator={t.accelerator!r} devices={t.devices}: {exc}") from None
 
 
 @dataclass
@@ -104,44 +107,39 @@ class Trainer:
         return self.run.stateful() | {"optimizer": self.optimizer, "data": self.data.train}
 
 
-def setup(args: argparse.Namespace) -> Trainer:
+def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
     cfg = pm.load_config(args.config, args.set)  # every config error surfaces here, before any work
     fabric = make_fabric(cfg)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
-    logging.basicConfig(
-        level=logging.INFO if rank == 0 else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt)
+    run_dir = Path(args.run_dir)
+    # rank 0 locks the run directory and plans the start: every refusal (in use, no usable checkpoint,
+    # another architecture, a damaged metrics.csv) comes before any change; the stack releases the lock
+    start = stack.enter_context(open_run(run_dir, args.resume, cfg, is_main=rank == 0, broadcast=fabric.broadcast))
     data = build_training_data(cfg.data, seed=cfg.seed, rank=rank, world_size=world, eval_rows=cfg.eval.rows)
     training.check_run(cfg, data, world)  # vocabulary, tasks per device, training and evaluation episodes
     tok = data.tokenizer
     sampler_seed = cfg.seed + (0 if data.train.shared else rank)
-    run = build_run(
-        cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed
-    )
+    run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed)
+    try:  # a misspelt dynamics layer fails now, not at the first save
+        for suffix in cfg.checkpoint.dynamics.layers if cfg.checkpoint.learning_dynamics else ():
+            select_modules(run.model, [suffix])
+    except ValueError as exc:
+        raise pm.ConfigError(f"checkpoint.dynamics.layers: {exc}") from None
     learner, optimizer = fabric.setup(run.learner, run.optimizer)
     n = cfg.checkpoint.dynamics.batch_size  # learning dynamics on fixed train and held-out inputs
     dyn_rows = {"train": data.train.local(training.peek_batch(data.train))[:n, :-1], "val": data.heldout_rows[:n, :-1]}
-    run_dir = Path(args.run_dir)
     t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows)
-    resume_dir = ckpt.resolve_resume(None if args.resume == "none" else args.resume, run_dir / "checkpoints")
-    if resume_dir is not None:
-        state = ckpt.load_checkpoint(resume_dir)
-        # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
-        # run extended with a larger --max-steps follows the new schedule like the LR does
-        state.load_into({k: v for k, v in t.stateful().items() if k != "hybrid"})
-        state.restore_rng()
+    # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
+    # run extended with a larger --max-steps follows the new schedule like the LR does
+    state = start.restore({k: v for k, v in t.stateful().items() if k != "hybrid"})  # RNG states too
+    if state is not None:
         t.counters.update(state.counters)
         t.step = state.step
-        log.info("resumed from %s at step %d", resume_dir, t.step)
-    if t.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        pm.config.dump_config(cfg, run_dir / "config.yaml")
-    t.tracker = MetricsTracker(
-        run_dir, cfg.trainer.loggers, enabled=t.is_main, config=cfg.to_dict(), resume_step=t.step,
-        wandb_project=cfg.trainer.wandb_project, wandb_offline=cfg.trainer.wandb_offline,
-    )  # fmt: skip
+    start.commit(cfg)  # rank 0: an earlier run moved aside, config changes recorded, then config.yaml
+    t.tracker = start.tracker(cfg)  # continues metrics.csv from the resumed step
     return t
 
 
@@ -196,8 +194,8 @@ def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> No
     window.add({"trainer/grad_norm": grad_norm})
     finite = torch.isfinite(torch.tensor([grad_norm, *losses])).all().float()
     if t.fabric.all_reduce(finite, reduce_op="min").item() < 1:  # every rank skips together
-        t.counters["nonfinite_skipped"] += 1
-        warnings.warn(f"step {t.step}: non-finite loss or gradient; optimizer step skipped", stacklevel=1)
+        t.counters["nonfinite_skipped"] += 1  # t.step + 1 below: the step of this update's metrics row
+        warnings.warn(f"step {t.step + 1}: non-finite loss or gradient; optimizer step skipped", stacklevel=1)
     else:
         t.optimizer.step()
     t.optimizer.zero_grad(set_to_none=True)
@@ -232,11 +230,10 @@ def save(t: Trainer) -> None:
         if cfg.checkpoint.learning_dynamics:
             captured = capture_splits(t.run.model, t.dynamics_rows, cfg.checkpoint.dynamics)
             writers["learning_dynamics"] = learning_dynamics_writer(captured)
-        path = ckpt.save_checkpoint(
+        ckpt.save_checkpoint(  # it logs the path
             t.run_dir / "checkpoints", t.step, t.stateful(), config=cfg.to_dict(), counters=t.counters,
             writers=writers, keep_last=cfg.checkpoint.keep_last,
         )  # fmt: skip
-        log.info("checkpoint: %s", path)
     t.fabric.barrier()
 
 
@@ -276,23 +273,27 @@ def summarize(t: Trainer, end_reason: str, seconds: float) -> None:
 
 def main(argv=None) -> int:
     t0 = time.perf_counter()
-    t = setup(parse_args(argv))
+    with contextlib.ExitStack() as stack:  # the run directory's lock is released on every exit path
+        t = setup(parse_args(argv), stack)
 
-    def on_sigint(signum, frame):
-        t.interrupted = True
-        log.warning("interrupt: finishing this step, then saving a checkpoint")
+        def on_sigint(signum, frame):
+            t.interrupted = True
+            log.warning("interrupt: finishing this step, then saving a checkpoint")
 
-    signal.signal(signal.SIGINT, on_sigint)
-    end_reason = train(t)
-    t.tracker.close()
-    if t.is_main:
-        summarize(t, end_reason, time.perf_counter() - t0)
+        stack.callback(signal.signal, signal.SIGINT, signal.signal(signal.SIGINT, on_sigint))
+        end_reason = train(t)
+        t.tracker.close()
+        if t.is_main:
+            summarize(t, end_reason, time.perf_counter() - t0)
     return 0
 
 
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except pm.ConfigError as exc:  # a clear message, no traceback, before any training
-        print(f"config error: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:  # the user's to fix: one bounded line, no traceback
+        print(error_line(exc), file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -65,7 +65,8 @@ def learner_from_config(
     cfg: ExperimentConfig, model: nn.Module, head: nn.Module, loop: nn.Module
 ) -> HybridLearner:
     """Backbone, head and inner loop in one module, with the ``meta`` section's pooling and normalisation."""
-    return HybridLearner(model, head, loop, pooling=cfg.meta.pooling, feature_norm=cfg.meta.feature_norm)
+    m = cfg.meta
+    return HybridLearner(model, head, loop, pooling=m.pooling, feature_norm=m.feature_norm, nonfinite=m.nonfinite)
 
 
 def sampler_from_config(

@@ -61,6 +61,9 @@ class TrainerConfig(Params):
     log_every: int = hparam(10, ge=1, doc="steps between metric rows (means over the window)")
     eval_every: int = hparam(100, ge=1, doc="steps between evaluations (on a logging step)")
     save_every: int = hparam(100, ge=1, doc="steps between checkpoints (one is always written at the end)")
+    max_nonfinite_skips: int = hparam(
+        20, ge=1, doc="non-finite steps in a row (each skipped) that stop the run with an error"
+    )
     devices: int = hparam(1, ge=1, doc="processes (data parallel)")
     accelerator: Accelerator = hparam("auto", doc="Fabric accelerator")
     # no fsdp: checkpoints gather full states on rank 0, which FSDP shards

@@ -14,7 +14,7 @@ from torch import nn
 
 from picomaml.meta.episode import Episode
 from picomaml.meta.inner_loop import InnerLoopOutput
-from picomaml.objectives import POOLINGS, lm_loss, meta_loss
+from picomaml.objectives import NONFINITE, POOLINGS, NonFinite, lm_loss, meta_loss
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -44,6 +44,9 @@ class HybridLearner(nn.Module):
         pooling: How window features are pooled for the head: ``"mask"``, ``"before_mask"``, ``"last"`` or
             ``"mean"`` (see :func:`picomaml.objectives.pool_features`).
         feature_norm: Per-task feature normalisation before the inner loop (see :func:`picomaml.meta_loss`).
+        nonfinite: ``"propagate"`` (default): NaN/Inf backbone features give a NaN meta loss that still
+            back-propagates (every DDP rank runs its backward; the trainer then skips the step on all
+            ranks), ``"raise"``: a ``ValueError`` (see :func:`picomaml.meta_loss`).
     """
 
     def __init__(
@@ -53,15 +56,19 @@ class HybridLearner(nn.Module):
         loop: nn.Module,
         pooling: str = "mask",
         feature_norm: str = "none",
+        nonfinite: NonFinite = "propagate",
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if nonfinite not in NONFINITE:
+            raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
         self.model = model
         self.head = head
         self.loop = loop
         self.pooling = pooling
         self.feature_norm = feature_norm
+        self.nonfinite = nonfinite
 
     def forward(
         self,
@@ -93,6 +100,7 @@ class HybridLearner(nn.Module):
                 episode,
                 pooling=self.pooling,
                 feature_norm=self.feature_norm,
+                nonfinite=self.nonfinite,
             )
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
         assert total is not None

@@ -1,29 +1,42 @@
 """The glue a training loop calls: the autoregressive loss and the meta loss of one episode.
 
-``meta_loss`` featurises the episode with :func:`episode_features`, which runs the backbone exactly once
-over the support and query windows of every task together and pools one feature vector per window, and
-hands the features to the :class:`~picomaml.InnerLoop`. The inner loop adapts only the head, so the
-backbone is never re-run per inner step; ``out.loss.backward()`` reaches the backbone through the pooled
-features. The few-shot evaluations (:mod:`picomaml.eval.fewshot`, :mod:`picomaml.eval.downstream`)
-featurise their episodes with the same function.
+``meta_loss`` featurises the episode with :func:`~picomaml.features.episode_features` (re-exported here
+with the rest of :mod:`picomaml.features`), which runs the backbone exactly once over the support and
+query windows of every task together and pools one feature vector per window, and hands the features to
+the :class:`~picomaml.InnerLoop`. The inner loop adapts only the head, so the backbone is never re-run per
+inner step; ``out.loss.backward()`` reaches the backbone through the pooled features.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from collections.abc import Callable
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from picomaml.features import (
+    FEATURE_NORMS,
+    POOLINGS,
+    EpisodeFeatures,
+    FeatureNorm,
+    Pooling,
+    backbone_hidden,
+    check_episode,
+    episode_features,
+    normalize_task_features,
+    pool_features,
+)
 from picomaml.params import Params, choices, hparam
 
 __all__ = [
     "MetaConfig",
     "Pooling",
     "FeatureNorm",
+    "NonFinite",
     "lm_loss",
     "backbone_hidden",
     "pool_features",
@@ -33,12 +46,11 @@ __all__ = [
     "meta_loss",
     "POOLINGS",
     "FEATURE_NORMS",
+    "NONFINITE",
 ]
 
-Pooling = Literal["mask", "before_mask", "last", "mean"]
-FeatureNorm = Literal["none", "center", "standardize"]
-POOLINGS = choices(Pooling)
-FEATURE_NORMS = choices(FeatureNorm)
+NonFinite = Literal["raise", "propagate"]
+NONFINITE = choices(NonFinite)
 
 
 @dataclasses.dataclass
@@ -49,6 +61,9 @@ class MetaConfig(Params):
     pooling: Pooling = hparam("mask", doc="window feature: masked positions, the ones before them, last, mean")
     feature_norm: FeatureNorm = hparam("none", doc="per-task normalisation by support statistics")
     n_tasks: int = hparam(1, ge=1, doc="tasks (episodes) per meta step, adapted together")
+    nonfinite: NonFinite = hparam(
+        "propagate", doc="NaN/Inf features: propagate (a NaN loss: the step is skipped) or raise"
+    )
 
 
 def lm_loss(
@@ -74,261 +89,59 @@ def lm_loss(
 
     Returns:
         Scalar mean loss over the counted targets (computed in float32 or wider).
+
+    Raises:
+        TypeError: ``tokens`` is not an integer tensor.
+        ValueError: ``tokens`` is not ``(B, L)`` with ``B >= 1``, ``L >= 2``, or a counted target lies outside
+            ``[0, V)`` for the ``V`` of the logits (checked before the loss: no IndexError or device assert).
     """
-    if tokens.dim() != 2 or tokens.shape[1] < 2:
-        raise ValueError(f"tokens must be (B, L) with L >= 2, got shape {tuple(tokens.shape)}")
+    if not isinstance(tokens, Tensor):
+        raise TypeError(f"tokens: expected a (B, L) torch.LongTensor, got {type(tokens).__name__}")
+    if tokens.dim() != 2 or tokens.shape[0] == 0 or tokens.shape[1] < 2:
+        raise ValueError(f"tokens: must be (B, L) with B >= 1 and L >= 2, got shape {tuple(tokens.shape)}")
+    if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
+        raise TypeError(f"tokens: expected integer token ids (torch.long), got dtype {tokens.dtype}")
     targets = tokens[:, 1:]
     if pad_id is not None:
         targets = targets.masked_fill(targets == pad_id, ignore_index)
+    counted = targets != ignore_index
+    # queued before the forward, read after it: one sync, and a clear error instead of torch's IndexError
+    # (or a device-side assert on CUDA) for a target outside the vocabulary
+    bounds = torch.stack([targets.masked_fill(~counted, 0).amin(), targets.masked_fill(~counted, 0).amax()])
     out = model(tokens if full_sequence else tokens[:, :-1])
     logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
     if full_sequence:
         logits = logits[:, :-1]
+    lo, hi = bounds.tolist()
+    if lo < 0 or hi >= logits.shape[-1]:
+        raise ValueError(
+            f"tokens: target ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary, the last dim of its "
+            f"logits) or equal ignore_index={ignore_index}{'' if pad_id is None else f' / pad_id={pad_id}'}; "
+            f"got min {lo} and max {hi}"
+        )
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return F.cross_entropy(
         logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
     )
 
-
-def pool_features(
-    hidden: Tensor, mask: Tensor | None = None, pooling: str = "mask", *, valid: Tensor | None = None
-) -> Tensor:
-    """One feature vector per window: the one place where every pooling is defined.
-
-    Args:
-        hidden: ``(B, L, D)`` hidden states.
-        mask: ``(B, L)`` bool, True at the masked (class-token) positions; needed for ``"mask"`` and
-            ``"before_mask"``, ignored by the others.
-        pooling: ``"mask"`` (mean over the masked positions; every row needs at least one),
-            ``"before_mask"`` (mean over the positions just before the masked ones: in a causal LM the
-            state that predicts the class token; a mask at position 0 uses itself), ``"last"`` (the last
-            valid position, which sees the whole window in a causal decoder) or ``"mean"`` (mean over the
-            valid positions).
-        valid: ``(B, L)`` bool, True at real (non-pad) tokens; ``None`` (SMLMT windows): every position
-            is valid. Used by ``"last"`` and ``"mean"``; every row needs at least one valid position.
-            Masked positions are real tokens, so ``"mask"`` and ``"before_mask"`` ignore it.
-
-    Returns:
-        ``(B, D)`` in the dtype of ``hidden`` (sums accumulate in float32 for low-precision input).
-
-    Raises:
-        ValueError: an unknown ``pooling``, a ``hidden``/``mask``/``valid`` of the wrong shape, a missing
-            ``mask``, or a row without a masked (or valid) position; the message names the rows.
-    """
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-    if hidden.dim() != 3:
-        raise ValueError(f"hidden must be (B, L, D), got shape {tuple(hidden.shape)}")
-    if valid is not None and valid.shape != hidden.shape[:2]:
-        raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(hidden.shape[:2])}")
-    if pooling in ("last", "mean") and valid is not None:
-        _check_rows(valid.sum(1), "valid", "valid (non-pad) position")
-    if pooling == "last":
-        if valid is None:
-            return hidden[:, -1]
-        positions = torch.arange(hidden.shape[1], device=hidden.device)
-        last = torch.where(valid, positions, -1).amax(1)  # the last real token of each row
-        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    acc = hidden.float() if hidden.dtype in (torch.float16, torch.bfloat16) else hidden
-    if pooling == "mean":
-        if valid is None:
-            return acc.mean(1).to(hidden.dtype)
-        weights = valid
-    else:
-        if mask is None:
-            raise ValueError(f"pooling={pooling!r} needs the (B, L) mask of masked positions")
-        if mask.shape != hidden.shape[:2]:
-            raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(hidden.shape[:2])}")
-        if pooling == "before_mask":
-            shifted = torch.zeros_like(mask)
-            shifted[:, :-1] = mask[:, 1:]
-            shifted[:, 0] |= mask[:, 0]
-            mask = shifted
-        weights = mask
-    weights = weights.to(acc.dtype)
-    counts = weights.sum(1)  # (B,)
-    if pooling != "mean":
-        _check_rows(counts, f"pooling={pooling!r}", "masked position (use pooling='last' or 'mean')")
-    pooled = torch.einsum("bl,bld->bd", weights, acc) / counts.unsqueeze(1)
-    return pooled.to(hidden.dtype)
-
-
-def _check_rows(counts: Tensor, what: str, needs: str) -> None:
-    """Raise naming the (first five) rows whose ``counts`` are zero."""
-    if not bool((counts > 0).all()):
-        rows = (counts == 0).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{what}: rows {rows} have no {needs}")
-
-
-def backbone_hidden(model: nn.Module, ids: Tensor) -> Tensor:
-    """Final hidden states ``(B, L, D)`` of ``ids`` ``(B, L)``, skipping the vocabulary projection if possible.
-
-    Uses ``model.hidden_states(ids)`` when the model has it (a :class:`~picomaml.PicoDecoder`), else
-    ``model(ids, return_hidden=True)[1]``.
-    """
-    if hasattr(model, "hidden_states"):
-        return model.hidden_states(ids)  # skips the vocabulary projection
-    return model(ids, return_hidden=True)[1]
-
-
-def normalize_task_features(xs: Tensor, xq: Tensor, mode: str = "none") -> tuple[Tensor, Tensor]:
-    """Centre (and scale) one task's features by statistics of its support set.
-
-    ``"center"`` subtracts the support mean from support and query features; ``"standardize"`` also
-    divides both by the root-mean-square of the centred support features (one scalar per task). Both are
-    differentiable and use support statistics only, so no query information reaches the adaptation. They
-    remove the cheapest way to lower an over-confident query loss, collapsing all windows onto one
-    direction, which otherwise stalls meta-training from scratch.
-
-    Args:
-        xs: Support features ``(..., N*K, D)``.
-        xq: Query features ``(..., N*Q, D)``.
-        mode: ``"none"``, ``"center"`` or ``"standardize"``.
-
-    Returns:
-        ``(xs, xq)`` normalised, shapes unchanged.
-    """
-    if mode not in FEATURE_NORMS:
-        raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {mode!r}")
-    if mode == "none":
-        return xs, xq
-    mu = xs.mean(-2, keepdim=True)
-    xs, xq = xs - mu, xq - mu
-    if mode == "standardize":
-        scale = xs.pow(2).mean((-2, -1), keepdim=True).clamp_min(1e-12).sqrt()
-        xs, xq = xs / scale, xq / scale
-    return xs, xq
-
-
-class EpisodeFeatures(NamedTuple):
-    """Pooled features and labels of an episode, always with a leading task dimension ``T``.
-
-    Attributes:
-        support_feats: ``(T, N*K, D)``.
-        support_labels: ``(T, N*K)`` long, on the device of the features.
-        query_feats: ``(T, N*Q, D)``.
-        query_labels: ``(T, N*Q)`` long, on the device of the features.
-    """
-
-    support_feats: Tensor
-    support_labels: Tensor
-    query_feats: Tensor
-    query_labels: Tensor
-
-
-def _device_of(*modules: Any) -> torch.device | None:
-    """Device of the first parameter of the first ``nn.Module`` among ``modules`` that has one."""
-    for m in modules:
-        param = next(iter(m.parameters()), None) if isinstance(m, nn.Module) else None
-        if param is not None:
-            return param.device
-    return None
-
-
-def episode_features(
-    model: nn.Module | None,
-    episode: Any,
-    pooling: str = "mask",
-    feature_norm: str = "none",
-    dtype: torch.dtype | None = None,
-    *,
-    features: Callable[[Tensor], Tensor] | None = None,
-) -> EpisodeFeatures:
-    """Featurise an episode (one task or a stack of ``T``) with a single backbone forward.
-
-    The support and query windows of all tasks are concatenated into one ``(T*(N*K + N*Q), W)`` batch,
-    run through the backbone once, pooled (:func:`pool_features`), cast to ``dtype``, split per task and
-    normalised per task from support statistics (:func:`normalize_task_features`). Training
-    (:func:`meta_loss`) and every evaluation path featurise episodes through this function. Gradients flow
-    unless the caller disables them (evaluation runs it under ``torch.no_grad()``).
-
-    Args:
-        model: The backbone: ``model.hidden_states(ids)`` when present, else
-            ``model(ids, return_hidden=True)[1]`` (see :func:`backbone_hidden`). May be ``None`` when
-            ``features`` is given.
-        episode: An :class:`~picomaml.Episode` or a :class:`~picomaml.eval.leopard.TextEpisode` (or any
-            object with their fields): ``support_ids`` ``([T,] N*K, W)`` long, ``support_labels``
-            ``([T,] N*K)``, ``support_mask`` ``([T,] N*K, W)`` bool (True at masked class tokens; read for
-            ``"mask"``/``"before_mask"``), the ``query_*`` counterparts with ``N*Q`` rows, and optionally
-            ``support_valid``/``query_valid`` (True at real tokens; read for ``"last"``/``"mean"`` unless
-            ``episode.padded`` is False, as for SMLMT episodes whose every position is real).
-        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
-        feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` (see :func:`normalize_task_features`).
-        dtype: Dtype of the returned features, normally the head's. ``None``: float32 for float16/bfloat16
-            features (a small head keeps full precision), else the backbone's dtype.
-        features: ``ids (B, W) -> hidden (B, W, D)``, used instead of :func:`backbone_hidden` on ``model``
-            (e.g. the trunk of a module that is not a language model).
-
-    Returns:
-        :class:`EpisodeFeatures` ``(support_feats (T, N*K, D), support_labels (T, N*K), query_feats
-        (T, N*Q, D), query_labels (T, N*Q))``, with ``T = 1`` for a single-task episode. The ids move to
-        the device of the backbone's (or ``features``') first parameter; the labels follow the features.
-
-    Raises:
-        ValueError: ids that are not ``(rows, W)`` or ``(T, rows, W)``, labels that do not match them,
-            hidden states of the wrong shape, or a pooling error (see :func:`pool_features`).
-    """
-    if model is None and features is None:
-        raise ValueError("model: pass a backbone, or a features callable ids -> (B, L, D) as features=")
-    if pooling not in POOLINGS:  # before the forward, not after it
-        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-    if feature_norm not in FEATURE_NORMS:
-        raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
-    s_ids, q_ids = episode.support_ids, episode.query_ids
-    if s_ids.dim() not in (2, 3) or q_ids.dim() != s_ids.dim() or q_ids.shape[:-2] != s_ids.shape[:-2]:
-        raise ValueError(
-            f"episode: ids must be (rows, W) or (T, rows, W); got support_ids {tuple(s_ids.shape)}, "
-            f"query_ids {tuple(q_ids.shape)}"
-        )
-    for part, ids in (("support", s_ids), ("query", q_ids)):
-        labels = getattr(episode, f"{part}_labels")
-        if labels.shape != ids.shape[:-1]:
-            raise ValueError(
-                f"episode: {part}_labels has shape {tuple(labels.shape)}, expected {tuple(ids.shape[:-1])}"
-            )
-    width = s_ids.shape[-1]
-    ns, nq = s_ids.shape[-2], q_ids.shape[-2]
-    t = s_ids.shape[0] if s_ids.dim() == 3 else 1
-
-    def rows(name: str) -> Tensor:  # (T*(ns+nq), W): support then query rows of each task
-        s, q = getattr(episode, f"support_{name}"), getattr(episode, f"query_{name}")
-        return torch.cat([s.reshape(t, ns, width), q.reshape(t, nq, width)], 1).reshape(-1, width)
-
-    ids = rows("ids")
-    mask = rows("mask") if pooling in ("mask", "before_mask") else None
-    valid = None
-    padded = getattr(episode, "padded", True)  # an Episode has no padding: skip the all-True mask
-    if pooling in ("last", "mean") and padded and getattr(episode, "support_valid", None) is not None:
-        valid = rows("valid")
-    device = _device_of(features, model)
-    if device is not None and ids.device != device:
-        ids = ids.to(device)
-        mask = mask.to(device) if mask is not None else None
-        valid = valid.to(device) if valid is not None else None
-    hidden = features(ids) if features is not None else backbone_hidden(model, ids)  # the one forward
-    if hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
-        raise ValueError(
-            f"{'features' if features is not None else 'model'}: hidden states of shape "
-            f"{tuple(hidden.shape)}, expected (B, L, D) with (B, L) = {tuple(ids.shape)}"
-        )
-    feats = pool_features(hidden, mask, pooling, valid=valid)  # (T*(ns+nq), D)
-    if dtype is None:
-        dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
-    feats = feats.to(dtype).view(t, ns + nq, -1)
-    xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-    ys = episode.support_labels.reshape(t, ns).to(feats.device)
-    yq = episode.query_labels.reshape(t, nq).to(feats.device)
-    return EpisodeFeatures(xs, ys, xq, yq)
+def _check_width(head: nn.Module, width: Any, what: str) -> None:
+    """Raise naming ``head.in_dim`` when features of ``width`` (an int; anything else is unknown) do not fit."""
+    in_dim = getattr(head, "in_dim", None)
+    if isinstance(width, int) and in_dim is not None and width != in_dim:
+        raise ValueError(f"head.in_dim: the head takes {in_dim}-dim features but {what} is {width}")
 
 
 def meta_loss(
-    model: nn.Module,
+    model: nn.Module | None,
     head: nn.Module,
     loop: nn.Module,
     episode: Any,
     pooling: str = "mask",
     feature_norm: str = "none",
+    nonfinite: NonFinite = "propagate",
+    *,
+    features: Callable[[Tensor], Tensor] | None = None,
 ) -> Any:
     """Meta loss of an episode (one task or a stack of ``T``) with a single backbone forward.
 
@@ -342,19 +155,44 @@ def meta_loss(
         pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
         feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` per task, from support statistics
             (see :func:`normalize_task_features`).
+        nonfinite: What a NaN/Inf in the features does. ``"propagate"`` (for training loops): a warning;
+            the inner loop runs on the features with those values set to zero and the loss is NaN, still
+            attached to the graph, so ``loss.backward()`` runs as usual (under DDP every rank reaches the
+            gradient all-reduce) and leaves NaN gradients, and a loop that checks the loss or gradient
+            norm skips the step. ``"raise"``: the inner loop's ``ValueError``. Finite features give the
+            same loss and gradients either way.
+        features: ``ids (B, W) -> hidden (B, W, D)`` used instead of the backbone (see :func:`episode_features`).
 
     Returns:
         The :class:`~picomaml.InnerLoopOutput` of the inner loop (``.loss``, ``.metrics``, ...); for a
-        single-task episode the loop sees ``(N*K, D)`` / ``(N*Q, D)`` features without a task dim.
+        single-task episode the loop sees ``(N*K, D)`` / ``(N*Q, D)`` features without a task dim. Its
+        metrics add ``nonfinite_features``: 1.0 when non-finite features were propagated, else 0.0.
+
+    Raises:
+        TypeError: ``episode`` is not an episode.
+        ValueError: features (or a ``model.config`` hidden size, checked before the forward) whose width is
+            not ``head.in_dim``, or a bad episode (see :func:`episode_features`).
     """
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
+    check_episode(episode)
+    if features is None:  # PicoDecoder's config says d_model, a transformers model's hidden_size
+        config = getattr(model, "config", None)
+        hidden = getattr(config, "d_model", getattr(config, "hidden_size", None))
+        _check_width(head, hidden, "the backbone's hidden size (model.config)")
     head_param = next(iter(head.parameters()), None)
-    xs, ys, xq, yq = episode_features(
-        model,
-        episode,
-        pooling,
-        feature_norm,
-        dtype=head_param.dtype if head_param is not None else None,  # the head keeps its own precision
-    )
+    dtype = head_param.dtype if head_param is not None else None  # the head keeps its own precision
+    xs, ys, xq, yq = episode_features(model, episode, pooling, feature_norm, dtype, features=features)
+    _check_width(head, xs.shape[-1], "the width of the backbone's features")
     if episode.support_ids.dim() == 2:
         xs, xq, ys, yq = xs[0], xq[0], ys[0], yq[0]
-    return loop(head, xs, ys, xq, yq)
+    bad = nonfinite == "propagate" and not bool(torch.isfinite(xs).all() & torch.isfinite(xq).all())
+    if bad:  # zeros let the inner loop run; the NaN factor reaches the loss and every gradient through it
+        warnings.warn("meta_loss: the backbone's features hold NaN or Inf; the loss is NaN", RuntimeWarning, 2)
+        xs, xq = (torch.where(torch.isfinite(x), x, torch.zeros_like(x)) for x in (xs, xq))
+    out = loop(head, xs, ys, xq, yq)
+    out.metrics["nonfinite_features"] = float(bad)
+    if bad:
+        out.loss = out.loss * float("nan")
+        out.metrics["query_loss"] = float("nan")
+    return out

@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import math
 import numbers
+import reprlib
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -46,10 +47,16 @@ class ConfigError(ValueError):
     """A bad argument or configuration value. The message names it and what is allowed."""
 
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxtuple, _REPR.maxdict = 2, 4, 4, 4
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = 60, 60, 40
+
+
 def short_repr(value: Any, limit: int = _MAX_REPR) -> str:
-    """``repr(value)`` cut to ``limit`` characters (messages stay short whatever the value)."""
+    """A ``repr`` of ``value`` bounded in length *and* in work: nested or huge values (a YAML alias bomb
+    expands to billions of items) are abbreviated while they are walked, never built in full."""
     try:
-        text = repr(value)
+        text = _REPR.repr(value)
     except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 5] + " ...>"

@@ -3,33 +3,92 @@
 ``metrics.csv`` has a ``step`` column and one column per metric name; a row per logged step, blank cells
 where a metric was not logged at that step. New metric names extend the header (the file is rewritten
 then, which is cheap at logging frequency). On resume, rows after the resumed step are dropped so the
-file reads as one uninterrupted run.
+file reads as one uninterrupted run; a tracker never overwrites the rows of a run it does not continue.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
+import secrets
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from picomaml._optional import require
+from picomaml.params import short_repr
 
-__all__ = ["MetricsTracker", "read_metrics_csv", "plot_curves"]
+__all__ = ["MetricsTracker", "MetricsFileError", "read_metrics_csv", "plot_curves"]
 
 log = logging.getLogger(__name__)
 
 
-def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
-    """Rows of a ``metrics.csv`` as dicts of floats (blank cells omitted)."""
+class MetricsFileError(ValueError):
+    """A ``metrics.csv`` that cannot be read; the message names the file and the line."""
+
+
+def _decode(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise MetricsFileError(f"{path} line {line}: not UTF-8 text (byte {exc.start})") from None
+
+
+def read_metrics_csv(path: str | Path, *, drop_torn_tail: bool = False) -> list[dict[str, float]]:
+    """Rows of a ``metrics.csv`` as dicts of floats (blank cells omitted).
+
+    Args:
+        path: The file.
+        drop_torn_tail: Drop a last line without its line break (a row cut short by a crash while it was
+            appended) with a warning, instead of reading it.
+
+    Raises:
+        MetricsFileError: A line that is not a row of numbers under the header (the message names the file,
+            the line and the column).
+    """
+    path = Path(path)
+    text = _decode(path)
+    if drop_torn_tail and text and not text.endswith("\n"):
+        keep = text.rfind("\n") + 1
+        log.warning("%s: dropping its unterminated last line %d (a write cut short)", path, text.count("\n") + 1)
+        text = text[:keep]
+    reader = csv.reader(io.StringIO(text, newline=""))
     rows: list[dict[str, float]] = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for raw in csv.DictReader(fh):
-            rows.append({k: float(v) for k, v in raw.items() if v not in ("", None)})
+    try:
+        header = next(reader, None)
+        if header is None:
+            return rows
+        if "step" not in header:
+            raise MetricsFileError(f"{path} line 1: the header has no 'step' column: {short_repr(header)}")
+        for fields in reader:
+            if fields:
+                rows.append(_parse_row(path, reader.line_num, header, fields))
+    except csv.Error as exc:
+        raise MetricsFileError(f"{path} line {reader.line_num}: {exc}") from None
     return rows
+
+
+def _parse_row(path: Path, line: int, header: list[str], fields: list[str]) -> dict[str, float]:
+    if len(fields) != len(header):
+        raise MetricsFileError(f"{path} line {line}: {len(fields)} fields, but the header has {len(header)}")
+    row = {}
+    for name, cell in zip(header, fields, strict=True):
+        if cell == "":
+            continue
+        try:
+            row[name] = float(cell)
+        except ValueError:
+            raise MetricsFileError(
+                f"{path} line {line}, column {short_repr(name)}: {short_repr(cell)} is not a number"
+            ) from None
+    if "step" not in row:
+        raise MetricsFileError(f"{path} line {line}: the row has no step")
+    return row
 
 
 class MetricsTracker:
@@ -40,9 +99,16 @@ class MetricsTracker:
         loggers: Any of ``"csv"``, ``"tensorboard"``, ``"wandb"``; the CSV file is written regardless.
         enabled: False on non-zero ranks: every call is then a no-op.
         config: Resolved config (a plain dict) recorded by W&B.
-        resume_step: When resuming, keep existing CSV rows with ``step <= resume_step``.
+        resume_step: When resuming, keep existing CSV rows with ``step <= resume_step`` (an unterminated
+            last line, a row cut short by a crash, is dropped). ``None``: a new run, and ``metrics.csv``
+            must not hold rows yet.
         wandb_project: W&B project name.
         wandb_offline: Run W&B in offline mode (no network needed; ``wandb sync`` later).
+
+    Raises:
+        FileExistsError: ``resume_step`` is ``None`` and ``metrics.csv`` already holds rows (of a run this
+            tracker does not continue: nothing is overwritten).
+        MetricsFileError: When resuming, a ``metrics.csv`` that cannot be read (file and line named).
     """
 
     def __init__(
@@ -70,9 +136,17 @@ class MetricsTracker:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         if resume_step is not None and self.path.exists():
-            self._rows = [r for r in read_metrics_csv(self.path) if r.get("step", math.inf) <= resume_step]
+            rows = read_metrics_csv(self.path, drop_torn_tail=True)
+            self._rows = [r for r in rows if r["step"] <= resume_step]
+            if len(rows) > len(self._rows):  # logged after the checkpoint: those steps run again
+                log.info("%s: dropping %d rows after step %d", self.path, len(rows) - len(self._rows), resume_step)
             for row in self._rows:
                 self._columns += [k for k in row if k not in self._columns]
+        elif resume_step is None and _holds_rows(self.path):
+            raise FileExistsError(
+                f"{self.path} already holds the rows of a run; pass resume_step= to continue it, or move the "
+                "file away first (a new run never overwrites it)"
+            )
         self._rewrite()
         if "tensorboard" in loggers:
             tb = require("torch.utils.tensorboard", "logging", "the TensorBoard logger")
@@ -86,7 +160,7 @@ class MetricsTracker:
                 dir=str(run_dir),
                 config=dict(config or {}),
                 resume="allow",
-                id=Path(run_dir).resolve().name,
+                id=_wandb_run_id(Path(run_dir), resuming=resume_step is not None),
             )
 
     def _rewrite(self) -> None:
@@ -130,6 +204,29 @@ class MetricsTracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _holds_rows(path: Path) -> bool:
+    """Whether ``path`` exists with more than a header line."""
+    try:
+        with open(path, "rb") as fh:
+            return sum(1 for line in fh if line.strip()) > 1
+    except FileNotFoundError:
+        return False
+
+
+def _wandb_run_id(run_dir: Path, resuming: bool) -> str:
+    """The W&B run id, kept in ``wandb/run_id``: a resume continues its W&B run, a new run in the same
+    directory (the earlier one moved aside with ``wandb/``) gets a new one instead of appending to it."""
+    id_file = run_dir / "wandb" / "run_id"
+    if resuming:
+        if id_file.exists():
+            return id_file.read_text(encoding="utf-8").strip()
+        return run_dir.resolve().name  # a run started before ids were kept
+    run_id = f"{run_dir.resolve().name}-{secrets.token_hex(4)}"
+    id_file.parent.mkdir(parents=True, exist_ok=True)
+    id_file.write_text(run_id + "\n", encoding="utf-8")
+    return run_id
 
 
 def _fmt(value: float) -> str:

@@ -9,10 +9,13 @@
 * :func:`check_run`: every problem that can be seen before training (tokenizer vs. model vocabulary, tasks
   vs. devices, impossible training or evaluation episodes), as a :class:`~picomaml.ConfigError`.
 * :func:`global_grad_norm`, :func:`group_lrs`: what a log line reports about the optimizer.
+* :class:`NonFiniteGuard`: counts the steps skipped for a non-finite loss or gradient, warns with the step
+  number, and stops the run (:class:`NonFiniteRunError`) after too many in a row.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -24,7 +27,7 @@ from picomaml.config import ExperimentConfig
 from picomaml.eval.during_training import check_eval_episodes
 from picomaml.meta.episode import Episode
 from picomaml.meta.sampler import SamplingError, SMLMTSampler
-from picomaml.params import ConfigError
+from picomaml.params import ConfigError, check_int
 
 __all__ = [
     "COUNTERS",
@@ -37,6 +40,9 @@ __all__ = [
     "check_run",
     "global_grad_norm",
     "group_lrs",
+    "NonFiniteGuard",
+    "NonFiniteRunError",
+    "NonFiniteStepWarning",
 ]
 
 # tasks drawn by the start-up check: an impossible episode shape fails there, not at step 2
@@ -44,7 +50,7 @@ PROBE_TASKS = 4
 
 
 #: what a run counts (saved in every checkpoint, logged as ``trainer/<name>``)
-COUNTERS = ("ar_steps", "meta_steps", "tokens", "flops", "nonfinite_skipped")
+COUNTERS = ("ar_steps", "meta_steps", "tokens", "flops", "nonfinite_skipped", "nonfinite_consecutive")
 
 
 def new_counters() -> dict[str, float]:
@@ -249,3 +255,93 @@ def check_run(
     check_eval_episodes(
         data.heldout_rows, cfg.eval, eval_episode_kwargs(cfg, mask_id, special), head=head_from_config(cfg)
     )
+
+
+class NonFiniteRunError(RuntimeError):
+    """Too many optimizer steps in a row had a non-finite loss or gradient: the run cannot recover alone."""
+
+
+class NonFiniteStepWarning(UserWarning):
+    """One optimizer step was skipped because its loss or gradient was non-finite (a ``UserWarning``, as the
+    trainer's warning was before)."""
+
+
+class NonFiniteGuard:
+    """Counts optimizer steps skipped for a non-finite loss or gradient; stops a run that keeps skipping.
+
+    The trainer decides whether a step is finite (on every rank together: an all-reduced flag over the
+    losses and the gradient norm) and reports it with :meth:`record`. A skipped step warns with its step
+    number; ``max_consecutive`` skipped steps in a row raise :class:`NonFiniteRunError`, on every rank
+    alike, since the flag is the same everywhere.
+
+    The state is two counters whose names are those of :data:`COUNTERS`, so a trainer keeps them in its
+    counters dict (saved with every checkpoint): ``counters.update(guard.state_dict())`` after each step,
+    ``NonFiniteGuard(n, state=counters)`` on resume (a streak of skipped steps continues across it).
+
+    Args:
+        max_consecutive: Skipped steps in a row that stop the run (>= 1; ``trainer.max_nonfinite_skips``).
+        state: Counters to start from (see :meth:`load_state_dict`), e.g. a resumed run's; default zeros.
+
+    Example:
+        >>> guard = NonFiniteGuard(max_consecutive=2)
+        >>> guard.record(True, step=1), guard.record(False, step=2), guard.total, guard.consecutive
+        (True, False, 1, 1)
+    """
+
+    def __init__(self, max_consecutive: int, state: Mapping[str, Any] | None = None) -> None:
+        self.max_consecutive = check_int("max_consecutive", max_consecutive, ge=1)
+        self.total = 0
+        self.consecutive = 0
+        if state is not None:
+            self.load_state_dict(state)
+
+    def record(self, finite: bool, step: int) -> bool:
+        """Count one optimizer step; return whether the trainer should apply it.
+
+        Args:
+            finite: Whether the step's losses and gradient norm are finite (on every rank).
+            step: The step's number as its metrics row shows it (the count of steps done, this one included).
+
+        Returns:
+            ``finite``: True means step the optimizer; False means skip it (after a ``NonFiniteStepWarning``).
+
+        Raises:
+            NonFiniteRunError: the ``max_consecutive``-th skipped step in a row; the message names the steps,
+                the last finite step and what to change.
+        """
+        step = check_int("step", step, ge=1)
+        if finite:
+            self.consecutive = 0
+            return True
+        self.total += 1
+        self.consecutive += 1
+        first, last_good = step - self.consecutive + 1, step - self.consecutive
+        since = f"the last finite step was {last_good}" if last_good > 0 else "no step of this run was finite"
+        if self.consecutive >= self.max_consecutive:
+            raise NonFiniteRunError(
+                f"{self.consecutive} optimizer steps in a row ({first}-{step}) had a non-finite loss or gradient "
+                f"and were skipped ({self.total} in all); {since}, so the weights are still those of step "
+                f"{max(last_good, 0)}. Try a lower optim.lr, a smaller optim.grad_clip, trainer.precision=32-true, "
+                f"or look for bad data; trainer.max_nonfinite_skips={self.max_consecutive} sets this limit."
+            )
+        warnings.warn(
+            f"step {step}: non-finite loss or gradient; optimizer step skipped ({self.consecutive} in a row, "
+            f"{self.total} in all; the run stops at {self.max_consecutive} in a row)",
+            NonFiniteStepWarning,
+            stacklevel=2,
+        )
+        return False
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"nonfinite_skipped": total, "nonfinite_consecutive": consecutive}`` (counter names)."""
+        return {"nonfinite_skipped": self.total, "nonfinite_consecutive": self.consecutive}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` (other keys of ``state``, e.g. a trainer's other counters, are ignored).
+
+        A checkpoint written before ``nonfinite_consecutive`` existed resumes with 0 in a row.
+        """
+        if "nonfinite_skipped" not in state:
+            raise KeyError(f"NonFiniteGuard.load_state_dict: no 'nonfinite_skipped' among {sorted(state)}")
+        self.total = check_int("nonfinite_skipped", int(state["nonfinite_skipped"]), ge=0)
+        self.consecutive = check_int("nonfinite_consecutive", int(state.get("nonfinite_consecutive", 0)), ge=0)

@@ -16,7 +16,7 @@ import pytest
 import torch
 from torch import nn
 
-import picomaml.checkpoint as ck
+import picomaml.checkpoint.save as ck_save
 from picomaml.checkpoint import (
     find_latest,
     is_complete,
@@ -184,7 +184,7 @@ def test_latest_is_updated_last(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise OSError("disk full while writing the pointer")
 
-    monkeypatch.setattr(ck, "_write_latest", boom)
+    monkeypatch.setattr(ck_save, "_write_latest", boom)
     with pytest.raises(OSError, match="pointer"):
         save_checkpoint(tmp_path, 2, {"x": torch.ones(1)}, fsync=False)
     # the step directory was already complete and in place; the pointer still names the old one

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
 
 import picomaml as pm
+from picomaml import training
 from picomaml.learner import HybridLearner
 from picomaml.objectives import lm_loss, meta_loss
 
@@ -133,3 +137,112 @@ def test_unknown_pooling_names_the_allowed_values():
     model, head, loop = parts()
     with pytest.raises(ValueError, match=r"pooling must be one of \['mask', 'before_mask', 'last', 'mean'\]"):
         HybridLearner(model, head, loop, pooling="max")
+
+
+# ---------------------------------------------------------------------- non-finite values skip the step
+
+
+def _inf_features(model, head, loop):
+    def hook(module, inputs, output):
+        output = output.clone()
+        output[0, 4, 0] = float("inf")  # the masked position of the first window: reaches the features
+        return output
+
+    model.norm.register_forward_hook(hook)
+
+
+def _nan_backbone_weight(model, head, loop):
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight[0, 0] = float("nan")
+
+
+def _nan_lm_head(model, head, loop):  # the AR loss alone is NaN
+    with torch.no_grad():
+        model.lm_head.weight[3, 0] = float("nan")
+
+
+def _nan_head(model, head, loop):  # the meta loss alone is NaN
+    with torch.no_grad():
+        head.out.weight[0, 0] = float("nan")
+
+
+def _inf_gradient(model, head, loop):  # finite losses, an Inf in one gradient
+    model.embed_tokens.weight.register_hook(lambda g: g + float("inf"))
+
+
+INJECTIONS = {
+    "inf_features": (_inf_features, ("meta", "both")),
+    "nan_backbone_weight": (_nan_backbone_weight, ("ar", "meta", "both")),
+    "nan_lm_head": (_nan_lm_head, ("ar", "both")),
+    "nan_head": (_nan_head, ("meta", "both")),
+    "inf_gradient": (_inf_gradient, ("ar", "meta", "both")),
+}
+CASES = [(name, objective) for name, (_, objectives) in INJECTIONS.items() for objective in objectives]
+
+
+def learner_step(inject=None, objective="both"):
+    """One trainer-like step: forward, backward, the finite flag over the losses and the gradient norm."""
+    model, head, loop = parts()
+    if inject is not None:
+        inject(model, head, loop)
+    learner = HybridLearner(model, head, loop)
+    kwargs = {"rows": rows()} if objective in ("ar", "both") else {}
+    if objective in ("meta", "both"):
+        kwargs["episode"] = episode()
+    out = learner(**kwargs, w_ar=0.5, w_meta=0.5)
+    out.loss.backward()
+    losses = [out.lm_loss] if out.lm_loss is not None else []
+    losses += [out.meta.loss.detach()] if out.meta is not None else []
+    grad_norm = training.global_grad_norm(learner.parameters())
+    finite = math.isfinite(grad_norm) and all(bool(torch.isfinite(x)) for x in losses)
+    return finite, sorted(n for n, p in learner.named_parameters() if p.grad is not None), out
+
+
+@pytest.mark.parametrize(("injection", "objective"), CASES)
+def test_nonfinite_injection_gives_a_nonfinite_step_that_nothing_raises_on(injection, objective):
+    clean_finite, clean_with_grad, _ = learner_step(None, objective)
+    assert clean_finite  # the control
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # meta_loss says what it propagated
+        finite, with_grad, out = learner_step(INJECTIONS[injection][0], objective)
+    assert not finite  # the trainer's all-reduced flag: the optimizer step is skipped on every rank
+    assert with_grad == clean_with_grad  # the same gradients exist as in a finite step: DDP cannot hang
+    if injection == "inf_features":
+        assert out.meta.metrics["nonfinite_features"] == 1.0
+    guard = training.NonFiniteGuard(max_consecutive=2)
+    with pytest.warns(training.NonFiniteStepWarning, match="step 7: non-finite"):
+        assert guard.record(finite, step=7) is False
+    assert guard.state_dict() == {"nonfinite_skipped": 1, "nonfinite_consecutive": 1}
+
+
+def test_under_ddp_an_inf_feature_step_backpropagates_and_the_next_step_is_normal(tmp_path):
+    """The trainer's setting (DDP, find_unused_parameters): the NaN step's backward completes the
+    reducer's round, so the next, finite step runs as usual (a raise before backward would leave the
+    other ranks waiting in their all-reduce)."""
+    import gc
+    import time
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    model, head, loop = parts()
+    handle = model.norm.register_forward_hook(lambda m, i, o: o.index_fill(2, torch.tensor([0]), float("inf")))
+    ddp = None
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        ddp = DDP(HybridLearner(model, head, loop), find_unused_parameters=True)
+        with pytest.warns(RuntimeWarning, match="features hold NaN or Inf"):
+            out = ddp(rows=rows(), episode=episode(), w_ar=0.5, w_meta=0.5)
+        out.loss.backward()
+        assert torch.isnan(out.loss) and not math.isfinite(training.global_grad_norm(ddp.parameters()))
+        ddp.zero_grad(set_to_none=True)
+        handle.remove()
+        out = ddp(rows=rows(), episode=episode(), w_ar=0.5, w_meta=0.5)
+        out.loss.backward()  # DDP raises here if the previous round had not finished
+        assert math.isfinite(out.loss.item()) and math.isfinite(training.global_grad_norm(ddp.parameters()))
+        assert out.meta.metrics["nonfinite_features"] == 0.0
+    finally:
+        time.sleep(0.2)  # see tests/meta/test_inner_loop.py::test_ddp_one_backward
+        ddp = None
+        gc.collect()
+        dist.destroy_process_group()

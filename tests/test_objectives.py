@@ -244,3 +244,83 @@ def test_meta_loss_with_a_stand_in_backbone_without_hidden_states() -> None:
     model = Backbone()
     out = meta_loss(model, MetaHead(8, N), InnerLoop(steps=2, lr=0.5), random_episode(), pooling="mean")
     assert model.calls == 1 and torch.isfinite(out.loss)
+
+
+# ---------------------------------------------------------------------- bad input and non-finite features
+
+
+def test_lm_loss_refuses_a_target_outside_the_vocabulary_before_the_loss() -> None:
+    model = tiny_model()
+    tokens = torch.randint(0, V, (2, 9))
+    tokens[1, -1] = V  # only a target: the model never sees it as an input
+    with pytest.raises(ValueError, match=rf"^tokens: target ids must lie in \[0, {V}\).*got min \d+ and max {V}"):
+        lm_loss(model, tokens)
+    # a model whose embedding is larger than its output: the logits' last dim is the vocabulary
+    wide = torch.nn.Sequential(torch.nn.Embedding(100, 8), torch.nn.Linear(8, 50))
+    ok = torch.randint(0, 50, (2, 6))
+    assert torch.isfinite(lm_loss(wide, ok))
+    ok[0, 3] = 70
+    with pytest.raises(ValueError, match=r"tokens: target ids must lie in \[0, 50\)"):
+        lm_loss(wide, ok)
+    ok[0, 3], ok[1, -1] = 7, -100  # ignore_index is not a target
+    assert torch.isfinite(lm_loss(wide, ok))
+
+
+def test_meta_loss_checks_the_feature_width_and_the_episode_before_the_forward() -> None:
+    model = tiny_model()
+    calls = count_backbone_runs(model)
+    loop = InnerLoop(steps=1, lr=0.1)
+    with pytest.raises(ValueError, match=r"head.in_dim: the head takes 24-dim features but the backbone's hidden size"
+                       r" \(model.config\) is 16"):
+        meta_loss(model, MetaHead(24, N), loop, random_episode())
+    for bad in (None, {"support_ids": torch.zeros(2, 2)}, "episode"):
+        with pytest.raises(TypeError, match="^episode: expected an Episode"):
+            meta_loss(model, MetaHead(16, N), loop, bad)
+    assert calls == []  # nothing ran
+    # a features callable whose width only the forward reveals
+    with pytest.raises(ValueError, match="head.in_dim: the head takes 16-dim features but the width of the"):
+        meta_loss(None, MetaHead(16, N), loop, random_episode(), features=lambda ids: torch.zeros(*ids.shape, 12))
+
+
+def inf_hook(module, inputs, output):  # one Inf in the backbone output of the first support window
+    output = output.clone()
+    output[0, 3, 0] = float("inf")
+    return output
+
+
+def test_meta_loss_propagates_nonfinite_features_as_a_nan_loss_that_backpropagates() -> None:
+    model, head, loop = tiny_model(), MetaHead(16, N, hidden_dims=(8,)), InnerLoop(steps=2, lr=0.3)
+    ep = random_episode()
+    handle = model.norm.register_forward_hook(inf_hook)
+    with pytest.raises(ValueError, match="support_feats contains NaN or Inf"):
+        meta_loss(model, head, loop, ep, nonfinite="raise")  # the library's explicit error is kept
+    with pytest.warns(RuntimeWarning, match="meta_loss: the backbone's features hold NaN or Inf"):
+        out = meta_loss(model, head, loop, ep)  # "propagate" is the default
+    handle.remove()
+    assert torch.isnan(out.loss) and out.loss.requires_grad
+    assert out.metrics["nonfinite_features"] == 1.0 and out.metrics["query_loss"] != out.metrics["query_loss"]
+    out.loss.backward()  # runs: every rank of a DDP run reaches its all-reduce
+    finite_run = tiny_model()
+    meta_loss(finite_run, head, loop, ep).loss.backward()
+    with_grad = [n for n, p in finite_run.named_parameters() if p.grad is not None]
+    # the same parameters as in a finite step get gradients (DDP's buckets match), and some are NaN
+    assert [n for n, p in model.named_parameters() if p.grad is not None] == with_grad
+    assert not all(torch.isfinite(p.grad).all() for n, p in model.named_parameters() if n in with_grad)
+    assert all(torch.isnan(p.grad).any() for p in head.parameters())  # so the trainer skips the step
+
+
+def test_meta_loss_finite_features_identical_in_both_modes() -> None:
+    results = []
+    for mode in ("raise", "propagate"):
+        model, head = tiny_model(), MetaHead(16, N, hidden_dims=(8,))
+        loop = InnerLoop(steps=2, lr=0.3, learn_lr="per_tensor", head=head)
+        out = meta_loss(model, head, loop, Episode.stack([random_episode(0), random_episode(1)]), nonfinite=mode)
+        out.loss.backward()
+        grads = [p.grad for m in (model, head, loop) for p in m.parameters()]
+        results.append((out.loss.detach(), out.metrics, grads))
+    (loss_a, metrics_a, grads_a), (loss_b, metrics_b, grads_b) = results
+    assert torch.equal(loss_a, loss_b) and metrics_a == metrics_b and metrics_a["nonfinite_features"] == 0.0
+    assert [g is None for g in grads_a] == [g is None for g in grads_b]
+    assert all(a is None or torch.equal(a, b) for a, b in zip(grads_a, grads_b, strict=True))
+    with pytest.raises(ValueError, match="nonfinite: must be one of"):
+        meta_loss(tiny_model(), MetaHead(16, N), InnerLoop(), random_episode(), nonfinite="skip")

@@ -64,3 +64,21 @@ def test_renamed_keys_name_the_new_key_and_old_runs_upgrade():
     assert cfg.checkpoint.dynamics.layers == ("mlp.down_proj",) and cfg.meta.pooling == "last"
     assert len(notes) == 3 and "meta.head_lr -> optim.meta_lr" in notes
     assert old["meta"]["head_lr"] == 0.01  # the input is not changed
+
+
+def test_an_alias_bomb_gives_a_short_message_quickly(tmp_path):
+    """Nine levels of nine aliases expand to 9**9 items; the message is built without walking them."""
+    import time
+
+    levels = ['&a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    levels += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    bomb = "[" + ", ".join(levels) + "]"  # the anchors live inside the value itself
+    for key in ("hybrid:\n  ratio", "inner_loop:\n  learn_lr", "data:\n  tokenizer", "seed", "sampler:\n  class_split"):
+        path = tmp_path / "bomb.yaml"
+        path.write_text(f"{key}: {bomb}\n")
+        start = time.perf_counter()
+        with pytest.raises(ConfigError) as err:
+            load_config(path)
+        assert time.perf_counter() - start < 2.0, key
+        assert len(str(err.value)) < 400, key
+        assert key.split(":")[0] in str(err.value)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from picomaml.tracking import MetricsTracker, plot_curves, read_metrics_csv
+from picomaml.tracking import MetricsFileError, MetricsTracker, plot_curves, read_metrics_csv
 
 
 def test_csv_grows_columns_and_keeps_rows(tmp_path):
@@ -71,3 +71,63 @@ def test_plot_curves(tmp_path):
     empty = MetricsTracker(tmp_path / "empty")
     empty.log(1, {"unrelated": 1.0})
     assert plot_curves(tmp_path / "empty" / "metrics.csv", tmp_path / "none.png") is None
+
+
+def write_rows(path, text):
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("step,loss\n1,2.0\n2,x\n", r"line 3, column 'loss': 'x' is not a number"),
+        ("step,loss\n1,2.0,7\n", r"line 2: 3 fields, but the header has 2"),
+        ("step,loss\n1,2.0\n,3.0\n", r"line 3: the row has no step"),
+        ("loss\n2.0\n", r"line 1: the header has no 'step' column"),
+        ("step,loss\n1,2\x00\n", r"line 2, column 'loss': '2\\x00' is not a number"),
+    ],
+)
+def test_garbled_metrics_csv_names_the_file_and_line(tmp_path, text, message):
+    path = write_rows(tmp_path / "metrics.csv", text)
+    with pytest.raises(MetricsFileError, match=rf"^{path} {message}"):
+        read_metrics_csv(path)
+    with pytest.raises(MetricsFileError, match=message):
+        MetricsTracker(tmp_path, resume_step=5)
+    assert path.read_text(encoding="utf-8") == text  # left as it was
+
+
+def test_non_utf8_metrics_csv_names_the_line(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_bytes(b"step,loss\n1,2\n2,\xff\n")
+    with pytest.raises(MetricsFileError, match="line 3: not UTF-8"):
+        read_metrics_csv(path)
+
+
+def test_resume_drops_a_row_cut_short_by_a_crash(tmp_path, caplog):
+    path = write_rows(tmp_path / "metrics.csv", "step,loss\r\n1,2.5\r\n2,2.25\r\n3,2.")
+    with pytest.raises(MetricsFileError, match="line 3: 1 fields"):
+        read_metrics_csv(write_rows(tmp_path / "torn.csv", "step,loss\n1,2.5\n3"))
+    tracker = MetricsTracker(tmp_path, resume_step=3)
+    assert "unterminated last line 4" in caplog.text
+    tracker.log(3, {"loss": 2.0})
+    assert read_metrics_csv(path) == [{"step": 1, "loss": 2.5}, {"step": 2, "loss": 2.25}, {"step": 3, "loss": 2.0}]
+
+
+def test_a_new_run_never_overwrites_rows(tmp_path):
+    MetricsTracker(tmp_path).log(1, {"loss": 1.0})
+    before = (tmp_path / "metrics.csv").read_bytes()
+    with pytest.raises(FileExistsError, match="already holds the rows of a run"):
+        MetricsTracker(tmp_path)
+    assert (tmp_path / "metrics.csv").read_bytes() == before
+    write_rows(tmp_path / "metrics.csv", "step,loss\n")  # a header alone is no run
+    MetricsTracker(tmp_path).log(1, {"loss": 1.0})
+
+
+def test_wandb_run_id_is_kept_on_resume_and_new_for_a_new_run(tmp_path):
+    from picomaml.tracking import _wandb_run_id
+
+    first = _wandb_run_id(tmp_path, resuming=False)
+    assert first.startswith(tmp_path.name + "-") and _wandb_run_id(tmp_path, resuming=True) == first
+    (tmp_path / "wandb" / "run_id").unlink()  # the earlier run moved aside with wandb/
+    assert _wandb_run_id(tmp_path, resuming=False) != first

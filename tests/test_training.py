@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -14,11 +15,16 @@ from picomaml.data.pipeline import InMemoryBatches, TrainingData
 from picomaml.data.row_batcher import RowBatcher
 from picomaml.params import ConfigError
 from picomaml.training import (
+    COUNTERS,
     MetricWindow,
+    NonFiniteGuard,
+    NonFiniteRunError,
+    NonFiniteStepWarning,
     check_run,
     global_grad_norm,
     group_lrs,
     meta_episode,
+    new_counters,
     peek_batch,
     shard_tasks,
 )
@@ -157,3 +163,80 @@ def test_run_summary_lists_counters_and_the_last_row():
         "run finished (max_steps) at step 4: 3 AR steps, 1 meta steps, 12,345 tokens, 10 s, 0 non-finite steps skipped"
     )
     assert text.splitlines()[1].split() == ["eval/perplexity", "341.7"]
+
+
+# ---------------------------------------------------------------------- NonFiniteGuard
+
+
+def test_nonfinite_guard_counts_warns_with_the_step_and_resets_on_a_good_step():
+    guard = NonFiniteGuard(max_consecutive=3)
+    assert guard.record(True, step=1) is True
+    with pytest.warns(NonFiniteStepWarning, match=r"^step 2: non-finite loss or gradient; optimizer step skipped "
+                      r"\(1 in a row, 1 in all; the run stops at 3 in a row\)"):
+        assert guard.record(False, step=2) is False
+    with pytest.warns(NonFiniteStepWarning, match="step 3: .*2 in a row, 2 in all"):
+        guard.record(False, step=3)
+    assert guard.record(True, step=4) and (guard.total, guard.consecutive) == (2, 0)
+    with pytest.warns(NonFiniteStepWarning, match="step 5: .*1 in a row, 3 in all"):
+        guard.record(False, step=5)
+    assert issubclass(NonFiniteStepWarning, UserWarning)  # what the trainer warned before
+
+
+def test_nonfinite_guard_stops_after_max_consecutive_naming_steps_and_remedies():
+    guard = NonFiniteGuard(max_consecutive=3)
+    guard.record(True, step=10)
+    with pytest.warns(NonFiniteStepWarning):
+        guard.record(False, step=11), guard.record(False, step=12)
+    with pytest.raises(NonFiniteRunError) as info:
+        guard.record(False, step=13)
+    message = str(info.value)
+    assert message.startswith("3 optimizer steps in a row (11-13) had a non-finite loss or gradient")
+    for part in ("the last finite step was 10", "weights are still those of step 10", "optim.lr",
+                 "optim.grad_clip", "trainer.max_nonfinite_skips=3"):
+        assert part in message
+    assert isinstance(info.value, RuntimeError)
+    with pytest.raises(NonFiniteRunError, match=r"\(1-1\).*no step of this run was finite"):
+        NonFiniteGuard(1).record(False, step=1)
+
+
+def test_nonfinite_guard_state_rides_in_the_counters_and_resumes_a_streak():
+    guard = NonFiniteGuard(max_consecutive=3)
+    with pytest.warns(NonFiniteStepWarning):
+        guard.record(False, step=1), guard.record(True, step=2), guard.record(False, step=3)
+    counters = new_counters() | guard.state_dict()
+    assert set(guard.state_dict()) <= set(COUNTERS) and counters["nonfinite_consecutive"] == 1
+    resumed = NonFiniteGuard(max_consecutive=3, state=counters)  # other counters are ignored
+    assert (resumed.total, resumed.consecutive) == (2, 1)
+    with pytest.warns(NonFiniteStepWarning):
+        resumed.record(False, step=4)
+    with pytest.raises(NonFiniteRunError, match=r"\(3-5\).*the last finite step was 2"):
+        resumed.record(False, step=5)  # the streak continues across the resume
+    old = NonFiniteGuard(3)
+    old.load_state_dict({"nonfinite_skipped": 4.0})  # a checkpoint from before nonfinite_consecutive
+    assert (old.total, old.consecutive) == (4, 0)
+    with pytest.raises(KeyError, match="nonfinite_skipped"):
+        old.load_state_dict({})
+    for bad in (0, 1.5, True):
+        with pytest.raises(ConfigError, match="^max_consecutive: must be an integer >= 1"):
+            NonFiniteGuard(bad)
+
+
+def test_a_diverging_run_stops_instead_of_skipping_every_step():
+    """The issue's run: lr 1e6 skipped 14 of 15 steps and exited 0. With the guard it stops, naming the steps."""
+    cfg = pm.PicoDecoderConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32,
+                               max_seq_len=40)  # fmt: skip
+    model = pm.PicoDecoder(cfg, generator=torch.Generator().manual_seed(0))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e6)
+    guard, batch, skipped = NonFiniteGuard(max_consecutive=5), _rows(4, 17), []
+    with pytest.raises(NonFiniteRunError, match=r"^5 optimizer steps in a row \(2-6\).*last finite step was 1"):
+        for step in range(1, 16):
+            loss = pm.lm_loss(model, batch)
+            loss.backward()
+            norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                if guard.record(math.isfinite(norm) and math.isfinite(loss.item()), step=step):
+                    optimizer.step()
+            skipped += [step] if caught else []
+            optimizer.zero_grad()
+    assert skipped == [2, 3, 4, 5] and guard.total == 5

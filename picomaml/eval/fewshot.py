@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -330,6 +331,9 @@ def score_tasks(
 ) -> tuple[list[float], list[float], list[float]]:
     """Query accuracy of each task: nearest class mean, after the inner loop, and of a linear probe.
 
+    A task whose features hold NaN or Inf (a model with NaN weights), or whose adapted head gives
+    non-finite logits, scores NaN, with a ``RuntimeWarning``: an evaluation never stops a run.
+
     Args:
         xs: ``(T, N*K, D)`` support features; ys: ``(T, N*K)`` labels.
         xq: ``(T, N*Q, D)`` query features; yq: ``(T, N*Q)`` labels.
@@ -342,6 +346,30 @@ def score_tasks(
         the query accuracy of a linear probe fitted on the support features
         (:func:`picomaml.eval.probe.linear_probe_accuracy`).
     """
+    finite = (torch.isfinite(xs).flatten(1).all(1) & torch.isfinite(xq).flatten(1).all(1)).tolist()
+    if all(finite):
+        return _score_finite(xs, ys, xq, yq, n_way, head, inner_loop)
+    warnings.warn(
+        f"few-shot evaluation: the features of {finite.count(False)} of {len(finite)} episodes hold NaN or Inf "
+        f"(NaN model weights?); their accuracies are NaN",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    keep = [i for i, ok in enumerate(finite) if ok]
+    scores = _score_finite(xs[keep], ys[keep], xq[keep], yq[keep], n_way, head, inner_loop) if keep else ([],) * 3
+
+    def spread(values: list[float]) -> list[float]:  # the finite tasks' scores in place, NaN elsewhere
+        it = iter(values)
+        return [next(it) if ok else float("nan") for ok in finite]
+
+    before, after, probe = scores
+    return spread(before), spread(after) if head is not None else [], spread(probe)
+
+
+def _score_finite(
+    xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, n_way: int, head: nn.Module | None, inner_loop: nn.Module | None
+) -> tuple[list[float], list[float], list[float]]:
+    """:func:`score_tasks` for features without NaN or Inf."""
     ncm = torch.stack([nearest_class_mean(xs[i], ys[i], xq[i], n_way) for i in range(xs.shape[0])])
     before = accuracy(ncm, yq, per_task=True).tolist()
     probe = linear_probe_accuracy(xs, ys, xq, yq, n_way)
@@ -352,7 +380,16 @@ def score_tasks(
     with torch.no_grad():  # adapt() enables gradients for the inner steps itself
         params = inner_loop.adapt(head, xs.to(dtype), ys)  # vectorised over the tasks
         logits = head.functional(params, xq.to(dtype))  # (T, N*Q, N)
-    return before, accuracy(logits, yq, per_task=True).tolist(), probe
+    after = accuracy(logits, yq, per_task=True)
+    diverged = ~torch.isfinite(logits).flatten(1).all(1)  # e.g. a NaN head, or an inner loop that overflowed
+    if bool(diverged.any()):
+        warnings.warn(
+            f"few-shot evaluation: the adapted head gives NaN or Inf logits on {int(diverged.sum())} of "
+            f"{xs.shape[0]} episodes; their accuracy after adaptation is NaN",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return before, after.masked_fill(diverged, float("nan")).tolist(), probe
 
 
 def summarize_accuracies(

@@ -8,6 +8,7 @@ the ``exp`` of the mean) that over-weights short or hard rows, and is not what i
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -71,6 +72,13 @@ def token_nll(
     if lengths is not None:
         pos = torch.arange(1, ids.shape[1], device=ids.device)
         targets[pos.unsqueeze(0) >= lengths.unsqueeze(1)] = IGNORE
+    counted = targets != IGNORE
+    hi = int(targets.masked_fill(~counted, 0).max())
+    if hi >= logits.shape[-1] or bool((targets < 0).logical_and(counted).any()):
+        raise ValueError(
+            f"ids: target ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary), got max {hi}; "
+            f"mark padding with ignore_index"
+        )
     nll = F.cross_entropy(
         logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum"
     )
@@ -99,7 +107,8 @@ def perplexity(
         max_rows: Evaluate only the first ``max_rows`` rows.
 
     Returns:
-        ``{"perplexity": exp(loss), "loss": mean NLL per predicted token (nats), "tokens": count, "rows": n}``.
+        ``{"perplexity": exp(loss), "loss": mean NLL per predicted token (nats), "tokens": count, "rows": n}``;
+        a model with NaN/Inf outputs gives ``nan``/``inf`` (and a ``RuntimeWarning``), never an error.
     """
     check_int("batch_size", batch_size, ge=1)
     data = _as_rows(rows)
@@ -133,4 +142,10 @@ def perplexity(
     if tokens == 0:
         raise ValueError("rows: no predicted tokens (every row is shorter than 2 tokens or fully ignored)")
     loss = float(total) / tokens
-    return {"perplexity": math.exp(loss), "loss": loss, "tokens": tokens, "rows": len(data)}
+    if not math.isfinite(loss):  # a model with NaN/Inf weights: reported, not raised
+        warnings.warn(f"perplexity: the mean loss is {loss} (non-finite model outputs)", RuntimeWarning, 2)
+    try:
+        ppl = math.exp(loss)  # nan for nan, inf for inf
+    except OverflowError:  # a finite loss past ~709.8 nats: the perplexity exceeds every float
+        ppl = math.inf
+    return {"perplexity": ppl, "loss": loss, "tokens": tokens, "rows": len(data)}

@@ -26,6 +26,8 @@ Hessian are explicit), so it runs the same inside ``torch.no_grad()``, in float3
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -73,16 +75,28 @@ def fit_linear_probe(
 
     Returns:
         ``(W, b)``: ``(T, D, N)`` and ``(T, N)`` float32, such that ``x @ W[t] + b[t]`` are task ``t``'s logits
-        for raw ``(.., D)`` features ``x``.
+        for raw ``(.., D)`` features ``x``. A task whose support features hold NaN or Inf (a model with NaN
+        weights) gets NaN weights and a ``RuntimeWarning``, not an error.
     """
     _check(xs, ys, n_way, steps, l2)
     x = xs.detach().float()
     t, s, d = x.shape
+    bad = ~torch.isfinite(x).flatten(1).all(1)  # (T,) NaN/Inf features (e.g. NaN weights): no probe
+    x = torch.where(bad.view(t, 1, 1), torch.zeros_like(x), x)
     mu = x.mean(1, keepdim=True)
     sd = x.std(1, keepdim=True, unbiased=False)
     # dims constant on the support (relative to the widest dim) are not scaled: their weight stays zero
     sd = torch.where(sd > 1e-6 * sd.amax(-1, keepdim=True), sd, torch.ones_like(sd))
     z = (x - mu) / sd
+    bad |= ~torch.isfinite(z).flatten(1).all(1)  # finite features too large to standardise in float32
+    if bool(bad.any()):  # fit those tasks on zeros (svd refuses NaN), then report their probes as NaN
+        warnings.warn(
+            f"linear probe: the support features of {int(bad.sum())} of {t} tasks hold NaN or Inf (or overflow "
+            f"float32); their probe weights are NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        z = torch.where(bad.view(t, 1, 1), torch.zeros_like(z), z)
     u, sv, vh = torch.linalg.svd(z, full_matrices=False)  # z = u diag(sv) vh, r = min(S, D)
     r = sv.shape[-1]
     feats = torch.cat([u * sv.unsqueeze(1), x.new_ones(t, s, 1)], -1)  # (T, S, r+1): reduced coords + bias
@@ -123,7 +137,8 @@ def fit_linear_probe(
     w_std = vh.transpose(1, 2) @ theta[:, :r]  # (T, D, N) on standardised features
     w = w_std / sd.transpose(1, 2)  # fold the standardisation into the raw-feature weights
     b = theta[:, r] - ((mu / sd) @ w_std).squeeze(1)  # (T, N)
-    return w, b
+    w = w.masked_fill(bad.view(t, 1, 1), float("nan"))
+    return w, b.masked_fill(bad.view(t, 1), float("nan"))
 
 
 def linear_probe_predict(w: Tensor, b: Tensor, xq: Tensor) -> Tensor:
@@ -158,7 +173,8 @@ def linear_probe_accuracy(
         tol: Gradient-norm threshold at which a task stops.
 
     Returns:
-        One accuracy per task.
+        One accuracy per task: NaN (with a ``RuntimeWarning``) for a task whose support or query features
+        hold NaN or Inf.
     """
     _check(xs, ys, n_way, steps, l2)
     if xq.dim() != 3 or xq.shape[0] != xs.shape[0] or xq.shape[2] != xs.shape[2]:
@@ -168,4 +184,14 @@ def linear_probe_accuracy(
     if yq.shape != xq.shape[:2]:
         raise ValueError(f"yq must be (T, Q) = {tuple(xq.shape[:2])} labels, got shape {tuple(yq.shape)}")
     w, b = fit_linear_probe(xs, ys, n_way, steps=steps, l2=l2, tol=tol)
-    return accuracy(linear_probe_predict(w, b, xq), yq, per_task=True).tolist()
+    acc = accuracy(linear_probe_predict(w, b, xq), yq, per_task=True)
+    fitted = torch.isfinite(w).flatten(1).all(1) & torch.isfinite(b).all(1)
+    scored = torch.isfinite(xq.detach()).flatten(1).all(1)
+    if not bool((scored | ~fitted).all()):
+        warnings.warn(
+            f"linear probe: the query features of {int((fitted & ~scored).sum())} of {xs.shape[0]} tasks hold "
+            f"NaN or Inf; their accuracy is NaN",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+    return acc.masked_fill(~(fitted & scored), float("nan")).tolist()

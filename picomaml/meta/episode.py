@@ -232,8 +232,8 @@ class Episode:
         Checks: dtypes; consistent shapes (``N*K`` / ``N*Q`` rows, one ``W``, same leading ``T``); labels
         in ``[0, N)`` with exactly ``K`` support and ``Q`` query rows per label; distinct class tokens; no
         class token left in a window of its class; at least one masked position per window (when
-        ``mask_token_id`` is given, every masked position holds it); provenance windows distinct within
-        a task.
+        ``mask_token_id`` is given, every masked position holds it and no other position does: a mask id
+        that is a real token of the data is refused); provenance windows distinct within a task.
         """
         for name in _TENSOR_FIELDS:
             value = getattr(self, name)
@@ -295,6 +295,12 @@ class Episode:
             if mask_token_id is not None and not bool((ids[mask] == mask_token_id).all()):
                 raise EpisodeError(
                     f"{part}_mask: a masked position does not hold mask_token_id={mask_token_id}"
+                )
+            stray = 0 if mask_token_id is None else int((ids[~mask] == mask_token_id).sum())
+            if stray:
+                raise EpisodeError(
+                    f"mask_token_id: {mask_token_id} occurs at {stray} unmasked positions of {part}_ids: it is a "
+                    f"real token of the data, so masked class tokens cannot be told from it"
                 )
             if not bool(mask.any(-1).all()):
                 raise EpisodeError(

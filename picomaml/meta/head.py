@@ -210,7 +210,14 @@ class MetaHead(nn.Module):
 
         For prototype init, pass the support set the output layer is built from. Works with
         ``torch.func.functional_call(head, params, (x,))``.
+
+        Raises:
+            TypeError / ValueError: ``x`` or ``support_feats`` is not a tensor of ``in_dim``-wide rows in the
+                dtype of the head's parameters.
         """
+        self.check_features("x", x)
+        if support_feats is not None:
+            self.check_features("support_feats", support_feats)
         if self.out is None:
             if support_feats is None:
                 raise ValueError("init='prototype' needs support_feats and support_labels in forward()")
@@ -224,6 +231,18 @@ class MetaHead(nn.Module):
             params = self.initial_params()
         masks = self.dropout_masks(x.shape, x.device, x.dtype)
         return self.functional(params, x, masks)
+
+    def check_features(self, name: str, x: Tensor) -> None:
+        """Raise naming ``name`` unless ``x`` is a float tensor ``(..., in_dim)`` in the head's dtype."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor of features, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"{name}: expected (..., in_dim={self.in_dim}) features, got shape {tuple(x.shape)}")
+        param = next(self.parameters(), None)
+        # under autocast the matmuls cast for themselves; elsewhere a mixed dtype is a matmul error
+        dtype = param.dtype if param is not None and not torch.is_autocast_enabled(x.device.type) else None
+        if not x.is_floating_point() or (dtype is not None and x.dtype != dtype):
+            raise ValueError(f"{name}: dtype {x.dtype}, expected the head's {dtype or 'floating point'}")
 
     # -- generator state travels with state_dict() ----------------------------------------------------
 

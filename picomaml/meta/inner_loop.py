@@ -254,6 +254,9 @@ class InnerLoop(nn.Module):
             support_feats: ``(n_s, D)`` or ``(T, n_s, D)``; support_labels: ``(n_s,)`` or ``(T, n_s)``.
             query_feats: ``(n_q, D)`` or ``(T, n_q, D)``; query_labels: ``(n_q,)`` or ``(T, n_q)``.
         """
+        for name, value in (("query_feats", query_feats), ("query_labels", query_labels)):
+            if not isinstance(value, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
         xs, ys, xq, yq, single = _check_inputs(head, support_feats, support_labels, query_feats, query_labels)
         keep = self.multi_step_loss and self.steps > 1
         init, history, norms, lr_fn = self._run(head, xs, ys, keep_history=keep)
@@ -326,9 +329,16 @@ def _check_inputs(
     for name in ("initial_params", "functional", "n_way", "in_dim"):
         if not hasattr(head, name):
             raise TypeError(f"head must be a MetaHead (missing {name!r}), got {type(head).__name__}")
+    for name, value in (("support_feats", xs), ("support_labels", ys)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
     if xs.dim() not in (2, 3):
         raise ValueError(f"support_feats must be (n, D) or (T, n, D), got shape {tuple(xs.shape)}")
     single = xs.dim() == 2
+    head_param = next(iter(head.parameters()), None) if isinstance(head, nn.Module) else None
+    # a mixed dtype is a matmul error, except under autocast, where the matmuls cast for themselves
+    autocast = torch.is_autocast_enabled(xs.device.type)
+    head_dtype = head_param.dtype if head_param is not None and not autocast else None
     parts = [("support", xs, ys)] + ([("query", xq, yq)] if xq is not None else [])
     for part, x, y in parts:
         if x.dim() != xs.dim():
@@ -349,6 +359,11 @@ def _check_inputs(
             raise ValueError(f"{part}_labels must be an integer tensor, got {y.dtype}")
         if not x.is_floating_point():
             raise ValueError(f"{part}_feats must be floating point, got {x.dtype}")
+        if head_dtype is not None and x.dtype != head_dtype:
+            raise ValueError(
+                f"{part}_feats has dtype {x.dtype} but the head's parameters are {head_dtype}; cast the "
+                f"features with .to({head_dtype})"
+            )
     if xq is not None and not single and xq.shape[0] != xs.shape[0]:
         raise ValueError(f"query_feats has {xq.shape[0]} tasks, support_feats has {xs.shape[0]}")
     n = head.n_way

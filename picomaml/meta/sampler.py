@@ -179,6 +179,14 @@ class SMLMTSampler:
         return index, eligible
 
     def _eligible(self, index: WindowIndex) -> Tensor:
+        windows = index.count_of(self.mask_token_id)
+        if windows:  # masked windows would be indistinguishable from windows that hold the id itself
+            times = int((index.windows == self.mask_token_id).sum())
+            raise SamplingError(
+                f"mask_token_id: {self.mask_token_id} is a real token of these rows: it occurs {times} times, in "
+                f"{windows} of their {index.n_windows} windows, so a masked class token could not be told from "
+                f"it. Use an id the data never contains (the tokenizer's mask token)."
+            )
         eligible = smlmt.eligible_tokens(index, self.per_class, self.min_freq, self.max_freq, self._excluded)
         if self.holdout_fraction == 0.0:
             return eligible

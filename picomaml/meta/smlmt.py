@@ -47,21 +47,24 @@ class TokensTypeError(TypeError, ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class WindowIndex:
-    """Token -> windows incidence of one buffer, in CSR form.
+    """Token -> windows incidence of one buffer, in CSR form over the token ids present in it.
+
+    Every structure is sized by the distinct ids of the buffer, never by the largest id, so a buffer
+    with an id of ``3e9`` costs what any other buffer of its size does.
 
     Attributes:
         windows: ``(n_windows, W)`` long, the windows (row-major over the buffer).
         windows_per_row: ``L // W``.
-        vocab_size: ``max token id + 1`` over the buffer.
+        token_ids: ``(U,)`` long, the distinct token ids of the windows, ascending.
         pair_windows: ``(P,)`` long, for every distinct (token, window) pair the window, sorted by token
-            then window; the windows of token ``t`` are ``pair_windows[offsets[t]:offsets[t + 1]]``.
-        offsets: ``(vocab_size + 1,)`` long CSR offsets into ``pair_windows``.
-        counts: ``(vocab_size,)`` long, window count of every token id.
+            then window; the windows of ``token_ids[i]`` are ``pair_windows[offsets[i]:offsets[i + 1]]``.
+        offsets: ``(U + 1,)`` long CSR offsets into ``pair_windows``.
+        counts: ``(U,)`` long, the window count of each of ``token_ids``.
     """
 
     windows: Tensor
     windows_per_row: int
-    vocab_size: int
+    token_ids: Tensor
     pair_windows: Tensor
     offsets: Tensor
     counts: Tensor
@@ -76,11 +79,25 @@ class WindowIndex:
         """Tokens per window ``W``."""
         return int(self.windows.shape[1])
 
+    @property
+    def vocab_size(self) -> int:
+        """``max token id + 1`` over the windows."""
+        return int(self.token_ids[-1]) + 1 if self.token_ids.numel() else 0
+
+    def positions(self, tokens: Tensor) -> Tensor:
+        """Where each of ``tokens`` ``(E,)`` sits in :attr:`token_ids` (``-1`` for an id not in the buffer)."""
+        return _positions(self.token_ids, tokens)
+
+    def count_of(self, token: int) -> int:
+        """Number of windows that contain ``token`` (0 for an id not in the buffer)."""
+        return int(self.windows_of(token).numel())
+
     def windows_of(self, token: int) -> Tensor:
-        """``(count,)`` sorted indices of the windows that contain ``token``."""
-        if not 0 <= token < self.vocab_size:
+        """``(count,)`` sorted indices of the windows that contain ``token`` (empty for an absent id)."""
+        at = int(self.positions(torch.tensor([token], dtype=torch.long))[0]) if 0 <= token < 2**63 else -1
+        if at < 0:
             return self.pair_windows[:0]
-        return self.pair_windows[int(self.offsets[token]) : int(self.offsets[token + 1])]
+        return self.pair_windows[int(self.offsets[at]) : int(self.offsets[at + 1])]
 
 
 def check_tokens(tokens: object, name: str = "tokens") -> Tensor:
@@ -128,11 +145,18 @@ def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
             f"use longer rows or a smaller window_len"
         )
     windows = tokens[:, : per_row * window_len].reshape(n_rows * per_row, window_len)
-    pair_windows, counts = _incidence(windows)
+    n = windows.shape[0]
+    largest, top = int(windows.max()), (2**63 - n) // n  # the keys id * n + window must fit in int64
+    if largest > top:
+        raise ValueError(
+            f"tokens: token id {largest} is too large: a buffer of {n} windows takes ids up to {top} "
+            f"(the index packs id * n_windows + window into int64)"
+        )
+    pair_windows, token_ids, counts = _incidence(windows)
     offsets = torch.empty(counts.numel() + 1, dtype=torch.long)  # empty + cumsum: no parallel fill
     offsets[0] = 0
     torch.cumsum(counts, 0, out=offsets[1:])
-    return WindowIndex(windows, per_row, counts.numel(), pair_windows, offsets, counts)
+    return WindowIndex(windows, per_row, token_ids, pair_windows, offsets, counts)
 
 
 def _numpy_available() -> bool:
@@ -143,13 +167,15 @@ def _numpy_available() -> bool:
     return True
 
 
-def _incidence(windows: Tensor, use_numpy: bool | None = None) -> tuple[Tensor, Tensor]:
+def _incidence(windows: Tensor, use_numpy: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """The distinct (token, window) pairs of ``windows`` ``(n, W)``: their windows sorted by (token,
-    window), ``(P,)``, and the window count of every id up to the largest, ``(max id + 1,)``.
+    window) ``(P,)``, the distinct token ids ``(U,)`` ascending, and the window count of each ``(U,)``.
 
-    One sort of ``token * n + window``. NumPy's single-threaded sort is used when NumPy is importable
-    (torchmetrics depends on it): torch's parallel sort and bincount stall for ~100 ms on an
-    oversubscribed 2-core machine, where NumPy takes ~2 ms. Both paths give identical results.
+    One sort of ``token * n + window`` (the caller bounds the ids so it fits in int64); the ids and counts
+    are the runs of equal tokens in the sorted keys, so nothing is sized by the largest id. NumPy's
+    single-threaded sort is used when NumPy is importable (torchmetrics depends on it): torch's parallel
+    sort stalls for ~100 ms on an oversubscribed 2-core machine, where NumPy takes ~2 ms. Both paths
+    give identical results.
     """
     n, w = windows.shape
     if use_numpy is None:
@@ -163,10 +189,28 @@ def _incidence(windows: Tensor, use_numpy: bool | None = None) -> tuple[Tensor, 
         np.not_equal(keys[1:], keys[:-1], out=keep[1:])
         keys = keys[keep]
         tok = keys // n
-        return torch.from_numpy(keys - tok * n), torch.from_numpy(np.bincount(tok))
+        starts = np.flatnonzero(np.diff(tok, prepend=-1))  # the first pair of each token (ids are >= 0)
+        counts = np.diff(starts, append=tok.size)
+        return torch.from_numpy(keys - tok * n), torch.from_numpy(tok[starts]), torch.from_numpy(counts)
     keys = torch.unique(windows.reshape(-1) * n + torch.arange(n * w) // w)
     tok = keys // n
-    return keys - tok * n, torch.bincount(tok)
+    token_ids, counts = torch.unique_consecutive(tok, return_counts=True)
+    return keys - tok * n, token_ids, counts
+
+
+def _positions(sorted_ids: Tensor, tokens: Tensor) -> Tensor:
+    """Index of each of ``tokens`` in the ascending ``sorted_ids``, ``-1`` where absent (NumPy when importable:
+    a few microseconds instead of torch's per-op overhead, as in :func:`_incidence`)."""
+    if _numpy_available():
+        import numpy as np
+
+        ids, want = sorted_ids.numpy(), tokens.numpy()
+        pos = np.searchsorted(ids, want)
+        hit = ids[np.minimum(pos, ids.size - 1)] == want
+        return torch.from_numpy(np.where(hit & (pos < ids.size), pos, -1))
+    pos = torch.searchsorted(sorted_ids, tokens)
+    hit = sorted_ids.index_select(0, pos.clamp(max=sorted_ids.numel() - 1)) == tokens
+    return torch.where(hit & (pos < sorted_ids.numel()), pos, -1)
 
 
 def frequency_bounds(n_windows: int, min_freq: float, max_freq: float) -> tuple[float, float]:
@@ -185,17 +229,17 @@ def eligible_tokens(
 ) -> Tensor:
     """``(E,)`` ascending ids whose window count lies in the band and is at least ``need``, minus exclusions."""
     lo, hi = frequency_bounds(index.n_windows, min_freq, max_freq)
-    excl = [t for t in exclude_token_ids if 0 <= t < index.vocab_size]
+    excl = sorted({t for t in exclude_token_ids if 0 <= t < 2**63})  # others cannot be in a LongTensor
     if _numpy_available():  # single-threaded: see _incidence
-        import numpy as np
-
-        c = index.counts.numpy()
+        c, ids = index.counts.numpy(), index.token_ids.numpy()
         ok = (c >= max(lo, need)) & (c <= hi)
-        ok[excl] = False
-        return torch.from_numpy(np.flatnonzero(ok))
+        at = index.positions(torch.tensor(excl, dtype=torch.long)).numpy()
+        ok[at[at >= 0]] = False
+        return torch.from_numpy(ids[ok])
     ok = (index.counts >= max(lo, need)) & (index.counts <= hi)
-    ok.index_fill_(0, torch.tensor(excl, dtype=torch.long), False)
-    return ok.nonzero().squeeze(1)
+    at = index.positions(torch.tensor(excl, dtype=torch.long))
+    ok[at[at >= 0]] = False
+    return index.token_ids[ok]
 
 
 _MASK32 = 0xFFFFFFFF
@@ -241,7 +285,7 @@ def draw_classes(
     if class_sampling == "uniform":
         weights = torch.ones(eligible.numel())
     else:
-        weights = index.counts.index_select(0, eligible).double().pow(power)
+        weights = index.counts.index_select(0, index.positions(eligible)).double().pow(power)
     return eligible.index_select(0, torch.multinomial(weights, n_way, replacement=False, generator=generator))
 
 
@@ -264,7 +308,8 @@ def assign_windows(
         ``(N, per_class)`` window indices in random order, or None when no valid assignment exists.
     """
     n = classes.numel()
-    starts, lens = index.offsets.index_select(0, classes), index.counts.index_select(0, classes)
+    at = index.positions(classes)
+    starts, lens = index.offsets.index_select(0, at), index.counts.index_select(0, at)
     first = torch.cumsum(lens, 0) - lens
     pair_class = _segment_ids(first, int(lens.sum()))
     pos = torch.arange(pair_class.numel()) + (starts - first).index_select(0, pair_class)

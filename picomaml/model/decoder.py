@@ -217,6 +217,8 @@ class PicoDecoder(nn.Module):
             raise ValueError(f"input_ids: expected shape (batch, seq), got {tuple(input_ids.shape)}")
         if input_ids.dtype not in (torch.long, torch.int32):
             raise TypeError(f"input_ids: expected dtype torch.long (or int32), got {input_ids.dtype}")
+        if input_ids.shape[0] == 0:
+            raise ValueError(f"input_ids: the batch is empty (shape {tuple(input_ids.shape)}); pass at least one row")
         if input_ids.shape[1] == 0:
             raise ValueError("input_ids: the sequence is empty")
         end = start + input_ids.shape[1]

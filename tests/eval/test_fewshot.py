@@ -199,3 +199,28 @@ def test_probe_accuracy_is_reported_per_episode():
     res = fewshot_eval(_tiny_decoder(), _separable_rows(), episodes=4, seed=1, **COMMON)
     assert len(res.per_episode_probe) == 4 and all(0.0 <= a <= 1.0 for a in res.per_episode_probe)
     assert res.acc_probe == pytest.approx(sum(res.per_episode_probe) / 4)
+
+
+def test_a_model_with_nan_weights_scores_nan_with_a_warning_instead_of_raising():
+    model, rows = _tiny_decoder(), _separable_rows()
+    head, loop = MetaHead(16, 5, hidden_dims=(8,), seed=1), InnerLoop(steps=2, lr=0.5)
+    with torch.no_grad():
+        model.layers[0].mlp.down_proj.weight.fill_(float("nan"))
+    with pytest.warns(RuntimeWarning, match="few-shot evaluation: the features of 4 of 4 episodes hold NaN or Inf"):
+        res = fewshot_eval(model, rows, episodes=4, head=head, inner_loop=loop, **COMMON)
+    for value in (res.acc_ncm, res.acc_after, res.acc_probe, *res.per_episode_ncm, *res.per_episode_probe):
+        assert math.isnan(value)
+    assert res.episodes == 4 and res.chance == pytest.approx(0.2)
+
+
+def test_a_nan_head_scores_nan_after_adaptation_and_the_backbone_baselines_stay():
+    model, rows = _tiny_decoder(), _separable_rows()
+    loop, kwargs = InnerLoop(steps=2, lr=0.5), dict(episodes=3, seed=2, **COMMON)
+    good = fewshot_eval(model, rows, head=MetaHead(16, 5, seed=1), inner_loop=loop, **kwargs)
+    head = MetaHead(16, 5, seed=1)
+    with torch.no_grad():
+        head.out.weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="the adapted head gives NaN or Inf logits on 3 of 3 episodes"):
+        res = fewshot_eval(model, rows, head=head, inner_loop=loop, **kwargs)
+    assert math.isnan(res.acc_after) and all(math.isnan(a) for a in res.per_episode_after)
+    assert res.per_episode_ncm == good.per_episode_ncm and res.per_episode_probe == good.per_episode_probe

@@ -102,3 +102,24 @@ def test_bad_input():
         perplexity(model, torch.zeros(2, 8, dtype=torch.long), batch_size=0)
     with pytest.raises(ValueError, match="no predicted tokens"):
         perplexity(model, [torch.tensor([3])])
+
+
+def test_a_nan_or_diverged_model_reports_nan_or_inf_instead_of_raising():
+    model, rows = _decoder(), torch.randint(0, V, (3, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        model.lm_head.weight[0, 0] = float("nan")
+    with pytest.warns(RuntimeWarning, match="perplexity: the mean loss is nan"):
+        out = perplexity(model, rows)
+    assert math.isnan(out["perplexity"]) and math.isnan(out["loss"]) and out["tokens"] == 33
+    huge = Bigram()
+    with torch.no_grad():
+        huge.table.copy_(torch.randn(V, V, generator=torch.Generator().manual_seed(1)) * 1e4)
+    out = perplexity(huge, rows)  # a finite loss of thousands of nats: exp overflows a float
+    assert out["loss"] > 710 and math.isfinite(out["loss"]) and out["perplexity"] == math.inf
+
+
+def test_target_ids_outside_the_vocabulary_are_a_clear_error():
+    rows = torch.randint(0, V, (2, 8), generator=torch.Generator().manual_seed(0))
+    rows[1, -1] = V + 3  # only a target: the model never embeds it
+    with pytest.raises(ValueError, match=rf"^ids: target ids must lie in \[0, {V}\).*got max {V + 3}"):
+        perplexity(Bigram(), rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -119,3 +121,22 @@ def test_line_search_path_reaches_the_same_optimum(monkeypatch):
     loss, grad = _objective64(xs, ys, w, b, 5, 1e-3)
     assert float(grad.max()) < 1e-4
     torch.testing.assert_close(loss, loss_newton, atol=1e-5, rtol=0)
+
+
+def test_nonfinite_features_give_nan_for_their_tasks_only_with_a_warning():
+    xs, ys, xq, yq = _tasks()
+    clean = linear_probe_accuracy(xs, ys, xq, yq, 5)
+    xs_bad, xq_bad = xs.clone(), xq.clone()
+    xs_bad[1, 0, 0] = float("nan")  # NaN weights give NaN features: svd refused them before
+    xs_bad[2, 3, 5] = float("inf")
+    xq_bad[4, 0, 0] = float("nan")  # a query row only
+    with pytest.warns(RuntimeWarning, match="linear probe: the support features of 2 of 6 tasks hold NaN"):
+        w, b = fit_linear_probe(xs_bad, ys, 5)
+    assert torch.isnan(w[[1, 2]]).all() and torch.isnan(b[[1, 2]]).all() and torch.isfinite(w[[0, 3, 4, 5]]).all()
+    with pytest.warns(RuntimeWarning) as caught:
+        acc = linear_probe_accuracy(xs_bad, ys, xq_bad, yq, 5)
+    assert any("query features of 1 of 6 tasks" in str(c.message) for c in caught)
+    assert [i for i, a in enumerate(acc) if a != a] == [1, 2, 4]
+    assert [acc[i] for i in (0, 3, 5)] == [clean[i] for i in (0, 3, 5)]  # the other tasks are unchanged
+    with pytest.warns(RuntimeWarning, match="overflow float32"):  # finite, but too large to standardise
+        assert all(math.isnan(a) for a in linear_probe_accuracy(xs * 1e37, ys, xq, yq, 5))

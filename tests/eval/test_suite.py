@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 
@@ -168,6 +169,7 @@ def test_incompatible_checkpoints(tmp_path, cache, saved):
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     manifest = json.loads((bad / "COMPLETE").read_text())  # keep the checkpoint "complete"
     manifest["files"]["config.yaml"] = (bad / "config.yaml").stat().st_size
+    manifest["sha256"]["config.yaml"] = hashlib.sha256((bad / "config.yaml").read_bytes()).hexdigest()
     (bad / "COMPLETE").write_text(json.dumps(manifest))
     with pytest.raises(IncompatibleCheckpointError, match="'model' state does not fit"):
         load_for_eval(bad)
@@ -176,6 +178,7 @@ def test_incompatible_checkpoints(tmp_path, cache, saved):
     cfg["sampler"]["n_ways"] = 3
     (bad / "config.yaml").write_text(yaml.safe_dump(cfg))
     manifest["files"]["config.yaml"] = (bad / "config.yaml").stat().st_size
+    manifest["sha256"]["config.yaml"] = hashlib.sha256((bad / "config.yaml").read_bytes()).hexdigest()
     (bad / "COMPLETE").write_text(json.dumps(manifest))
     err = io.StringIO()
     assert eval_main(["--checkpoint", str(bad)], stderr=err) == 2

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import json
+import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +20,9 @@ import yaml
 
 import picomaml as pm
 from picomaml.budget import run_flops
+from picomaml.run_dir import CONFIG_CHANGES, PREVIOUS, RunDirError
+from picomaml.run_lock import LOCK_FILE
+from picomaml.tracking import MetricsFileError
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train_smlmt.py"
@@ -177,6 +183,10 @@ def assert_identical(x, y, where: str) -> None:
         ("hybrid.ratio=1.5", "hybrid.ratio"),
         ("sampler.n_way=400", "eligible"),
         ("eval.settings=[[40, 4]]", "eval.settings: no 40-way 4-shot episode"),
+        pytest.param(
+            "trainer.accelerator=mps", "trainer.accelerator='mps'",
+            marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS"),
+        ),  # fmt: skip
     ],
 )
 def test_bad_config_stops_before_training(tmp_path, corpus_cache, override, message):
@@ -235,12 +245,21 @@ def test_sigkill_during_checkpoint_keeps_previous_and_resume_continues(tmp_path,
             proc.kill()
         proc.wait()
     assert killed_mid_write, "the trainer never started a second checkpoint"
+    assert (run_dir / LOCK_FILE).exists()  # kill -9 leaves the lock: the resume below must take it over
     latest = pm.find_latest(root)
     assert latest is not None
     step = pm.load_checkpoint(latest).step
     rows = run(config, run_dir, "--max-steps", str(step + 2), "--resume", "auto")
     assert int(rows[-1]["step"]) == step + 2
     assert pm.load_checkpoint(root).step == step + 2
+    assert not (run_dir / LOCK_FILE).exists()
+    # and bit-identical to a run that was never killed
+    straight = run(config, tmp_path / "straight", "--max-steps", str(step + 2))
+    assert [r["train/lm_loss"] for r in straight] == [r["train/lm_loss"] for r in rows]
+    a = pm.load_checkpoint(tmp_path / "straight" / "checkpoints").states
+    b = pm.load_checkpoint(root).states
+    for part in ("model", "head", "optimizer", "data"):
+        assert_identical(b[part], a[part], part)
 
 
 @pytest.mark.slow
@@ -309,7 +328,7 @@ def test_nonfinite_loss_skips_the_step_and_the_run_continues(tmp_path, corpus_ca
 
     monkeypatch.setattr(picomaml.learner, "lm_loss", poisoned)
     config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.0})
-    with pytest.warns(UserWarning, match="step 1: non-finite"):
+    with pytest.warns(UserWarning, match="step 2: non-finite"):  # the step of the row that counts it
         rows = run(config, tmp_path / "run")
     assert [int(r["trainer/nonfinite_skipped"]) for r in rows] == [0, 1, 1, 1]
     state = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states["model"]
@@ -350,3 +369,134 @@ def test_heldout_token_types_are_never_meta_training_classes(tmp_path, corpus_ca
         "holdout_seed": 1,
         "class_split": "heldout",
     }
+
+
+# ---- the run directory: one writer, nothing of an earlier run lost, resume checks ---------------------------
+
+
+def files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def trainer_cmd(config: Path, run_dir: Path, *extra: str) -> list[str]:
+    return [sys.executable, str(SCRIPT), "--config", str(config), "--run-dir", str(run_dir), *extra]
+
+
+def test_a_second_trainer_on_the_same_directory_is_refused(tmp_path, corpus_cache):
+    """Two real trainers on one run directory: the second stops at once naming the first, whose run is intact."""
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 10_000, "save_every": 1}, hybrid={"ratio": 0.0})
+    run_dir = tmp_path / "run"
+    first = subprocess.Popen(trainer_cmd(config, run_dir), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while first.poll() is None and time.monotonic() < deadline and pm.find_latest(run_dir / "checkpoints") is None:
+            time.sleep(0.05)
+        assert first.poll() is None, first.stderr.read()[-3000:]
+        config_before = (run_dir / "config.yaml").read_bytes()
+        second = subprocess.run(
+            trainer_cmd(config, run_dir, "--resume", "fresh", "--set", "optim.lr=0.5"),
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+        assert second.returncode == 2 and "Traceback" not in second.stderr
+        last = second.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and f"in use by another trainer: pid {first.pid} on host" in last
+        assert (run_dir / "config.yaml").read_bytes() == config_before and not (run_dir / PREVIOUS).exists()
+    finally:
+        first.send_signal(signal.SIGINT)  # the first finishes its step, saves and ends normally
+        _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err[-3000:]
+    rows = read_csv(run_dir / "metrics.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, len(rows) + 1))
+    assert pm.load_checkpoint(run_dir / "checkpoints").step == len(rows)
+    assert pm.load_checkpoint(run_dir / "checkpoints").config["optim"]["lr"] == 1e-3
+    assert not (run_dir / LOCK_FILE).exists()  # released on the Ctrl-C path
+
+
+@pytest.mark.parametrize("flag", ["fresh", "none"])
+def test_fresh_start_keeps_the_earlier_run(tmp_path, corpus_cache, flag, caplog):
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 2})
+    run_dir = tmp_path / "run"
+    run(config, run_dir)
+    before = files(run_dir)
+    with caplog.at_level(logging.WARNING):
+        rows = run(config, run_dir, "--resume", flag, "--max-steps", "3")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    (kept,) = (run_dir / PREVIOUS).iterdir()
+    assert files(kept) == before and str(kept) in caplog.text
+    assert pm.load_checkpoint(run_dir / "checkpoints").step == 3
+
+
+def test_no_usable_checkpoint_is_an_error_listing_each_then_fresh_moves_them_aside(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 2, "save_every": 1})
+    run_dir = tmp_path / "run"
+    run(config, run_dir)
+    for step_dir in (run_dir / "checkpoints").glob("step_*"):
+        (step_dir / "model.pt").write_bytes(b"\0" * 64)
+    before = files(run_dir)
+    with pytest.raises(RunDirError) as info:
+        trainer.main(["--config", str(config), "--run-dir", str(run_dir)])
+    message = str(info.value)
+    assert "none usable" in message and "step_000002: model.pt" in message and "step_000001: model.pt" in message
+    assert files(run_dir) == before  # metrics.csv is not cut, nothing restarts from step 0
+    rows = run(config, run_dir, "--resume", "fresh")
+    assert [int(r["step"]) for r in rows] == [1, 2]
+    (kept,) = (run_dir / PREVIOUS).iterdir()
+    assert files(kept) == before
+
+
+def test_resume_refuses_another_architecture_and_records_other_changes(tmp_path, corpus_cache, caplog):
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 2})
+    run_dir = tmp_path / "run"
+    run(config, run_dir)
+    before = files(run_dir)
+    for change, key in (("model.d_model=64", "model.d_model: 32 -> 64"), ("sampler.n_way=4", "sampler.n_way: 3 -> 4")):
+        with pytest.raises(pm.ConfigError, match=f"changed since .* \\({key}\\); they change parameter shapes"):
+            trainer.main(["--config", str(config), "--run-dir", str(run_dir), "--set", change, "--max-steps", "3"])
+        assert files(run_dir) == before and not (run_dir / LOCK_FILE).exists()
+    with caplog.at_level(logging.WARNING):
+        rows = run(config, run_dir, "--set", "optim.lr=0.002", "--set", "seed=1", "--max-steps", "3")
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    (record,) = yaml.safe_load_all((run_dir / CONFIG_CHANGES).read_text())
+    changes = {c["key"]: (c["old"], c["new"]) for c in record["changes"]}
+    assert changes == {"seed": (3, 1), "optim.lr": (0.001, 0.002), "trainer.max_steps": (2, 3)}
+    assert "optim.lr: 0.001 -> 0.002" in caplog.text
+    assert pm.load_config(run_dir / "config.yaml").optim.lr == 0.002
+
+
+def test_garbled_metrics_csv_stops_resume_naming_file_and_line(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 2})
+    run_dir = tmp_path / "run"
+    run(config, run_dir)
+    path = run_dir / "metrics.csv"
+    lines = path.read_text().splitlines(keepends=True)
+    path.write_text(lines[0] + lines[1].replace(",", ",x", 1) + "".join(lines[2:]))
+    before = files(run_dir)
+    with pytest.raises(MetricsFileError, match=f"cannot continue {path} line 2, column .*'x.*' is not a number"):
+        trainer.main(["--config", str(config), "--run-dir", str(run_dir), "--max-steps", "3"])
+    assert files(run_dir) == before
+
+
+def test_misspelt_dynamics_layer_fails_before_training(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, checkpoint={"learning_dynamics": True})
+    args = ["--config", str(config), "--run-dir", str(tmp_path / "run"), "--set"]
+    with pytest.raises(pm.ConfigError, match=r"checkpoint.dynamics.layers: layers \['mlp.dwn_proj'\] match no module"):
+        trainer.main([*args, "checkpoint.dynamics.layers=[attention.o_proj, mlp.dwn_proj]"])
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.parametrize("case", ["missing resume path", "locked"])
+def test_run_directory_errors_are_one_line_without_traceback(tmp_path, corpus_cache, case):
+    config = tiny_config(tmp_path, corpus_cache)
+    run_dir = tmp_path / "run"
+    extra = ["--resume", str(tmp_path / "nowhere")] if case == "missing resume path" else []
+    if case == "locked":  # held by this (live) test process
+        run_dir.mkdir()
+        holder = {"pid": os.getpid(), "host": socket.gethostname(), "since": "2025-01-01T00:00:00+00:00"}
+        (run_dir / LOCK_FILE).write_text(json.dumps(holder))
+    result = subprocess.run(trainer_cmd(config, run_dir, *extra), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    expected = "config error: --resume: " if case == "missing resume path" else f"error: {run_dir} is in use"
+    assert last.startswith(expected) and len(last) <= 2000, last
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.csv").exists()
+    assert (run_dir / LOCK_FILE).exists() == (case == "locked")  # the holder's lock is left alone

@@ -144,3 +144,16 @@ def test_fields_shared_with_text_episodes():
             assert bool(valid.all())
         assert ep.class_ids is ep.class_token_ids
         assert ep.padded is False
+
+
+def test_validate_refuses_a_mask_id_that_is_a_real_token_of_the_windows():
+    ep = toy_episode()
+    ep.validate(MASK)
+    ep.query_ids[1, 4] = MASK  # an unmasked position holding the mask id: the data has that token
+    with pytest.raises(EpisodeError, match=f"^mask_token_id: {MASK} occurs at 1 unmasked positions of query_ids"):
+        ep.validate(MASK)
+    ep.validate()  # without a mask id there is nothing to compare
+    stacked = Episode.stack([toy_episode(offset=i) for i in range(2)])
+    stacked.support_ids[1, 0, 3] = MASK
+    with pytest.raises(EpisodeError, match="occurs at 1 unmasked positions of support_ids"):
+        stacked.validate(MASK)

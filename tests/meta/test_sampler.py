@@ -135,6 +135,11 @@ def test_random_buffers_give_valid_episodes_or_clear_errors(
         class_sampling=sampling,
         seed=seed,
     )
+    if bool((tokens[:, : per_row * w] == mask).any()):  # the mask id is a real token of the windows
+        event("mask id in the data")
+        with pytest.raises(SamplingError, match=f"mask_token_id: {mask} is a real token of these rows"):
+            s.sample(tokens)
+        return
     eligible = naive_eligible(tokens, w, k + q, band[0], band[1], {1, mask})
     assert set(s.eligible(tokens).tolist()) == eligible
     if len(eligible) < n:
@@ -179,12 +184,13 @@ def test_assign_windows_finds_an_assignment_exactly_when_one_exists(seed, n_win,
 @given(seed=st.integers(0, 10_000), n=st.integers(1, 20), w=st.integers(1, 9), vocab=st.integers(1, 50))
 def test_incidence_numpy_and_torch_paths_agree(seed, n, w, vocab):
     windows = torch.randint(0, vocab, (n, w), generator=torch.Generator().manual_seed(seed))
-    a_win, a_cnt = smlmt._incidence(windows, use_numpy=True)
-    b_win, b_cnt = smlmt._incidence(windows, use_numpy=False)
-    assert torch.equal(a_win, b_win) and torch.equal(a_cnt, b_cnt)
-    assert a_win.dtype == a_cnt.dtype == torch.long
-    expected = [sum(t in row for row in windows.tolist()) for t in range(int(windows.max()) + 1)]
-    assert a_cnt.tolist() == expected
+    a_win, a_ids, a_cnt = smlmt._incidence(windows, use_numpy=True)
+    b_win, b_ids, b_cnt = smlmt._incidence(windows, use_numpy=False)
+    assert torch.equal(a_win, b_win) and torch.equal(a_ids, b_ids) and torch.equal(a_cnt, b_cnt)
+    assert a_win.dtype == a_ids.dtype == a_cnt.dtype == torch.long
+    present = sorted(set(windows.flatten().tolist()))  # sized by the ids present, not the largest id
+    assert a_ids.tolist() == present
+    assert a_cnt.tolist() == [sum(t in row for row in windows.tolist()) for t in present]
 
 
 def test_conflicting_windows_are_repaired_not_reused():
@@ -262,13 +268,21 @@ def test_frequency_band_fraction_and_count(zipf):
 def test_mask_and_excluded_tokens_never_classes(zipf):
     frequent = naive_counts(zipf, 32)
     top = sorted(frequent, key=frequent.get, reverse=True)[:12]
-    s = SMLMTSampler(
+    frequent_mask = SMLMTSampler(
         4, 1, 1, mask_token_id=top[0], window_len=32, min_freq=0, max_freq=10_000, exclude_token_ids=top[1:6]
     )
-    assert not set(top[:6]) & set(s.eligible(zipf).tolist())
+    n_windows = zipf.shape[0] * (zipf.shape[1] // 32)
+    times = int((zipf[:, : n_windows // zipf.shape[0] * 32] == top[0]).sum())
+    message = f"mask_token_id: {top[0]} is a real token of these rows: it occurs {times} times, in {frequent[top[0]]} "
+    with pytest.raises(SamplingError, match=message):  # a real, frequent token cannot be the mask
+        frequent_mask.sample(zipf)
+    s = SMLMTSampler(
+        4, 1, 1, mask_token_id=2000, window_len=32, min_freq=0, max_freq=10_000, exclude_token_ids=top[1:6]
+    )
+    assert not set(top[1:6]) & set(s.eligible(zipf).tolist()) and top[0] in s.eligible(zipf).tolist()
     for _ in range(20):
         ep = s.sample(zipf)
-        assert not set(top[:6]) & set(ep.class_token_ids.tolist())
+        assert not set(top[1:6]) & set(ep.class_token_ids.tolist())
         check_episode(ep, zipf, s)
 
 
@@ -380,8 +394,9 @@ def test_index_cache(zipf):
     ep = s.sample(idx)  # an index can be passed directly
     check_episode(ep, zipf, s)
     counts = naive_counts(zipf, 32)
-    assert all(int(idx.counts[t]) == c for t, c in counts.items())
+    assert all(idx.count_of(t) == c for t, c in counts.items())
     assert int(idx.counts.sum()) == sum(counts.values())
+    assert idx.token_ids.tolist() == sorted(counts) and idx.count_of(10**9) == 0
 
 
 # ---------------------------------------------------------------------- streaming
@@ -516,8 +531,11 @@ def test_mask_token_excluded_without_being_listed():
         2, 1, 1, mask_token_id=4, window_len=4, min_freq=0, max_freq=1000, exclude_token_ids=(1,)
     )
     assert s.exclude_token_ids == (1,)  # the user's list is kept as given (round-trips to the config)
-    tokens = torch.tensor([[4, 2, 3, 1] * 6])
-    assert set(s.eligible(tokens).tolist()) == {2, 3}
+    assert 4 in s._excluded  # never a class, even from an index that holds it
+    tokens = torch.tensor([[5, 2, 3, 1] * 6])
+    assert set(s.eligible(tokens).tolist()) == {2, 3, 5}
+    with pytest.raises(SamplingError, match="mask_token_id: 4 is a real token of these rows: it occurs 6 times"):
+        s.eligible(torch.tensor([[4, 2, 3, 1] * 6]))  # a mask id that the data holds is refused
 
 
 def test_worked_example_in_docs():
@@ -598,3 +616,56 @@ def test_a_too_small_heldout_split_says_so():
     )  # fmt: skip
     with pytest.raises(SamplingError, match="'heldout' class split"):
         held.sample(tokens)
+
+
+# ---------------------------------------------------------------------- ids the counting scheme cannot take
+
+
+def test_huge_ids_are_counted_exactly_or_refused_and_never_size_the_index():
+    # 64 windows: the keys id * 64 + window fit int64 up to id 2**57 - 1; 2**57 used to overflow into
+    # another token's counts
+    top = (2**63 - 64) // 64
+    assert top == 2**57 - 1
+    tokens = torch.randint(0, 20, (8, 64), generator=torch.Generator().manual_seed(0))  # 8 windows per row
+    # 2**40 rather than the 3e9: were the index sized by the largest id again, this fails at once
+    # (MemoryError) instead of filling 22 GiB
+    tokens[0, 0], tokens[3, 9], tokens[5, 63] = top, top, 2**40
+    index = smlmt.build_index(tokens, window_len=8)
+    assert index.count_of(top) == 2 and index.windows_of(top).tolist() == [0, 25]
+    assert index.count_of(2**40) == 1 and index.vocab_size == top + 1
+    naive = naive_counts(tokens, 8)
+    assert {int(t): index.count_of(int(t)) for t in index.token_ids} == naive
+    # sized by the ids present
+    assert index.counts.numel() == index.token_ids.numel() == len(naive) and index.offsets.numel() == len(naive) + 1
+    tokens[0, 0] = 2**57
+    with pytest.raises(ValueError, match=rf"^tokens: token id {2**57} is too large: a buffer of 64 windows takes "
+                       rf"ids up to {top}"):
+        SMLMTSampler(2, 1, 1, mask_token_id=21, window_len=8).sample(tokens)
+
+
+def test_episodes_with_huge_ids_are_those_of_small_ids_in_the_same_order():
+    tokens = zipf_tokens(16, 64, 50, seed=3)
+    tokens[tokens == 4] = 0  # 4 is the mask id
+    huge = tokens + torch.where(tokens >= 5, 2**40, 0)  # order-preserving: window counts are kept
+    common = dict(n_way=3, k_shot=2, n_query=2, mask_token_id=4, window_len=16, min_freq=2, max_freq=0.99)
+    a = SMLMTSampler(**common, seed=1).sample(tokens, n_tasks=6)
+    b = SMLMTSampler(**common, seed=1).sample(huge, n_tasks=6)
+    assert torch.equal(a.support_windows, b.support_windows) and torch.equal(a.query_windows, b.query_windows)
+    assert torch.equal(a.class_token_ids + torch.where(a.class_token_ids >= 5, 2**40, 0), b.class_token_ids)
+    assert bool((b.class_token_ids >= 2**40).any())  # huge ids were drawn as classes
+
+
+def test_without_numpy_the_index_and_the_episodes_are_the_same(zipf, monkeypatch):
+    common = dict(n_way=4, k_shot=2, n_query=2, mask_token_id=2000, window_len=32, exclude_token_ids=(0, 5, 10**12))
+    with_numpy = SMLMTSampler(**common, class_sampling="count_power", seed=2).sample(zipf, n_tasks=3)
+    index = smlmt.build_index(zipf, 32)
+    positions = index.positions(torch.tensor([0, 3, 1999, 10**12]))
+    monkeypatch.setattr(smlmt, "_numpy_available", lambda: False)
+    torch_index = smlmt.build_index(zipf, 32)
+    for name in ("token_ids", "pair_windows", "offsets", "counts"):
+        assert torch.equal(getattr(index, name), getattr(torch_index, name)), name
+    assert torch.equal(torch_index.positions(torch.tensor([0, 3, 1999, 10**12])), positions)
+    assert positions[-1] == -1
+    without = SMLMTSampler(**common, class_sampling="count_power", seed=2).sample(zipf, n_tasks=3)
+    for name in ("support_ids", "query_ids", "class_token_ids", "support_windows", "query_windows"):
+        assert torch.equal(getattr(with_numpy, name), getattr(without, name)), name

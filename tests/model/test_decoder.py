@@ -168,6 +168,10 @@ def test_bad_inputs(model):
         model(torch.zeros(1, 129, dtype=torch.long))
     with pytest.raises(ValueError, match="empty"):
         model(torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"^input_ids: the batch is empty \(shape \(0, 4\)\)"):
+        model(torch.zeros(0, 4, dtype=torch.long))  # torch's min() of an empty tensor before
+    with pytest.raises(ValueError, match="input_ids: the batch is empty"):
+        model.hidden_states(torch.zeros(0, 4, dtype=torch.long))
     with pytest.raises(TypeError, match="config"):
         pm.PicoDecoder({"vocab_size": V})
 

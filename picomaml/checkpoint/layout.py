@@ -1,0 +1,129 @@
+"""Names on disk and the errors of the checkpoint package.
+
+A checkpoint root holds ``step_<N>`` directories, a ``latest`` pointer and, while a save runs (or after
+one was killed), hidden ``.tmp_*`` entries whose last ``_<digits>`` is the writer's process id:
+
+- ``.tmp_step_<N>_<pid>``: a save being written; never read.
+- ``.tmp_delete_step_<N>_<pid>``: the previous copy of ``step_<N>`` while a re-save of that step swaps
+  it out. While ``step_<N>`` is missing it is that step's only copy: readers use it and the next save
+  puts it back.
+- ``.tmp_prune_step_<N>_<pid>``: a pruned checkpoint being deleted; never read.
+- ``.latest.tmp_<pid>``: the pointer being replaced.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from picomaml.params import short_repr
+
+__all__ = [
+    "CONFIG",
+    "LATEST",
+    "MARKER",
+    "RNG",
+    "TRAINER_STATE",
+    "CheckpointWarning",
+    "DamagedCheckpointError",
+    "NoUsableCheckpointError",
+    "backup_step",
+    "describe_problems",
+    "quote",
+    "shorten",
+    "step_dir_name",
+    "step_of",
+]
+
+MARKER = "COMPLETE"
+LATEST = "latest"
+TRAINER_STATE = "trainer_state.json"
+CONFIG = "config.yaml"
+RNG = "rng"
+
+STEP_DIR = re.compile(r"^step_(\d+)$")
+BACKUP_DIR = re.compile(r"^\.tmp_delete_(step_\d+)_(\d+)$")
+TMP_ENTRY = re.compile(r"^\.tmp_.*_(\d+)$")
+TMP_POINTER = re.compile(r"^\.latest\.tmp_(\d+)$")
+_MAX_LISTED = 12  # problems listed in one message; the rest are counted
+
+
+def step_dir_name(step: int) -> str:
+    """``step_000120``: zero-padded so that names sort like steps."""
+    return f"step_{step:06d}"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a ``step_<N>`` directory name, else ``None``."""
+    m = STEP_DIR.match(name)
+    return int(m.group(1)) if m else None
+
+
+def backup_step(name: str) -> tuple[str, int] | None:
+    """``(step directory name, writer pid)`` of a ``.tmp_delete_step_<N>_<pid>`` name, else ``None``."""
+    m = BACKUP_DIR.match(name)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
+def shorten(text: object, limit: int = 240) -> str:
+    """``str(text)`` cut to ``limit`` characters: messages quote files' contents and torch's errors."""
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 4] + " ..."
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was skipped (damaged, incomplete) or recovered from an interrupted save."""
+
+
+class DamagedCheckpointError(FileNotFoundError):
+    """A checkpoint directory is incomplete or one of its files is damaged, truncated or unreadable.
+
+    A ``FileNotFoundError`` so that code treating "no usable checkpoint at this path" one way keeps
+    working. Never fixed by ``weights_only=False``: the file's bytes are wrong, not its contents' types.
+
+    Attributes:
+        path: The checkpoint (step) directory.
+        file: The damaged file (``None`` when the directory itself is the problem).
+        reason: Why, starting with the file's name inside the directory.
+    """
+
+    def __init__(self, path: Path, reason: str, file: Path | None = None) -> None:
+        self.path, self.file, self.reason = Path(path), file, reason
+        super().__init__(f"checkpoint {path} is incomplete or damaged: {reason}")
+
+    def __reduce__(self):  # picklable (multiprocessing, pytest-xdist) despite the custom __init__
+        return (type(self), (self.path, self.reason, self.file))
+
+
+class NoUsableCheckpointError(FileNotFoundError):
+    """A checkpoint root holds step folders, but none of them can be resumed from.
+
+    Attributes:
+        root: The checkpoint root.
+        problems: ``(step folder, why it is unusable)`` for each, newest first.
+    """
+
+    def __init__(self, root: Path, problems: list[tuple[Path, str]], note: str = "") -> None:
+        self.root, self.problems, self.note = Path(root), list(problems), note
+        extra = f"\n{note}" if note else ""
+        super().__init__(
+            f"no usable checkpoint under {root}: {len(self.problems)} step folder(s), none complete and "
+            f"intact:\n{describe_problems(self.problems)}{extra}\nResume from an explicit checkpoint path, "
+            "or move these folders aside to start fresh."
+        )
+
+    def __reduce__(self):
+        return (type(self), (self.root, self.problems, self.note))
+
+
+def describe_problems(problems: list[tuple[Path, str]]) -> str:
+    """``"  step_000030: model.pt: ..."`` lines, at most a dozen (then a count)."""
+    lines = [f"  {p.name}: {why}" for p, why in problems[:_MAX_LISTED]]
+    if len(problems) > _MAX_LISTED:
+        lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
+    return "\n".join(lines)
+
+
+def quote(value: object) -> str:
+    """A bounded ``repr`` for messages that quote what was found on disk."""
+    return short_repr(value, 60)
