@@ -97,6 +97,7 @@ class Trainer:
     tracker: MetricsTracker | None = None
     step: int = 0
     counters: dict[str, float] = field(default_factory=training.new_counters)
+    guard: training.NonFiniteGuard | None = None
     interrupted: bool = False
 
     @property
@@ -138,6 +139,7 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
     if state is not None:
         t.counters.update(state.counters)
         t.step = state.step
+    t.guard = training.NonFiniteGuard(cfg.trainer.max_nonfinite_skips, state=t.counters)  # a streak continues
     start.commit(cfg)  # rank 0: an earlier run moved aside, config changes recorded, then config.yaml
     t.tracker = start.tracker(cfg)  # continues metrics.csv from the resumed step
     return t
@@ -193,11 +195,10 @@ def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> No
         grad_norm = training.global_grad_norm(t.learner.parameters())
     window.add({"trainer/grad_norm": grad_norm})
     finite = torch.isfinite(torch.tensor([grad_norm, *losses])).all().float()
-    if t.fabric.all_reduce(finite, reduce_op="min").item() < 1:  # every rank skips together
-        t.counters["nonfinite_skipped"] += 1  # t.step + 1 below: the step of this update's metrics row
-        warnings.warn(f"step {t.step + 1}: non-finite loss or gradient; optimizer step skipped", stacklevel=1)
-    else:
+    # the same flag on every rank: all skip together, and all stop together (NonFiniteRunError) at the limit
+    if t.guard.record(t.fabric.all_reduce(finite, reduce_op="min").item() >= 1, step=t.step + 1):
         t.optimizer.step()
+    t.counters.update(t.guard.state_dict())
     t.optimizer.zero_grad(set_to_none=True)
     t.run.lr_scheduler.step()
 
@@ -291,7 +292,7 @@ def main(argv=None) -> int:
 if __name__ == "__main__":
     try:
         sys.exit(main())
-    except USER_ERRORS as exc:  # the user's to fix: one bounded line, no traceback
+    except (*USER_ERRORS, training.NonFiniteRunError) as exc:  # the user's to fix: one bounded line
         print(error_line(exc), file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:  # Ctrl-C before training started

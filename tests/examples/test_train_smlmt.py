@@ -500,3 +500,14 @@ def test_run_directory_errors_are_one_line_without_traceback(tmp_path, corpus_ca
     assert last.startswith(expected) and len(last) <= 2000, last
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.csv").exists()
     assert (run_dir / LOCK_FILE).exists() == (case == "locked")  # the holder's lock is left alone
+
+
+def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, corpus_cache, monkeypatch):
+    import picomaml.learner
+    from picomaml.training import NonFiniteRunError
+
+    real = picomaml.learner.lm_loss
+    monkeypatch.setattr(picomaml.learner, "lm_loss", lambda model, tokens: real(model, tokens) * float("nan"))
+    config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.0}, trainer={"max_nonfinite_skips": 2})
+    with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteRunError, match=r"2 optimizer steps in a row \(1-2\)"):
+        run(config, tmp_path / "run")
