@@ -232,8 +232,7 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
         return int(value)
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
-            hint = " (write 1.0e-3, not 1e-3, in YAML 1.1)" if isinstance(value, str) else ""
-            raise ConfigError(f"{path}: expected a number, got {short_repr(value)}{hint}")
+            raise ConfigError(f"{path}: expected a number, got {short_repr(value)}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
