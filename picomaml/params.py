@@ -37,6 +37,7 @@ __all__ = [
     "to_dict",
     "field_docs",
     "short_repr",
+    "one_line",
 ]
 
 T = TypeVar("T")
@@ -60,6 +61,13 @@ def short_repr(value: Any, limit: int = _MAX_REPR) -> str:
     except Exception:  # noqa: BLE001 - a broken __repr__ must not hide the real error
         text = f"<{type(value).__name__}>"
     return text if len(text) <= limit else text[: limit - 5] + " ...>"
+
+
+def one_line(text: object, limit: int = 240) -> str:
+    """``str(text)`` on one line (whitespace runs collapsed), cut to ``limit`` characters; only the first
+    ``2 * limit`` characters are looked at, so a huge text costs nothing."""
+    flat = " ".join(str(text)[: 2 * limit].split())
+    return flat if len(flat) <= limit else flat[: limit - 4] + " ..."
 
 
 def check(condition: bool, field: str, message: str) -> None:

@@ -34,7 +34,7 @@ from picomaml._atomic_io import fsync_dir, write_text
 from picomaml.checkpoint.layout import backup_step, step_of
 from picomaml.config import ExperimentConfig
 from picomaml.config_diff import ConfigChange, compare_configs
-from picomaml.params import ConfigError, short_repr
+from picomaml.params import ConfigError, one_line, short_repr
 from picomaml.run_lock import RunDirError, RunLock, RunLockedError
 from picomaml.tracking import MetricsFileError, MetricsTracker, read_metrics_csv
 
@@ -108,7 +108,7 @@ class StartPlan:
 
 
 def _unusable(root: Path, problems: Sequence[tuple[Path, str]]) -> RunDirError:
-    listed = "; ".join(f"{Path(p).name}: {_clip(str(why), 160)}" for p, why in problems[:_MAX_LISTED])
+    listed = "; ".join(f"{Path(p).name}: {one_line(str(why), 160)}" for p, why in problems[:_MAX_LISTED])
     more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
     return RunDirError(
         f"--resume auto: {root} holds {len(problems)} checkpoint folder(s), none usable: {listed}{more}. "
@@ -128,7 +128,7 @@ def _resolve(run_dir: Path, resume: str) -> Path | None:
     try:
         return ckpt.resolve_resume(resume, root)
     except FileNotFoundError as exc:
-        raise ConfigError(f"--resume: {_clip(str(exc), 400)}") from None
+        raise ConfigError(f"--resume: {one_line(str(exc), 400)}") from None
 
 
 def _saved_config(checkpoint: Path) -> dict[str, Any] | None:
@@ -139,7 +139,7 @@ def _saved_config(checkpoint: Path) -> dict[str, Any] | None:
         log.warning("%s has no %s: the current config cannot be compared with it", checkpoint, ckpt.CONFIG)
         return None
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise RunDirError(f"{path}: cannot be read ({_clip(str(exc), 200)})") from None
+        raise RunDirError(f"{path}: cannot be read ({one_line(str(exc), 200)})") from None
     if not isinstance(data, Mapping):
         raise RunDirError(f"{path}: not a config mapping")
     return dict(data)
@@ -262,14 +262,14 @@ class RunStart:
         try:
             state = ckpt.load_checkpoint(self.plan.checkpoint)
         except FileNotFoundError as exc:  # damaged since it was chosen
-            raise RunDirError(_clip(str(exc), 600)) from None
+            raise RunDirError(one_line(str(exc), 600)) from None
         try:
             state.load_into(objects)
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             changed = "; ".join(map(str, self.plan.changes[:_MAX_LISTED])) or "none"
             raise RunDirError(
-                f"{self.plan.checkpoint} does not fit the run built from the current config ({_clip(first, 300)}); "
+                f"{self.plan.checkpoint} does not fit the run built from the current config ({one_line(first, 300)}); "
                 f"config changes since it was saved: {changed}"
             ) from None
         if rng:
@@ -343,13 +343,7 @@ def open_run(
     return RunStart(outcome, lock)
 
 
-def _clip(text: str, limit: int) -> str:
-    """``text`` on one line, cut to ``limit`` characters."""
-    text = " ".join(text[: 2 * limit].split())
-    return text if len(text) <= limit else text[: limit - 4] + " ..."
-
-
 def error_line(exc: BaseException, limit: int = 2000) -> str:
     """``exc`` as one line of at most ``limit`` characters, for a trainer's stderr."""
     kind = "config error" if isinstance(exc, ConfigError) else "error"
-    return _clip(f"{kind}: {exc}", limit)
+    return one_line(f"{kind}: {exc}", limit)

@@ -28,10 +28,10 @@ from picomaml.checkpoint.layout import (
     backup_step,
     describe_problems,
     quote,
-    shorten,
     step_of,
 )
 from picomaml.checkpoint.manifest import Manifest, is_complete, verify_checkpoint
+from picomaml.params import one_line
 
 __all__ = ["find_latest", "list_checkpoints", "locate", "resolve_resume"]
 
@@ -140,7 +140,7 @@ def _read_pointer(root: Path) -> tuple[int | None, str]:
     except FileNotFoundError:
         return None, ""
     except OSError as exc:
-        return None, f"{LATEST}: cannot be read ({shorten(exc, 120)})"
+        return None, f"{LATEST}: cannot be read ({one_line(exc, 120)})"
     try:
         name = raw.decode("utf-8").strip()
     except UnicodeDecodeError:

@@ -30,7 +30,6 @@ __all__ = [
     "backup_step",
     "describe_problems",
     "quote",
-    "shorten",
     "step_dir_name",
     "step_of",
 ]
@@ -63,12 +62,6 @@ def backup_step(name: str) -> tuple[str, int] | None:
     """``(step directory name, writer pid)`` of a ``.tmp_delete_step_<N>_<pid>`` name, else ``None``."""
     m = BACKUP_DIR.match(name)
     return (m.group(1), int(m.group(2))) if m else None
-
-
-def shorten(text: object, limit: int = 240) -> str:
-    """``str(text)`` cut to ``limit`` characters: messages quote files' contents and torch's errors."""
-    s = " ".join(str(text).split())
-    return s if len(s) <= limit else s[: limit - 4] + " ..."
 
 
 class CheckpointWarning(UserWarning):

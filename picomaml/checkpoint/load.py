@@ -24,8 +24,9 @@ import torch
 import yaml
 
 from picomaml.checkpoint.discovery import locate
-from picomaml.checkpoint.layout import CONFIG, RNG, TRAINER_STATE, DamagedCheckpointError, quote, shorten
+from picomaml.checkpoint.layout import CONFIG, RNG, TRAINER_STATE, DamagedCheckpointError, quote
 from picomaml.checkpoint.manifest import Manifest
+from picomaml.params import one_line
 from picomaml.rng_state import restore_rng_state
 
 __all__ = ["Checkpoint", "load_checkpoint"]
@@ -143,7 +144,7 @@ def _trainer_state(ckpt_dir: Path) -> dict[str, Any]:
         data = json.loads(f.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise DamagedCheckpointError(
-            ckpt_dir, f"{TRAINER_STATE}: not valid JSON ({shorten(exc, 120)})", f
+            ckpt_dir, f"{TRAINER_STATE}: not valid JSON ({one_line(exc, 120)})", f
         ) from exc
     problem = ""
     if not isinstance(data, dict):
@@ -168,7 +169,7 @@ def _config(ckpt_dir: Path) -> dict[str, Any] | None:
     try:
         data = yaml.safe_load(f.read_bytes().decode("utf-8"))
     except (OSError, ValueError, yaml.YAMLError) as exc:
-        raise DamagedCheckpointError(ckpt_dir, f"{CONFIG}: not valid YAML ({shorten(exc, 160)})", f) from exc
+        raise DamagedCheckpointError(ckpt_dir, f"{CONFIG}: not valid YAML ({one_line(exc, 160)})", f) from exc
     if data is not None and not isinstance(data, dict):
         raise DamagedCheckpointError(ckpt_dir, f"{CONFIG}: expected a mapping, got {type(data).__name__}", f)
     return data
@@ -193,8 +194,8 @@ def _load_error(ckpt_dir: Path, name: str, exc: Exception, checksummed: bool) ->
         with open(f, "rb") as fh:
             head = fh.read(len(_ZIP_MAGIC))
     except OSError as err:
-        return DamagedCheckpointError(ckpt_dir, f"{name}: cannot be read ({shorten(err, 120)})", f)
-    torch_says = shorten(f"{type(exc).__name__}: {exc}", 160)
+        return DamagedCheckpointError(ckpt_dir, f"{name}: cannot be read ({one_line(err, 120)})", f)
+    torch_says = one_line(f"{type(exc).__name__}: {exc}", 160)
     if head != _ZIP_MAGIC:
         return DamagedCheckpointError(
             ckpt_dir, f"{name}: not a torch checkpoint file (no zip header): damaged or overwritten", f

@@ -31,9 +31,9 @@ from picomaml.checkpoint.layout import (
     DamagedCheckpointError,
     backup_step,
     quote,
-    shorten,
     step_of,
 )
+from picomaml.params import one_line
 
 __all__ = [
     "Manifest",
@@ -100,7 +100,7 @@ def read_manifest(path: Path) -> Manifest:
         raise DamagedCheckpointError(path, f"{MARKER}: missing (the save did not finish)", marker) from None
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         raise DamagedCheckpointError(
-            path, f"{MARKER}: not a valid manifest ({shorten(exc, 120)})", marker
+            path, f"{MARKER}: not a valid manifest ({one_line(exc, 120)})", marker
         ) from exc
     try:
         manifest = _parse(data)
@@ -140,7 +140,7 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
         except FileNotFoundError:
             raise DamagedCheckpointError(path, f"{name}: missing (listed in {MARKER})", f) from None
         except OSError as exc:
-            raise DamagedCheckpointError(path, f"{name}: cannot be read ({shorten(exc, 120)})", f) from exc
+            raise DamagedCheckpointError(path, f"{name}: cannot be read ({one_line(exc, 120)})", f) from exc
         if not f.is_file():
             raise DamagedCheckpointError(path, f"{name}: not a regular file", f)
         if st.st_size != size:
@@ -159,7 +159,7 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
         try:
             actual = hash_file(f)
         except OSError as exc:
-            raise DamagedCheckpointError(path, f"{name}: cannot be read ({shorten(exc, 120)})", f) from exc
+            raise DamagedCheckpointError(path, f"{name}: cannot be read ({one_line(exc, 120)})", f) from exc
         if actual != digest:
             raise DamagedCheckpointError(
                 path,
