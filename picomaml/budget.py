@@ -46,6 +46,7 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
             head_hidden_dims=tuple(config.head.hidden_dims),
             inner_steps=config.inner_loop.steps,
             first_order=config.inner_loop.first_order,
+            adapt_layers=config.meta.adapt_layers,
         )
     return total * data.grad_accum
 

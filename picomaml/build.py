@@ -56,9 +56,12 @@ def head_from_config(cfg: ExperimentConfig) -> MetaHead:
     return MetaHead(in_dim=cfg.model.d_model, n_way=cfg.sampler.n_way, **_fields(cfg.head), seed=cfg.seed)
 
 
-def inner_loop_from_config(cfg: ExperimentConfig, head: nn.Module) -> InnerLoop:
-    """The inner loop, bound to ``head`` (the layout of learned inner LRs, when ``learn_lr`` is set)."""
-    return InnerLoop(**_fields(cfg.inner_loop), head=head)
+def inner_loop_from_config(cfg: ExperimentConfig, head: nn.Module, model: nn.Module | None = None) -> InnerLoop:
+    """The inner loop, bound to ``head`` and, with ``meta.adapt_layers``, to ``model``'s top blocks (the
+    layout of learned inner LRs, when ``learn_lr`` is set)."""
+    loop = InnerLoop(**_fields(cfg.inner_loop))
+    k = cfg.meta.adapt_layers if model is not None else 0
+    return loop.bind(head, model, adapt_layers=k)
 
 
 def learner_from_config(
@@ -66,7 +69,10 @@ def learner_from_config(
 ) -> HybridLearner:
     """Backbone, head and inner loop in one module, with the ``meta`` section's pooling and normalisation."""
     m = cfg.meta
-    return HybridLearner(model, head, loop, pooling=m.pooling, feature_norm=m.feature_norm, nonfinite=m.nonfinite)
+    return HybridLearner(
+        model, head, loop, pooling=m.pooling, feature_norm=m.feature_norm, nonfinite=m.nonfinite,
+        adapt_layers=m.adapt_layers,
+    )  # fmt: skip
 
 
 def sampler_from_config(
@@ -174,7 +180,7 @@ def build_run(
     """
     model = model_from_config(cfg)
     head = head_from_config(cfg)
-    loop = inner_loop_from_config(cfg, head)
+    loop = inner_loop_from_config(cfg, head, model)
     run = RunComponents(
         model=model, head=head, inner_loop=loop, learner=learner_from_config(cfg, model, head, loop),
         sampler=sampler_from_config(cfg, mask_token_id, special_ids, seed=sampler_seed),
@@ -207,7 +213,7 @@ def eval_episode_kwargs(
     """Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` and
     :func:`~picomaml.eval.suite.run_suite` that follow a run's config, so evaluation episodes look like
     training episodes: the episode shape, window length, frequency band, pooling, feature normalisation,
-    seed, excluded ids (the config's plus ``special_ids``) and the held-out class split.
+    adapted blocks, seed, excluded ids (the config's plus ``special_ids``) and the held-out class split.
 
     Args:
         cfg: The experiment config.
@@ -217,7 +223,7 @@ def eval_episode_kwargs(
     s = cfg.sampler
     out = {
         "n_query": s.n_query, "window_len": s.window_len, "pooling": cfg.meta.pooling,
-        "feature_norm": cfg.meta.feature_norm, "seed": cfg.seed, "min_freq": s.min_freq, "max_freq": s.max_freq,
+        "feature_norm": cfg.meta.feature_norm, "adapt_layers": cfg.meta.adapt_layers, "seed": cfg.seed, "min_freq": s.min_freq, "max_freq": s.max_freq,
         "exclude_token_ids": tuple(s.exclude_token_ids) + tuple(special_ids), "sampler_kwargs": eval_class_split(s),
     }  # fmt: skip
     if mask_token_id is not None:

@@ -136,6 +136,11 @@ class ExperimentConfig(Params):
             "sampler.window_len",
             f"{self.sampler.window_len} exceeds data.seq_len {self.data.seq_len} (windows are cut from rows)",
         )
+        check(
+            self.meta.adapt_layers <= self.model.n_layers,
+            "meta.adapt_layers",
+            f"must be in [0, {self.model.n_layers}] (model.n_layers), got {self.meta.adapt_layers}",
+        )
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExperimentConfig:

@@ -15,6 +15,7 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from picomaml.backbone import backbone_hidden
 from picomaml.params import choices
 
 __all__ = [
@@ -28,6 +29,8 @@ __all__ = [
     "EpisodeFeatures",
     "episode_features",
     "check_episode",
+    "EpisodeRows",
+    "episode_rows",
 ]
 
 Pooling = Literal["mask", "before_mask", "last", "mean"]
@@ -37,7 +40,7 @@ FEATURE_NORMS = choices(FeatureNorm)
 
 
 def pool_features(
-    hidden: Tensor, mask: Tensor | None = None, pooling: str = "mask", *, valid: Tensor | None = None
+    hidden: Tensor, mask: Tensor | None = None, pooling: str = "before_mask", *, valid: Tensor | None = None
 ) -> Tensor:
     """One feature vector per window: the one place where every pooling is defined.
 
@@ -104,17 +107,6 @@ def _check_rows(counts: Tensor, what: str, needs: str) -> None:
     if not bool((counts > 0).all()):
         rows = (counts == 0).nonzero().flatten()[:5].tolist()
         raise ValueError(f"{what}: rows {rows} have no {needs}")
-
-
-def backbone_hidden(model: nn.Module, ids: Tensor) -> Tensor:
-    """Final hidden states ``(B, L, D)`` of ``ids`` ``(B, L)``, skipping the vocabulary projection if possible.
-
-    Uses ``model.hidden_states(ids)`` when the model has it (a :class:`~picomaml.PicoDecoder`), else
-    ``model(ids, return_hidden=True)[1]``.
-    """
-    if hasattr(model, "hidden_states"):
-        return model.hidden_states(ids)  # skips the vocabulary projection
-    return model(ids, return_hidden=True)[1]
 
 
 def normalize_task_features(xs: Tensor, xq: Tensor, mode: str = "none") -> tuple[Tensor, Tensor]:
@@ -188,7 +180,7 @@ def check_episode(episode: Any) -> None:
 def episode_features(
     model: nn.Module | None,
     episode: Any,
-    pooling: str = "mask",
+    pooling: str = "before_mask",
     feature_norm: str = "none",
     dtype: torch.dtype | None = None,
     *,
@@ -203,8 +195,8 @@ def episode_features(
     unless the caller disables them (evaluation runs it under ``torch.no_grad()``).
 
     Args:
-        model: The backbone: ``model.hidden_states(ids)`` when present, else
-            ``model(ids, return_hidden=True)[1]`` (see :func:`backbone_hidden`). May be ``None`` when
+        model: The backbone: a PicoDecoder, a ``transformers`` model or a module whose forward takes
+            ``return_hidden=True`` (see :func:`picomaml.backbone.backbone_hidden`). May be ``None`` when
             ``features`` is given.
         episode: An :class:`~picomaml.Episode` or a :class:`~picomaml.eval.leopard.TextEpisode` (or any
             object with their fields): ``support_ids`` ``([T,] N*K, W)`` long, ``support_labels``
@@ -235,6 +227,44 @@ def episode_features(
         raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     if feature_norm not in FEATURE_NORMS:
         raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
+    rows = episode_rows(episode, pooling, _device_of(features, model))
+    ids, mask, valid = rows.ids, rows.mask, rows.valid
+    hidden = backbone_hidden(model, ids, features)  # the one forward
+    if hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
+        raise ValueError(
+            f"{'features' if features is not None else 'model'}: hidden states of shape "
+            f"{tuple(hidden.shape)}, expected (B, L, D) with (B, L) = {tuple(ids.shape)}"
+        )
+    feats = pool_features(hidden, mask, pooling, valid=valid)  # (T*(ns+nq), D)
+    if dtype is None:
+        dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
+    ns = rows.support_labels.shape[1]
+    feats = feats.to(dtype).view(rows.support_labels.shape[0], ns + rows.query_labels.shape[1], -1)
+    xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
+    return EpisodeFeatures(xs, rows.support_labels.to(feats.device), xq, rows.query_labels.to(feats.device))
+
+
+class EpisodeRows(NamedTuple):
+    """An episode's windows as one batch: support then query rows of each task.
+
+    Attributes:
+        ids: ``(T*(N*K + N*Q), W)`` long.
+        mask: The same shape, bool, True at masked class tokens (``None`` unless the pooling reads it).
+        valid: The same shape, bool, True at real tokens (``None`` when every position is real or the pooling
+            does not read it).
+        support_labels: ``(T, N*K)`` long; query_labels: ``(T, N*Q)`` long, on the device of ``ids``.
+    """
+
+    ids: Tensor
+    mask: Tensor | None
+    valid: Tensor | None
+    support_labels: Tensor
+    query_labels: Tensor
+
+
+def episode_rows(episode: Any, pooling: str, device: torch.device | None = None) -> EpisodeRows:
+    """The windows of an episode (one task or ``T``) as one batch of rows on ``device``; see
+    :func:`episode_features` for the fields read and the errors."""
     check_episode(episode)
     s_ids, q_ids = episode.support_ids, episode.query_ids
     if s_ids.dim() not in (2, 3) or q_ids.dim() != s_ids.dim() or q_ids.shape[:-2] != s_ids.shape[:-2]:
@@ -262,22 +292,10 @@ def episode_features(
     padded = getattr(episode, "padded", True)  # an Episode has no padding: skip the all-True mask
     if pooling in ("last", "mean") and padded and getattr(episode, "support_valid", None) is not None:
         valid = rows("valid")
-    device = _device_of(features, model)
     if device is not None and ids.device != device:
         ids = ids.to(device)
         mask = mask.to(device) if mask is not None else None
         valid = valid.to(device) if valid is not None else None
-    hidden = features(ids) if features is not None else backbone_hidden(model, ids)  # the one forward
-    if hidden.dim() != 3 or hidden.shape[:2] != ids.shape:
-        raise ValueError(
-            f"{'features' if features is not None else 'model'}: hidden states of shape "
-            f"{tuple(hidden.shape)}, expected (B, L, D) with (B, L) = {tuple(ids.shape)}"
-        )
-    feats = pool_features(hidden, mask, pooling, valid=valid)  # (T*(ns+nq), D)
-    if dtype is None:
-        dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
-    feats = feats.to(dtype).view(t, ns + nq, -1)
-    xs, xq = normalize_task_features(feats[:, :ns], feats[:, ns:], feature_norm)
-    ys = episode.support_labels.reshape(t, ns).to(feats.device)
-    yq = episode.query_labels.reshape(t, nq).to(feats.device)
-    return EpisodeFeatures(xs, ys, xq, yq)
+    ys = episode.support_labels.reshape(t, ns).to(ids.device)
+    yq = episode.query_labels.reshape(t, nq).to(ids.device)
+    return EpisodeRows(ids, mask, valid, ys, yq)

@@ -3,18 +3,32 @@
 Distributed wrappers (DDP, FSDP) synchronise gradients of the module they wrap and need the step's
 computation to go through that module's ``forward``. Bundling the three trainable parts lets a training
 loop wrap one module and call it for an AR step, a meta step, or a weighted sum of both.
+
+The rules for DDP with any backbone (PicoDecoder, a ``transformers`` model or the user's own module), all
+kept by wrapping the learner, not its parts:
+
+* The head and the learned inner LRs are inside the wrapped module, so DDP broadcasts rank 0's values at
+  wrap time: they start equal on every rank even when each rank built them from another seed, and their
+  gradients are all-reduced with the backbone's.
+* Every backbone call (``hidden_states``, a ``transformers`` base model, the ``features=`` callable, the
+  capture of lower blocks for ``adapt_layers``) happens inside :meth:`HybridLearner.forward`, so nothing
+  has to be registered with ``mark_forward_method``.
+* A ``features=`` callable must be a method of (or a function over) ``model`` itself, not of a copy.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from picomaml.backbone import hidden_size
 from picomaml.meta.episode import Episode
 from picomaml.meta.inner_loop import InnerLoopOutput
-from picomaml.objectives import NONFINITE, POOLINGS, NonFinite, lm_loss, meta_loss
+from picomaml.objectives import FEATURE_NORMS, NONFINITE, POOLINGS, MetaConfig, NonFinite, lm_loss, meta_loss
+from picomaml.top_blocks import TopBlocks, check_adapt_layers
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -38,7 +52,8 @@ class HybridLearner(nn.Module):
     """The trainable parts of hybrid AR + SMLMT meta-training.
 
     Args:
-        model: The backbone (e.g. :class:`picomaml.PicoDecoder`).
+        model: The backbone: a :class:`picomaml.PicoDecoder`, a ``transformers`` causal LM, or any module
+            (with ``features=`` when it gives no hidden states itself; see :mod:`picomaml.backbone`).
         head: The :class:`picomaml.MetaHead` whose initial weights are meta-learned.
         loop: The :class:`picomaml.InnerLoop` (its learned inner LRs, if any, are trained too).
         pooling: How window features are pooled for the head: ``"mask"``, ``"before_mask"``, ``"last"`` or
@@ -47,6 +62,15 @@ class HybridLearner(nn.Module):
         nonfinite: ``"propagate"`` (default): NaN/Inf backbone features give a NaN meta loss that still
             back-propagates (every DDP rank runs its backward; the trainer then skips the step on all
             ranks), ``"raise"``: a ``ValueError`` (see :func:`picomaml.meta_loss`).
+        features: ``ids (B, W) -> hidden (B, W, D)`` for a backbone that gives no hidden states by itself
+            (see :func:`picomaml.meta_loss`).
+        adapt_layers: Top blocks of ``model`` that adapt with the head (``0``: the head only). With learned
+            inner LRs the loop is bound here to the head and these blocks.
+
+    Raises:
+        ValueError: a bad ``pooling``, ``feature_norm``, ``nonfinite`` or ``adapt_layers`` (more than the
+            model's blocks), or a head whose ``in_dim`` is not the backbone's hidden size.
+        TypeError: ``adapt_layers`` with a model whose blocks are not recognised.
     """
 
     def __init__(
@@ -54,21 +78,38 @@ class HybridLearner(nn.Module):
         model: nn.Module,
         head: nn.Module,
         loop: nn.Module,
-        pooling: str = "mask",
-        feature_norm: str = "none",
-        nonfinite: NonFinite = "propagate",
+        pooling: str = MetaConfig.pooling,
+        feature_norm: str = MetaConfig.feature_norm,
+        nonfinite: NonFinite = MetaConfig.nonfinite,
+        *,
+        features: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        adapt_layers: int = MetaConfig.adapt_layers,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
             raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+        if feature_norm not in FEATURE_NORMS:
+            raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
+        check_adapt_layers(adapt_layers)
+        width, in_dim = hidden_size(model), getattr(head, "in_dim", None)
+        if features is None and width is not None and in_dim is not None and width != in_dim:
+            raise ValueError(f"head.in_dim: the head takes {in_dim}-dim features but the backbone's hidden size is {width}")
+        if adapt_layers:
+            if features is not None:
+                raise ValueError("adapt_layers: a features= callable cannot be split into blocks; use adapt_layers=0")
+            TopBlocks(model, adapt_layers)  # the layout and the count, checked before any work
+            if getattr(loop, "learn_lr", None) is not None:
+                loop.bind(head, model, adapt_layers)
         self.model = model
         self.head = head
         self.loop = loop
         self.pooling = pooling
         self.feature_norm = feature_norm
         self.nonfinite = nonfinite
+        self.features = features
+        self.adapt_layers = int(adapt_layers)
 
     def forward(
         self,
@@ -101,6 +142,8 @@ class HybridLearner(nn.Module):
                 pooling=self.pooling,
                 feature_norm=self.feature_norm,
                 nonfinite=self.nonfinite,
+                features=self.features,
+                adapt_layers=self.adapt_layers,
             )
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
         assert total is not None

@@ -4,7 +4,10 @@
 with the rest of :mod:`picomaml.features`), which runs the backbone exactly once over the support and
 query windows of every task together and pools one feature vector per window, and hands the features to
 the :class:`~picomaml.InnerLoop`. The inner loop adapts only the head, so the backbone is never re-run per
-inner step; ``out.loss.backward()`` reaches the backbone through the pooled features.
+inner step; ``out.loss.backward()`` reaches the backbone through the pooled features. With
+``adapt_layers=k`` the top ``k`` blocks adapt too: the lower blocks run once and only the adapted blocks and
+the head re-run per inner step (:mod:`picomaml.meta.block_loop`). Any backbone works as it is: a
+PicoDecoder, a ``transformers`` causal LM, or any module through ``features=`` (:mod:`picomaml.backbone`).
 """
 
 from __future__ import annotations
@@ -18,19 +21,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from picomaml.backbone import backbone_hidden, hidden_size, lm_logits
 from picomaml.features import (
     FEATURE_NORMS,
     POOLINGS,
     EpisodeFeatures,
     FeatureNorm,
     Pooling,
-    backbone_hidden,
     check_episode,
     episode_features,
+    episode_rows,
     normalize_task_features,
     pool_features,
 )
+from picomaml.meta.block_loop import BlockFeatures, BlockTask, block_inner_loop, support_needs_graph
 from picomaml.params import Params, choices, hparam
+from picomaml.top_blocks import TopBlocks, check_adapt_layers
 
 __all__ = [
     "MetaConfig",
@@ -58,9 +64,12 @@ class MetaConfig(Params):
     """How a meta step turns an episode into a loss (YAML section ``meta``): the keyword arguments of
     :func:`meta_loss` and :class:`~picomaml.HybridLearner`, and the tasks per step."""
 
-    pooling: Pooling = hparam("mask", doc="window feature: masked positions, the ones before them, last, mean")
+    pooling: Pooling = hparam(
+        "before_mask", doc="window feature: masked positions, the ones before them (learns in a causal LM), last, mean"
+    )
     feature_norm: FeatureNorm = hparam("none", doc="per-task normalisation by support statistics")
     n_tasks: int = hparam(1, ge=1, doc="tasks (episodes) per meta step, adapted together")
+    adapt_layers: int = hparam(0, ge=0, doc="top backbone blocks (and final norm) adapted with the head; 0: head only")
     nonfinite: NonFinite = hparam(
         "propagate", doc="NaN/Inf features: propagate (a NaN loss: the step is skipped) or raise"
     )
@@ -78,7 +87,9 @@ def lm_loss(
 
     Args:
         model: Maps ``(B, L')`` token ids to ``(B, L', V)`` logits, or to a tuple whose first item they are
-            (``(logits, hidden)``), or to an object with ``.logits`` (a ``transformers`` ``ModelOutput``).
+            (``(logits, hidden)``), or to an object with ``.logits`` (a ``transformers`` ``ModelOutput``; a
+            ``transformers`` model is called with ``use_cache=False``). See
+            :func:`picomaml.backbone.lm_logits`.
         tokens: ``(B, L)`` long, ``L >= 2``.
         pad_id: Targets equal to this id are ignored (``None``: none are).
         ignore_index: Targets equal to this value are ignored too.
@@ -91,9 +102,10 @@ def lm_loss(
         Scalar mean loss over the counted targets (computed in float32 or wider).
 
     Raises:
-        TypeError: ``tokens`` is not an integer tensor.
-        ValueError: ``tokens`` is not ``(B, L)`` with ``B >= 1``, ``L >= 2``, or a counted target lies outside
-            ``[0, V)`` for the ``V`` of the logits (checked before the loss: no IndexError or device assert).
+        TypeError: ``tokens`` is not an integer tensor, or the model's output holds no logits.
+        ValueError: logits that are not ``(B, L', V)`` for the ids, ``tokens`` is not ``(B, L)`` with
+            ``B >= 1``, ``L >= 2``, or a counted target lies outside ``[0, V)`` for the ``V`` of the logits
+            (checked before the loss: no IndexError or device assert).
     """
     if not isinstance(tokens, Tensor):
         raise TypeError(f"tokens: expected a (B, L) torch.LongTensor, got {type(tokens).__name__}")
@@ -108,8 +120,7 @@ def lm_loss(
     # queued before the forward, read after it: one sync, and a clear error instead of torch's IndexError
     # (or a device-side assert on CUDA) for a target outside the vocabulary
     bounds = torch.stack([targets.masked_fill(~counted, 0).amin(), targets.masked_fill(~counted, 0).amax()])
-    out = model(tokens if full_sequence else tokens[:, :-1])
-    logits = out.logits if hasattr(out, "logits") else out[0] if isinstance(out, tuple) else out
+    logits = lm_logits(model, tokens if full_sequence else tokens[:, :-1])
     if full_sequence:
         logits = logits[:, :-1]
     lo, hi = bounds.tolist()
@@ -137,62 +148,125 @@ def meta_loss(
     head: nn.Module,
     loop: nn.Module,
     episode: Any,
-    pooling: str = "mask",
-    feature_norm: str = "none",
-    nonfinite: NonFinite = "propagate",
+    pooling: str = MetaConfig.pooling,
+    feature_norm: str = MetaConfig.feature_norm,
+    nonfinite: NonFinite = MetaConfig.nonfinite,
     *,
     features: Callable[[Tensor], Tensor] | None = None,
+    adapt_layers: int = MetaConfig.adapt_layers,
 ) -> Any:
     """Meta loss of an episode (one task or a stack of ``T``) with a single backbone forward.
 
     Args:
-        model: The backbone; ``model.hidden_states(ids)`` when present, else ``model(ids, return_hidden=True)``.
+        model: The backbone: a :class:`~picomaml.PicoDecoder`, any ``transformers`` causal LM as it is (its
+            base model runs; the vocabulary projection never does), a module whose forward takes
+            ``return_hidden=True``, or any module with ``features=`` (see :mod:`picomaml.backbone`).
         head: The :class:`~picomaml.MetaHead`; the features are cast to the dtype of its parameters.
         loop: The :class:`~picomaml.InnerLoop`.
         episode: An :class:`~picomaml.Episode`: ``support_ids (.., N*K, W)``, ``support_labels``,
             ``support_mask``, ``query_ids (.., N*Q, W)``, ``query_labels``, ``query_mask``, with an
             optional leading task dim ``T`` on every tensor (see :func:`episode_features`).
-        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
+        pooling: ``"before_mask"`` (default: the state that predicts the masked token in a causal LM),
+            ``"mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
         feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` per task, from support statistics
             (see :func:`normalize_task_features`).
         nonfinite: What a NaN/Inf in the features does. ``"propagate"`` (for training loops): a warning;
             the inner loop runs on the features with those values set to zero and the loss is NaN, still
             attached to the graph, so ``loss.backward()`` runs as usual (under DDP every rank reaches the
             gradient all-reduce) and leaves NaN gradients, and a loop that checks the loss or gradient
-            norm skips the step. ``"raise"``: the inner loop's ``ValueError``. Finite features give the
-            same loss and gradients either way.
-        features: ``ids (B, W) -> hidden (B, W, D)`` used instead of the backbone (see :func:`episode_features`).
+            norm skips the step. ``"raise"``: a ``ValueError``. Finite features give the same loss and
+            gradients either way.
+        features: ``ids (B, W) long -> hidden (B, W, D)`` used instead of the backbone (e.g. a method of
+            the user's model that runs it without its output layer).
+        adapt_layers: The top ``k`` transformer blocks and the final norm adapt in the inner loop together
+            with the head (``0``, default: the head only). The blocks below run once; every inner step
+            re-runs only the adapted blocks and the head (see :mod:`picomaml.meta.block_loop`). Needs a
+            decoder whose blocks are recognised (:func:`picomaml.backbone.decoder_layout`), the ``torch`` or
+            ``higher`` backend, and, with learned inner LRs, ``loop.bind(head, model, adapt_layers)``.
 
     Returns:
         The :class:`~picomaml.InnerLoopOutput` of the inner loop (``.loss``, ``.metrics``, ...); for a
         single-task episode the loop sees ``(N*K, D)`` / ``(N*Q, D)`` features without a task dim. Its
         metrics add ``nonfinite_features``: 1.0 when non-finite features were propagated, else 0.0.
+        With ``adapt_layers``, ``.params`` holds the adapted block tensors too, under the model's names.
 
     Raises:
-        TypeError: ``episode`` is not an episode.
+        TypeError: ``episode`` is not an episode; a model that gives no hidden states (the message states
+            the ``features=`` contract); ``adapt_layers`` with a model whose blocks are not recognised.
         ValueError: features (or a ``model.config`` hidden size, checked before the forward) whose width is
-            not ``head.in_dim``, or a bad episode (see :func:`episode_features`).
+            not ``head.in_dim``, ``adapt_layers`` outside ``[0, n_blocks]`` or with ``features=``, or a bad
+            episode (see :func:`episode_features`).
     """
     if nonfinite not in NONFINITE:
         raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
+    check_adapt_layers(adapt_layers)
     check_episode(episode)
-    if features is None:  # PicoDecoder's config says d_model, a transformers model's hidden_size
-        config = getattr(model, "config", None)
-        hidden = getattr(config, "d_model", getattr(config, "hidden_size", None))
-        _check_width(head, hidden, "the backbone's hidden size (model.config)")
+    if features is None:  # checked before the forward: PicoDecoder's d_model, transformers' hidden_size
+        _check_width(head, hidden_size(model), "the backbone's hidden size (model.config)")
     head_param = next(iter(head.parameters()), None)
     dtype = head_param.dtype if head_param is not None else None  # the head keeps its own precision
+    if adapt_layers:
+        if features is not None:
+            raise ValueError(
+                "adapt_layers: a features= callable cannot be split into blocks; pass the decoder as model and "
+                "no features=, or adapt_layers=0"
+            )
+        return _meta_loss_blocks(model, head, loop, episode, pooling, feature_norm, nonfinite, adapt_layers, dtype)
     xs, ys, xq, yq = episode_features(model, episode, pooling, feature_norm, dtype, features=features)
     _check_width(head, xs.shape[-1], "the width of the backbone's features")
     if episode.support_ids.dim() == 2:
         xs, xq, ys, yq = xs[0], xq[0], ys[0], yq[0]
     bad = nonfinite == "propagate" and not bool(torch.isfinite(xs).all() & torch.isfinite(xq).all())
     if bad:  # zeros let the inner loop run; the NaN factor reaches the loss and every gradient through it
-        warnings.warn("meta_loss: the backbone's features hold NaN or Inf; the loss is NaN", RuntimeWarning, 2)
         xs, xq = (torch.where(torch.isfinite(x), x, torch.zeros_like(x)) for x in (xs, xq))
-    out = loop(head, xs, ys, xq, yq)
+    return _flag_nonfinite(loop(head, xs, ys, xq, yq), bad)
+
+
+def _flag_nonfinite(out: Any, bad: bool) -> Any:
     out.metrics["nonfinite_features"] = float(bad)
     if bad:
+        warnings.warn("meta_loss: the backbone's features hold NaN or Inf; the loss is NaN", RuntimeWarning, 3)
         out.loss = out.loss * float("nan")
         out.metrics["query_loss"] = float("nan")
     return out
+
+
+def _meta_loss_blocks(
+    model: Any, head: nn.Module, loop: Any, episode: Any, pooling: str, feature_norm: str, nonfinite: str,
+    adapt_layers: int, dtype: Any,
+) -> Any:  # fmt: skip
+    """:func:`meta_loss` with the top ``adapt_layers`` blocks adapting (see :mod:`picomaml.meta.block_loop`)."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
+    if model is None:
+        raise ValueError("model: adapt_layers needs the decoder whose blocks adapt, got None")
+    top = TopBlocks(model, adapt_layers)
+    param = next(iter(model.parameters()), None)
+    rows = episode_rows(episode, pooling, param.device if param is not None else None)
+    t, ns = rows.support_labels.shape
+    nq = rows.query_labels.shape[1]
+    top.verify(rows.ids)
+    tasks, bad = [], False
+    support_grad = torch.is_grad_enabled() and support_needs_graph(loop, head, feature_norm)
+    for i in range(t):
+        chunks = []
+        for lo, hi in ((i * (ns + nq), i * (ns + nq) + ns), (i * (ns + nq) + ns, (i + 1) * (ns + nq))):
+            with torch.set_grad_enabled(support_grad or lo >= i * (ns + nq) + ns):
+                inp = top.capture(rows.ids[lo:hi])  # every row passes the lower blocks once
+            _check_width(head, inp.hidden.shape[-1], "the width of the backbone's hidden states")
+            if not bool(torch.isfinite(inp.hidden).all()):
+                if nonfinite == "raise":
+                    raise ValueError("meta_loss: the backbone's hidden states hold NaN or Inf (nonfinite='raise')")
+                bad = True
+                inp = inp._replace(hidden=torch.nan_to_num(inp.hidden, nan=0.0, posinf=0.0, neginf=0.0))
+            pool = tuple(None if x is None else x[lo:hi] for x in (rows.mask, rows.valid))
+            chunks.append((inp, pool))
+        tasks.append(BlockTask(chunks[0][0], chunks[1][0], chunks[0][1], chunks[1][1]))
+    feats = BlockFeatures(top, tasks, pooling, feature_norm, dtype if dtype is not None else torch.float32)
+    out = block_inner_loop(loop, head, feats, rows.support_labels, rows.query_labels)
+    if episode.support_ids.dim() == 2:
+        out.params = {k: v[0] for k, v in out.params.items()}
+        out.query_logits = out.query_logits[0]
+    return _flag_nonfinite(out, bad)

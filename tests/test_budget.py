@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,9 @@ def test_experiment_step_flops():
     assert experiment_step_flops(cfg, ("ar", "meta")) == ar + meta
     with pytest.raises(ValueError, match="objectives"):
         experiment_step_flops(cfg, {"lm"})
+    adapted = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, adapt_layers=1))
+    expected = 2 * meta_step_flops(cfg.model, 3, 2, 2, 16, 2, (), 3, False, adapt_layers=1)
+    assert experiment_step_flops(adapted, ["meta"]) == expected > meta  # equal-FLOP arms count the blocks
 
 
 TINY_CPU = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny-cpu.yaml"

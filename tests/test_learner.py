@@ -108,7 +108,7 @@ def test_weighted_loss_and_gradients_equal_the_direct_sum(w_ar, w_meta):
     model, head, loop = parts()
     ep, x = episode(), rows()
     out = HybridLearner(model, head, loop)(rows=x, episode=ep, w_ar=w_ar, w_meta=w_meta)
-    ar, meta = lm_loss(model, x), meta_loss(model, head, loop, ep, pooling="mask", feature_norm="none").loss
+    ar, meta = lm_loss(model, x), meta_loss(model, head, loop, ep).loss
     direct = w_ar * ar + w_meta * meta
     torch.testing.assert_close(out.loss, direct)
     torch.testing.assert_close(out.lm_loss, ar.detach())
@@ -246,3 +246,46 @@ def test_under_ddp_an_inf_feature_step_backpropagates_and_the_next_step_is_norma
         ddp = None
         gc.collect()
         dist.destroy_process_group()
+
+
+def _ddp_rank(rank: int, world: int, store: str, out_dir: str) -> None:
+    """One process of the 2-rank test: a transformers backbone, a head seeded by rank, hybrid steps."""
+    import torch.distributed as dist
+    from backbones import N, V, W, hf_model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        model = hf_model("llama")  # same config; seeded equal, but DDP would broadcast it anyway
+        head = pm.MetaHead(model.config.hidden_size, N, init="xavier", seed=100 + rank)  # differs per rank
+        loop = pm.InnerLoop(steps=2, lr=0.3, learn_lr="per_tensor", head=head)
+        ddp = DDP(HybridLearner(model, head, loop), find_unused_parameters=True)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=1e-2)
+        data = torch.randint(3, V, (64, 128), generator=torch.Generator().manual_seed(rank))  # rank's own data
+        sampler = pm.SMLMTSampler(n_way=N, k_shot=2, n_query=2, mask_token_id=2, window_len=W, seed=rank)
+        for step in range(3):
+            weights = [(1.0, 0.0), (0.0, 1.0), (0.5, 0.5)][step]
+            out = ddp(rows=data[:4, :17], episode=sampler.sample(data), w_ar=weights[0], w_meta=weights[1])
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.save({k: v.detach().clone() for k, v in ddp.module.state_dict().items() if torch.is_tensor(v)},
+                   f"{out_dir}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+def test_two_gloo_ranks_with_a_transformers_backbone_keep_every_parameter_equal(tmp_path):
+    """The documented way (HybridLearner inside DDP): heads built from other seeds start equal (DDP's
+    broadcast) and stay equal, and so do the backbone and the learned inner LRs."""
+    pytest.importorskip("transformers")
+    import torch.multiprocessing as mp
+
+    mp.spawn(_ddp_rank, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
+    a, b = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert a.keys() == b.keys() and any(k.startswith("head.") for k in a) and "loop.lrs" in a
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    fresh = pm.MetaHead(16, 3, init="xavier", seed=100)
+    assert not torch.equal(a["head.out.weight"], fresh.out.weight)  # the head did train

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from picomaml.eval.probe import linear_probe_accuracy
 from picomaml.eval.stats import mean_ci
 from picomaml.meta.functional import accuracy
-from picomaml.objectives import episode_features
+from picomaml.objectives import episode_features, meta_loss
 from picomaml.params import check_int
 
 __all__ = [
@@ -181,7 +181,7 @@ def fewshot_eval(
     episodes: int = 100,
     head: nn.Module | Callable[[int], nn.Module] | None = None,
     inner_loop: nn.Module | None = None,
-    pooling: str = "mask",
+    pooling: str = "before_mask",
     feature_norm: str = "none",
     seed: int = 0,
     min_freq: float | None = None,
@@ -190,6 +190,7 @@ def fewshot_eval(
     confidence: float = 0.95,
     sampler_kwargs: dict[str, Any] | None = None,
     episodes_per_batch: int = 16,
+    adapt_layers: int = 0,
 ) -> FewShotResult:
     """Evaluate few-shot episode accuracy on held-out token rows.
 
@@ -221,6 +222,9 @@ def fewshot_eval(
         sampler_kwargs: Further :class:`picomaml.SMLMTSampler` keyword arguments.
         episodes_per_batch: Episodes that share one backbone forward and one vectorised inner loop
             (memory vs speed; the results do not depend on it).
+        adapt_layers: The top blocks that adapt with the head for the accuracy after adaptation, as in
+            training (``meta.adapt_layers``; see :func:`picomaml.meta_loss`). The nearest-class-mean and
+            probe accuracies always use the frozen backbone's features.
 
     Returns:
         A :class:`FewShotResult`.
@@ -260,7 +264,7 @@ def fewshot_eval(
             t = min(episodes_per_batch, episodes - done)
             ep = sampler.sample(index, n_tasks=t)  # the same episodes as t single draws, in order
             done += t
-            b, a, p = score_episode_batch(model, ep, pooling, n_way, head, inner_loop, feature_norm)
+            b, a, p = score_episode_batch(model, ep, pooling, n_way, head, inner_loop, feature_norm, adapt_layers)
             before += b
             after += a
             probe += p
@@ -291,6 +295,7 @@ def score_episode_batch(
     head: nn.Module | None = None,
     inner_loop: nn.Module | None = None,
     feature_norm: str = "none",
+    adapt_layers: int = 0,
 ) -> tuple[list[float], list[float], list[float]]:
     """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
 
@@ -308,6 +313,7 @@ def score_episode_batch(
         head: Head adapted by the inner loop, or ``None`` for nearest-class-mean accuracy only.
         inner_loop: The inner loop (needed with ``head``).
         feature_norm: Per-task feature normalisation (see :func:`picomaml.objectives.normalize_task_features`).
+        adapt_layers: Top blocks adapted with the head for ``after`` (see :func:`fewshot_eval`).
 
     Returns:
         ``(before, after, probe)``: one accuracy per task each (see :func:`score_tasks`).
@@ -317,7 +323,14 @@ def score_episode_batch(
         xs, ys, xq, yq = episode_features(
             model, episode, pooling, feature_norm, dtype=param.dtype if param is not None else None
         )
-    return score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
+    if head is None or not adapt_layers:
+        return score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
+    before, _, probe = score_tasks(xs, ys, xq, yq, n_way)
+    with torch.no_grad():  # the inner loop enables gradients for its steps itself
+        out = meta_loss(model, head, inner_loop, episode, pooling, feature_norm, "propagate", adapt_layers=adapt_layers)
+    after = accuracy(out.query_logits.reshape(*yq.shape, -1), yq, per_task=True)
+    finite = torch.isfinite(out.query_logits.reshape(yq.shape[0], -1)).all(1)
+    return before, after.masked_fill(~finite, float("nan")).tolist(), probe
 
 
 def score_tasks(

@@ -37,6 +37,24 @@ a few percent at most). Formulas, with ``d = d_model``, ``kv = n_kv_heads * head
   closed-form path of linear heads and the prototype-init class means are not modelled. The head is
   usually well under 1 % of a meta step.
 
+* **Adapted blocks** (``adapt_layers = k``): the lower ``n_layers - k`` blocks run forward once over the
+  ``M`` windows, per task and part; their backward runs over the query windows, and over the support
+  windows only second order with ``steps >= 1`` (first order, nothing of the loss depends on the support
+  rows below the adapted blocks). With ``f_s`` / ``f_q`` the forward matmul FLOPs of the ``k`` adapted
+  blocks over a task's ``N K`` support / ``N Q`` query rows (``2 r W k P + 4 k W^2 d r`` for ``r`` rows),
+  an inner step is a forward and a backward (``3 f_s``: every input gradient is needed, the blocks' norm
+  gains adapt too), three times that second order, and per task::
+
+      first order:   f_s + steps * 3 f_s + 3 f_q + (f_q + f_s)
+      second order:  steps * 9 f_s + 3 f_q + (f_q + f_s)        (+ f_s when steps = 0)
+
+  (the initial support forward is the first step's forward second order, an extra one first order; the
+  final query forward and backward is ``3 f_q``; ``f_q + f_s`` are the metric forwards of the query rows
+  before and of the support rows after adaptation). The head's inner step is then ``3 c`` (its input
+  gradient is needed: the features depend on the adapted blocks). Not modelled: the support rows'
+  backward that prototype init or ``feature_norm`` add first order, and ``feature_norm``'s backward over
+  the support rows after adaptation.
+
 ``tests/eval/test_flops.py`` checks these formulas against ``torch.utils.flop_counter.FlopCounterMode``
 for a real forward and backward of a tiny :class:`picomaml.PicoDecoder` (exact for the backbone).
 """
@@ -54,6 +72,7 @@ __all__ = [
     "backbone_flops",
     "head_matmul_params",
     "inner_loop_flops",
+    "adapted_blocks_flops",
     "meta_step_flops",
 ]
 
@@ -120,11 +139,13 @@ def inner_loop_flops(
     head_hidden_dims: Sequence[int] = (),
     inner_steps: int = 5,
     first_order: bool = False,
+    input_grads: bool = False,
 ) -> int:
     """FLOPs of the head's inner loop and query loss (forward + outer backward) for one task.
 
     ``steps * s + 3q`` first order, ``steps * 3s + 3q`` second order, with ``s = 3c - c_1``,
-    ``c = 2 P_h N K``, ``c_1 = 2 D h_1 N K`` and ``q = 2 P_h N Q`` (see the module docstring).
+    ``c = 2 P_h N K``, ``c_1 = 2 D h_1 N K`` and ``q = 2 P_h N Q`` (see the module docstring);
+    ``input_grads`` (adapted blocks below the head): ``s = 3c``.
     """
     check_int("k_shot", k_shot, ge=1)
     check_int("n_query", n_query, ge=1)
@@ -132,8 +153,43 @@ def inner_loop_flops(
     p_h = head_matmul_params(in_dim, n_way, head_hidden_dims)
     p_1 = in_dim * (head_hidden_dims[0] if len(head_hidden_dims) else n_way)
     c, c_1, q = 2 * p_h * n_way * k_shot, 2 * p_1 * n_way * k_shot, 2 * p_h * n_way * n_query
-    step = 3 * c - c_1
+    step = 3 * c - (0 if input_grads else c_1)
     return inner_steps * (step if first_order else 3 * step) + 3 * q
+
+
+def adapted_blocks_flops(
+    model_config: Any,
+    adapt_layers: int,
+    n_way: int,
+    k_shot: int,
+    n_query: int,
+    window_len: int,
+    inner_steps: int = 5,
+    first_order: bool = False,
+) -> int:
+    """FLOPs of the ``adapt_layers`` top blocks in one task's inner loop, query loss and metrics.
+
+    ``(3 steps + 2) f_s + 4 f_q`` first order, ``(9 steps + 1) f_s + 4 f_q`` second order (see the module
+    docstring). Zero for ``adapt_layers=0``.
+    """
+    d, kv, f, _, n_layers = _model_dims(model_config)
+    k = check_int("adapt_layers", adapt_layers, ge=0, le=n_layers)
+    check_int("inner_steps", inner_steps, ge=0)
+    if k == 0:
+        return 0
+    w = check_int("window_len", window_len, ge=1)
+    per_block = 2 * d * d + 2 * d * kv + 3 * d * f
+
+    def forward(rows: int) -> int:
+        return 2 * rows * w * k * per_block + 4 * k * w * w * d * rows
+
+    ns, nq = n_way * check_int("k_shot", k_shot, ge=1), n_way * check_int("n_query", n_query, ge=1)
+    f_s, f_q = forward(ns), forward(nq)
+    if first_order:
+        inner = f_s + inner_steps * 3 * f_s
+    else:
+        inner = inner_steps * 9 * f_s + (f_s if inner_steps == 0 else 0)
+    return inner + 3 * f_q + f_q + f_s
 
 
 def meta_step_flops(
@@ -146,6 +202,7 @@ def meta_step_flops(
     head_hidden_dims: Sequence[int] = (),
     inner_steps: int = 5,
     first_order: bool = False,
+    adapt_layers: int = 0,
 ) -> int:
     """FLOPs of one meta step: the backbone over ``T N (K + Q)`` windows (no LM head) plus ``T`` inner loops.
 
@@ -159,14 +216,35 @@ def meta_step_flops(
         head_hidden_dims: Hidden sizes of the :class:`picomaml.MetaHead` (``()`` is linear).
         inner_steps: Inner SGD steps.
         first_order: FOMAML (``s`` per inner step) instead of second order (``3 s``).
+        adapt_layers: Top blocks adapted with the head (see :func:`adapted_blocks_flops`).
 
     Returns:
         FLOPs as an integer.
     """
     check_int("n_way", n_way, ge=2)
     check_int("n_tasks", n_tasks, ge=1)
-    d = _model_dims(model_config)[0]
+    d, _, _, _, n_layers = _model_dims(model_config)
+    k = check_int("adapt_layers", adapt_layers, ge=0, le=n_layers)
     windows = n_tasks * n_way * (check_int("k_shot", k_shot, ge=1) + check_int("n_query", n_query, ge=1))
-    body = backbone_flops(model_config, windows, check_int("window_len", window_len, ge=1), lm_head=False)
-    head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order)
-    return body + n_tasks * head
+    w = check_int("window_len", window_len, ge=1)
+    if k == 0:
+        body = backbone_flops(model_config, windows, w, lm_head=False)
+    elif k == n_layers:
+        body = 0
+    else:  # forward over every window; backward over the support windows only when a gradient needs them
+        lower = _with_layers(model_config, n_layers - k)
+        support, query = n_tasks * n_way * k_shot, n_tasks * n_way * n_query
+        body = backbone_flops(lower, query, w, lm_head=False) + backbone_flops(lower, support, w, lm_head=False) // (
+            1 if not first_order and inner_steps > 0 else 3
+        )
+    head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order, input_grads=k > 0)
+    blocks = adapted_blocks_flops(model_config, k, n_way, k_shot, n_query, w, inner_steps, first_order)
+    return body + n_tasks * (head + blocks)
+
+
+def _with_layers(model_config: Any, n_layers: int) -> dict[str, int]:
+    """The dims of ``model_config`` with another number of blocks (a dict :func:`_model_dims` reads)."""
+    d, kv, f, v, _ = _model_dims(model_config)
+    get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k)
+    return {"d_model": d, "n_heads": int(get("n_heads")), "n_kv_heads": int(get("n_kv_heads")), "ffn_dim": f,
+            "vocab_size": v, "n_layers": n_layers}  # fmt: skip

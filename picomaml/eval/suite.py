@@ -73,7 +73,7 @@ def run_suite(
     *,
     n_query: int = 4,
     window_len: int = 32,
-    pooling: str = "mask",
+    pooling: str = "before_mask",
     feature_norm: str = "none",
     seed: int = 0,
     min_freq: float | None = None,
@@ -87,6 +87,7 @@ def run_suite(
     confidence: float = 0.95,
     episodes_per_batch: int = 16,
     sampler_kwargs: dict[str, Any] | None = None,
+    adapt_layers: int = 0,
 ) -> dict[str, Any]:
     """Run held-out SMLMT episodes and the downstream task at every setting.
 
@@ -119,6 +120,8 @@ def run_suite(
         sampler_kwargs: Further :class:`picomaml.SMLMTSampler` arguments of the SMLMT episodes, e.g.
             ``holdout_fraction``/``holdout_seed``/``class_split="heldout"`` so that evaluation classes are
             never training classes (a checkpoint's :attr:`picomaml.eval.loading.EvalBundle.suite_kwargs` sets them from its run).
+        adapt_layers: Top blocks adapted with the head on SMLMT episodes, as in training (``meta.adapt_layers``);
+            the downstream task adapts the head only.
 
     Returns:
         ``{"episodes", "seed", "confidence", "settings", "smlmt": [row, ...], "downstream": [row, ...],
@@ -159,7 +162,7 @@ def run_suite(
                 head=h, inner_loop=inner_loop if h is not None else None, pooling=pooling,
                 feature_norm=feature_norm, seed=seed, min_freq=min_freq, max_freq=max_freq,
                 exclude_token_ids=exclude_token_ids, confidence=confidence,
-                episodes_per_batch=episodes_per_batch, sampler_kwargs=sampler_kwargs,
+                episodes_per_batch=episodes_per_batch, sampler_kwargs=sampler_kwargs, adapt_layers=adapt_layers,
             )  # fmt: skip
             out["smlmt"].append(_result_dict("smlmt", res))
         except (SamplingError, ValueError) as exc:

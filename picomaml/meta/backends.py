@@ -25,15 +25,25 @@ import types
 import weakref
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from picomaml._optional import MissingDependencyError, require
+from picomaml.features import normalize_task_features, pool_features
 from picomaml.meta.functional import LrFn, clip_grads, global_grad_norm, task_cross_entropy
 from picomaml.meta.head import ACTIVATIONS
+from picomaml.top_blocks import math_attention
 
-__all__ = ["L2L_INSTALL", "load_learn2learn_maml", "head_shell", "higher_sgd_steps", "learn2learn_sgd_steps"]
+__all__ = [
+    "L2L_INSTALL",
+    "load_learn2learn_maml",
+    "head_shell",
+    "higher_sgd_steps",
+    "higher_block_steps",
+    "learn2learn_sgd_steps",
+]
 
 L2L_INSTALL = (
     "pip install cython && pip install --no-deps --no-build-isolation "
@@ -151,18 +161,7 @@ def higher_sgd_steps(
         theta0 = [params[k][t] for k in names]
         step_norms: list[Tensor] = []
 
-        def callback(grads: tuple[Tensor, ...], step_norms: list[Tensor] = step_norms) -> list[Tensor]:
-            grads = [g if create_graph else g.detach() for g in grads]
-            batched = [g.unsqueeze(0) for g in grads]
-            if grad_clip is not None:
-                norm = global_grad_norm(batched)
-                batched = clip_grads(batched, norm, grad_clip)
-            else:
-                with torch.no_grad():
-                    norm = global_grad_norm(batched)
-            step_norms.append(norm.detach())
-            return [g[0] for g in batched]
-
+        callback = _grad_callback(create_graph, grad_clip, step_norms)
         # one group per tensor; the lr of each group is set by `override` at every step
         opt = torch.optim.SGD([{"params": [p]} for p in shell.parameters()], lr=1.0)
         with higher.innerloop_ctx(
@@ -188,6 +187,111 @@ def higher_sgd_steps(
         if steps:
             norms[:, t] = torch.stack(step_norms)[:, 0]
     return _stack_history(per_task, names), norms
+
+
+def _grad_callback(create_graph: bool, grad_clip: float | None, step_norms: list[Tensor]) -> Any:
+    """higher's ``grad_callback``: first-order detach, clipping as the torch backend, norms recorded."""
+
+    def callback(grads: tuple[Tensor, ...]) -> list[Tensor]:
+        grads = [g if create_graph else g.detach() for g in grads]
+        batched = [g.unsqueeze(0) for g in grads]
+        if grad_clip is not None:
+            norm = global_grad_norm(batched)
+            batched = clip_grads(batched, norm, grad_clip)
+        else:
+            with torch.no_grad():
+                norm = global_grad_norm(batched)
+        step_norms.append(norm.detach())
+        return [g[0] for g in batched]
+
+    return callback
+
+
+class _BlocksAndHead(nn.Module):
+    """The adapted blocks, final norm, pooling and a head shell as one module, for higher's functional copy.
+
+    higher refreshes a patched module's tensors when *its* forward runs, and PicoDecoder's attention reads
+    its children's weights directly (one fused q/k/v matmul), so the block tensors are registered on this
+    root module itself (``p0, p1, ...``, always current) and the blocks run through ``functional_call``;
+    the head shell runs as higher's patched submodule. Parameter order: the block tensors in
+    :attr:`TopBlocks.names` order, then the head shell's.
+    """
+
+    def __init__(self, shell: nn.Sequential, top: Any) -> None:
+        super().__init__()
+        for i, tensor in enumerate(top.params().values()):
+            self.register_parameter(f"p{i}", nn.Parameter(tensor.detach().clone()))
+        self.shell = shell
+        self.__dict__["_top"] = top  # not a submodule: the user's blocks stay out of higher's copy
+
+    def forward(self, inp: Any, pool: tuple, pooling: str, feature_norm: str, dtype: torch.dtype) -> Tensor:
+        top = self.__dict__["_top"]
+        params = {name: getattr(self, f"p{i}") for i, name in enumerate(top.names)}
+        x = top.run(params, inp)
+        f = pool_features(x, pool[0], pooling, valid=pool[1]).to(dtype).unsqueeze(0)
+        return self.shell(normalize_task_features(f, f[:, :0], feature_norm)[0])
+
+
+def higher_block_steps(
+    head: nn.Module,
+    feats: Any,
+    state: dict[str, Tensor],
+    xs0: Tensor,
+    labels: Tensor,
+    steps: int,
+    lr_fn: LrFn,
+    *,
+    create_graph: bool,
+    grad_clip: float | None,
+    learned_lr: bool,
+    keep_history: bool,
+) -> tuple[list[dict[str, Tensor]], Tensor]:
+    """:func:`higher_sgd_steps` with the top blocks adapting too (``adapt_layers``), one task at a time.
+
+    Args:
+        feats: The tasks' captured rows (:class:`picomaml.meta.block_loop.BlockFeatures`).
+        state: Initial tensors ``name -> (T, ...)``: the head's adapted tensors, then the blocks'.
+        xs0: ``(T, N*K, D)`` initial support features (for the shapes of the norms only).
+    """
+    higher = require("higher", "higher", "the 'higher' inner-loop backend")
+    loop_order = list(state)  # the learned LRs' order: head tensors, then blocks
+    names = [*feats.top.names, *head.adapted_names]  # the module's parameter order
+    lr_index = [loop_order.index(k) for k in names]
+    net = _BlocksAndHead(head_shell(head, xs0.device, xs0.dtype), feats.top)
+    native_fo = not create_graph and not learned_lr
+    per_task: list[list[list[Tensor]]] = []
+    norms = torch.zeros(steps, xs0.shape[0], dtype=torch.float32, device=xs0.device)
+    for t, task in enumerate(feats.tasks):
+        theta0 = [state[k][t] for k in names]
+        step_norms: list[Tensor] = []
+        callback = _grad_callback(create_graph, grad_clip, step_norms)
+        opt = torch.optim.SGD([{"params": [p]} for p in net.parameters()], lr=1.0)
+        inp = task.support._replace(hidden=task.support.hidden.detach()) if native_fo else task.support
+        args = (inp, task.support_pool, feats.pooling, feats.feature_norm, feats.dtype)
+        with (
+            math_attention(create_graph),
+            higher.innerloop_ctx(net, opt, copy_initial_weights=True, track_higher_grads=not native_fo) as (
+                fnet,
+                diffopt,
+            ),
+        ):
+            cur = _fo_leaves(theta0) if native_fo else theta0
+            hist = [theta0]
+            for s in range(steps):
+                loss = task_cross_entropy(fnet(*args, params=cur), labels[t].unsqueeze(0)).sum()
+                override = {"lr": [lr_fn(s, i) for i in lr_index]}
+                cur = diffopt.step(loss, params=cur, override=override, grad_callback=callback)
+                if keep_history or s == steps - 1:
+                    hist.append(
+                        [p0 + (p - p0).detach() for p0, p in zip(theta0, cur, strict=True)]
+                        if native_fo
+                        else list(cur)
+                    )
+        per_task.append(hist)
+        if steps:
+            norms[:, t] = torch.stack(step_norms)[:, 0]
+    history = _stack_history(per_task, names)
+    return [{k: h[k] for k in loop_order} for h in history], norms
 
 
 def learn2learn_sgd_steps(

@@ -66,7 +66,8 @@ def global_grad_norm(grads: Sequence[Tensor]) -> Tensor:
     """Per-task L2 norm over all tensors: ``[(T, ...)] -> (T,)``."""
     low = (torch.float16, torch.bfloat16)
     sq = [(g.float() if g.dtype in low else g).reshape(g.shape[0], -1).pow(2).sum(1) for g in grads]
-    return torch.stack(sq, 0).sum(0).sqrt()
+    # the floor keeps the derivative finite at a zero gradient (sqrt'(0) is inf: NaN meta-gradients when clipping)
+    return torch.stack(sq, 0).sum(0).clamp_min(1e-30).sqrt()
 
 
 def clip_grads(grads: Sequence[Tensor], norm: Tensor, max_norm: float) -> list[Tensor]:

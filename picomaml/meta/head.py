@@ -45,7 +45,7 @@ class HeadConfig(Params):
     activation: Activation = hparam("relu", doc="non-linearity after each hidden layer")
     dropout: float = hparam(0.0, ge=0.0, lt=1.0, doc="dropout on hidden activations (torch backend)")
     init: HeadInit = hparam(
-        "xavier", doc="initial weights; prototype builds the output layer from support class means"
+        "zeros", doc="initial weights (zeros learns from scratch); prototype builds the output layer from class means"
     )
 
 
@@ -78,8 +78,9 @@ class MetaHead(nn.Module):
         dropout: Probability of zeroing a hidden activation while the head is in training mode. Masks are
             drawn from the head's own seeded ``torch.Generator`` (never the global RNG); it has no effect on a
             linear head. Only the ``torch`` inner-loop backend supports it.
-        init: ``"xavier"`` (uniform), ``"kaiming"`` (uniform, fan-in), ``"normal"`` (std 0.02), ``"zeros"``
-            (weights and biases zero) or ``"prototype"`` (hidden layers xavier, output layer from support
+        init: ``"zeros"`` (default: a zero output layer, so every class starts equal, as task labels are
+            permuted per episode and no init can know them; hidden layers, if any, xavier), ``"xavier"``
+            (uniform), ``"kaiming"`` (uniform, fan-in), ``"normal"`` (std 0.02) or ``"prototype"`` (hidden layers xavier, output layer from support
             class means per episode; the module then stores no output layer). Biases start at zero.
         seed: Seed of the generator used for weight init and dropout masks.
 
@@ -119,9 +120,10 @@ class MetaHead(nn.Module):
 
     def reset_parameters(self) -> None:
         """(Re)initialise all stored weights from the head's generator; biases start at zero."""
-        kind = "xavier" if self.init == "prototype" else self.init
         with torch.no_grad():
             for lin in [*self.hidden, *([self.out] if self.out is not None else [])]:
+                # zeros and prototype heads have xavier hidden layers: all-zero hidden layers never move
+                kind = "xavier" if self.init == "prototype" or (self.init == "zeros" and lin is not self.out) else self.init
                 w = lin.weight
                 fan_out, fan_in = w.shape
                 if kind == "xavier":

@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from picomaml._optional import require
 from picomaml.meta import backends as _backends
 from picomaml.meta.functional import accuracy, sgd_steps, task_cross_entropy
-from picomaml.params import ConfigError, Params, choices, hparam
+from picomaml.params import ConfigError, Params, choices, hparam, short_repr
+from picomaml.top_blocks import TopBlocks
 
 __all__ = ["InnerLoop", "InnerLoopConfig", "InnerLoopOutput", "Backend", "LearnLR", "BACKENDS", "LEARN_LR"]
 
@@ -137,31 +138,51 @@ class InnerLoop(nn.Module):
 
     # -- learned learning rates ------------------------------------------------------------------------
 
-    def bind(self, head: nn.Module) -> InnerLoop:
-        """Record the head's tensor names and create the learned LRs (if any). Idempotent for one layout."""
+    def bind(self, head: nn.Module, model: nn.Module | None = None, adapt_layers: int = 0) -> InnerLoop:
+        """Record the adapted tensors' names and create the learned LRs (if any). Idempotent for one layout.
+
+        Args:
+            head: The head whose tensors adapt.
+            model: With ``adapt_layers > 0``: the backbone whose top blocks adapt too (their tensors get
+                learned LRs of their own, after the head's).
+            adapt_layers: Number of top blocks of ``model`` that adapt (see :func:`picomaml.meta_loss`).
+        """
         names = tuple(_adapted_names(head))
-        if self.param_names is not None and self.param_names != names:
-            raise ValueError(
-                f"InnerLoop is bound to a head with tensors {self.param_names}, got one with {names}"
-            )
+        if adapt_layers:
+            if model is None:
+                raise ValueError("model: bind(head, model, adapt_layers) needs the backbone when adapt_layers > 0")
+            names += TopBlocks(model, adapt_layers).names
+        if self.learn_lr is None:  # nothing is laid out by the names: a rebind is harmless
+            self.param_names = names
+            return self
+        self._check_names(names)
         if self.param_names is None:
             self.param_names = names
-            if self.learn_lr is not None:
-                shape = (len(names),) if self.learn_lr == "per_tensor" else (self.steps, len(names))
-                p0 = next(iter(head.parameters()), None)
-                device = p0.device if p0 is not None else None
-                self.lrs = nn.Parameter(torch.full(shape, self.lr, dtype=torch.float32, device=device))
+            shape = (len(names),) if self.learn_lr == "per_tensor" else (self.steps, len(names))
+            p0 = next(iter(head.parameters()), None)
+            device = p0.device if p0 is not None else None
+            self.lrs = nn.Parameter(torch.full(shape, self.lr, dtype=torch.float32, device=device))
         return self
 
-    def _lr_fn(self, head: nn.Module):
+    def _check_names(self, names: tuple[str, ...]) -> None:
+        if self.param_names is not None and self.param_names != names:
+            n_bound, n_new = len(self.param_names), len(names)
+            raise ValueError(
+                f"InnerLoop is bound to {n_bound} adapted tensors ({short_repr(self.param_names)}), this call adapts "
+                f"{n_new} ({short_repr(names)}); with learned LRs and adapt_layers=k, bind the loop once with "
+                "loop.bind(head, model, adapt_layers=k) (HybridLearner does) before building the optimizer"
+            )
+
+    def _lr_fn(self, head: nn.Module, extra_names: tuple[str, ...] = ()):
         if self.learn_lr is None:
             return lambda s, i: self.lr
         if self.lrs is None:
             raise RuntimeError(
                 f"learn_lr={self.learn_lr!r} needs the head's layout: construct InnerLoop(..., head=head) or "
-                "call loop.bind(head) before building the outer optimizer"
+                "call loop.bind(head) (loop.bind(head, model, adapt_layers=k) with adapted blocks) before building "
+                "the outer optimizer"
             )
-        self.bind(head)  # checks the layout matches
+        self._check_names(tuple(_adapted_names(head)) + tuple(extra_names))
         lrs = self.lrs
         if self.learn_lr == "per_tensor":
             return lambda s, i: lrs[i]
@@ -274,11 +295,27 @@ class InnerLoop(nn.Module):
         )
 
     def _metrics(self, head, init, final, xs, ys, xq, yq, q_logits, loss, norms, lr_fn) -> dict[str, float]:
-        names, values = [], []
         with torch.no_grad():
             s_before = head.functional(init, xs)
             s_after = head.functional(final, xs) if self.steps else s_before
             q_before = head.functional(init, xq) if self.steps else q_logits
+        return self.metrics_from_logits(s_before, s_after, q_before, q_logits, ys, yq, loss, norms)
+
+    def metrics_from_logits(
+        self,
+        s_before: Tensor,
+        s_after: Tensor,
+        q_before: Tensor,
+        q_logits: Tensor,
+        ys: Tensor,
+        yq: Tensor,
+        loss: Tensor,
+        norms: Tensor,
+    ) -> dict[str, float]:
+        """The metrics of :class:`InnerLoopOutput` from the logits ``(T, n, N)`` before and after adaptation,
+        the labels ``(T, n)``, the loss and the inner gradient norms ``(steps, T)`` (one device sync)."""
+        names, values = [], []
+        with torch.no_grad():
             pairs = {
                 "support_loss_before": task_cross_entropy(s_before, ys).mean(),
                 "support_loss_after": task_cross_entropy(s_after, ys).mean(),
@@ -287,7 +324,7 @@ class InnerLoop(nn.Module):
                 "query_loss": loss.detach(),
                 "query_acc_before": accuracy(q_before, yq),
                 "query_acc": accuracy(q_logits, yq),
-                "inner_grad_norm": norms.mean() if self.steps else torch.zeros((), device=xs.device),
+                "inner_grad_norm": norms.mean() if self.steps else torch.zeros((), device=ys.device),
             }
             pairs.update({f"inner_grad_norm_{s}": norms[s].mean() for s in range(self.steps)})
             if self.lrs is not None:

@@ -184,14 +184,20 @@ class PicoDecoder(nn.Module):
             self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
-        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
-        half = config.head_dim // 2
-        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
-        # Tiled over the q and k heads that :func:`rope_heads` rotates together.
-        heads = config.n_heads + config.n_kv_heads
-        self.register_buffer("rope_cos", cos.repeat(1, heads), persistent=False)
-        self.register_buffer("rope_sin", sin_signed.repeat(1, heads), persistent=False)
+        cos, sin = self._rope(0, config.max_seq_len, torch.float32)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
         self.reset_parameters(generator)
+
+    def _rope(self, start: int, end: int, dtype: torch.dtype, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(cos, sin_signed)`` for positions ``[start, end)``, tiled over the q and k heads that
+        :func:`rope_heads` rotates together: ``(end - start, (n_heads + n_kv_heads) * head_dim)``."""
+        cfg = self.config
+        cos, sin = rope_tables(cfg.head_dim, end, cfg.rope_theta, dtype, start)
+        half = cfg.head_dim // 2
+        sin_signed = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1)
+        heads = cfg.n_heads + cfg.n_kv_heads
+        return cos.repeat(1, heads).to(device), sin_signed.repeat(1, heads).to(device)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Normal(0, init_std) weights; residual output projections scaled by 1/sqrt(2 n_layers); norms 1.
@@ -252,8 +258,11 @@ class PicoDecoder(nn.Module):
             )
         n = input_ids.shape[1]
         x = self.embed_tokens(input_ids)
-        cos = self.rope_cos[start : start + n].to(x.dtype)
-        sin = self.rope_sin[start : start + n].to(x.dtype)
+        if x.dtype == torch.float64:  # float64 end to end: the tables too, not float32 ones widened
+            cos, sin = self._rope(start, start + n, torch.float64, x.device)
+        else:
+            cos = self.rope_cos[start : start + n].to(x.dtype)
+            sin = self.rope_sin[start : start + n].to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_cache, i)
         if kv_cache is not None:

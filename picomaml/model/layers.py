@@ -15,10 +15,18 @@ from torch import nn
 __all__ = ["rope_tables", "apply_rope", "rope_heads", "rms_norm", "RMSNorm"]
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotary cos/sin tables, ``(max_seq_len, head_dim)`` float32, both halves repeated (Llama layout)."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
-    freqs = torch.arange(max_seq_len, dtype=torch.int64).float()[:, None] * inv_freq[None, :]
+def rope_tables(
+    head_dim: int, max_seq_len: int, theta: float, dtype: torch.dtype = torch.float32, start: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotary cos/sin tables for positions ``[start, max_seq_len)``, ``(max_seq_len - start, head_dim)``, both
+    halves repeated (Llama layout).
+
+    ``dtype=torch.float32`` computes them exactly as ``transformers``' Llama does; ``torch.float64`` computes
+    every step in float64 (a float64 model is then float64 end to end, as finite-difference checks need).
+    """
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).to(wide) / head_dim))
+    freqs = torch.arange(start, max_seq_len, dtype=torch.int64).to(wide)[:, None] * inv_freq[None, :]
     emb = torch.cat((freqs, freqs), dim=-1)
     return emb.cos(), emb.sin()
 

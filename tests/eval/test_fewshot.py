@@ -224,3 +224,22 @@ def test_a_nan_head_scores_nan_after_adaptation_and_the_backbone_baselines_stay(
         res = fewshot_eval(model, rows, head=head, inner_loop=loop, **kwargs)
     assert math.isnan(res.acc_after) and all(math.isnan(a) for a in res.per_episode_after)
     assert res.per_episode_ncm == good.per_episode_ncm and res.per_episode_probe == good.per_episode_probe
+
+
+def test_adapt_layers_adapts_the_top_block_for_the_accuracy_after_adaptation():
+    """With adapt_layers the accuracy after adaptation is that of meta_loss's adapted head and block; the
+    nearest-class-mean and probe accuracies keep the frozen features."""
+    import picomaml as pm
+    from picomaml.eval.fewshot import score_episode_batch
+
+    model = pm.PicoDecoder(pm.PicoDecoderConfig(vocab_size=64, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1,
+                                                ffn_dim=32, max_seq_len=16, init_std=0.2))  # fmt: skip
+    rows = torch.randint(3, 64, (64, 128), generator=torch.Generator().manual_seed(0))
+    ep = pm.SMLMTSampler(n_way=3, k_shot=2, n_query=2, mask_token_id=2, window_len=12, seed=0).sample(rows, n_tasks=3)
+    head, loop = pm.MetaHead(16, 3), pm.InnerLoop(steps=3, lr=1.0)
+    before0, after0, probe0 = score_episode_batch(model, ep, "before_mask", 3, head, loop)
+    before1, after1, probe1 = score_episode_batch(model, ep, "before_mask", 3, head, loop, adapt_layers=1)
+    assert before0 == before1 and probe0 == probe1
+    logits = pm.meta_loss(model, head, loop, ep, adapt_layers=1).query_logits
+    assert after1 == (logits.argmax(-1) == ep.query_labels).float().mean(-1).tolist()
+    assert all(p.grad is None for p in model.parameters())

@@ -10,9 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from picomaml.eval.flops import ar_step_flops, body_matmul_params, inner_loop_flops, meta_step_flops
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
+from picomaml.meta.sampler import SMLMTSampler
 from picomaml.model.config import PicoDecoderConfig
 from picomaml.model.decoder import PicoDecoder
-from picomaml.objectives import lm_loss, pool_features
+from picomaml.objectives import lm_loss, meta_loss, pool_features
 
 CFG = PicoDecoderConfig(
     vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64
@@ -106,3 +107,19 @@ def test_formula_errors():
         meta_step_flops(CFG, 1, 1, 1, 8)
     with pytest.raises(ValueError, match="model_config"):
         ar_step_flops(object(), 1, 8)
+
+
+@pytest.mark.parametrize("first_order", [False, True])
+@pytest.mark.parametrize("adapt_layers", [1, 2])
+def test_meta_step_with_adapted_blocks_matches_flop_counter(first_order, adapt_layers):
+    torch.manual_seed(0)
+    model = PicoDecoder(CFG)
+    n, k, q, w, t, hidden = 3, 2, 2, 12, 2, (16,)
+    rows = torch.randint(3, CFG.vocab_size, (64, 256), generator=torch.Generator().manual_seed(0))
+    ep = SMLMTSampler(n_way=n, k_shot=k, n_query=q, mask_token_id=2, window_len=w, seed=0).sample(rows, n_tasks=t)
+    head = MetaHead(CFG.d_model, n, hidden_dims=hidden, init="xavier")
+    loop = InnerLoop(steps=2, lr=0.1, first_order=first_order)
+    counted = _count(lambda: meta_loss(model, head, loop, ep, adapt_layers=adapt_layers).loss.backward())
+    formula = meta_step_flops(CFG, n, k, q, w, t, hidden, 2, first_order, adapt_layers=adapt_layers)
+    assert formula == pytest.approx(counted, rel=0.01)  # the pooling and the head's metric forwards are left out
+    assert formula > meta_step_flops(CFG, n, k, q, w, t, hidden, 2, first_order)  # adapting costs more

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -511,3 +512,17 @@ def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, corpus_cache, monkey
     config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.0}, trainer={"max_nonfinite_skips": 2})
     with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteRunError, match=r"2 optimizer steps in a row \(1-2\)"):
         run(config, tmp_path / "run")
+
+
+def test_adapt_layers_trains_the_top_block_with_learned_lrs_and_counts_its_flops(tmp_path, corpus_cache):
+    config = tiny_config(
+        tmp_path, corpus_cache, meta={"adapt_layers": 1}, inner_loop={"learn_lr": "per_tensor"},
+        hybrid={"ratio": 1.0}, trainer={"eval_every": 4},
+    )  # fmt: skip
+    rows = run(config, tmp_path / "run")
+    last = rows[-1]
+    assert int(last["trainer/meta_steps"]) == 4 and 0.0 <= float(last["eval/fewshot_acc"]) <= 1.0
+    assert "meta/inner_lr/layers.1.attention.q_proj.weight" in last  # a learned LR per adapted block tensor
+    cfg = pm.load_config(config)
+    assert [int(r["trainer/flops"]) for r in rows] == run_flops(cfg)
+    assert run_flops(cfg)[-1] > run_flops(dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, adapt_layers=0)))[-1]

@@ -1,0 +1,197 @@
+"""What picomaml needs from a backbone, and how it gets it from each kind of model.
+
+A backbone gives *logits* for the next-token loss and *hidden states* (before the vocabulary projection)
+for the meta objective. Three kinds are recognised, in this order:
+
+1. ``features=``: a callable ``ids (B, L) long -> hidden (B, L, D)`` passed by the caller (e.g. a method of
+   the user's model that runs it without its output layer). Always wins.
+2. A :class:`~picomaml.PicoDecoder` (anything with a ``hidden_states(ids)`` method), or a module whose
+   ``forward`` takes ``return_hidden=True`` and returns ``(logits, hidden)``.
+3. A ``transformers`` model: a causal LM is run through its base model (``model.base_model``, which returns
+   ``last_hidden_state``) so the vocabulary projection is never computed; a bare base model is run as is.
+
+:func:`lm_logits` accepts any module whose output is logits ``(B, L, V)``: a tensor, a tuple whose first
+item they are, or an object with ``.logits`` (a ``transformers`` ``ModelOutput``). For ``transformers``
+models ``use_cache=False`` is passed, so no KV cache is built during training.
+
+:func:`decoder_layout` finds the block list and final norm of a decoder for ``adapt_layers``
+(:mod:`picomaml.top_blocks`): PicoDecoder, Llama-style (``model.layers``, ``model.norm``) and GPT-2-style
+(``transformer.h``, ``transformer.ln_f``) ``transformers`` models, and other families with the same names.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+from torch import Tensor, nn
+
+__all__ = [
+    "FEATURES_CONTRACT",
+    "DecoderLayout",
+    "backbone_hidden",
+    "decoder_layout",
+    "hidden_size",
+    "is_transformers_model",
+    "lm_logits",
+]
+
+FEATURES_CONTRACT = (
+    "pass features=: a callable ids (B, L) long -> hidden (B, L, D) float, e.g. a method of your model that runs "
+    "it without its output layer (a PicoDecoder, a transformers model or a module whose forward takes "
+    "return_hidden=True needs none)"
+)
+_BLOCK_LISTS = ("layers", "h", "blocks", "block")
+_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+
+
+def is_transformers_model(model: Any) -> bool:
+    """True for a ``transformers`` ``PreTrainedModel`` (checked by its base classes, no import)."""
+    return any(
+        cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
+        for cls in type(model).__mro__
+    )
+
+
+def _hf_base(model: nn.Module) -> nn.Module:
+    """The base model of a ``transformers`` model (itself for a bare base model)."""
+    base = getattr(model, "base_model", model)
+    return base if isinstance(base, nn.Module) else model
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    try:
+        params = inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+    return name in params
+
+
+def backbone_hidden(
+    model: nn.Module | None, ids: Tensor, features: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """Final hidden states ``(B, L, D)`` of ``ids`` ``(B, L)``, never computing the vocabulary projection.
+
+    Args:
+        model: The backbone (see the module docstring for the kinds recognised); may be ``None`` with
+            ``features``.
+        ids: ``(B, L)`` long token ids.
+        features: ``ids -> (B, L, D)``, used instead of ``model``.
+
+    Returns:
+        ``(B, L, D)`` hidden states (the input of the LM head: after the final norm).
+
+    Raises:
+        TypeError: ``model`` is of no recognised kind; the message states the ``features=`` contract.
+    """
+    if features is not None:
+        return features(ids)
+    if model is None:
+        raise TypeError(f"model: None gives no hidden states; {FEATURES_CONTRACT}")
+    if callable(getattr(model, "hidden_states", None)):
+        return model.hidden_states(ids)  # a PicoDecoder: skips the LM head
+    if is_transformers_model(model):
+        base = _hf_base(model)
+        kwargs = {"use_cache": False} if hasattr(getattr(base, "config", None), "use_cache") else {}
+        out = base(input_ids=ids, **kwargs)
+        hidden = getattr(out, "last_hidden_state", None)
+        if hidden is None:
+            raise TypeError(
+                f"model: the base model of {type(model).__name__} ({type(base).__name__}) returned "
+                f"{type(out).__name__} without last_hidden_state; {FEATURES_CONTRACT}"
+            )
+        return hidden
+    if _accepts(model.forward, "return_hidden"):
+        out = model(ids, return_hidden=True)
+        if isinstance(out, tuple) and len(out) >= 2 and isinstance(out[1], Tensor):
+            return out[1]
+    raise TypeError(
+        f"model: {type(model).__name__} has neither hidden_states(ids) nor forward(ids, return_hidden=True) and "
+        f"is not a transformers model; {FEATURES_CONTRACT}"
+    )
+
+
+def lm_logits(model: nn.Module, ids: Tensor) -> Tensor:
+    """Next-token logits ``(B, L, V)`` of ``ids`` ``(B, L)`` from any language model.
+
+    Raises:
+        TypeError: the output holds no logits tensor.
+        ValueError: the logits are not ``(B, L, V)`` for these ids (e.g. a forward that returns only the
+            last position's logits at inference, as nanoGPT does without targets).
+    """
+    if is_transformers_model(model):
+        config = getattr(model, "config", None)
+        out = model(input_ids=ids, **({"use_cache": False} if hasattr(config, "use_cache") else {}))
+    else:
+        out = model(ids)
+    logits = getattr(out, "logits", None)
+    if logits is None:
+        logits = out[0] if isinstance(out, (tuple, list)) and out else out
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(
+            f"model: {type(model).__name__}(ids) returned {type(out).__name__}; lm_loss needs logits (B, L, V): a "
+            "float tensor, a tuple whose first item they are, or an object with .logits"
+        )
+    if logits.dim() != 3 or logits.shape[:2] != ids.shape:
+        raise ValueError(
+            f"model: logits of shape {tuple(logits.shape)} for ids {tuple(ids.shape)}; lm_loss needs one row of "
+            "logits per position, (B, L, V) (a forward that returns only the last position needs its "
+            "training mode, e.g. targets)"
+        )
+    return logits
+
+
+def hidden_size(model: Any) -> int | None:
+    """The width ``D`` of the hidden states, from ``model.config`` (``d_model``, ``hidden_size`` or
+    ``n_embd``), or ``None`` when the model does not say."""
+    config = getattr(model, "config", None)
+    for key in ("d_model", "hidden_size", "n_embd"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return None
+
+
+class DecoderLayout(NamedTuple):
+    """Where a decoder keeps its blocks.
+
+    Attributes:
+        base: The module that runs embeddings, blocks and the final norm (the model itself for a
+            PicoDecoder, ``model.base_model`` for a ``transformers`` model).
+        blocks: The transformer blocks in order (an ``nn.ModuleList``).
+        norm: The final norm after the last block, or ``None`` when the decoder has none.
+        prefix: The dotted name of ``blocks`` inside the model (``"layers"``, ``"model.layers"``,
+            ``"transformer.h"``, ...), so adapted tensors carry the model's own parameter names.
+        norm_prefix: The dotted name of ``norm`` inside the model (``""`` when there is none).
+    """
+
+    base: nn.Module
+    blocks: nn.ModuleList
+    norm: nn.Module | None
+    prefix: str
+    norm_prefix: str
+
+
+def decoder_layout(model: nn.Module) -> DecoderLayout:
+    """Find the block list and final norm of a decoder (for ``adapt_layers``).
+
+    Raises:
+        TypeError: no block list is recognised; the message names ``adapt_layers`` and the layouts known.
+    """
+    base = _hf_base(model) if is_transformers_model(model) else model
+    names = {id(m): n for n, m in model.named_modules()}
+    for attr in _BLOCK_LISTS:
+        blocks = getattr(base, attr, None)
+        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+            break
+    else:
+        raise TypeError(
+            f"adapt_layers: cannot find the transformer blocks of {type(model).__name__}: known layouts are a "
+            f"PicoDecoder and transformers decoders whose base model keeps its blocks in an nn.ModuleList named "
+            f"one of {list(_BLOCK_LISTS)} (Llama-style model.layers, GPT-2-style transformer.h); use "
+            "adapt_layers=0 (head only) for this model"
+        )
+    norm = next((getattr(base, n) for n in _FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+    norm_prefix = names.get(id(norm), "") if norm is not None else ""
+    return DecoderLayout(base, blocks, norm, names[id(blocks)], norm_prefix)
