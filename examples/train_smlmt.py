@@ -32,15 +32,19 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 import torch  # noqa: E402
 
 import picomaml as pm  # noqa: E402
-from picomaml import checkpoint as ckpt  # noqa: E402
 from picomaml import training  # noqa: E402
 from picomaml._optional import require  # noqa: E402
 from picomaml.budget import experiment_step_flops  # noqa: E402
 from picomaml.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.data.pipeline import TrainingData, build_training_data  # noqa: E402
-from picomaml.dynamics import capture_splits, learning_dynamics_writer, select_modules  # noqa: E402
 from picomaml.eval import evaluate_during_training  # noqa: E402
-from picomaml.model.hf import export_hf  # noqa: E402
+from picomaml.run_checkpoint import (  # noqa: E402
+    check_dynamics_layers,
+    dynamics_rows,
+    heldout_rows_needed,
+    hub_uploader,
+    save_run_checkpoint,
+)  # fmt: skip
 from picomaml.run_dir import RESUME_HELP, USER_ERRORS, error_line, open_run  # noqa: E402
 from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
 
@@ -98,6 +102,7 @@ class Trainer:
     step: int = 0
     counters: dict[str, float] = field(default_factory=training.new_counters)
     guard: training.NonFiniteGuard | None = None
+    hub: Any = None  # the Hub uploader (checkpoint.hub_repo), main process only
     interrupted: bool = False
 
     @property
@@ -119,20 +124,17 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
     # rank 0 locks the run directory and plans the start: every refusal (in use, no usable checkpoint,
     # another architecture, a damaged metrics.csv) comes before any change; the stack releases the lock
     start = stack.enter_context(open_run(run_dir, args.resume, cfg, is_main=rank == 0, broadcast=fabric.broadcast))
-    data = build_training_data(cfg.data, seed=cfg.seed, rank=rank, world_size=world, eval_rows=cfg.eval.rows)
+    data = build_training_data(cfg.data, seed=cfg.seed, rank=rank, world_size=world, eval_rows=heldout_rows_needed(cfg))
     training.check_run(cfg, data, world)  # vocabulary, tasks per device, training and evaluation episodes
     tok = data.tokenizer
     sampler_seed = cfg.seed + (0 if data.train.shared else rank)
     run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed)
-    try:  # a misspelt dynamics layer fails now, not at the first save
-        for suffix in cfg.checkpoint.dynamics.layers if cfg.checkpoint.learning_dynamics else ():
-            select_modules(run.model, [suffix])
-    except ValueError as exc:
-        raise pm.ConfigError(f"checkpoint.dynamics.layers: {exc}") from None
+    check_dynamics_layers(cfg, run.model)  # a misspelt dynamics layer fails now, not at the first save
     learner, optimizer = fabric.setup(run.learner, run.optimizer)
-    n = cfg.checkpoint.dynamics.batch_size  # learning dynamics on fixed train and held-out inputs
-    dyn_rows = {"train": data.train.local(training.peek_batch(data.train))[:n, :-1], "val": data.heldout_rows[:n, :-1]}
+    dyn_rows = dynamics_rows(cfg, data.train, data.heldout_rows) if cfg.checkpoint.learning_dynamics else {}
     t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows)
+    t.hub = hub_uploader(cfg, run_dir, t.is_main)  # pushes each checkpoint in the background; waited for at exit
+    stack.callback(lambda: t.hub is not None and t.hub.close())
     # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
     # run extended with a larger --max-steps follows the new schedule like the LR does
     state = start.restore({k: v for k, v in t.stateful().items() if k != "hybrid"})  # RNG states too
@@ -223,17 +225,9 @@ def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, 
 
 
 def save(t: Trainer) -> None:
-    cfg = t.cfg
-    if t.is_main:
-        writers = {}
-        if cfg.checkpoint.hf_export:
-            writers["hf"] = lambda d: export_hf(t.run.model, d, t.data.tokenizer)
-        if cfg.checkpoint.learning_dynamics:
-            captured = capture_splits(t.run.model, t.dynamics_rows, cfg.checkpoint.dynamics)
-            writers["learning_dynamics"] = learning_dynamics_writer(captured)
-        ckpt.save_checkpoint(  # it logs the path
-            t.run_dir / "checkpoints", t.step, t.stateful(), config=cfg.to_dict(), counters=t.counters,
-            writers=writers, keep_last=cfg.checkpoint.keep_last,
+    if t.is_main:  # state, HF export, learning dynamics (every step's kept), Hub upload in the background
+        save_run_checkpoint(
+            t.run_dir, t.step, t.stateful(), t.cfg, t.counters, t.run.model, t.data.tokenizer, t.dynamics_rows, t.hub,
         )  # fmt: skip
     t.fabric.barrier()
 
@@ -244,6 +238,8 @@ def train(t: Trainer) -> str:
     bar = training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty())
     window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
     end_reason = "max_steps"
+    if t.step == 0 and t.cfg.checkpoint.learning_dynamics:
+        save(t)  # step 0's dynamics: where every analysis starts
     while t.step < trainer_cfg.max_steps:
         if t.interrupted:
             end_reason = "interrupted"

@@ -84,6 +84,10 @@ class CheckpointConfig(Params):
     hf_export: bool = hparam(False, doc="also save a transformers Llama export (hf/)")
     learning_dynamics: bool = hparam(False, doc="also save activations, weights and gradients of some layers")
     dynamics: DynamicsConfig = hparam(default_factory=DynamicsConfig, doc="what the learning dynamics hold")
+    hub_repo: str | None = hparam(
+        None, doc="Hugging Face Hub repo (user/name; created private if missing) each checkpoint is pushed to"
+    )
+    hub_branch: str | None = hparam(None, doc="branch of hub_repo to push to; null: the run directory's name")
 
 
 # section name -> its config class, in YAML order

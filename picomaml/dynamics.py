@@ -50,10 +50,14 @@ class DynamicsConfig(Params):
     arguments of :func:`capture_learning_dynamics` and the rows it runs on."""
 
     layers: tuple[str, ...] = hparam(
-        ("attention.o_proj", "mlp.down_proj"), doc="module-name suffixes to capture"
+        ("attention.v_proj", "attention.o_proj", "mlp.down_proj"),
+        doc="module-name suffixes to capture (default: the OV circuit and the MLP output, as pico-train)",
     )
     seq_idx: int = hparam(-1, doc="sequence position of the recorded activations (negative: from the end)")
-    batch_size: int = hparam(4, ge=1, doc="rows of the fixed train and held-out batches")
+    batch_size: int | None = hparam(
+        None, ge=1, doc="rows of the fixed train and held-out batches; null: 2 x d_model (PWCCA needs > d_model)"
+    )
+    save_data: bool = hparam(False, doc="also save the rows' tokens as {split}_data/ (a datasets folder, as pico-train)")
 
 
 def next_token_loss(model: nn.Module, batch: Tensor) -> Tensor:
@@ -163,6 +167,7 @@ def capture_learning_dynamics(
     }
     was_training = model.training
     handles = [m.register_forward_hook(make_hook(name)) for name, m in modules.items()]
+    handles += _fused_hooks(model, modules)
     try:
         if eval_mode:
             model.eval()
@@ -176,6 +181,12 @@ def capture_learning_dynamics(
         for h in handles:
             h.remove()
         model.train(was_training)
+    silent = [name for name in modules if name not in activations]
+    if silent:
+        raise ValueError(
+            f"layers: {silent[:5]} produced no activations in the forward (a module that is never called); "
+            "choose modules the model runs"
+        )
     gradients = {
         name: (g if g is not None else torch.zeros_like(trainable[name])).detach().float().cpu().clone()
         for name, g in zip(trainable, grads, strict=True)
@@ -185,6 +196,28 @@ def capture_learning_dynamics(
         "weights": {n: w.detach().float().cpu().clone() for n, w in weights.items()},
         "gradients": gradients,
     }
+
+
+def _fused_hooks(model: nn.Module, modules: Mapping[str, nn.Module]) -> list[Any]:
+    """Pre-hooks on the parents of fused children (``parent.fused``, e.g. PicoDecoder's q/k/v and gate/up
+    projections, applied inside one matmul): they run each requested child on the parent's input once,
+    so its forward hook records the output the fused matmul computes."""
+    parents = {name: m for name, m in model.named_modules()}
+    by_parent: dict[str, list[nn.Module]] = {}
+    for name, module in modules.items():
+        parent, _, child = name.rpartition(".")
+        if child in getattr(parents.get(parent), "fused", ()):
+            by_parent.setdefault(parent, []).append(module)
+    handles = []
+    for parent, children in by_parent.items():
+
+        def pre_hook(_module: nn.Module, inputs: tuple, children: list[nn.Module] = children) -> None:
+            with torch.no_grad():
+                for child in children:
+                    child(inputs[0])
+
+        handles.append(parents[parent].register_forward_pre_hook(pre_hook))
+    return handles
 
 
 def save_learning_dynamics(

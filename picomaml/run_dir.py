@@ -2,7 +2,7 @@
 
     RUN/
       .lock                      the running trainer (see :mod:`picomaml.run_lock`)
-      config.yaml metrics.csv curves.png checkpoints/ tensorboard/ wandb/
+      config.yaml training_config.yaml metrics.csv curves.png checkpoints/ tensorboard/ wandb/
       config_changes.yaml        what changed on each resume (one YAML document per resume)
       previous/20250131T120000Z/ an earlier run moved aside (never deleted, never truncated)
 
@@ -35,6 +35,7 @@ from picomaml.checkpoint.layout import backup_step, step_of
 from picomaml.config import ExperimentConfig
 from picomaml.config_diff import ConfigChange, compare_configs
 from picomaml.params import ConfigError, one_line, short_repr
+from picomaml.pico_analyze import TRAINING_CONFIG, training_config_yaml
 from picomaml.run_lock import RunDirError, RunLock, RunLockedError
 from picomaml.tracking import MetricsFileError, MetricsTracker, read_metrics_csv
 
@@ -47,7 +48,10 @@ log = logging.getLogger(__name__)
 
 #: what belongs to one run (moved aside together by a fresh start), checkpoints first: a move cut short
 #: leaves nothing that a later ``--resume auto`` would continue
-RUN_FILES = ("checkpoints", "config.yaml", "metrics.csv", "curves.png", "config_changes.yaml", "tensorboard", "wandb")
+RUN_FILES = (
+    "checkpoints", "config.yaml", TRAINING_CONFIG, "metrics.csv", "curves.png", "config_changes.yaml", "tensorboard",
+    "wandb",
+)  # fmt: skip
 PREVIOUS = "previous"
 CONFIG_CHANGES = "config_changes.yaml"
 FRESH = ("fresh", "none")
@@ -230,9 +234,10 @@ def commit_start(plan: StartPlan, config: ExperimentConfig) -> Path | None:
             "config changed since %s: %s (recorded in %s)",
             plan.checkpoint, "; ".join(map(str, plan.changes)), run_dir / CONFIG_CHANGES,
         )  # fmt: skip
-    tmp = run_dir / f".config.yaml.tmp_{os.getpid()}"
-    write_text(tmp, config.to_yaml(), fsync=True)
-    os.replace(tmp, run_dir / "config.yaml")
+    for name, text in (("config.yaml", config.to_yaml()), (TRAINING_CONFIG, training_config_yaml(config, run_dir.name))):
+        tmp = run_dir / f".{name}.tmp_{os.getpid()}"  # pico-analyze reads training_config.yaml
+        write_text(tmp, text, fsync=True)
+        os.replace(tmp, run_dir / name)
     return dest
 
 

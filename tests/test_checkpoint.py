@@ -95,7 +95,7 @@ def test_round_trip_restores_everything_and_training_continues_identically(tmp_p
         counters={"ar_steps": 2, "meta_steps": 1, "tokens": 1234},
         fsync=False,
     )
-    assert path == tmp_path / "step_000003" and is_complete(path)
+    assert path == tmp_path / "step_3" and is_complete(path)
     # reference continuation from the live objects (global RNG included)
     torch_state = torch.get_rng_state()
     py_next = random.random()
@@ -130,7 +130,7 @@ def test_round_trip_restores_everything_and_training_continues_identically(tmp_p
 
 def test_weights_only_load_of_everything(tmp_path):
     save_checkpoint(tmp_path, 1, _state(*_components()), fsync=False)
-    for f in (tmp_path / "step_000001").glob("*.pt"):
+    for f in (tmp_path / "step_1").glob("*.pt"):
         torch.load(f, weights_only=True)  # no arbitrary objects in any file
 
 
@@ -146,8 +146,8 @@ def test_latest_pointer_keep_last_and_overwrite(tmp_path):
     for step in (10, 20, 30, 40):
         save_checkpoint(tmp_path, step, _state(*comps), keep_last=2, fsync=False)
     assert [s for s, _ in list_checkpoints(tmp_path)] == [30, 40]
-    assert (tmp_path / "latest").read_text().strip() == "step_000040"
-    assert find_latest(tmp_path) == tmp_path / "step_000040"
+    assert (tmp_path / "latest").read_text().strip() == "step_40"
+    assert find_latest(tmp_path) == tmp_path / "step_40"
     # saving the same step again replaces it cleanly
     save_checkpoint(tmp_path, 40, {"x": torch.ones(2)}, keep_last=2, fsync=False)
     states = load_checkpoint(tmp_path).states
@@ -158,24 +158,24 @@ def test_latest_pointer_keep_last_and_overwrite(tmp_path):
 def test_find_latest_ignores_tmp_and_incomplete_dirs(tmp_path):
     save_checkpoint(tmp_path, 5, {"x": torch.arange(3)}, fsync=False)
     # a crash left a temporary directory, an unmarked step directory and a damaged one
-    (tmp_path / ".tmp_step_000009_123456").mkdir()
-    (tmp_path / ".tmp_step_000009_123456" / "model.pt").write_bytes(b"partial")
-    unmarked = tmp_path / "step_000007"
+    (tmp_path / ".tmp_step_9_123456").mkdir()
+    (tmp_path / ".tmp_step_9_123456" / "model.pt").write_bytes(b"partial")
+    unmarked = tmp_path / "step_7"
     unmarked.mkdir()
     torch.save({"x": 1}, unmarked / "x.pt")
-    damaged = tmp_path / "step_000008"
+    damaged = tmp_path / "step_8"
     save_checkpoint(tmp_path, 8, {"x": torch.arange(100)}, fsync=False)
     with open(damaged / "x.pt", "r+b") as f:  # truncated after the manifest was written
         f.truncate(10)
-    (tmp_path / "latest").write_text("step_000008\n")
+    (tmp_path / "latest").write_text("step_8\n")
     assert not is_complete(unmarked) and not is_complete(damaged)
-    assert find_latest(tmp_path) == tmp_path / "step_000005"
+    assert find_latest(tmp_path) == tmp_path / "step_5"
     assert torch.equal(load_checkpoint(tmp_path).states["x"], torch.arange(3))
     with pytest.raises(FileNotFoundError, match="incomplete"):
         load_checkpoint(damaged)
     # no pointer at all: the highest complete step wins
     (tmp_path / "latest").unlink()
-    assert find_latest(tmp_path) == tmp_path / "step_000005"
+    assert find_latest(tmp_path) == tmp_path / "step_5"
 
 
 def test_latest_is_updated_last(tmp_path, monkeypatch):
@@ -188,9 +188,9 @@ def test_latest_is_updated_last(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="pointer"):
         save_checkpoint(tmp_path, 2, {"x": torch.ones(1)}, fsync=False)
     # the step directory was already complete and in place; the pointer still names the old one
-    assert is_complete(tmp_path / "step_000002")
-    assert (tmp_path / "latest").read_text().strip() == "step_000001"
-    assert find_latest(tmp_path) == tmp_path / "step_000001"
+    assert is_complete(tmp_path / "step_2")
+    assert (tmp_path / "latest").read_text().strip() == "step_1"
+    assert find_latest(tmp_path) == tmp_path / "step_1"
 
 
 def test_failed_write_leaves_no_tmp_and_keeps_previous(tmp_path):
@@ -202,7 +202,7 @@ def test_failed_write_leaves_no_tmp_and_keeps_previous(tmp_path):
 
     with pytest.raises(RuntimeError, match="writer failed"):
         save_checkpoint(tmp_path, 2, {"x": torch.ones(1)}, writers={"extra": failing_writer}, fsync=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_000001"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_1"]
 
 
 def test_writers_are_part_of_the_checkpoint(tmp_path):
@@ -267,7 +267,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
         deadline = time.monotonic() + 60
         started = None
         while time.monotonic() < deadline and started is None:
-            hits = list(root.glob(".tmp_step_000002_*/slow/started")) if root.exists() else []
+            hits = list(root.glob(".tmp_step_2_*/slow/started")) if root.exists() else []
             started = hits[0] if hits else None
             time.sleep(0.02)
         assert started is not None, "child never reached the second save"
@@ -279,15 +279,15 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
             proc.kill()
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert find_latest(root) == root / "step_000001"
+    assert find_latest(root) == root / "step_1"
     ckpt = load_checkpoint(root)
     assert ckpt.step == 1 and ckpt.counters == {"tokens": 1}
     assert torch.all(ckpt.states["model"]["weight"] == 1.0)
     # the next save cleans the dead writer's temporary directory (and a pointer file it might have left)
-    (root / f".latest.tmp_{proc.pid}").write_text("step_000002\n")
+    (root / f".latest.tmp_{proc.pid}").write_text("step_2\n")
     save_checkpoint(root, 3, {"x": torch.ones(1)}, fsync=False)
     assert not list(root.glob(".tmp_*")) and not list(root.glob(".latest.tmp_*"))
-    assert find_latest(root) == root / "step_000003"
+    assert find_latest(root) == root / "step_3"
 
 
 def test_hf_export_beside_checkpoint(tmp_path):

@@ -177,3 +177,30 @@ def test_fabric_wrapped_model_keeps_clean_names():
     wrapped = fabric_mod.Fabric(accelerator="cpu", devices=1).setup_module(model)
     data = capture_learning_dynamics(wrapped, _batch(), ["mlp.down_proj"])
     assert list(data["weights"]) == ["layers.0.mlp.down_proj", "layers.1.mlp.down_proj"]
+
+
+def test_fused_projections_are_captured_and_a_silent_module_is_an_error():
+    """q/k/v and gate/up run inside one fused matmul, so their hooks never fire by themselves: their
+    outputs are computed from the parent's input, and equal what the fused matmul computes."""
+    model, batch = _model(), _batch()
+    data = capture_learning_dynamics(model, batch, ["attention.v_proj", "mlp.gate_proj", "attention.q_proj"])
+    for i, layer in enumerate(model.layers):
+        x = layer.attention_norm(model.embed_tokens(batch)) if i == 0 else None
+        if x is not None:
+            torch.testing.assert_close(data["activations"]["layers.0.attention.v_proj"], layer.attention.v_proj(x)[:, -1])
+    kv = model.config.n_kv_heads * model.config.head_dim
+    assert data["activations"]["layers.1.attention.v_proj"].shape == (batch.shape[0], kv)
+    assert data["activations"]["layers.0.mlp.gate_proj"].shape == (batch.shape[0], model.config.ffn_dim)
+    assert data["gradients"]["layers.0.attention.v_proj"].abs().sum() > 0
+
+    class Unused(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.spare = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return self.used(torch.nn.functional.one_hot(ids, 4).float())
+
+    with pytest.raises(ValueError, match=r"layers: \['spare'\] produced no activations"):
+        capture_learning_dynamics(Unused(), torch.randint(0, 4, (2, 5)), ["used", "spare"],
+                                  loss_fn=lambda m, b: m(b).sum())  # fmt: skip

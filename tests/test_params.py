@@ -44,7 +44,7 @@ DECLARATIONS = [
      {"optimizer", "total_steps"}),
     (lr_multiplier, OptimConfig, {"lr", "weight_decay", "betas", "eps", "grad_clip", "meta_lr"},
      {"step", "total_steps"}),
-    (capture_learning_dynamics, DynamicsConfig, {"batch_size"}, {"model", "batch", "loss_fn", "eval_mode"}),
+    (capture_learning_dynamics, DynamicsConfig, {"batch_size", "save_data"}, {"model", "batch", "loss_fn", "eval_mode"}),
 ]  # fmt: skip
 
 

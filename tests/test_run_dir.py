@@ -69,8 +69,10 @@ def test_fresh_start_moves_the_earlier_run_aside_byte_for_byte(tmp_path, caplog)
         dest = commit_start(plan, config("seed=5"))
     assert dest.parent == run_dir / PREVIOUS and str(dest) in caplog.text
     assert snapshot(dest) == before
-    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", PREVIOUS]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.yaml", PREVIOUS, "training_config.yaml"]
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["seed"] == 5
+    pico = yaml.safe_load((run_dir / "training_config.yaml").read_text())  # what pico-analyze reads
+    assert pico["checkpointing"]["run_name"] == run_dir.name and pico["model"]["attention_n_heads"] > 0
     # a second fresh start in the same second gets its own folder
     again = commit_start(plan_start(run_dir, "none", config()), config())
     assert again != dest and snapshot(dest) == before
@@ -102,7 +104,7 @@ def test_no_usable_checkpoint_is_an_error_listing_each_folder(tmp_path):
         plan_start(run_dir, "auto", config())
     message = str(info.value)
     assert "none usable" in message and "--resume fresh" in message
-    assert "step_000004: x.pt" in message and "step_000002: x.pt" in message
+    assert "step_4: x.pt" in message and "step_2: x.pt" in message
     assert snapshot(run_dir) == before
 
 
@@ -130,7 +132,7 @@ def test_other_changes_are_warned_and_recorded_before_config_yaml_is_rewritten(t
     run_dir = tmp_path / "run"
     make_run(run_dir, config())
     plan = plan_start(run_dir, "auto", config("optim.lr=0.002"))
-    assert plan.checkpoint.name == "step_000004" and plan.move == []
+    assert plan.checkpoint.name == "step_4" and plan.move == []
     assert [str(c) for c in plan.changes] == ["optim.lr: 0.0003 -> 0.002"]
     with caplog.at_level(logging.WARNING, logger="picomaml.run_dir"):
         commit_start(plan, config("optim.lr=0.002"))
@@ -142,27 +144,27 @@ def test_other_changes_are_warned_and_recorded_before_config_yaml_is_rewritten(t
         [{"key": "optim.lr", "old": 0.0003, "new": 0.002}],
         [{"key": "optim.lr", "old": 0.0003, "new": 0.005}],
     ]
-    assert records[0]["checkpoint"].endswith("step_000004")
+    assert records[0]["checkpoint"].endswith("step_4")
     assert yaml.safe_load((run_dir / "config.yaml").read_text())["optim"]["lr"] == 0.005
 
 
 def test_resume_from_an_older_step_moves_the_newer_ones_aside(tmp_path):
     run_dir = tmp_path / "run"
     before = make_run(run_dir, config())
-    plan = plan_start(run_dir, str(run_dir / "checkpoints" / "step_000002"), config())
-    assert plan.move == ["checkpoints/step_000004", "checkpoints/latest"]
+    plan = plan_start(run_dir, str(run_dir / "checkpoints" / "step_2"), config())
+    assert plan.move == ["checkpoints/step_4", "checkpoints/latest"]
     dest = commit_start(plan, config())
     kept = snapshot(dest)
     assert kept["metrics.csv"] == before["metrics.csv"] and kept["config.yaml"] == before["config.yaml"]
-    assert all(kept[k] == v for k, v in before.items() if k.startswith("checkpoints/step_000004"))
-    assert ckpt.find_latest(run_dir / "checkpoints").name == "step_000002"
+    assert all(kept[k] == v for k, v in before.items() if k.startswith("checkpoints/step_4"))
+    assert ckpt.find_latest(run_dir / "checkpoints").name == "step_2"
 
 
 def test_resume_from_another_runs_checkpoint_moves_this_run_aside(tmp_path):
     make_run(tmp_path / "a", config())
     before = make_run(tmp_path / "b", config(), steps=(1,))
     plan = plan_start(tmp_path / "b", str(tmp_path / "a" / "checkpoints"), config())
-    assert plan.checkpoint == tmp_path / "a" / "checkpoints" / "step_000004"
+    assert plan.checkpoint == tmp_path / "a" / "checkpoints" / "step_4"
     assert snapshot(commit_start(plan, config())) == before
 
 
@@ -177,7 +179,7 @@ def test_garbled_metrics_csv_names_the_file_and_line(tmp_path):
         plan_start(run_dir, "auto", config())
     # a last row cut short by a crash is no error: it is dropped
     path.write_text("".join(lines[:2]) + lines[3][:3])
-    assert plan_start(run_dir, "auto", config()).checkpoint.name == "step_000004"
+    assert plan_start(run_dir, "auto", config()).checkpoint.name == "step_4"
 
 
 def test_open_run_refuses_a_directory_another_process_holds(tmp_path):
@@ -195,7 +197,7 @@ def test_open_run_refuses_a_directory_another_process_holds(tmp_path):
     finally:
         holder.communicate("")
     with open_run(run_dir, "auto", config()) as start:
-        assert start.lock.held and start.plan.checkpoint.name == "step_000004"
+        assert start.lock.held and start.plan.checkpoint.name == "step_4"
     assert not (run_dir / LOCK_FILE).exists()
 
 

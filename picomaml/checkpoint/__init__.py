@@ -4,13 +4,14 @@ Layout under a checkpoint root (for the reference trainer, ``RUN_DIR/checkpoints
 
     root/
       latest                   text file holding the name of the newest complete step directory
-      step_000120/
+      step_120/                (pico-train's name; earlier picomaml versions wrote step_000120, still read)
         model.pt optimizer.pt ...    one file per component (its ``state_dict()`` or the value itself)
         rng.pt                       torch CPU / CUDA, Python ``random`` and NumPy generator states
         trainer_state.json           step, counters, library and torch versions, time, component names
         config.yaml                  the resolved configuration (when given)
         learning_dynamics/ hf/ ...   optional extras written by callables (see ``writers``)
         COMPLETE                     manifest: every file's size and SHA-256; written last
+      step_20/                 pruned by keep_last with keep_on_prune: PRUNED and learning_dynamics/ only
 
 The pieces:
 

@@ -22,12 +22,14 @@ from pathlib import Path
 from picomaml.checkpoint.layout import (
     LATEST,
     MARKER,
+    PRUNED,
     CheckpointWarning,
     DamagedCheckpointError,
     NoUsableCheckpointError,
     backup_step,
     describe_problems,
     quote,
+    step_dir_name,
     step_of,
 )
 from picomaml.checkpoint.manifest import Manifest, is_complete, verify_checkpoint
@@ -123,8 +125,9 @@ def _candidates(root: Path) -> dict[int, Path]:
         return found
     for p in sorted(root.iterdir()):
         step = step_of(p.name)
-        if step is not None:
-            found[step] = p
+        if step is not None and not (p / PRUNED).exists():  # a pruned folder keeps dynamics, no state
+            if step not in found or p.name == step_dir_name(step):  # step_20 over an older step_000020
+                found[step] = p
         elif (backup := backup_step(p.name)) is not None and p.is_dir():
             aside.setdefault(step_of(backup[0]), p)
     for step, p in aside.items():
@@ -147,7 +150,7 @@ def _read_pointer(root: Path) -> tuple[int | None, str]:
         return None, f"{LATEST}: not UTF-8 text (damaged); it should hold a step folder name"
     step = step_of(name)
     if step is None:
-        return None, f"{LATEST}: holds {quote(name)}, not a step folder name like step_000120"
+        return None, f"{LATEST}: holds {quote(name)}, not a step folder name like step_120"
     return step, ""
 
 

@@ -9,6 +9,9 @@ one was killed), hidden ``.tmp_*`` entries whose last ``_<digits>`` is the write
   puts it back.
 - ``.tmp_prune_step_<N>_<pid>``: a pruned checkpoint being deleted; never read.
 - ``.latest.tmp_<pid>``: the pointer being replaced.
+
+A step folder pruned by ``keep_last`` may keep some of its subfolders (the learning dynamics, for
+pico-analyze): it then holds a ``PRUNED`` file and no ``COMPLETE`` manifest, and is never resumed from.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ __all__ = [
     "CONFIG",
     "LATEST",
     "MARKER",
+    "PRUNED",
     "RNG",
     "TRAINER_STATE",
     "CheckpointWarning",
@@ -35,6 +39,7 @@ __all__ = [
 ]
 
 MARKER = "COMPLETE"
+PRUNED = "PRUNED"  # a step folder pruned by keep_last whose learning dynamics were kept
 LATEST = "latest"
 TRAINER_STATE = "trainer_state.json"
 CONFIG = "config.yaml"
@@ -48,8 +53,9 @@ _MAX_LISTED = 12  # problems listed in one message; the rest are counted
 
 
 def step_dir_name(step: int) -> str:
-    """``step_000120``: zero-padded so that names sort like steps."""
-    return f"step_{step:06d}"
+    """``step_120``: pico-train's name, which pico-analyze reads. Runs written by earlier picomaml versions
+    have zero-padded ``step_000120`` folders; every reader takes both (:func:`step_of`)."""
+    return f"step_{step}"
 
 
 def step_of(name: str) -> int | None:

@@ -27,6 +27,7 @@ from pathlib import Path, PurePosixPath
 from picomaml._atomic_io import hash_file
 from picomaml.checkpoint.layout import (
     MARKER,
+    PRUNED,
     TRAINER_STATE,
     DamagedCheckpointError,
     backup_step,
@@ -132,6 +133,8 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
             SHA-256, no or unreadable manifest).
     """
     path = Path(path)
+    if (path / PRUNED).exists():
+        raise DamagedCheckpointError(path, f"pruned by keep_last: only {_kept(path)} kept, no training state", path)
     manifest = read_manifest(path)
     for name, size in manifest.sizes.items():  # every size first: cheap, and catches truncation
         f = path / name
@@ -168,6 +171,11 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
                 f,
             )
     return manifest
+
+
+def _kept(path: Path) -> str:
+    kept = sorted(p.name + "/" for p in path.iterdir() if p.is_dir())
+    return ", ".join(kept) if kept else "nothing"
 
 
 def checkpoint_problem(path: Path, *, checksums: bool = True) -> str | None:

@@ -25,7 +25,7 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ from picomaml.checkpoint.layout import (
     CONFIG,
     LATEST,
     MARKER,
+    PRUNED,
     RNG,
     TMP_ENTRY,
     TMP_POINTER,
@@ -69,14 +70,16 @@ def save_checkpoint(
     writers: Mapping[str, Callable[[Path], None]] | None = None,
     rng: bool = True,
     keep_last: int | None = 3,
+    keep_on_prune: Sequence[str] = (),
     fsync: bool = True,
 ) -> Path:
     """Write ``root/step_<N>/`` atomically, point ``root/latest`` at it, prune old ones.
 
     Args:
         root: Checkpoint root (created if missing).
-        step: Optimizer step (>= 0); the directory is ``step_<step:06d>``. Saving a step twice
-            replaces the earlier directory; at no instant is the step lost.
+        step: Optimizer step (>= 0); the directory is ``step_<step>``. Saving a step twice
+            replaces the earlier directory (also an earlier version's zero-padded ``step_000<step>``); at no
+            instant is the step lost.
         state: Name -> component. Objects with ``state_dict()`` (modules, optimizers, LR schedulers,
             samplers, the hybrid scheduler, the inner loop) are saved through it; anything else
             (dicts of tensors and numbers, e.g. a data position) is saved as is. Each goes to
@@ -90,6 +93,9 @@ def save_checkpoint(
             atomic checkpoint (and of its checksums).
         rng: Also save the global RNG states (``rng.pt``).
         keep_last: Keep this many complete step directories (the new one included); ``None`` keeps all.
+        keep_on_prune: Writer subdirectories that survive pruning (e.g. ``("learning_dynamics",)``, so
+            pico-analyze sees every step): a pruned folder keeps them, gets a ``PRUNED`` file instead of its
+            manifest and loses everything else; it is never resumed from.
         fsync: Flush files and directories to disk (turn off only for throwaway tests).
 
     Returns:
@@ -130,8 +136,11 @@ def save_checkpoint(
             f"checkpoint {final} is saved and complete, but {LATEST} could not be updated "
             f"({aio.describe_os_error(exc)}: {exc}); it still names the previous checkpoint",
         ) from exc
+    legacy = root / f"step_{step:06d}"
+    if legacy != final and legacy.is_dir():  # the same step under an earlier version's name
+        aio.rmtree_atomic(legacy)
     if keep_last is not None:
-        _prune(root, final, keep_last)
+        _prune(root, final, keep_last, tuple(keep_on_prune))
     logger.info("saved checkpoint %s in %.2fs", final, time.perf_counter() - t0)
     return final
 
@@ -277,14 +286,24 @@ def _write_latest(root: Path, name: str, fsync: bool = True) -> None:
         aio.fsync_dir(root)
 
 
-def _prune(root: Path, final: Path, keep_last: int) -> None:
-    """Delete the oldest complete step directories beyond ``keep_last`` (never ``final``)."""
+def _prune(root: Path, final: Path, keep_last: int, keep: tuple[str, ...] = ()) -> None:
+    """Delete the oldest complete step directories beyond ``keep_last`` (never ``final``); those holding a
+    subdirectory named in ``keep`` keep it (and only it)."""
     for _old_step, old in list_checkpoints(root)[:-keep_last]:
         if old == final:
             continue
         logger.debug("pruning checkpoint %s (keep_last=%d)", old, keep_last)
         try:
-            aio.rmtree_atomic(old)
+            kept = [name for name in keep if (old / name).is_dir()]
+            if not kept:
+                aio.rmtree_atomic(old)
+                continue
+            # PRUNED first, then the manifest goes: from here on the folder is never taken for a checkpoint
+            aio.write_text(old / PRUNED, f"pruned by keep_last={keep_last}; kept: {', '.join(kept)}\n", fsync=False)
+            (old / MARKER).unlink(missing_ok=True)
+            for entry in old.iterdir():
+                if entry.name not in (*kept, PRUNED):
+                    aio.remove_tree(entry) if entry.is_dir() else entry.unlink()
         except OSError as exc:  # the new checkpoint is saved; an old one staying behind is no failure
             logger.warning("could not prune old checkpoint %s: %s", old, exc)
 

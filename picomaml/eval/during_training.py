@@ -58,13 +58,15 @@ def evaluate_during_training(
         model: The backbone (run under ``no_grad``; its train/eval mode is restored).
         head: The meta head whose initial weights the inner loop adapts.
         loop: The inner loop.
-        heldout_rows: ``(R, L)`` held-out token rows; empty rows give an empty dict.
+        heldout_rows: ``(R, L)`` held-out token rows, of which the first ``config.rows`` are used (the trainer
+            may hold more, e.g. for learning dynamics); empty rows give an empty dict.
         config: How much to evaluate.
         episode_kwargs: Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` other than the
             setting and the episode count: ``mask_token_id``, ``n_query``, ``window_len``, ``pooling``,
             ``feature_norm``, ``seed``, ``min_freq``, ``max_freq``, ``exclude_token_ids``,
             ``sampler_kwargs`` (see :func:`picomaml.build.eval_episode_kwargs`).
     """
+    heldout_rows = heldout_rows[: config.rows]
     if heldout_rows.shape[0] == 0:
         return {}
     ppl = perplexity(model, heldout_rows, batch_size=config.batch_size)
@@ -101,6 +103,7 @@ def check_eval_episodes(
     """
     from picomaml.meta.sampler import SamplingError, SMLMTSampler
 
+    heldout_rows = heldout_rows[: config.rows]
     if config.episodes == 0 or heldout_rows.shape[0] == 0:
         return
     kw = dict(episode_kwargs)

@@ -197,7 +197,7 @@ def load_for_eval(
     """Rebuild model, head, inner loop, tokenizer and held-out rows from a checkpoint or an HF export.
 
     Args:
-        path: A trainer step directory (``.../checkpoints/step_000300``), a checkpoint root (its newest
+        path: A trainer step directory (``.../checkpoints/step_300``), a checkpoint root (its newest
             complete checkpoint), a run directory (its ``checkpoints/``), or a directory written by
             ``save_pretrained`` (a Llama ``config.json`` and weights; e.g. a checkpoint's ``hf/``).
         cache_dir: Cache root of the embedded corpus (default: the run's ``data.cache_dir``, else the

@@ -75,7 +75,13 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Grouped-query self-attention with rotary embeddings, no biases."""
+    """Grouped-query self-attention with rotary embeddings, no biases.
+
+    ``fused``: the children applied to this module's input inside one matmul, whose own forward (and
+    forward hooks) never run; :func:`picomaml.dynamics.capture_learning_dynamics` computes their outputs.
+    """
+
+    fused = ("q_proj", "k_proj", "v_proj")
 
     def __init__(self, cfg: PicoDecoderConfig) -> None:
         super().__init__()
@@ -126,7 +132,10 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``."""
+    """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``; ``gate_proj`` and ``up_proj`` run fused (see
+    :attr:`Attention.fused`)."""
+
+    fused = ("gate_proj", "up_proj")
 
     def __init__(self, cfg: PicoDecoderConfig) -> None:
         super().__init__()
@@ -335,6 +344,35 @@ class PicoDecoder(nn.Module):
         config, state, dtype = state_from_hf(model_or_path)
         device = state["embed_tokens.weight"].device
         model = cls(config).to(device=device)
+        model.load_state_dict(state)
+        if dtype != torch.float32:
+            # Parameters take the source dtype; the RoPE tables stay float32 (cast per forward).
+            for param in model.parameters():
+                param.data = param.data.to(dtype)
+        return model
+
+    @classmethod
+    def from_pico_train(cls, path_or_state_dict: Any, config: Any = None) -> PicoDecoder:
+        """Import a pico-train checkpoint (pico-lm/pico-train's ``PicoDecoder``) with equal logits.
+
+        Nothing from the checkpoint is executed; the q/k rows are permuted from pico-train's
+        adjacent-pair RoPE to rotate-half. See :func:`picomaml.model.pico_train.state_from_pico_train`.
+
+        Args:
+            path_or_state_dict: A folder written by pico-train's ``convert_to_hf_model().save_pretrained``,
+                a weights file, or a raw pico-train state dict.
+            config: For a raw state dict: a :class:`PicoDecoderConfig` or a dict of pico-train's model
+                config keys; ``attention_n_heads`` is required, the sizes are inferred from the shapes.
+
+        Returns:
+            A PicoDecoder with the source weights' dtype and device.
+        """
+        from picomaml.model.pico_train import state_from_pico_train
+
+        cfg, state, dtype = state_from_pico_train(path_or_state_dict, config=config)
+        device = state["embed_tokens.weight"].device
+        # A throwaway generator: the init is overwritten, and loading must not move the global RNG.
+        model = cls(cfg, generator=torch.Generator()).to(device=device)
         model.load_state_dict(state)
         if dtype != torch.float32:
             # Parameters take the source dtype; the RoPE tables stay float32 (cast per forward).

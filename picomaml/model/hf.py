@@ -3,10 +3,16 @@
 The two models share the architecture exactly (pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU, no
 biases), so the conversion is a renaming of state-dict keys with no permutation. ``transformers`` is
 imported lazily (``pip install 'picomaml[hf]'``).
+
+Import reads a folder's ``config.json`` first: ``model_type`` ``"llama"`` loads with ``transformers``
+(never trusting remote code), a pico-train folder goes to :mod:`picomaml.model.pico_train` (read without
+executing its code), and anything else is refused, so no folder ever triggers a ``trust_remote_code``
+prompt.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -15,6 +21,12 @@ import torch
 
 from picomaml._optional import require
 from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.pico_train import (
+    PICO_TRAIN_CONFIG_KEYS,
+    PICO_TRAIN_MODEL_TYPE,
+    is_pico_train_config,
+    state_from_pico_train,
+)
 
 __all__ = ["to_hf", "state_from_hf", "export_hf", "hf_config", "pico_config_from_hf", "pico_to_hf_key", "pico_state_keys"]
 
@@ -151,26 +163,64 @@ def pico_config_from_hf(hf_cfg: Any) -> PicoDecoderConfig:
     )
 
 
+def _folder_model_type(folder: Path) -> tuple[Any, dict[str, Any]]:
+    """``(model_type, config)`` of a ``save_pretrained`` folder, read as JSON (no code runs)."""
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"model_or_path: {str(folder)!r} has no config.json; not a Hugging Face model folder"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"model_or_path: {str(config_path)!r} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict):
+        raise ValueError(f"model_or_path: {str(config_path)!r} does not hold a JSON object")
+    return config.get("model_type"), config
+
+
 def state_from_hf(model_or_path: Any) -> tuple[PicoDecoderConfig, dict[str, torch.Tensor], torch.dtype]:
-    """The config and PicoDecoder state dict of a ``LlamaForCausalLM`` or a ``save_pretrained`` directory.
+    """The config and PicoDecoder state dict of a ``LlamaForCausalLM``, a ``save_pretrained`` directory, or
+    a pico-train checkpoint.
 
     :meth:`picomaml.PicoDecoder.from_hf` builds the model from these; this module never imports the model
-    class, so the model and its converters import in one direction only.
+    class, so the model and its converters import in one direction only. A directory's ``config.json`` is
+    read first: ``model_type`` ``"llama"`` loads with ``AutoModelForCausalLM.from_pretrained`` (remote code
+    never trusted), a pico-train folder (``model_type`` ``"pico_decoder"``, or ``architectures`` /
+    ``auto_map`` naming ``PicoDecoderHF``) goes to
+    :func:`~picomaml.model.pico_train.state_from_pico_train`, anything else is refused.
 
     Args:
-        model_or_path: A loaded Llama causal-LM model, or a path loaded with
-            ``AutoModelForCausalLM.from_pretrained``.
+        model_or_path: A loaded Llama causal-LM model (or pico-train ``PicoDecoderHF``), or a directory.
 
     Returns:
         ``(config, state_dict, dtype)``: the state dict is keyed by PicoDecoder names (tied weights under
         both names) and ``dtype`` is the source weights' dtype.
+
+    Raises:
+        FileNotFoundError: not a directory, or no config.json in it.
+        ValueError: a model type other than Llama or pico-train (the message names it), or a Llama
+            feature PicoDecoder lacks.
     """
     transformers = require("transformers", "hf", "import from Hugging Face Llama")
     hf = model_or_path
-    if isinstance(model_or_path, (str, Path)):
-        if not Path(model_or_path).is_dir():
+    if isinstance(model_or_path, (str, os.PathLike)):
+        folder = Path(model_or_path)
+        if not folder.is_dir():
             raise FileNotFoundError(f"model_or_path: {str(model_or_path)!r} is not a directory")
-        hf = transformers.AutoModelForCausalLM.from_pretrained(str(model_or_path))
+        model_type, folder_config = _folder_model_type(folder)
+        if model_type != "llama" and is_pico_train_config(folder_config):
+            return state_from_pico_train(folder)
+        if model_type != "llama":
+            raise ValueError(
+                f"model_or_path: {str(folder)!r} has model_type {model_type!r}; PicoDecoder imports "
+                f"'llama' (transformers' LlamaForCausalLM) and {PICO_TRAIN_MODEL_TYPE!r} (pico-train's "
+                "PicoDecoderHF) folders"
+            )
+        hf = transformers.AutoModelForCausalLM.from_pretrained(str(folder), trust_remote_code=False)
+    if type(hf).__name__ == "PicoDecoderHF" and hasattr(hf, "pico_decoder"):
+        # pico-train's wrapper, already loaded by the caller: its weights and config, none of its code.
+        return state_from_pico_train(hf.state_dict(), config=_pico_train_model_config(hf.config))
     if not isinstance(hf, transformers.LlamaForCausalLM):
         raise ValueError(
             f"model_or_path: expected a LlamaForCausalLM or a directory holding one, got {type(hf).__name__}"
@@ -182,6 +232,11 @@ def state_from_hf(model_or_path: Any) -> tuple[PicoDecoderConfig, dict[str, torc
         tied = cfg.tie_embeddings and key == "lm_head.weight"
         state[key] = source["model.embed_tokens.weight" if tied else pico_to_hf_key(key)]
     return cfg, state, source["model.embed_tokens.weight"].dtype
+
+
+def _pico_train_model_config(hf_cfg: Any) -> dict[str, Any]:
+    """The pico-train model config keys of a loaded ``PicoDecoderHFConfig``."""
+    return {k: getattr(hf_cfg, k) for k in PICO_TRAIN_CONFIG_KEYS if getattr(hf_cfg, k, None) is not None}
 
 
 def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:

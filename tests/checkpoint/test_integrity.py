@@ -41,7 +41,7 @@ CONFIG = {"lr": 1e-3, "name": "run", "notes": "a config long enough to hold a ho
 
 @pytest.fixture
 def root(tmp_path: Path) -> Path:
-    """step_000001 and step_000002 (the one the tests damage), ``latest`` at step 2."""
+    """step_1 and step_2 (the one the tests damage), ``latest`` at step 2."""
     for step in (1, 2):
         save_checkpoint(tmp_path, step, _state(step), config=CONFIG, fsync=False)
     return tmp_path
@@ -90,7 +90,7 @@ DAMAGE = {  # what is done, to which file, and what the reason must say
 @pytest.mark.parametrize("case", list(DAMAGE))
 def test_damage_is_named_on_load_fallback_and_refusal(root, case):
     damage, name, why = DAMAGE[case]
-    bad = root / "step_000002"
+    bad = root / "step_2"
     damage(bad / name)
     # explicit load: the checkpoint and the file are named; never the unsafe advice
     with pytest.raises(DamagedCheckpointError, match=f"{bad}.*{name}: .*{why}") as err:
@@ -99,13 +99,13 @@ def test_damage_is_named_on_load_fallback_and_refusal(root, case):
     with pytest.raises(DamagedCheckpointError, match=name):
         resolve_resume(str(bad), root)
     # auto: fall back to the newest verified checkpoint, saying which one was skipped and why
-    with pytest.warns(CheckpointWarning, match=f"using step_000001(.|\n)*step_000002: {name}: .*{why}"):
-        assert resolve_resume("auto", root) == root / "step_000001"
+    with pytest.warns(CheckpointWarning, match=f"using step_1(.|\n)*step_2: {name}: .*{why}"):
+        assert resolve_resume("auto", root) == root / "step_1"
     with pytest.warns(CheckpointWarning, match=name):
         assert load_checkpoint(root).step == 1
     # nothing usable left: an error listing each folder and why, not a fresh start
-    shutil.rmtree(root / "step_000001")
-    with pytest.raises(NoUsableCheckpointError, match=f"step_000002: {name}") as err:
+    shutil.rmtree(root / "step_1")
+    with pytest.raises(NoUsableCheckpointError, match=f"step_2: {name}") as err:
         resolve_resume("auto", root)
     assert err.value.problems == [(bad, err.value.problems[0][1])] and name in err.value.problems[0][1]
     assert isinstance(err.value, FileNotFoundError)
@@ -120,14 +120,14 @@ def _legacy(step_dir: Path) -> None:
 
 
 def test_checkpoints_without_checksums_still_load_by_size(root, caplog):
-    _legacy(root / "step_000002")
+    _legacy(root / "step_2")
     with caplog.at_level(logging.DEBUG, logger="picomaml.checkpoint"):
-        loaded = load_checkpoint(root / "step_000002")
+        loaded = load_checkpoint(root / "step_2")
     assert loaded.step == 2 and loaded.config == CONFIG
     assert "without checksums" in caplog.text and "size only" in caplog.text
-    _truncate(root / "step_000002" / "model.pt")  # sizes are still checked
+    _truncate(root / "step_2" / "model.pt")  # sizes are still checked
     with pytest.raises(DamagedCheckpointError, match="model.pt: .* bytes, but COMPLETE says"):
-        load_checkpoint(root / "step_000002")
+        load_checkpoint(root / "step_2")
 
 
 def _damage_pickle(p: Path) -> None:
@@ -157,7 +157,7 @@ LEGACY_DAMAGE = {  # without checksums, torch, JSON and YAML see the broken byte
 @pytest.mark.parametrize("case", list(LEGACY_DAMAGE))
 def test_damage_in_checkpoints_without_checksums_is_diagnosed_from_the_bytes(root, case):
     damage, name, why = LEGACY_DAMAGE[case]
-    bad = root / "step_000002"
+    bad = root / "step_2"
     _legacy(bad)
     damage(bad / name)
     with pytest.raises(DamagedCheckpointError, match=f"{name}: .*{why}") as err:
@@ -167,7 +167,7 @@ def test_damage_in_checkpoints_without_checksums_is_diagnosed_from_the_bytes(roo
 
 
 def test_python_tags_in_config_yaml_are_refused_not_run(root):
-    bad = root / "step_000002"
+    bad = root / "step_2"
     _legacy(bad)
     text = "!!python/object/apply:os.system ['echo pwned']\n"
     (bad / "config.yaml").write_text(text.ljust((bad / "config.yaml").stat().st_size))
@@ -176,12 +176,12 @@ def test_python_tags_in_config_yaml_are_refused_not_run(root):
 
 
 @pytest.mark.parametrize(
-    "content", [b"\xff\xfe\x00step_000002\n", b"../../etc/passwd\n", b"step_000009\n", b"x" * 100_000]
+    "content", [b"\xff\xfe\x00step_2\n", b"../../etc/passwd\n", b"step_9\n", b"x" * 100_000]
 )
 def test_a_garbled_or_dangling_latest_is_named_and_the_newest_verified_checkpoint_used(root, content):
     (root / "latest").write_bytes(content)
     with pytest.warns(CheckpointWarning, match="latest: "):
-        assert find_latest(root) == root / "step_000002"
+        assert find_latest(root) == root / "step_2"
     with pytest.warns(CheckpointWarning, match="latest: "):
         assert load_checkpoint(root).step == 2  # never a UnicodeDecodeError
 
@@ -189,13 +189,13 @@ def test_a_garbled_or_dangling_latest_is_named_and_the_newest_verified_checkpoin
 def test_no_step_folders_is_a_fresh_start_and_explicit_paths_are_checked(tmp_path):
     assert resolve_resume("auto", tmp_path / "missing") is None
     assert resolve_resume("auto", tmp_path) is None
-    (tmp_path / ".tmp_step_000003_999999999").mkdir()  # a first save that never finished
+    (tmp_path / ".tmp_step_3_999999999").mkdir()  # a first save that never finished
     assert resolve_resume("auto", tmp_path) is None
     with pytest.raises(FileNotFoundError, match="no complete checkpoint at .*no such file"):
         resolve_resume(tmp_path / "nope", tmp_path)
-    unfinished = tmp_path / "step_000004"
+    unfinished = tmp_path / "step_4"
     unfinished.mkdir()
-    with pytest.raises(DamagedCheckpointError, match="step_000004 .*COMPLETE: missing"):
+    with pytest.raises(DamagedCheckpointError, match="step_4 .*COMPLETE: missing"):
         load_checkpoint(unfinished)
     with pytest.raises(NoUsableCheckpointError) as err:
         resolve_resume("auto", tmp_path)
@@ -203,10 +203,10 @@ def test_no_step_folders_is_a_fresh_start_and_explicit_paths_are_checked(tmp_pat
 
 
 def test_manifest_abuse(root):
-    bad = root / "step_000002"
+    bad = root / "step_2"
     manifest = json.loads((bad / "COMPLETE").read_text())
     for files, why in [
-        ({"../step_000001/model.pt": 10}, "not a relative path"),
+        ({"../step_1/model.pt": 10}, "not a relative path"),
         ({"/etc/passwd": 10}, "not a relative path"),
         ({"model.pt": -1}, "not a byte count"),
         ({"model.pt": True}, "not a byte count"),
@@ -218,17 +218,17 @@ def test_manifest_abuse(root):
     with pytest.raises(DamagedCheckpointError, match="different files|64 hex"):
         verify_checkpoint(bad)
     (bad / "COMPLETE").write_text(json.dumps(manifest))
-    shutil.copytree(bad, root / "step_000005")  # a copy under another step's name
+    shutil.copytree(bad, root / "step_5")  # a copy under another step's name
     with pytest.raises(DamagedCheckpointError, match="written for step 2, but the folder is for step 5"):
-        verify_checkpoint(root / "step_000005")
+        verify_checkpoint(root / "step_5")
 
 
 def test_verification_reads_every_file_but_completeness_only_sizes(root):
-    bad = root / "step_000002"
+    bad = root / "step_2"
     _flip_byte(bad / "optimizer.pt")
     assert ckpt.is_complete(bad) and not ckpt.is_complete(bad, checksums=True)
     assert [s for s, _ in ckpt.list_checkpoints(root)] == [1, 2]  # pruning counts it; resuming skips it
-    assert verify_checkpoint(root / "step_000001", checksums=True).sha256.keys() == {
+    assert verify_checkpoint(root / "step_1", checksums=True).sha256.keys() == {
         "model.pt",
         "optimizer.pt",
         "rng.pt",

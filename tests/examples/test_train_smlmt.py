@@ -138,7 +138,7 @@ def test_objectives_log_their_metrics_and_count_steps(tmp_path, corpus_cache, ra
     assert [int(r["trainer/flops"]) for r in rows] == run_flops(cfg)
     run_dir = tmp_path / "run"
     assert (run_dir / "curves.png").stat().st_size > 0
-    assert pm.find_latest(run_dir / "checkpoints").name == "step_000004"
+    assert pm.find_latest(run_dir / "checkpoints").name == "step_4"
     assert pm.load_config(run_dir / "config.yaml").hybrid.ratio == ratio
 
 
@@ -437,7 +437,7 @@ def test_no_usable_checkpoint_is_an_error_listing_each_then_fresh_moves_them_asi
     with pytest.raises(RunDirError) as info:
         trainer.main(["--config", str(config), "--run-dir", str(run_dir)])
     message = str(info.value)
-    assert "none usable" in message and "step_000002: model.pt" in message and "step_000001: model.pt" in message
+    assert "none usable" in message and "step_2: model.pt" in message and "step_1: model.pt" in message
     assert files(run_dir) == before  # metrics.csv is not cut, nothing restarts from step 0
     rows = run(config, run_dir, "--resume", "fresh")
     assert [int(r["step"]) for r in rows] == [1, 2]
@@ -526,3 +526,36 @@ def test_adapt_layers_trains_the_top_block_with_learned_lrs_and_counts_its_flops
     cfg = pm.load_config(config)
     assert [int(r["trainer/flops"]) for r in rows] == run_flops(cfg)
     assert run_flops(cfg)[-1] > run_flops(dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, adapt_layers=0)))[-1]
+
+
+def test_hub_repo_pushes_every_checkpoint_of_the_run_to_its_branch(tmp_path, corpus_cache, monkeypatch):
+    """The trainer hands each saved step to the uploader (at the API boundary: a recording HfApi); the
+    step-0 learning dynamics and the end of the run are pushed too, and the run waits for them."""
+    from test_hub_upload import RecordingApi
+
+    import picomaml.run_checkpoint as run_checkpoint
+    from picomaml.hub_upload import uploader_from_config
+
+    api = RecordingApi()
+    monkeypatch.setattr(run_checkpoint, "uploader_from_config",
+                        lambda c, d: uploader_from_config(c, d, api=api, backoff_s=0.0))  # fmt: skip
+    config = tiny_config(tmp_path, corpus_cache, checkpoint={
+        "hub_repo": "me/runs", "learning_dynamics": True, "dynamics": {"batch_size": 2}})  # fmt: skip
+    run(config, tmp_path / "my run", "--set", "trainer.save_every=2")
+    titles = [c["commit_message"] for c in api.commits]
+    assert [c["revision"] for c in api.commits] == ["my-run"] * 3 and len(api.repos) == 1
+    assert [int(t.rsplit("Step ", 1)[1]) for t in titles] == [0, 2, 4]
+    assert all("learning_dynamics/val_weights.pt" in c["files"] for c in api.commits)
+    assert "training_config.yaml" in api.commits[0]["files"] and "model.pt" not in api.commits[0]["files"]
+
+
+def test_hub_repo_without_a_token_stops_before_training(tmp_path, corpus_cache, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    config = tiny_config(tmp_path, corpus_cache, checkpoint={"hub_repo": "me/runs"})
+    with pytest.raises(pm.ConfigError, match=r"checkpoint\.hub_repo"):
+        trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "checkpoints").exists()
