@@ -170,23 +170,32 @@ def higher_sgd_steps(
             fmodel,
             diffopt,
         ):
-            cur = _fo_leaves(theta0) if native_fo else theta0
             x = feats[t].detach() if native_fo else feats[t]
-            hist = [theta0]
-            for s in range(steps):
-                loss = task_cross_entropy(fmodel(x.unsqueeze(0), params=cur), labels[t].unsqueeze(0)).sum()
-                override = {"lr": [lr_fn(s, i) for i in range(len(names))]}
-                cur = diffopt.step(loss, params=cur, override=override, grad_callback=callback)
-                if keep_history or s == steps - 1:
-                    hist.append(
-                        [p0 + (p - p0).detach() for p0, p in zip(theta0, cur, strict=True)]
-                        if native_fo
-                        else list(cur)
-                    )
+            hist = _higher_task(
+                lambda cur, x=x, y=labels[t]: task_cross_entropy(fmodel(x.unsqueeze(0), params=cur), y.unsqueeze(0)).sum(),
+                diffopt, theta0, steps, lambda s: [lr_fn(s, i) for i in range(len(names))], callback, native_fo,
+                keep_history,
+            )  # fmt: skip
         per_task.append(hist)
         if steps:
             norms[:, t] = torch.stack(step_norms)[:, 0]
     return _stack_history(per_task, names), norms
+
+
+def _higher_task(
+    loss_fn: Any, diffopt: Any, theta0: list[Tensor], steps: int, lrs: Any, callback: Any, native_fo: bool,
+    keep_history: bool,
+) -> list[list[Tensor]]:  # fmt: skip
+    """One task's inner steps through higher's differentiable optimizer: ``[theta_0, ..., theta_S]`` (or
+    ``[theta_0, theta_S]``). higher's own first order detaches the adapted weights; they are re-attached
+    as ``theta_0 + (theta_s - theta_0).detach()``, exactly the FOMAML gradient path."""
+    cur = _fo_leaves(theta0) if native_fo else theta0
+    hist = [theta0]
+    for s in range(steps):
+        cur = diffopt.step(loss_fn(cur), params=cur, override={"lr": lrs(s)}, grad_callback=callback)
+        if keep_history or s == steps - 1:
+            hist.append([p0 + (p - p0).detach() for p0, p in zip(theta0, cur, strict=True)] if native_fo else list(cur))
+    return hist
 
 
 def _grad_callback(create_graph: bool, grad_clip: float | None, step_norms: list[Tensor]) -> Any:
@@ -275,18 +284,10 @@ def higher_block_steps(
                 diffopt,
             ),
         ):
-            cur = _fo_leaves(theta0) if native_fo else theta0
-            hist = [theta0]
-            for s in range(steps):
-                loss = task_cross_entropy(fnet(*args, params=cur), labels[t].unsqueeze(0)).sum()
-                override = {"lr": [lr_fn(s, i) for i in lr_index]}
-                cur = diffopt.step(loss, params=cur, override=override, grad_callback=callback)
-                if keep_history or s == steps - 1:
-                    hist.append(
-                        [p0 + (p - p0).detach() for p0, p in zip(theta0, cur, strict=True)]
-                        if native_fo
-                        else list(cur)
-                    )
+            hist = _higher_task(
+                lambda cur, args=args, y=labels[t]: task_cross_entropy(fnet(*args, params=cur), y.unsqueeze(0)).sum(),
+                diffopt, theta0, steps, lambda s: [lr_fn(s, i) for i in lr_index], callback, native_fo, keep_history,
+            )  # fmt: skip
         per_task.append(hist)
         if steps:
             norms[:, t] = torch.stack(step_norms)[:, 0]

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 
 from picomaml.features import normalize_task_features, pool_features
 from picomaml.meta import backends as _backends
-from picomaml.meta.functional import clip_grads, global_grad_norm, task_cross_entropy
+from picomaml.meta.functional import clip_and_norm, task_cross_entropy
 from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
 from picomaml.top_blocks import BlockInput, TopBlocks, math_attention
 
@@ -190,13 +190,7 @@ def _torch_steps(
             grads = list(
                 torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=create_graph, materialize_grads=True)
             )
-        if loop.grad_clip is not None:
-            norm = global_grad_norm(grads)
-            grads = clip_grads(grads, norm, loop.grad_clip)
-            norm = norm.detach()
-        else:
-            with torch.no_grad():
-                norm = global_grad_norm(grads)
+        grads, norm = clip_and_norm(grads, loop.grad_clip)
         norms.append(norm)
         state = {k: state[k] - lr_fn(s, i) * g for i, (k, g) in enumerate(zip(names, grads, strict=True))}
         if keep:

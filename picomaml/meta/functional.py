@@ -22,6 +22,7 @@ __all__ = [
     "task_cross_entropy",
     "global_grad_norm",
     "clip_grads",
+    "clip_and_norm",
     "closed_form_linear_grads",
     "sgd_steps",
 ]
@@ -74,6 +75,16 @@ def clip_grads(grads: Sequence[Tensor], norm: Tensor, max_norm: float) -> list[T
     """Scale each task's gradients so their global norm is at most ``max_norm`` (as ``clip_grad_norm_``)."""
     scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)  # (T,)
     return [g * scale.view(-1, *([1] * (g.dim() - 1))).to(g.dtype) for g in grads]
+
+
+def clip_and_norm(grads: Sequence[Tensor], grad_clip: float | None) -> tuple[list[Tensor], Tensor]:
+    """``(grads clipped to grad_clip per task, their norms (T,) before clipping, detached)``; without
+    ``grad_clip`` the gradients are unchanged and the norm is a metric kept out of the graph."""
+    if grad_clip is not None:  # the clip factor is part of the graph
+        norm = global_grad_norm(grads)
+        return clip_grads(grads, norm, grad_clip), norm.detach()
+    with torch.no_grad():
+        return list(grads), global_grad_norm(grads)
 
 
 def closed_form_linear_grads(
@@ -154,13 +165,7 @@ def sgd_steps(
             masks = masks_fn() if masks_fn is not None else None
             loss = task_cross_entropy(logits_fn(leaves, x, masks), labels).sum()
             grads = list(torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=create_graph))
-        if grad_clip is not None:  # the clip factor is part of the graph
-            norm = global_grad_norm(grads)
-            grads = clip_grads(grads, norm, grad_clip)
-            norm = norm.detach()
-        else:  # a metric only: keep it out of the graph
-            with torch.no_grad():
-                norm = global_grad_norm(grads)
+        grads, norm = clip_and_norm(grads, grad_clip)
         norms.append(norm)
         params = {k: params[k] - lr_fn(s, i) * g for i, (k, g) in enumerate(zip(names, grads, strict=True))}
         if keep_history:
