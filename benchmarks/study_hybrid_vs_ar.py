@@ -11,6 +11,11 @@ Arms (everything else is examples/configs/tiny-cpu.yaml):
 * ``hybrid-sched``: the meta probability falls linearly from 0.8 to 0.2 over the run (same mean);
 * ``hybrid-0.2`` (only with ``--arms``): a meta step with probability 0.2.
 
+Round 2 (``--round2``): the recipes of ``ROUND2_ARMS`` (weighted mode with a small meta weight, PCGrad
+surgery, first order, two adapted blocks, late meta; ``deep-*`` arms with ``--arms``) at equal FLOPs only,
+with the AR-vs-meta gradient diagnostic (``eval.grad_cos_every``) in every run; results in
+``benchmarks/results/study_round2``.
+
 Budgets: ``steps`` gives every arm ``--steps`` optimizer steps; ``flops`` gives the hybrid arms as many
 steps as they need to spend the FLOPs of the AR arm's run (``picomaml.budget.steps_for_flops``; a meta step
 is cheaper than an AR step). Each run is a complete run with its own cosine schedule, trained by the
@@ -56,8 +61,20 @@ ARMS: dict[str, list[str]] = {
     "hybrid-0.5": ["hybrid.ratio=0.5"],
     "hybrid-sched": ["hybrid.ratio=0.8", "hybrid.schedule=linear", "hybrid.final_ratio=0.2"],
     "hybrid-0.2": ["hybrid.ratio=0.2"],  # not in the default study: --arms ar hybrid-0.2
+    # round 2 (--round2): recipes beyond the ratio
+    "weighted-0.1": ["hybrid.mode=weighted", "hybrid.ratio=0.1"],
+    "weighted-0.3": ["hybrid.mode=weighted", "hybrid.ratio=0.3"],
+    "pcgrad-0.3": ["hybrid.mode=weighted", "hybrid.ratio=0.3", "meta.grad_surgery=pcgrad"],
+    "fomaml-0.2": ["hybrid.ratio=0.2", "inner_loop.first_order=true"],
+    "adapt2-0.2": ["hybrid.ratio=0.2", "meta.adapt_layers=2"],
+    "late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667"],
+    "deep-ar": ["hybrid.ratio=0.0", "model.n_layers=12"],
+    "deep-weighted-0.1": ["hybrid.mode=weighted", "hybrid.ratio=0.1", "model.n_layers=12"],
 }
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
+ROUND2_ARMS = ["ar", "weighted-0.1", "weighted-0.3", "pcgrad-0.3", "fomaml-0.2", "adapt2-0.2", "late-0.5"]
+ROUND2 = ["eval.grad_cos_every=20"]  # the AR-vs-meta gradient diagnostic at every other logged step
+QUICK_ROUND2 = ["model.n_layers=2", "trainer.log_every=1", "eval.grad_cos_every=1"]  # adapt2 needs 2 blocks
 COMMON = ["sampler.holdout_fraction=0.2", "checkpoint.keep_last=1"]
 QUICK = ["model.n_layers=1", "eval.rows=16", "eval.episodes=4"]
 SETTINGS = ((5, 1), (5, 4))
@@ -86,7 +103,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--ppl-rows", type=int, help="held-out rows for the final perplexity (default all; quick 32)"
     )
-    p.add_argument("--arms", nargs="+", choices=list(ARMS), default=DEFAULT_ARMS, help="default: %(default)s")
+    p.add_argument("--arms", nargs="+", choices=list(ARMS), help=f"default: {DEFAULT_ARMS} ({ROUND2_ARMS} with --round2)")
+    p.add_argument(
+        "--round2", action="store_true",
+        help="round 2: the recipes of ROUND2_ARMS at equal FLOPs only, with the gradient diagnostic",
+    )  # fmt: skip
     p.add_argument("--config", default=str(BASE_CONFIG), help="base trainer config")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--out", help="results directory (default benchmarks/results/study[_quick])")
@@ -98,7 +119,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args.steps = args.steps or (3 if quick else 300)
     args.episodes = args.episodes or (8 if quick else 500)
     args.ppl_rows = args.ppl_rows or (32 if quick else None)
-    suffix = "_quick" if quick else ""
+    args.arms = args.arms or (ROUND2_ARMS if args.round2 else DEFAULT_ARMS)
+    args.budgets = ("flops",) if args.round2 else ("steps", "flops")
+    suffix = ("_round2" if args.round2 else "") + ("_quick" if quick else "")
     args.out = Path(args.out or ROOT / "benchmarks" / "results" / f"study{suffix}")
     args.work_dir = Path(args.work_dir or ROOT / "runs" / f"study{suffix}")
     if "ar" not in args.arms:
@@ -120,7 +143,8 @@ def load_trainer():
 def plan(args: argparse.Namespace) -> list[dict]:
     """Every run of the study: arm, budget, seed, overrides and length (FLOPs known before training)."""
     runs = []
-    extra = COMMON + (QUICK if args.quick else []) + list(args.set)
+    extra = COMMON + (ROUND2 if args.round2 else []) + (QUICK if args.quick else [])
+    extra += (QUICK_ROUND2 if args.quick and args.round2 else []) + list(args.set)
     for seed in range(args.seeds):
         base = extra + [f"seed={seed}", f"trainer.max_steps={args.steps}"]
         ar_cfg = pm.load_config(args.config, ARMS["ar"] + base)
@@ -128,6 +152,8 @@ def plan(args: argparse.Namespace) -> list[dict]:
         for arm in args.arms:
             for kind in ("steps", "flops"):
                 overrides = ARMS[arm] + base
+                if kind == "steps" and "steps" not in args.budgets and arm != "ar":
+                    continue  # round 2: equal FLOPs only (the AR run is the budget)
                 if kind == "flops":
                     if arm == "ar":
                         continue  # the AR run is its own budget: the same run serves both comparisons
@@ -150,13 +176,16 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
-def read_curve(metrics_csv: Path) -> list[dict]:
-    """Evaluation rows of a run's metrics.csv: step, FLOPs, perplexity, few-shot accuracy."""
+def read_curve(metrics_csv: Path, diagnostic: bool = False) -> list[dict]:
+    """Evaluation rows of a run's metrics.csv (step, FLOPs, perplexity, few-shot accuracy), or with
+    ``diagnostic`` the rows of the gradient diagnostic (every ``diag/*`` column)."""
     keys = ("step", "trainer/flops", "eval/perplexity", "eval/fewshot_acc", "eval/fewshot_acc_ncm")
     out = []
     with open(metrics_csv, newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f):
-            if row.get("eval/perplexity"):
+            if diagnostic and row.get("diag/grad_cos"):
+                out.append({k: float(v) for k, v in row.items() if v and (k.startswith("diag/") or k in keys[:2])})
+            elif not diagnostic and row.get("eval/perplexity"):
                 out.append({k: float(row[k]) for k in keys if row.get(k)})
     return out
 
@@ -210,6 +239,7 @@ def run_one(trainer, run: dict, args: argparse.Namespace) -> dict:
     result |= {
         "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - start, 1),
         "curve": read_curve(run_dir / "metrics.csv"), "episodes": args.episodes, "ppl_rows": args.ppl_rows,
+        "diagnostic": read_curve(run_dir / "metrics.csv", diagnostic=True),
     }  # fmt: skip
     if result["step"] != run["steps"]:
         raise RuntimeError(
@@ -250,7 +280,7 @@ def aggregate(results: list[dict]) -> dict:
 def time_to_target(results: list[dict]) -> dict:
     """When each run first reaches its seed's AR run's final evaluation perplexity (the claim "reaches the
     same loss sooner"): per run the step and FLOPs of the first evaluation at or below it, else None."""
-    ar = {r["seed"]: r for r in results if r["arm"] == "ar" and r["budget"] == "steps" and r["curve"]}
+    ar = {r["seed"]: r for r in results if r["arm"] == "ar" and not r.get("alias") and r["curve"]}
     out: dict = {}
     for r in results:
         if r.get("alias") or r["seed"] not in ar or not r["curve"]:
@@ -268,6 +298,32 @@ def time_to_target(results: list[dict]) -> dict:
     return out
 
 
+_RESULTS: list[dict] = []  # the runs of this report (for the diagnostic table)
+
+
+def diagnostic_summary(results: list[dict]) -> dict:
+    """Per arm: the mean gradient cosine (whole run, first and last third) and norm ratio, over seeds."""
+    out: dict = {}
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        per_run = []
+        for r in results:
+            rows = r.get("diagnostic") or []
+            if r["arm"] != arm or not rows:
+                continue
+            third = max(1, len(rows) // 3)
+
+            def mean(key: str, part: list[dict]) -> float:
+                vals = [x[key] for x in part if key in x and math.isfinite(x[key])]
+                return sum(vals) / len(vals) if vals else math.nan
+
+            per_run.append({"grad_cos": mean("diag/grad_cos", rows), "grad_cos_first": mean("diag/grad_cos", rows[:third]),
+                            "grad_cos_last": mean("diag/grad_cos", rows[-third:]),
+                            "grad_norm_ratio": mean("diag/grad_norm_ratio", rows)})  # fmt: skip
+        if per_run:
+            out[arm] = {"runs": len(per_run)} | {k: mean_ci([p[k] for p in per_run]) for k in per_run[0]}
+    return out
+
+
 def _fmt(pair, digits: int) -> str:
     mean, ci = pair
     return f"{mean:.{digits}f}" if ci is None or math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
@@ -275,7 +331,8 @@ def _fmt(pair, digits: int) -> str:
 
 def markdown(summary: dict, reach: dict, args: argparse.Namespace, seconds: float) -> str:
     lines = [
-        f"# Study: hybrid SMLMT meta-pretraining vs next-token only ({'quick' if args.quick else 'full'})",
+        f"# Study{' round 2' if args.round2 else ''}: hybrid SMLMT meta-pretraining vs next-token only "
+        f"({'quick' if args.quick else 'full'})",
         "",
         f"{args.seeds} seeds per arm, {args.steps} steps in the equal-steps budget, {args.episodes} evaluation "
         f"episodes per setting; mean ± 95 % CI over seeds (Student t). Chance: 0.200 (5-way). "
@@ -303,6 +360,16 @@ def markdown(summary: dict, reach: dict, args: argparse.Namespace, seconds: floa
                 for k, _ in COLUMNS
             ]
             lines.append(f"| {arm} − ar | " + " | ".join(vals) + " |")
+    diag = diagnostic_summary([r for r in _RESULTS if not r.get("alias")])
+    if diag:
+        lines += ["", "## Gradient diagnostic: AR vs meta gradients on the shared backbone", "",
+                  "Mean over each run's diagnostic steps (`eval.grad_cos_every`), then mean ± 95 % CI over seeds. "
+                  "A negative cosine is a conflict: the meta gradient undoes part of the AR step.", "",
+                  "| arm | runs | grad_cos | grad_cos, first third | grad_cos, last third | meta/AR gradient norm |",
+                  "|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+        for arm, cell in diag.items():
+            lines.append(f"| {arm} | {cell['runs']} | " + " | ".join(
+                _fmt(cell[k], 3) for k in ("grad_cos", "grad_cos_first", "grad_cos_last", "grad_norm_ratio")) + " |")
     lines += [
         "",
         "## Reaching the AR run's final perplexity",
@@ -332,12 +399,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     except ImportError:
         warnings.warn("matplotlib is not installed (pip install 'picomaml[plots]'): no plots", stacklevel=1)
         return []
-    colors = {
-        "ar": "tab:blue",
-        "hybrid-0.5": "tab:orange",
-        "hybrid-sched": "tab:green",
-        "hybrid-0.2": "tab:red",
-    }
+    colors = {arm: f"C{i % 10}" for i, arm in enumerate(ARMS)}
     styles = {"steps": "-", "flops": "--"}
     paths = []
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
@@ -411,6 +473,7 @@ def main(argv=None) -> int:
     wall = time.perf_counter() - start
     seconds = sum(r["train_seconds"] + r["eval_seconds"] for r in results if not r.get("alias"))
     summary, reach = aggregate(results), time_to_target(results)
+    _RESULTS[:] = results
     report = {
         "command": " ".join(["python", "benchmarks/study_hybrid_vs_ar.py", *(argv or sys.argv[1:])]),
         "seeds": args.seeds, "steps": args.steps, "episodes": args.episodes, "arms": args.arms,
@@ -418,6 +481,7 @@ def main(argv=None) -> int:
         "overrides": {"common": COMMON + (QUICK if args.quick else []) + args.set, "arms": ARMS},
         "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
         "wall_seconds_this_invocation": round(wall, 1), "summary": summary, "reach_ar_perplexity": reach,
+        "diagnostic": diagnostic_summary([r for r in results if not r.get("alias")]),
         "runs": results,
     }  # fmt: skip
     (args.out / "study.json").write_text(json.dumps(report, indent=1))

@@ -67,10 +67,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     for flag in FLAGS:  # shorthands for trainer.<flag>
         p.add_argument(f"--{flag.replace('_', '-')}", dest=flag, help=f"trainer.{flag}")
     p.add_argument("--logger", action="append", choices=["csv", "tensorboard", "wandb"], help="repeatable")
+    p.add_argument("--compile", action="store_true", help="trainer.compile=true: torch.compile the backbone")
     args = p.parse_args(argv)
     args.set += [f"trainer.{k}={getattr(args, k)}" for k in FLAGS if getattr(args, k) is not None]
     if args.logger:
         args.set.append(f"trainer.loggers=[{', '.join(args.logger)}]")
+    if args.compile:
+        args.set.append("trainer.compile=true")
     return args
 
 
@@ -133,8 +136,7 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
     learner, optimizer = fabric.setup(run.learner, run.optimizer)
     dyn_rows = dynamics_rows(cfg, data.train, data.heldout_rows) if cfg.checkpoint.learning_dynamics else {}
     t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows)
-    t.hub = hub_uploader(cfg, run_dir, t.is_main)  # pushes each checkpoint in the background; waited for at exit
-    stack.callback(lambda: t.hub is not None and t.hub.close())
+    t.hub = hub_uploader(cfg, run_dir, t.is_main, stack)  # pushes each checkpoint in the background
     # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
     # run extended with a larger --max-steps follows the new schedule like the LR does
     state = start.restore({k: v for k, v in t.stateful().items() if k != "hybrid"})  # RNG states too
@@ -211,6 +213,8 @@ def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, 
     metrics |= training.group_lrs(t.optimizer)
     metrics["trainer/tokens_per_s"] = (t.counters["tokens"] - tokens0) / max(elapsed, 1e-9)
     metrics["meta/head_weight_norm"] = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in run.head.parameters()))
+    if cfg.eval.grad_cos_every and t.step % cfg.eval.grad_cos_every == 0 and t.is_main:  # AR vs meta gradients
+        metrics |= training.grad_conflict_metrics(run, cfg, t.data, t.step)
     if t.step % cfg.trainer.eval_every == 0 or t.step == cfg.trainer.max_steps:
         if t.is_main:
             episode_args = eval_episode_kwargs(cfg, t.data.tokenizer.mask_token_id, t.data.special_ids)

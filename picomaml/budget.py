@@ -22,6 +22,9 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
 
     Each of ``data.grad_accum`` micro-batches runs the AR objective on ``data.batch_size`` rows of
     ``data.seq_len`` inputs and/or the meta objective on ``meta.n_tasks`` episodes of the sampler's shape.
+    PCGrad surgery (``meta.grad_surgery``) adds one backward of each loss (counted as 2/3 of its step) when
+    both run. The gradient diagnostic (``eval.grad_cos_every``) is measurement, not training, and is not
+    counted.
 
     Args:
         config: A :class:`picomaml.ExperimentConfig`.
@@ -32,11 +35,11 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
     if unknown:
         raise ValueError(f"objectives: expected 'ar' and/or 'meta', got {sorted(unknown)}")
     data, s = config.data, config.sampler
-    total = 0
+    ar = meta = 0
     if "ar" in kinds:
-        total += ar_step_flops(config.model, data.batch_size, data.seq_len)
+        ar = ar_step_flops(config.model, data.batch_size, data.seq_len)
     if "meta" in kinds:
-        total += meta_step_flops(
+        meta = meta_step_flops(
             config.model,
             s.n_way,
             s.k_shot,
@@ -48,6 +51,9 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
             first_order=config.inner_loop.first_order,
             adapt_layers=config.meta.adapt_layers,
         )
+    total = ar + meta
+    if config.meta.grad_surgery == "pcgrad" and ar and meta:  # one more backward of each loss (2/3 of a step)
+        total += 2 * (ar + meta) // 3
     return total * data.grad_accum
 
 

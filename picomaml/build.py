@@ -71,7 +71,7 @@ def learner_from_config(
     m = cfg.meta
     return HybridLearner(
         model, head, loop, pooling=m.pooling, feature_norm=m.feature_norm, nonfinite=m.nonfinite,
-        adapt_layers=m.adapt_layers,
+        adapt_layers=m.adapt_layers, grad_surgery=m.grad_surgery,
     )  # fmt: skip
 
 
@@ -167,6 +167,7 @@ def build_run(
     special_ids: Sequence[int] = (),
     sampler_seed: int | None = None,
     optimizer: bool = True,
+    compile: bool | None = None,
 ) -> RunComponents:
     """Every component of a run, built from ``cfg`` as the reference trainer builds them.
 
@@ -177,8 +178,15 @@ def build_run(
         sampler_seed: The training sampler's seed (default ``cfg.seed``; a rank with its own data shard
             passes ``cfg.seed + rank``).
         optimizer: Also build the optimizer and LR schedule.
+        compile: ``torch.compile`` the backbone (:func:`picomaml.compile.compile_backbone`: AR steps and the
+            meta steps' backbone forward; the inner loop and adapted blocks stay eager); ``None``:
+            ``trainer.compile``.
     """
     model = model_from_config(cfg)
+    if cfg.trainer.compile if compile is None else compile:
+        from picomaml.compile import compile_backbone
+
+        compile_backbone(model)
     head = head_from_config(cfg)
     loop = inner_loop_from_config(cfg, head, model)
     run = RunComponents(

@@ -33,12 +33,40 @@ _OPTIONAL = {
 }
 
 
-def _version_of(module: str) -> str | None:
+def _installed_version(module: str) -> str | None:
+    """Version of an optional package from its installed metadata, without importing it (None: missing).
+
+    ``picomaml info`` must stay light: importing ``lightning``, ``transformers``, ``datasets`` and
+    ``matplotlib`` only to read ``__version__`` cost ~5 s. The metadata says what is installed;
+    ``importlib.util.find_spec`` (no import either) says whether the top-level module is there to import.
+    ``--check-imports`` really imports each one (see :func:`_import_status`).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+    from importlib.util import find_spec
+
     try:
-        mod = importlib.import_module(module)
-    except Exception:  # noqa: BLE001 - any failure means "not usable"
-        return None
-    return str(getattr(mod, "__version__", "installed"))
+        ver = version(module)  # the distribution names of these packages equal their module names
+    except PackageNotFoundError:
+        ver = None
+    try:
+        found = find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if ver is None:
+        return "installed (no metadata)" if found else None
+    return ver if found else f"{ver} (metadata only: the module is not importable)"
+
+
+def _import_status(module: str) -> str:
+    """``--check-imports``: import ``module`` and say how long it took, or why it failed."""
+    import time
+
+    start = time.perf_counter()
+    try:
+        importlib.import_module(module)
+    except Exception as exc:  # noqa: BLE001 - any failure means "not usable"; say which
+        return f"import fails: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:160]
+    return f"imports in {time.perf_counter() - start:.2f} s"
 
 
 def _learn2learn_status() -> str:
@@ -52,17 +80,21 @@ def _learn2learn_status() -> str:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    """Print versions and which optional backends import."""
-    import torch
+    """Print versions and which optional backends are installed (from package metadata: nothing optional is
+    imported unless ``--check-imports`` asks for it)."""
+    import torch  # a core dependency, and the only way to know whether CUDA is usable
 
+    check = bool(getattr(args, "check_imports", False))
     print(f"picomaml     {__version__}")
     print(f"python       {platform.python_version()} ({sys.executable})")
     print(
         f"torch        {torch.__version__} (cuda available: {torch.cuda.is_available()}, threads: {torch.get_num_threads()})"
     )
     for module, extra in _OPTIONAL.items():
-        ver = _version_of(module)
+        ver = _installed_version(module)
         state = ver if ver else f"missing -> pip install 'picomaml[{extra}]'"
+        if ver and check:
+            state += f"; {_import_status(module)}"
         print(f"{module:<12} {state}")
     print(f"{'learn2learn':<12} {_learn2learn_status()}")
     return 0
@@ -218,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"picomaml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("info", help="versions and which optional backends import")
+    p = sub.add_parser("info", help="versions and which optional backends are installed")
+    p.add_argument(
+        "--check-imports", action="store_true",
+        help="also import each installed optional package and report its import time or error (seconds)",
+    )  # fmt: skip
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("sample", help="print decoded SMLMT episodes from the embedded corpus")

@@ -74,6 +74,11 @@ class TrainerConfig(Params):
     loggers: tuple[Literal["csv", "tensorboard", "wandb"], ...] = hparam(("csv",), doc="metric sinks")
     wandb_project: str = hparam("picomaml", doc="Weights & Biases project")
     wandb_offline: bool = hparam(True, doc="Weights & Biases offline mode (sync later)")
+    compile: bool = hparam(
+        False,
+        doc="torch.compile the backbone for AR steps and the meta steps' backbone forward (inner loop and "
+        "adapted blocks stay eager: no double backward through compiled graphs)",
+    )
 
 
 @dataclasses.dataclass

@@ -25,9 +25,19 @@ import torch
 from torch import nn
 
 from picomaml.backbone import hidden_size
+from picomaml.grad_conflict import pcgrad_term, shared_parameters
 from picomaml.meta.episode import Episode
 from picomaml.meta.inner_loop import InnerLoopOutput
-from picomaml.objectives import FEATURE_NORMS, NONFINITE, POOLINGS, MetaConfig, NonFinite, lm_loss, meta_loss
+from picomaml.objectives import (
+    FEATURE_NORMS,
+    NONFINITE,
+    POOLINGS,
+    GradSurgery,
+    MetaConfig,
+    NonFinite,
+    lm_loss,
+    meta_loss,
+)  # fmt: skip
 from picomaml.top_blocks import TopBlocks, check_adapt_layers
 
 __all__ = ["HybridLearner", "LearnerOutput"]
@@ -66,6 +76,10 @@ class HybridLearner(nn.Module):
             (see :func:`picomaml.meta_loss`).
         adapt_layers: Top blocks of ``model`` that adapt with the head (``0``: the head only). With learned
             inner LRs the loop is bound here to the head and these blocks.
+        grad_surgery: ``"pcgrad"``: when both losses are computed (weighted mode) and their gradients on the
+            backbone conflict, the meta gradient loses its component along the AR gradient
+            (:func:`picomaml.grad_conflict.pcgrad_term`; two extra gradient passes per step); the cosine
+            before surgery is ``out.meta.metrics["grad_cos"]``. ``"none"`` (default): the plain sum.
 
     Raises:
         ValueError: a bad ``pooling``, ``feature_norm``, ``nonfinite`` or ``adapt_layers`` (more than the
@@ -84,6 +98,7 @@ class HybridLearner(nn.Module):
         *,
         features: Callable[[torch.Tensor], torch.Tensor] | None = None,
         adapt_layers: int = MetaConfig.adapt_layers,
+        grad_surgery: GradSurgery = MetaConfig.grad_surgery,
     ) -> None:
         super().__init__()
         if pooling not in POOLINGS:
@@ -93,6 +108,8 @@ class HybridLearner(nn.Module):
         if nonfinite not in NONFINITE:
             raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
         check_adapt_layers(adapt_layers)
+        if grad_surgery not in ("none", "pcgrad"):
+            raise ValueError(f"grad_surgery: must be 'none' or 'pcgrad', got {grad_surgery!r}")
         width, in_dim = hidden_size(model), getattr(head, "in_dim", None)
         if features is None and width is not None and in_dim is not None and width != in_dim:
             raise ValueError(f"head.in_dim: the head takes {in_dim}-dim features but the backbone's hidden size is {width}")
@@ -110,6 +127,7 @@ class HybridLearner(nn.Module):
         self.nonfinite = nonfinite
         self.features = features
         self.adapt_layers = int(adapt_layers)
+        self.grad_surgery = grad_surgery
 
     def forward(
         self,
@@ -146,5 +164,9 @@ class HybridLearner(nn.Module):
                 adapt_layers=self.adapt_layers,
             )
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
+            if self.grad_surgery == "pcgrad" and ar is not None and w_ar > 0 and w_meta > 0:
+                term, cosine = pcgrad_term(ar, meta.loss, list(shared_parameters(self.model).values()))
+                total = total + w_meta * term
+                meta.metrics["grad_cos"] = cosine
         assert total is not None
         return LearnerOutput(loss=total, lm_loss=None if ar is None else ar.detach(), meta=meta)

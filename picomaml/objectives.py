@@ -43,6 +43,7 @@ __all__ = [
     "Pooling",
     "FeatureNorm",
     "NonFinite",
+    "GradSurgery",
     "lm_loss",
     "backbone_hidden",
     "pool_features",
@@ -57,6 +58,7 @@ __all__ = [
 
 NonFinite = Literal["raise", "propagate"]
 NONFINITE = choices(NonFinite)
+GradSurgery = Literal["none", "pcgrad"]
 
 
 @dataclasses.dataclass
@@ -70,6 +72,9 @@ class MetaConfig(Params):
     feature_norm: FeatureNorm = hparam("none", doc="per-task normalisation by support statistics")
     n_tasks: int = hparam(1, ge=1, doc="tasks (episodes) per meta step, adapted together")
     adapt_layers: int = hparam(0, ge=0, doc="top backbone blocks (and final norm) adapted with the head; 0: head only")
+    grad_surgery: GradSurgery = hparam(
+        "none", doc="weighted mode: pcgrad removes the meta gradient's component against the AR gradient"
+    )
     nonfinite: NonFinite = hparam(
         "propagate", doc="NaN/Inf features: propagate (a NaN loss: the step is skipped) or raise"
     )

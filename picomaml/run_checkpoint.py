@@ -151,12 +151,15 @@ def save_run_checkpoint(
     return path
 
 
-def hub_uploader(cfg: ExperimentConfig, run_dir: Path, is_main: bool) -> HubUploader | None:
+def hub_uploader(cfg: ExperimentConfig, run_dir: Path, is_main: bool, stack: Any = None) -> HubUploader | None:
     """The run's :class:`~picomaml.hub_upload.HubUploader` on the main process (``None`` without
     ``checkpoint.hub_repo``). Every process checks the settings and the token, so a bad one stops all of
-    them before training; only the main process keeps an uploader."""
+    them before training; only the main process keeps an uploader, closed (pending pushes waited for) by
+    ``stack`` (a ``contextlib.ExitStack``) when one is given."""
     uploader = uploader_from_config(cfg.checkpoint, run_dir)
     if uploader is not None and not is_main:
         uploader.close(timeout=0)
         return None
+    if uploader is not None and stack is not None:
+        stack.callback(uploader.close)
     return uploader

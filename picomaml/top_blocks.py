@@ -183,9 +183,17 @@ def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
 
 
 def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor) -> Tensor:
-    """The final hidden states of the whole decoder (the capture hook may stop it early)."""
-    if callable(getattr(model, "hidden_states", None)):
-        return model.hidden_states(ids)
+    """The final hidden states of the whole decoder (the capture hook may stop it early).
+
+    A backbone compiled by :func:`picomaml.compile.compile_backbone` runs its eager original here: the
+    capture hook raises to stop the forward at the first adapted block, which a compiled graph cannot do.
+    """
+    from picomaml.compile import eager_forward, eager_hidden_states, is_compiled
+
+    hidden_states = eager_hidden_states(model)
+    if callable(hidden_states):
+        return hidden_states(ids)
     base = layout.base
     kwargs = {"use_cache": False} if hasattr(getattr(base, "config", None), "use_cache") else {}
-    return base(input_ids=ids, **kwargs).last_hidden_state
+    run = eager_forward(base) if is_compiled(base) else base
+    return run(input_ids=ids, **kwargs).last_hidden_state

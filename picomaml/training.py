@@ -42,6 +42,7 @@ __all__ = [
     "group_lrs",
     "NonFiniteGuard",
     "NonFiniteRunError",
+    "grad_conflict_metrics",
     "NonFiniteStepWarning",
 ]
 
@@ -345,3 +346,29 @@ class NonFiniteGuard:
             raise KeyError(f"NonFiniteGuard.load_state_dict: no 'nonfinite_skipped' among {sorted(state)}")
         self.total = check_int("nonfinite_skipped", int(state["nonfinite_skipped"]), ge=0)
         self.consecutive = check_int("nonfinite_consecutive", int(state.get("nonfinite_consecutive", 0)), ge=0)
+
+
+def grad_conflict_metrics(run: Any, cfg: ExperimentConfig, data: Any, step: int) -> dict[str, float]:
+    """``diag/grad_cos*`` of :func:`picomaml.grad_conflict.gradient_conflict` at ``step``: the AR gradient on
+    the next batch (the data position is left as it was) and the meta gradient on one episode from it,
+    drawn by a sampler of its own (seeded by the step, so the training sampler never moves), on the
+    backbone parameters both reach. Costs about one AR and one meta forward and backward.
+
+    Args:
+        run: The :class:`~picomaml.build.RunComponents` (its unwrapped model, head and inner loop).
+        cfg: The experiment config (pooling, feature norm, adapted blocks).
+        data: The run's :class:`~picomaml.data.pipeline.TrainingData`.
+        step: The optimizer step (the diagnostic sampler's seed).
+    """
+    from picomaml.grad_conflict import gradient_conflict, shared_parameters
+    from picomaml.objectives import lm_loss, meta_loss
+
+    rows = data.train.local(peek_batch(data.train))
+    sampler = sampler_from_config(cfg, data.tokenizer.mask_token_id, data.special_ids, seed=cfg.seed * 7919 + step)
+    device = next(run.model.parameters()).device
+    episode = sampler.sample(rows).to(device)
+    m = cfg.meta
+    ar = lm_loss(run.model, rows.to(device))
+    meta = meta_loss(run.model, run.head, run.inner_loop, episode, m.pooling, m.feature_norm, adapt_layers=m.adapt_layers)
+    out = gradient_conflict(ar, meta.loss, shared_parameters(run.model))
+    return {f"diag/{k}": v for k, v in out.items()}

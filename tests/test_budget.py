@@ -34,6 +34,10 @@ def test_experiment_step_flops():
     adapted = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, adapt_layers=1))
     expected = 2 * meta_step_flops(cfg.model, 3, 2, 2, 16, 2, (), 3, False, adapt_layers=1)
     assert experiment_step_flops(adapted, ["meta"]) == expected > meta  # equal-FLOP arms count the blocks
+    surgery = dataclasses.replace(cfg, meta=dataclasses.replace(cfg.meta, grad_surgery="pcgrad"))
+    per = experiment_step_flops(cfg, ("ar", "meta")) // 2
+    assert experiment_step_flops(surgery, ("ar", "meta")) == 2 * (per + 2 * per // 3)
+    assert experiment_step_flops(surgery, ("meta",)) == meta  # surgery needs both losses
 
 
 TINY_CPU = Path(__file__).resolve().parents[1] / "examples" / "configs" / "tiny-cpu.yaml"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from picomaml.build import (
@@ -80,3 +82,11 @@ def test_eval_arguments_follow_the_run():
     assert "mask_token_id" not in eval_episode_kwargs(cfg)
     assert eval_class_split(_cfg().sampler) == {}
     assert head_from_config(cfg).n_way == 3
+
+
+def test_trainer_compile_compiles_the_backbone_lazily_and_evaluation_stays_eager():
+    from picomaml.compile import is_compiled
+
+    cfg = dataclasses.replace(_cfg(), trainer=dataclasses.replace(_cfg().trainer, compile=True))
+    assert is_compiled(build_run(cfg, mask_token_id=2, optimizer=False).model)  # nothing compiled until a call
+    assert not is_compiled(build_run(cfg, mask_token_id=2, optimizer=False, compile=False).model)

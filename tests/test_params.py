@@ -36,7 +36,7 @@ DECLARATIONS = [
     (pm.InnerLoop, InnerLoopConfig, set(), {"head"}),
     (pm.SMLMTSampler, SamplerConfig, set(), {"mask_token_id", "seed"}),
     (pm.HybridScheduler, HybridConfig, set(), {"seed"}),
-    (pm.meta_loss, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "episode", "features"}),
+    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery"}, {"model", "head", "loop", "episode", "features"}),
     (HybridLearner, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "features"}),
     (build_optimizer, OptimConfig, {"warmup_steps", "decay", "min_lr_ratio", "grad_clip", "meta_lr"},
      {"modules", "lr_overrides"}),

@@ -33,6 +33,9 @@ class EvalConfig(Params):
     batch_size: int = hparam(8, ge=1, doc="rows per perplexity forward")
     episodes: int = hparam(100, ge=0, doc="few-shot episodes per setting (0: perplexity only)")
     settings: tuple[tuple[int, int], ...] = hparam(((5, 4),), ge=1, doc="(n_way, k_shot) few-shot settings")
+    grad_cos_every: int = hparam(
+        0, ge=0, doc="AR-vs-meta gradient cosines (diag/grad_cos*) at logged steps divisible by it; 0: off"
+    )
 
 
 def _fewshot_prefix(index: int, n_way: int, k_shot: int) -> str:

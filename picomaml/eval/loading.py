@@ -175,7 +175,7 @@ def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
     if rows.shape[0] == 0:
         raise IncompatibleCheckpointError(f"{where}: the run's data has no held-out rows to evaluate on")
     # exactly what training built (same head seed, inner-loop backend and learned-LR layout)
-    run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=special, optimizer=False)
+    run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=special, optimizer=False, compile=False)
     for name, module in (("model", run.model), ("head", run.head), ("inner_loop", run.inner_loop)):
         try:
             module.load_state_dict(loaded.states[name])

@@ -26,7 +26,8 @@ Ratio schedules (:meth:`HybridScheduler.ratio_at`), shaped like a learning-rate 
        steps are pure AR; meta-learning on an untrained backbone has little signal);
     2. then ``"constant"`` keeps ``ratio``; ``"linear"`` and ``"cosine"`` move from ``ratio`` to
        ``final_ratio`` between ``warmup_steps`` and ``total_steps`` and hold ``final_ratio`` afterwards.
-The result is clipped to [0, 1], so ratio 0 never asks for meta and ratio 1 never asks for AR (after any
+With ``meta_start > 0`` every step before ``meta_start * total_steps`` has ratio 0 (late meta: the meta
+objective only in the last part of a run). The result is clipped to [0, 1], so ratio 0 never asks for meta and ratio 1 never asks for AR (after any
 warm-up).
 """
 
@@ -64,6 +65,9 @@ class HybridConfig(Params):
     warmup_steps: int = hparam(0, ge=0, doc="steps over which the ratio rises from 0 to ratio")
     total_steps: int | None = hparam(None, ge=1, doc="end of a linear/cosine ratio schedule; null: trainer.max_steps")
     final_ratio: float = hparam(0.0, ge=0, le=1, doc="ratio reached at total_steps by linear/cosine schedules")
+    meta_start: float = hparam(
+        0.0, ge=0, lt=1, doc="fraction of total_steps before which every step is AR (late meta: 0.667)"
+    )
 
 _MASK64 = (1 << 64) - 1
 # Distinguishes this component's stream from any other user of the same experiment seed.
@@ -96,8 +100,8 @@ def uniform_hash(seed: int, step: int, stream: int = _STREAM) -> float:
 class HybridScheduler:
     """Decides per optimizer step between the AR objective, the meta objective, or a weighted sum.
 
-    The constructor arguments ``ratio``, ``mode``, ``schedule``, ``warmup_steps``, ``total_steps`` and
-    ``final_ratio`` are the fields of :class:`HybridConfig` (whose ``total_steps: null`` means
+    The constructor arguments ``ratio``, ``mode``, ``schedule``, ``warmup_steps``, ``total_steps``,
+    ``final_ratio`` and ``meta_start`` are the fields of :class:`HybridConfig` (whose ``total_steps: null`` means
     ``trainer.max_steps``); ``seed`` is the experiment seed.
 
     Args:
@@ -109,6 +113,7 @@ class HybridScheduler:
         total_steps: Last step of a ``"linear"``/``"cosine"`` schedule (required for those; usually
             ``trainer.max_steps``).
         final_ratio: Ratio reached at ``total_steps`` by ``"linear"``/``"cosine"``, in [0, 1].
+        meta_start: Fraction of ``total_steps`` before which the ratio is 0 (needs ``total_steps``).
 
     Example:
         >>> hs = HybridScheduler(ratio=0.5, mode="bernoulli", seed=0)
@@ -127,10 +132,11 @@ class HybridScheduler:
         seed: int = 0,
         total_steps: int | None = HybridConfig.total_steps,
         final_ratio: float = HybridConfig.final_ratio,
+        meta_start: float = HybridConfig.meta_start,
     ) -> None:
         config = HybridConfig(
             ratio=ratio, mode=mode, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps,
-            final_ratio=final_ratio,
+            final_ratio=final_ratio, meta_start=meta_start,
         )  # fmt: skip
         seed = check_int("seed", seed)
         ratio, warmup_steps, final_ratio = config.ratio, config.warmup_steps, config.final_ratio
@@ -147,6 +153,12 @@ class HybridScheduler:
         self.seed = int(seed)
         self.total_steps = total_steps
         self.final_ratio = float(final_ratio)
+        check(
+            config.meta_start == 0 or total_steps is not None,
+            "meta_start",
+            f"{config.meta_start} is a fraction of total_steps, which is not set",
+        )
+        self.meta_start = float(config.meta_start)
 
     @classmethod
     def from_config(cls, config: Any, seed: int = 0, total_steps: int | None = None) -> HybridScheduler:
@@ -168,6 +180,8 @@ class HybridScheduler:
     def ratio_at(self, step: int) -> float:
         """The meta ratio in effect at optimizer step ``step`` (0-based), clipped to [0, 1]."""
         step = self._check_step(step)
+        if self.meta_start and step < self.meta_start * (self.total_steps or 0):
+            return 0.0  # late meta: AR only until then
         if step < self.warmup_steps:
             r = self.ratio * step / self.warmup_steps
         elif self.schedule == "constant":
@@ -240,6 +254,7 @@ class HybridScheduler:
             "seed": self.seed,
             "total_steps": self.total_steps,
             "final_ratio": self.final_ratio,
+            "meta_start": self.meta_start,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

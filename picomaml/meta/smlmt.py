@@ -2,7 +2,9 @@
 
 Everything here is a pure function of its inputs and an explicit ``torch.Generator``;
 :class:`picomaml.meta.sampler.SMLMTSampler` is a thin stateful wrapper (arguments, cache, RNG state,
-streaming). All work runs on CPU tensors: it is index manipulation over a few hundred thousand integers.
+streaming). All work runs on CPU tensors: it is index manipulation over a few hundred thousand integers,
+done by NumPy's single-threaded kernels when NumPy is importable (see :func:`_incidence` for why), with
+a torch-only path that gives identical results.
 
 Vocabulary of this module: a buffer ``(B, L)`` is cut into ``n_windows = B * (L // W)`` windows; window
 ``w`` is row ``w // windows_per_row``, tokens ``[s, s + W)`` with ``s = (w % windows_per_row) * W``.
@@ -118,9 +120,20 @@ def check_tokens(tokens: object, name: str = "tokens") -> Tensor:
         raise ValueError(f"{name}: expected a 2-D tensor (B, L), got shape {tuple(tokens.shape)}{hint}")
     if tokens.numel() == 0:
         raise ValueError(f"{name}: empty tensor of shape {tuple(tokens.shape)}")
-    if int(tokens.min()) < 0:
-        raise ValueError(f"{name}: token ids must be >= 0, found {int(tokens.min())}")
+    smallest = _extreme(tokens, largest=False)
+    if smallest < 0:
+        raise ValueError(f"{name}: token ids must be >= 0, found {smallest}")
     return tokens
+
+
+def _extreme(tokens: Tensor, largest: bool) -> int:
+    """The max (``largest``) or min of a non-empty tensor: by NumPy's single-threaded reduction for a CPU
+    tensor when NumPy is importable (torch's parallel one stalls for milliseconds on a busy 2-core machine,
+    see :func:`_incidence`)."""
+    if tokens.device.type == "cpu" and _numpy_available():
+        arr = tokens.detach().numpy()
+        return int(arr.max() if largest else arr.min())
+    return int(tokens.max() if largest else tokens.min())
 
 
 def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
@@ -144,19 +157,37 @@ def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
             f"tokens: rows have {length} tokens, fewer than window_len={window_len}; "
             f"use longer rows or a smaller window_len"
         )
-    windows = tokens[:, : per_row * window_len].reshape(n_rows * per_row, window_len)
+    windows = _cut_windows(tokens, per_row, window_len)
     n = windows.shape[0]
-    largest, top = int(windows.max()), (2**63 - n) // n  # the keys id * n + window must fit in int64
+    largest = _extreme(windows, largest=True)
+    top = (2**63 - n) // n  # the keys id * n + window must fit in int64
     if largest > top:
         raise ValueError(
             f"tokens: token id {largest} is too large: a buffer of {n} windows takes ids up to {top} "
             f"(the index packs id * n_windows + window into int64)"
         )
-    pair_windows, token_ids, counts = _incidence(windows)
-    offsets = torch.empty(counts.numel() + 1, dtype=torch.long)  # empty + cumsum: no parallel fill
-    offsets[0] = 0
-    torch.cumsum(counts, 0, out=offsets[1:])
+    pair_windows, token_ids, counts = _incidence(windows, largest=largest)
+    if _numpy_available():  # see _incidence: no torch op over the O(B * L) arrays
+        import numpy as np
+
+        offsets = torch.from_numpy(np.concatenate(([0], np.cumsum(counts.numpy()))))
+    else:
+        offsets = torch.empty(counts.numel() + 1, dtype=torch.long)  # empty + cumsum: no parallel fill
+        offsets[0] = 0
+        torch.cumsum(counts, 0, out=offsets[1:])
     return WindowIndex(windows, per_row, token_ids, pair_windows, offsets, counts)
+
+
+def _cut_windows(tokens: Tensor, per_row: int, window_len: int) -> Tensor:
+    """``(B * per_row, W)`` windows of ``tokens`` ``(B, L)``: a view when the rows hold no tail, else a copy
+    (made by NumPy when importable: torch's parallel copy stalls on a busy machine, see :func:`_incidence`)."""
+    n_rows = tokens.shape[0]
+    cut = tokens[:, : per_row * window_len]
+    if _numpy_available() and not cut.is_contiguous():
+        import numpy as np
+
+        cut = torch.from_numpy(np.ascontiguousarray(cut.numpy()))
+    return cut.reshape(n_rows * per_row, window_len)
 
 
 def _numpy_available() -> bool:
@@ -167,35 +198,72 @@ def _numpy_available() -> bool:
     return True
 
 
-def _incidence(windows: Tensor, use_numpy: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+def _incidence(
+    windows: Tensor, use_numpy: bool | None = None, largest: int | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """The distinct (token, window) pairs of ``windows`` ``(n, W)``: their windows sorted by (token,
     window) ``(P,)``, the distinct token ids ``(U,)`` ascending, and the window count of each ``(U,)``.
 
-    One sort of ``token * n + window`` (the caller bounds the ids so it fits in int64); the ids and counts
-    are the runs of equal tokens in the sorted keys, so nothing is sized by the largest id. NumPy's
-    single-threaded sort is used when NumPy is importable (torchmetrics depends on it): torch's parallel
-    sort stalls for ~100 ms on an oversubscribed 2-core machine, where NumPy takes ~2 ms. Both paths
-    give identical results.
+    One sort of keys ordered by (token, window) (the caller bounds the ids so that ``token * n + window``
+    fits in int64); the ids and counts are the runs of equal tokens in the sorted keys, so nothing is sized
+    by the largest id.
+
+    NumPy is used when importable (torchmetrics depends on it): its single-threaded kernels take ~0.6 ms for
+    64 x 2048 tokens, while torch's parallel ones (any op over more than ~32k elements: the sort,
+    ``min``/``max``, even a dtype cast) stall for milliseconds, sometimes ~100 ms, when the intra-op pool
+    wakes on an oversubscribed 2-core machine. On that path the key is ``token << b | window`` with ``b`` the bits of the largest
+    window index, in int32 when the largest id (``largest``, computed here when None) fits in
+    ``31 - b`` bits, which halves the sort; else in int64 (``token * n + window`` when the shift would
+    overflow). Every path gives identical results, all int64.
     """
     n, w = windows.shape
     if use_numpy is None:
         use_numpy = _numpy_available()
-    if use_numpy:
-        import numpy as np
-
-        keys = np.sort(windows.numpy().reshape(-1) * n + np.arange(n * w, dtype=np.int64) // w)
-        keep = np.empty(keys.shape, dtype=bool)
-        keep[0] = True
-        np.not_equal(keys[1:], keys[:-1], out=keep[1:])
-        keys = keys[keep]
+    if not use_numpy:
+        keys = torch.unique(windows.reshape(-1) * n + torch.arange(n * w) // w)
         tok = keys // n
-        starts = np.flatnonzero(np.diff(tok, prepend=-1))  # the first pair of each token (ids are >= 0)
-        counts = np.diff(starts, append=tok.size)
-        return torch.from_numpy(keys - tok * n), torch.from_numpy(tok[starts]), torch.from_numpy(counts)
-    keys = torch.unique(windows.reshape(-1) * n + torch.arange(n * w) // w)
-    tok = keys // n
-    token_ids, counts = torch.unique_consecutive(tok, return_counts=True)
-    return keys - tok * n, token_ids, counts
+        token_ids, counts = torch.unique_consecutive(tok, return_counts=True)
+        return keys - tok * n, token_ids, counts
+    import numpy as np
+
+    arr = windows.numpy()
+    if largest is None:
+        largest = int(arr.max())
+    bits = max(1, (n - 1).bit_length())  # window indices < 2 ** bits
+    if largest < 2 ** (31 - bits):
+        keys = np.left_shift(arr, bits, dtype=np.int32, casting="unsafe")  # exact: ids < 2 ** (31 - bits)
+        keys |= np.arange(n, dtype=np.int32)[:, None]
+        shift = True
+    elif largest < 2 ** (63 - bits):
+        keys = (arr << bits) | np.arange(n, dtype=np.int64)[:, None]
+        shift = True
+    else:
+        keys = arr * n + np.arange(n, dtype=np.int64)[:, None]
+        shift = False
+    keys = keys.reshape(-1)
+    keys.sort()
+    keep = np.empty(keys.shape, dtype=bool)
+    keep[0] = True
+    np.not_equal(keys[1:], keys[:-1], out=keep[1:])
+    keys = np.compress(keep, keys)  # twice as fast as keys[keep]
+    if shift:
+        tok = keys >> bits
+        pair_windows = (keys & ((1 << bits) - 1)).astype(np.int64, copy=False)
+    else:
+        tok = keys // n
+        pair_windows = keys - tok * n
+    first = np.empty(tok.shape, dtype=bool)  # the first pair of each token
+    first[0] = True
+    np.not_equal(tok[1:], tok[:-1], out=first[1:])
+    starts = np.flatnonzero(first)
+    counts = np.empty(starts.shape, dtype=np.int64)
+    np.subtract(starts[1:], starts[:-1], out=counts[:-1])
+    counts[-1] = tok.size - starts[-1]
+    return (
+        torch.from_numpy(pair_windows),
+        torch.from_numpy(tok[starts].astype(np.int64, copy=False)),
+        torch.from_numpy(counts),
+    )
 
 
 def _positions(sorted_ids: Tensor, tokens: Tensor) -> Tensor:
@@ -307,6 +375,8 @@ def assign_windows(
     Returns:
         ``(N, per_class)`` window indices in random order, or None when no valid assignment exists.
     """
+    if _numpy_available():  # the same draws and the same result, in a third of the time (see _incidence)
+        return _assign_windows_numpy(index, classes, per_class, generator)
     n = classes.numel()
     at = index.positions(classes)
     starts, lens = index.offsets.index_select(0, at), index.counts.index_select(0, at)
@@ -332,6 +402,45 @@ def assign_windows(
     if result is None:
         return None
     out = torch.tensor(result, dtype=torch.long)
+    return torch.gather(out, 1, torch.argsort(torch.rand(out.shape, generator=generator), dim=1))
+
+
+def _assign_windows_numpy(
+    index: WindowIndex, classes: Tensor, per_class: int, generator: torch.Generator
+) -> Tensor | None:
+    """:func:`assign_windows` with NumPy arithmetic: the same random draws from ``generator`` (torch's, in the
+    same order and shapes) and the same sort keys, so the same result. Each NumPy call on these ~10^3
+    elements costs ~1-2 us against ~5-10 us for a torch op, and there are ~30 of them per draw."""
+    import numpy as np
+
+    n = classes.numel()
+    at = index.positions(classes).numpy()
+    if (at < 0).any():  # as index_select on the torch path
+        raise IndexError(
+            f"assign_windows: classes {classes[torch.from_numpy(at < 0)].tolist()} are not in the index"
+        )
+    starts, lens = index.offsets.numpy()[at], index.counts.numpy()[at]
+    first = np.cumsum(lens) - lens
+    pair_class = np.repeat(np.arange(n, dtype=np.int64), lens)
+    pair_win = index.pair_windows.numpy()[np.arange(pair_class.size) + np.repeat(starts - first, lens)]
+    contested = np.bincount(pair_win, minlength=index.n_windows)[pair_win] > 1
+    prio = torch.rand(pair_win.size, generator=generator, dtype=torch.float64).numpy()
+    # the keys of the torch path, bit for bit: small integers (exact in any float type) plus prio in float64
+    order = np.argsort(pair_class * 4.0 + contested * 2.0 + prio, kind="stable")
+    rank = np.arange(order.size) - first[pair_class[order]]
+    take = order[rank < per_class]  # (N * per_class,), grouped by class
+    chosen = pair_win[take].reshape(n, per_class)
+    flat = np.sort(chosen, axis=None)
+    if not (flat[1:] == flat[:-1]).any():
+        shuffle = np.argsort(prio[take].reshape(n, per_class), axis=1, kind="stable")
+        return torch.from_numpy(np.take_along_axis(chosen, shuffle, axis=1))
+    cand_sorted = pair_win[np.argsort(pair_class * 2.0 + prio, kind="stable")].tolist()
+    bounds = np.concatenate((first, [pair_class.size])).tolist()
+    cand = [cand_sorted[bounds[c] : bounds[c + 1]] for c in range(n)]
+    result = _repair(cand, chosen.tolist(), per_class)
+    if result is None:
+        return None
+    out = torch.tensor(result, dtype=torch.long)  # float32 draws: ties are possible, so torch's own argsort
     return torch.gather(out, 1, torch.argsort(torch.rand(out.shape, generator=generator), dim=1))
 
 
@@ -413,6 +522,22 @@ def assemble_episode(
     order = torch.argsort(labels)  # row l of the result is label l
     class_ids, wins = classes.index_select(0, order), windows.index_select(0, order)
     n, m = wins.shape
+    if _numpy_available():  # the same tensors, with a few NumPy calls instead of ~20 torch ops
+        import numpy as np
+
+        all_windows, ids_of, w_all = index.windows.numpy(), class_ids.numpy(), wins.numpy()
+        out = []
+        for sl, per in ((slice(0, k_shot), k_shot), (slice(k_shot, m), m - k_shot)):
+            w = np.ascontiguousarray(w_all[:, sl]).reshape(-1)
+            ids = all_windows[w]
+            row_label = np.repeat(np.arange(n, dtype=np.int64), per)
+            mask = ids == ids_of[row_label][:, None]
+            ids[mask] = mask_token_id
+            out += [torch.from_numpy(x) for x in (ids, row_label, mask, w)]
+        (s_ids, s_lab, s_mask, s_win, q_ids, q_lab, q_mask, q_win) = out
+        return Episode(
+            s_ids, s_lab, s_mask, q_ids, q_lab, q_mask, class_ids, s_win, q_win, index.windows_per_row
+        )
     parts = {}
     for part, sl, per in (("support", slice(0, k_shot), k_shot), ("query", slice(k_shot, m), m - k_shot)):
         w = wins[:, sl].reshape(-1)

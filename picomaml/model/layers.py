@@ -87,7 +87,13 @@ class _RMSNormFunction(torch.autograd.Function):
             xhat = x * rstd
         grad_w = None
         if ctx.needs_input_grad[1]:
-            grad_w = (grad * xhat).reshape(-1, xhat.shape[-1]).sum(0)
+            rows = (grad * xhat).reshape(-1, xhat.shape[-1])
+            if torch.compiler.is_compiling():
+                # The column sum as a (1, N) @ (N, dim) matmul: inductor's CPU code for this reduction opens
+                # one parallel region per 16 columns, whose barriers cost more than the sum on a busy machine.
+                grad_w = rows.new_ones(1, rows.shape[0]).mm(rows)[0]
+            else:
+                grad_w = rows.sum(0)
         grad_x = None
         if ctx.needs_input_grad[0]:
             gw = grad * weight

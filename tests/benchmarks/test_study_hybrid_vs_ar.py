@@ -78,3 +78,20 @@ def test_quick_study_runs_matches_compute_and_reuses_finished_runs(tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert again.stderr.count("reusing") == 6
     assert json.loads((out / "study.json").read_text())["summary"] == summary
+
+
+@pytest.mark.slow
+def test_round2_quick_runs_recipes_at_equal_flops_with_the_gradient_diagnostic(tmp_path):
+    out, work = tmp_path / "out", tmp_path / "runs"
+    cmd = [sys.executable, str(SCRIPT), "--round2", "--quick", "--arms", "ar", "pcgrad-0.3", "--seeds", "1",
+           "--episodes", "4", "--out", str(out), "--work-dir", str(work)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=500)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "study.json").read_text())
+    pcgrad = next(r for r in report["runs"] if r["arm"] == "pcgrad-0.3")
+    ar = next(r for r in report["runs"] if r["arm"] == "ar" and not r.get("alias"))
+    assert pcgrad["budget"] == "flops" and ar["flops"] <= pcgrad["flops"] <= 1.6 * ar["flops"]  # one step's worth
+    assert not any(r["budget"] == "steps" and r["arm"] != "ar" for r in report["runs"])  # equal FLOPs only
+    assert pcgrad["diagnostic"] and all(-1 <= d["diag/grad_cos"] <= 1 for d in pcgrad["diagnostic"])
+    assert set(report["diagnostic"]) == {"ar", "pcgrad-0.3"}
+    assert "## Gradient diagnostic" in (out / "study.md").read_text()

@@ -559,3 +559,13 @@ def test_hub_repo_without_a_token_stops_before_training(tmp_path, corpus_cache, 
     with pytest.raises(pm.ConfigError, match=r"checkpoint\.hub_repo"):
         trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "run")])
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_grad_cos_diagnostic_and_pcgrad_recipe_log_finite_cosines(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, eval={"grad_cos_every": 2},
+                         hybrid={"mode": "weighted", "ratio": 0.3}, meta={"grad_surgery": "pcgrad"})  # fmt: skip
+    rows = run(config, tmp_path / "run")
+    logged = [r for r in rows if r.get("diag/grad_cos")]
+    assert [int(r["step"]) for r in logged] == [2, 4]
+    assert all(-1 <= float(r["diag/grad_cos"]) <= 1 and float(r["diag/grad_norm_ratio"]) > 0 for r in logged)
+    assert "diag/grad_cos/layers.1" in rows[-1] and -1 <= float(rows[-1]["meta/grad_cos"]) <= 1

@@ -179,3 +179,16 @@ def test_from_config():
     assert cos.ratio_at(50) == 0.0
     with pytest.raises(TypeError):
         HybridScheduler.from_config({"ratio": 0.5, "bogus": 1})
+
+
+def test_late_meta_takes_no_meta_step_before_its_start():
+    hs = HybridScheduler(ratio=0.5, mode="interleave", total_steps=300, meta_start=2 / 3)
+    kinds = [hs.choose(s) for s in range(300)]
+    assert set(kinds[:200]) == {"ar"} and kinds[200:].count("meta") == 50
+    weighted = HybridScheduler(ratio=0.3, mode="weighted", total_steps=30, meta_start=0.5)
+    assert weighted.objectives(14) == ("ar",) and weighted.weights(15) == pytest.approx((0.7, 0.3))
+    with pytest.raises(Exception, match="meta_start"):
+        HybridScheduler(ratio=0.5, meta_start=0.5)  # a fraction of nothing
+    restored = HybridScheduler()
+    restored.load_state_dict(hs.state_dict())
+    assert restored.choose(250) == hs.choose(250) and restored.meta_start == pytest.approx(2 / 3)

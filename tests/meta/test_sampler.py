@@ -669,3 +669,323 @@ def test_without_numpy_the_index_and_the_episodes_are_the_same(zipf, monkeypatch
     without = SMLMTSampler(**common, class_sampling="count_power", seed=2).sample(zipf, n_tasks=3)
     for name in ("support_ids", "query_ids", "class_token_ids", "support_windows", "query_windows"):
         assert torch.equal(getattr(with_numpy, name), getattr(without, name)), name
+
+
+# ---------------------------------------------------------------------- the fast paths against a plain reference
+#
+# build_index, assign_windows and assemble_episode run vectorised NumPy code (int32 sort keys, no torch op over
+# the buffer); the reference below is the documented algorithm in plain Python, drawing from the generator in
+# the same order and shapes. It shares only two things with the library: the exact repair (smlmt._repair, which
+# is itself plain Python over lists) and nothing else.
+
+_M32 = 0xFFFFFFFF
+
+
+def reference_heldout(token: int, fraction: float, seed: int) -> bool:
+    x = (token * 2654435761 + (seed & _M32) * 40503 + 0x9E3779B9) & _M32
+    for _ in range(2):
+        x ^= x >> 16
+        x = (x * 0x045D9F3B) & _M32
+    x ^= x >> 16
+    return x / 2.0**32 < fraction
+
+
+def reference_index(tokens: torch.Tensor, w: int) -> tuple[list[list[int]], dict[int, list[int]]]:
+    """The windows, and for every token the ascending windows that hold it, by plain loops."""
+    windows = naive_windows(tokens, w)
+    where: dict[int, list[int]] = {}
+    for j, win in enumerate(windows):
+        for t in sorted(set(win)):
+            where.setdefault(t, []).append(j)
+    return windows, where
+
+
+def reference_eligible(where: dict[int, list[int]], n_win: int, s: SMLMTSampler) -> list[int]:
+    lo = s.min_freq * n_win if 0 < s.min_freq < 1 else s.min_freq
+    hi = s.max_freq * n_win if 0 < s.max_freq < 1 else s.max_freq
+    excluded = set(s.exclude_token_ids) | {s.mask_token_id}
+    out = [t for t in sorted(where) if max(lo, s.per_class) <= len(where[t]) <= hi and t not in excluded]
+    if s.holdout_fraction > 0:
+        keep_held = s.class_split == "heldout"
+        out = [t for t in out if reference_heldout(t, s.holdout_fraction, s.holdout_seed) == keep_held]
+    return out
+
+
+def reference_assign(where, classes, per, n_win, g):
+    pairs = [(c, win) for c, t in enumerate(classes) for win in where[t]]  # by draw order, then window
+    claims = [0] * n_win
+    for _, win in pairs:
+        claims[win] += 1
+    prio = torch.rand(len(pairs), generator=g, dtype=torch.float64).tolist()
+    by_class: list[list[tuple[bool, float, int]]] = [[] for _ in classes]
+    for p, (c, win) in enumerate(pairs):
+        by_class[c].append((claims[win] > 1, prio[p], win))  # uncontested first, then by priority
+    chosen = [sorted(x)[:per] for x in by_class]
+    flat = [win for x in chosen for _, _, win in x]
+    if len(set(flat)) == len(flat):
+        return torch.tensor([[win for _, _, win in sorted(x, key=lambda e: e[1])] for x in chosen])
+    cand = [[win for _, win in sorted((pr, win) for _, pr, win in x)] for x in by_class]
+    result = smlmt._repair(cand, [[win for _, _, win in x] for x in chosen], per)
+    if result is None:
+        return None
+    out = torch.tensor(result, dtype=torch.long)
+    return torch.gather(out, 1, torch.argsort(torch.rand(out.shape, generator=g), dim=1))
+
+
+def reference_episode(tokens: torch.Tensor, s: SMLMTSampler, g: torch.Generator) -> dict | None:
+    """One episode as plain tensors, or None where the sampler raises (too few classes, no placement)."""
+    windows, where = reference_index(tokens, s.window_len)
+    eligible = reference_eligible(where, len(windows), s)
+    if len(eligible) < s.n_way:
+        return None
+    for _ in range(s.max_redraws):
+        if s.class_sampling == "uniform":
+            weights = torch.ones(len(eligible))
+        else:
+            weights = torch.tensor([len(where[t]) for t in eligible], dtype=torch.float64).pow(s.power)
+        drawn = torch.multinomial(weights, s.n_way, replacement=False, generator=g).tolist()
+        classes = [eligible[i] for i in drawn]
+        assigned = reference_assign(where, classes, s.per_class, len(windows), g)
+        if assigned is not None:
+            break
+    else:
+        return None
+    labels = torch.randperm(s.n_way, generator=g).tolist()
+    by_label = sorted(range(s.n_way), key=lambda c: labels[c])
+    out: dict[str, list] = {
+        f"{p}_{x}": [] for p in ("support", "query") for x in ("ids", "labels", "mask", "windows")
+    }
+    out["class_token_ids"] = [classes[c] for c in by_label]
+    for part, cols in (("support", range(s.k_shot)), ("query", range(s.k_shot, s.per_class))):
+        for label, c in enumerate(by_label):
+            for j in cols:
+                win = int(assigned[c, j])
+                row = windows[win]
+                out[f"{part}_ids"].append([s.mask_token_id if x == classes[c] else x for x in row])
+                out[f"{part}_mask"].append([x == classes[c] for x in row])
+                out[f"{part}_labels"].append(label)
+                out[f"{part}_windows"].append(win)
+    return {k: torch.tensor(v) for k, v in out.items()}
+
+
+EPISODE_FIELDS = (
+    "support_ids", "support_labels", "support_mask", "query_ids", "query_labels", "query_mask",
+    "class_token_ids", "support_windows", "query_windows",
+)  # fmt: skip
+
+
+def assert_matches_reference(tokens: torch.Tensor, s: SMLMTSampler, draws: int = 3) -> int:
+    """Sample ``draws`` episodes and compare each, field by field and dtype, with the reference drawing from a
+    generator in the same state; returns how many were episodes (the rest must be SamplingErrors in both)."""
+    g = torch.Generator()
+    n_episodes = 0
+    for _ in range(draws):
+        g.set_state(s.generator.get_state())
+        expected = reference_episode(tokens, s, g)
+        if expected is None:
+            with pytest.raises(SamplingError):
+                s.sample(tokens)
+            continue
+        ep = s.sample(tokens)
+        for name in EPISODE_FIELDS:
+            got = getattr(ep, name)
+            assert got.dtype == expected[name].dtype and torch.equal(got, expected[name]), name
+        assert torch.equal(s.generator.get_state(), g.get_state())  # the same draws, no more
+        n_episodes += 1
+    return n_episodes
+
+
+REFERENCE_SETTINGS = [
+    dict(n_way=8, k_shot=2, n_query=2, window_len=16),  # the defaults: min_freq=4 (count), max_freq=0.5 (fraction)
+    dict(n_way=6, k_shot=3, n_query=1, window_len=16, min_freq=0.02, max_freq=40, class_sampling="count_power"),
+    dict(n_way=5, k_shot=1, n_query=2, window_len=20, min_freq=0, max_freq=0.999, exclude_token_ids=(1, 2, 10**12)),
+    dict(n_way=4, k_shot=2, n_query=2, window_len=16, holdout_fraction=0.3, holdout_seed=4),
+    dict(n_way=4, k_shot=2, n_query=2, window_len=16, holdout_fraction=0.3, holdout_seed=4, class_split="heldout",
+         class_sampling="count_power", power=1.5),
+    dict(n_way=12, k_shot=3, n_query=2, window_len=8, min_freq=1, max_freq=1000),  # crowded: repairs and redraws
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "setting", REFERENCE_SETTINGS, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items())
+)
+@pytest.mark.parametrize("seed", [0, 1, 17])
+def test_episodes_equal_the_plain_reference(setting, seed):
+    g = torch.Generator().manual_seed(100 + seed)
+    vocab = 60 if setting["window_len"] == 8 else 400
+    tokens = zipf_tokens(12, 250, vocab, seed=seed)  # 250 % W != 0: the rows' tails are dropped
+    tokens[tokens == vocab - 1] = int(torch.randint(3, 50, (), generator=g))  # vocab - 1 is the mask id
+    s = SMLMTSampler(**setting, mask_token_id=vocab - 1, seed=seed)
+    assert s.eligible(tokens).tolist() == reference_eligible(reference_index(tokens, s.window_len)[1],
+                                                             12 * (250 // s.window_len), s)  # fmt: skip
+    assert assert_matches_reference(tokens, s) > 0
+
+
+def test_the_reference_comparison_covers_repairs_and_redraws(monkeypatch):
+    calls = {"repair": 0, "failed": 0}
+    repair = smlmt._repair
+
+    def counting(cand, chosen, need):
+        calls["repair"] += 1
+        result = repair(cand, chosen, need)
+        calls["failed"] += result is None
+        return result
+
+    monkeypatch.setattr(smlmt, "_repair", counting)
+    episodes = 0
+    for seed in range(3):  # 32 windows of 8 tokens, 5 classes x 4 windows from types in 4..8 windows
+        tokens = zipf_tokens(4, 64, 30, seed=seed)
+        tokens[tokens == 29] = 7
+        s = SMLMTSampler(5, 2, 2, mask_token_id=29, window_len=8, min_freq=4, max_freq=8, seed=seed)
+        episodes += assert_matches_reference(tokens, s, draws=6)
+    # the slow path, redraws after a failed repair, and giving up after max_redraws all happened
+    assert calls["repair"] >= 10 and calls["failed"] >= 10 and 0 < episodes < 18, (calls, episodes)
+
+
+def test_fresh_batches_match_the_reference_at_benchmark_scale():
+    """The headline setting of benchmarks/sampler.py (32-way, W=64, V=50k, fresh 64 x 2048 batches),
+    on a quarter of the rows to keep the plain reference quick."""
+    s = SMLMTSampler(32, 4, 4, mask_token_id=50_000, window_len=64, seed=5)
+    for seed in (0, 1):
+        tokens = zipf_tokens(16, 2048, 50_000, seed=seed)
+        assert assert_matches_reference(tokens, s, draws=2) == 2
+
+
+@FAST
+@given(
+    seed=st.integers(0, 10_000),
+    vocab=st.integers(3, 40),
+    rows=st.integers(1, 6),
+    w=st.integers(2, 9),
+    extra=st.integers(0, 8),
+    n=st.integers(2, 5),
+    k=st.integers(1, 3),
+    q=st.integers(1, 2),
+    band=st.sampled_from([(0, 0.9), (2, 0.5), (0.1, 20), (1, 1000), (3, 0.99)]),
+    sampling=st.sampled_from(["uniform", "count_power"]),
+    holdout=st.sampled_from([(0.0, "train"), (0.3, "train"), (0.3, "heldout")]),
+)
+def test_random_buffers_match_the_reference_and_the_torch_path(
+    seed, vocab, rows, w, extra, n, k, q, band, sampling, holdout
+):
+    g = torch.Generator().manual_seed(seed)
+    per_row = 1 + int(torch.randint(0, 6, (), generator=g))
+    tokens = torch.randint(0, vocab, (rows, per_row * w + extra % w), generator=g)
+    common = dict(
+        n_way=n, k_shot=k, n_query=q, mask_token_id=vocab, window_len=w, min_freq=band[0], max_freq=band[1],
+        exclude_token_ids=(1,), class_sampling=sampling, holdout_fraction=holdout[0], class_split=holdout[1],
+        seed=seed,
+    )  # fmt: skip
+    s = SMLMTSampler(**common)
+    event(f"episodes: {assert_matches_reference(tokens, s, draws=2)}")
+    torch_only = SMLMTSampler(**common)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(smlmt, "_numpy_available", lambda: False)
+        torch_only.generator.set_state(SMLMTSampler(**common).generator.get_state())
+        assert_matches_reference(tokens, torch_only, draws=2)
+
+
+# ---------------------------------------------------------------------- edge cases of the fast index
+
+
+@pytest.mark.parametrize("n_rows", [1, 6, 8])  # 6 windows: the multiply key; 8: shift keys up to the limit
+def test_every_key_encoding_gives_the_plain_index(n_rows):
+    # ids near the limits of each encoding: int32 shift (id < 2**(31 - b)), int64 shift, int64 multiply
+    n = n_rows  # one window per row
+    b = max(1, (n - 1).bit_length())
+    top = (2**63 - n) // n
+    huge = [2 ** (31 - b) - 1, 2 ** (31 - b), 2 ** (63 - b) - 1, top]
+    for big in huge:
+        g = torch.Generator().manual_seed(big % 1000)
+        tokens = torch.randint(0, 5, (n_rows, 4), generator=g)
+        tokens[0, 1] = big
+        tokens[-1, 3] = big
+        tokens[n_rows // 2, 0] = 2 ** (31 - b) - 2
+        index = smlmt.build_index(tokens, window_len=4)
+        _, where = reference_index(tokens, 4)
+        assert index.token_ids.tolist() == sorted(where)
+        assert [index.windows_of(t).tolist() for t in sorted(where)] == [where[t] for t in sorted(where)]
+        assert index.counts.tolist() == [len(where[t]) for t in sorted(where)]
+        assert index.offsets.tolist() == [0, *index.counts.cumsum(0).tolist()]
+        for name in ("token_ids", "pair_windows", "offsets", "counts", "windows"):
+            assert getattr(index, name).dtype == torch.long, name
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(smlmt, "_numpy_available", lambda: False)
+            slow = smlmt.build_index(tokens, window_len=4)
+        for name in ("token_ids", "pair_windows", "offsets", "counts", "windows"):
+            assert torch.equal(getattr(index, name), getattr(slow, name)), (big, name)
+
+
+def test_strided_and_tailed_buffers_index_like_their_contiguous_copy():
+    base = zipf_tokens(10, 300, 500, seed=4)
+    for tokens in (base[:, :250], base[::2], base.t().contiguous().t()[:, 5:290]):
+        assert not tokens.is_contiguous() or tokens.shape[1] % 16
+        a, b = smlmt.build_index(tokens, 16), smlmt.build_index(tokens.contiguous(), 16)
+        for name in ("windows", "token_ids", "pair_windows", "offsets", "counts"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name
+        s1, s2 = (SMLMTSampler(4, 2, 2, mask_token_id=500, window_len=16, seed=3) for _ in range(2))
+        assert episodes_equal(s1.sample(tokens), s2.sample(tokens.contiguous()))
+    assert base.equal(zipf_tokens(10, 300, 500, seed=4))  # the buffer itself is never written
+
+
+def test_tokens_in_few_windows_and_the_band_edges():
+    # 40 windows of W=10; token 100 + c (c = 0..9) sits at position c of c + 1 windows, so it is in exactly
+    # c + 1 windows, and windows mix several classes; filler 0 elsewhere (excluded). k + q = 4.
+    rows = [[0] * 10 for _ in range(40)]
+    for c in range(10):
+        for j in range(c + 1):
+            rows[(4 * j + c % 4) % 40][c] = 100 + c
+    tokens = torch.tensor([sum(rows, [])])
+    _, where = reference_index(tokens, 10)
+    assert {t: len(v) for t, v in where.items() if t} == {100 + c: c + 1 for c in range(10)}
+    # counts, fractions of the 40 windows (0.1 -> 4, 0.2 -> 8, 0.175 -> 7), and both bounds inclusive
+    for lo, hi, expected in [
+        (0, 1000, range(103, 110)),  # tokens in 1..3 windows: fewer than k + q, never classes
+        (5, 8, range(104, 108)),
+        (4.0, 4.0, [103]),  # a one-count band: exactly k + q windows
+        (6, 0.2, range(105, 108)),
+        (0.1, 0.175, range(103, 107)),
+        (0.1, 9, range(103, 109)),
+        (10, 10, [109]),
+        (11, 1000, []),
+    ]:
+        s = SMLMTSampler(
+            2, 2, 2, mask_token_id=9, window_len=10, min_freq=lo, max_freq=hi, exclude_token_ids=(0,)
+        )
+        assert s.eligible(tokens).tolist() == list(expected), (lo, hi)
+        if len(expected) >= 2:
+            for _ in range(5):
+                check_episode(s.sample(tokens), tokens, s)
+        else:
+            with pytest.raises(SamplingError, match=f"only {len(expected)} token types are eligible"):
+                s.sample(tokens)
+    # a class with exactly k + q windows takes every one of them
+    s = SMLMTSampler(2, 2, 2, mask_token_id=9, window_len=10, min_freq=4, max_freq=5, exclude_token_ids=(0,))
+    for _ in range(10):
+        ep = s.sample(tokens)
+        check_episode(ep, tokens, s)
+        if 103 in ep.class_token_ids.tolist():
+            label = ep.class_token_ids.tolist().index(103)
+            used = ep.support_windows[ep.support_labels == label].tolist()
+            used += ep.query_windows[ep.query_labels == label].tolist()
+            assert sorted(used) == where[103]
+
+
+def test_a_token_in_one_window_only_and_a_single_window_buffer():
+    tokens = torch.tensor([[7, 7, 3, 4]])  # one window
+    index = smlmt.build_index(tokens, 4)
+    assert index.token_ids.tolist() == [3, 4, 7] and index.counts.tolist() == [1, 1, 1]
+    assert index.pair_windows.tolist() == [0, 0, 0] and index.offsets.tolist() == [0, 1, 2, 3]
+    s = SMLMTSampler(2, 1, 1, mask_token_id=9, window_len=4, min_freq=0, max_freq=1000)
+    with pytest.raises(SamplingError, match="only 0 token types are eligible"):
+        s.sample(tokens)
+
+
+def test_a_fresh_tensor_and_a_cached_index_give_the_same_episodes(zipf):
+    a = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, seed=9)
+    b = SMLMTSampler(8, 2, 2, mask_token_id=2000, window_len=32, seed=9)
+    index = b.index(zipf)
+    for _ in range(4):
+        fresh = zipf.clone()  # a new tensor every call: the index is rebuilt
+        assert episodes_equal(a.sample(fresh), b.sample(index))
+        assert a.index(fresh) is not index

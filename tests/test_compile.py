@@ -1,0 +1,197 @@
+"""torch.compile of the backbone: no graph breaks, and compiled results equal eager ones (a tiny model).
+
+Three inductor compiles in all (forward, forward with ``return_hidden``, ``hidden_states``), on a
+2-layer, 16-wide decoder; the graph-break checks only trace (``torch._dynamo.explain``).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+import picomaml as pm
+from picomaml.compile import compile_backbone, eager_forward, eager_hidden_states, eager_mode, is_compiled
+from picomaml.meta.episode import Episode
+
+V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
+TOL = dict(rtol=1e-4, atol=1e-5)
+
+
+def tiny_model(seed: int = 0) -> pm.PicoDecoder:
+    torch.manual_seed(seed)
+    cfg = pm.PicoDecoderConfig(
+        vocab_size=V, d_model=16, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, max_seq_len=32
+    )
+    return pm.PicoDecoder(cfg)
+
+
+def random_episode(seed: int = 0) -> Episode:
+    g = torch.Generator().manual_seed(seed)
+
+    def part(rows: int, per: int):
+        ids = torch.randint(2, V, (rows, W), generator=g)
+        mask = torch.rand(rows, W, generator=g) < 0.2
+        mask[:, 3] = True
+        ids[mask] = MASK
+        return ids, torch.arange(N).repeat_interleave(per), mask
+
+    return Episode(*part(N * K, K), *part(N * Q, Q), torch.arange(10, 10 + N))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def fresh_dynamo():
+    """No cached graphs or recompile counts from other test modules in, none of ours out (nor the
+    process-wide donated-buffer setting compile_backbone makes)."""
+    import torch._functorch.config as functorch_config
+
+    donated = functorch_config.donated_buffer
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+    functorch_config.donated_buffer = donated
+
+
+@pytest.fixture(scope="module")
+def pair():
+    """An eager decoder and a compiled one with the same weights."""
+    eager = tiny_model()
+    compiled = tiny_model()
+    compiled.load_state_dict(eager.state_dict())
+    return eager, compile_backbone(compiled)
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+def assert_same_grads(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys() and a
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], **TOL, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_zero_graph_breaks():
+    model = tiny_model()
+    ids = torch.randint(0, V, (2, 12))
+    calls = {
+        "forward": model,
+        "return_hidden": lambda x: model(x, return_hidden=True),
+        "hidden_states": model.hidden_states,
+    }
+    for name, fn in calls.items():
+        torch._dynamo.reset()
+        explained = torch._dynamo.explain(fn)(ids)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), (name, explained.break_reasons)
+    torch._dynamo.reset()
+
+
+def test_compiled_forward_and_gradients_match_eager(pair, caplog):
+    eager, compiled = pair
+    ids = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(1))
+    with caplog.at_level(logging.INFO, logger="picomaml.compile"):
+        pm.lm_loss(compiled, ids).backward()  # compiles forward and its backward
+    assert any("PicoDecoder.forward first call in" in r.getMessage() for r in caplog.records)
+    got = grads(compiled)
+    pm.lm_loss(eager, ids).backward()
+    assert_same_grads(grads(eager), got)
+    loss = pm.lm_loss(compiled, ids)  # two gradients of one graph (PCGrad, gradient-conflict metrics)
+    kept = torch.autograd.grad(loss, list(compiled.parameters()), retain_graph=True)
+    loss.backward()
+    for g, p in zip(kept, compiled.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, g)
+    compiled.zero_grad(set_to_none=True)
+    # why the inner loop never differentiates through a compiled graph: PyTorch refuses (not silently wrong)
+    first = torch.autograd.grad(pm.lm_loss(compiled, ids), list(compiled.parameters()), create_graph=True)
+    with pytest.raises(RuntimeError, match="does not currently support double backward"):
+        sum(g.square().sum() for g in first).backward()
+    compiled.zero_grad(set_to_none=True)
+
+    logits, hidden = compiled(ids, return_hidden=True)  # a second graph (return_hidden is a constant)
+    ref_logits, ref_hidden = eager(ids, return_hidden=True)
+    torch.testing.assert_close(logits, ref_logits, **TOL)
+    torch.testing.assert_close(hidden, ref_hidden, **TOL)
+    (logits.square().mean() + hidden.sum()).backward()
+    got = grads(compiled)
+    (ref_logits.square().mean() + ref_hidden.sum()).backward()
+    assert_same_grads(grads(eager), got)
+
+    # the eager originals stay reachable, and eager paths keep their checks and messages
+    assert is_compiled(compiled) and not is_compiled(eager)
+    torch.testing.assert_close(eager_forward(compiled)(ids), ref_logits.detach(), **TOL)
+    with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\), got min 64 and max 64"):
+        compiled(torch.full((1, 4), V))  # checked before the compiled graph runs
+    with eager_mode(compiled):
+        assert "forward" not in vars(compiled)
+    assert "forward" in vars(compiled)
+    assert compile_backbone(compiled) is compiled  # compiling twice is a no-op
+
+
+def test_generation_with_a_kv_cache_runs_eagerly(pair):
+    eager, compiled = pair
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    prompt = torch.randint(0, V, (2, 4), generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(
+        compiled.generate(prompt, max_new_tokens=3), eager.generate(prompt, max_new_tokens=3)
+    )
+    assert counters["stats"]["unique_graphs"] == before
+
+
+@pytest.mark.parametrize("adapt_layers", [0, 1])
+def test_meta_loss_through_a_compiled_backbone_matches_eager(pair, adapt_layers):
+    """Head second order (features from the compiled ``hidden_states``), and ``adapt_layers=1`` (the eager
+    ``hidden_states`` captures the block inputs; no graph is compiled for it)."""
+    from torch._dynamo.utils import counters
+
+    eager, compiled = pair
+    episode = Episode.stack([random_episode(0), random_episode(1)])
+    results = []
+    for model in (eager, compiled):
+        torch.manual_seed(3)
+        head = pm.MetaHead(16, N, hidden_dims=(8,))
+        loop = pm.InnerLoop(steps=2, lr=0.3)
+        before = counters["stats"]["unique_graphs"]
+        out = pm.meta_loss(model, head, loop, episode, adapt_layers=adapt_layers)
+        out.loss.backward()
+        if model is compiled and adapt_layers:
+            assert counters["stats"]["unique_graphs"] == before  # block capture ran eagerly
+        results.append((out.loss.detach(), grads(model), grads(head)))
+    (loss_e, backbone_e, head_e), (loss_c, backbone_c, head_c) = results
+    torch.testing.assert_close(loss_c, loss_e, **TOL)
+    assert_same_grads(backbone_e, backbone_c)
+    assert_same_grads(head_e, head_c)
+    assert eager_hidden_states(compiled) is not compiled.hidden_states
+
+
+def test_chunked_cpu_attention_equals_one_causal_call():
+    """The CPU training path queries 64-row chunks (ragged last chunk here); same values and gradients,
+    and a double backward under the math kernel (what adapted blocks use) still works."""
+    import torch.nn.functional as F
+
+    from picomaml.model.decoder import _chunked_causal_attention
+    from picomaml.top_blocks import math_attention
+
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (
+        torch.randn(2, h, 150, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2)
+    )
+    for kernel in (False, True):
+        with math_attention(kernel):
+            got = _chunked_causal_attention(q, k, v, True)
+            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+            torch.testing.assert_close(got, ref)
+            weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
+            dgot = torch.autograd.grad((got * weights).sum(), (q, k, v), create_graph=kernel)
+            dref = torch.autograd.grad((ref * weights).sum(), (q, k, v), create_graph=kernel)
+            for a, b in zip(dgot, dref, strict=True):
+                torch.testing.assert_close(a, b)
+        if kernel:
+            torch.testing.assert_close(
+                torch.autograd.grad(sum(d.square().sum() for d in dgot), q)[0],
+                torch.autograd.grad(sum(d.square().sum() for d in dref), q)[0],
+            )
