@@ -146,6 +146,12 @@ class ExperimentConfig(Params):
             f"{self.sampler.window_len} exceeds data.seq_len {self.data.seq_len} (windows are cut from rows)",
         )
         check(
+            not (self.trainer.compile and self.meta.grad_surgery == "pcgrad"),
+            "meta.grad_surgery",
+            "pcgrad differentiates each loss twice (retained graphs), which compiled graphs refuse; "
+            "set trainer.compile=false or meta.grad_surgery=none",
+        )
+        check(
             self.meta.adapt_layers <= self.model.n_layers,
             "meta.adapt_layers",
             f"must be in [0, {self.model.n_layers}] (model.n_layers), got {self.meta.adapt_layers}",

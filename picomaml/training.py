@@ -360,6 +360,7 @@ def grad_conflict_metrics(run: Any, cfg: ExperimentConfig, data: Any, step: int)
         data: The run's :class:`~picomaml.data.pipeline.TrainingData`.
         step: The optimizer step (the diagnostic sampler's seed).
     """
+    from picomaml.compile import eager_mode
     from picomaml.grad_conflict import gradient_conflict, shared_parameters
     from picomaml.objectives import lm_loss, meta_loss
 
@@ -368,7 +369,8 @@ def grad_conflict_metrics(run: Any, cfg: ExperimentConfig, data: Any, step: int)
     device = next(run.model.parameters()).device
     episode = sampler.sample(rows).to(device)
     m = cfg.meta
-    ar = lm_loss(run.model, rows.to(device))
-    meta = meta_loss(run.model, run.head, run.inner_loop, episode, m.pooling, m.feature_norm, adapt_layers=m.adapt_layers)
-    out = gradient_conflict(ar, meta.loss, shared_parameters(run.model))
+    with eager_mode(run.model):  # each loss is differentiated with its graph kept: compiled graphs refuse that
+        ar = lm_loss(run.model, rows.to(device))
+        meta = meta_loss(run.model, run.head, run.inner_loop, episode, m.pooling, m.feature_norm, adapt_layers=m.adapt_layers)
+        out = gradient_conflict(ar, meta.loss, shared_parameters(run.model))
     return {f"diag/{k}": v for k, v in out.items()}

@@ -144,3 +144,8 @@ def test_config_command_prints_yaml_and_reference(capsys, tmp_path):
     assert "`inner_loop.steps`" in capsys.readouterr().out
     assert main(["config", "--set", "hybrid.ratio=2"]) == 2
     assert "hybrid.ratio" in capsys.readouterr().err
+
+
+def test_pcgrad_with_a_compiled_backbone_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match="meta.grad_surgery: pcgrad differentiates each loss twice"):
+        ExperimentConfig.from_dict({"trainer": {"compile": True}, "meta": {"grad_surgery": "pcgrad"}})
