@@ -35,6 +35,7 @@ __all__ = [
     "hidden_size",
     "is_transformers_model",
     "lm_logits",
+    "no_cache_kwargs",
 ]
 
 FEATURES_CONTRACT = (
@@ -58,6 +59,12 @@ def _hf_base(model: nn.Module) -> nn.Module:
     """The base model of a ``transformers`` model (itself for a bare base model)."""
     base = getattr(model, "base_model", model)
     return base if isinstance(base, nn.Module) else model
+
+
+def no_cache_kwargs(module: nn.Module) -> dict[str, bool]:
+    """``{"use_cache": False}`` for a module whose config has ``use_cache`` (a ``transformers`` model), else
+    ``{}``: a training forward builds no KV cache."""
+    return {"use_cache": False} if hasattr(getattr(module, "config", None), "use_cache") else {}
 
 
 def _accepts(fn: Callable, name: str) -> bool:
@@ -93,8 +100,7 @@ def backbone_hidden(
         return model.hidden_states(ids)  # a PicoDecoder: skips the LM head
     if is_transformers_model(model):
         base = _hf_base(model)
-        kwargs = {"use_cache": False} if hasattr(getattr(base, "config", None), "use_cache") else {}
-        out = base(input_ids=ids, **kwargs)
+        out = base(input_ids=ids, **no_cache_kwargs(base))
         hidden = getattr(out, "last_hidden_state", None)
         if hidden is None:
             raise TypeError(
@@ -121,8 +127,7 @@ def lm_logits(model: nn.Module, ids: Tensor) -> Tensor:
             last position's logits at inference, as nanoGPT does without targets).
     """
     if is_transformers_model(model):
-        config = getattr(model, "config", None)
-        out = model(input_ids=ids, **({"use_cache": False} if hasattr(config, "use_cache") else {}))
+        out = model(input_ids=ids, **no_cache_kwargs(model))
     else:
         out = model(ids)
     logits = getattr(out, "logits", None)

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from picomaml.backbone import DecoderLayout, decoder_layout, is_transformers_model
+from picomaml.backbone import DecoderLayout, decoder_layout, is_transformers_model, no_cache_kwargs
 from picomaml.params import check_int
 
 __all__ = ["TopBlocks", "BlockInput", "math_attention", "check_adapt_layers"]
@@ -194,6 +194,5 @@ def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor) -> Tensor:
     if callable(hidden_states):
         return hidden_states(ids)
     base = layout.base
-    kwargs = {"use_cache": False} if hasattr(getattr(base, "config", None), "use_cache") else {}
     run = eager_forward(base) if is_compiled(base) else base
-    return run(input_ids=ids, **kwargs).last_hidden_state
+    return run(input_ids=ids, **no_cache_kwargs(base)).last_hidden_state
