@@ -22,7 +22,6 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
 import sys
@@ -34,32 +33,16 @@ import picomaml as pm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from inner_loop import interleaved_medians, saved_tensor_mb  # noqa: E402  (sibling benchmark helpers)
-from meta_step import build, make_episode  # noqa: E402
+from meta_step import build, make_episode, parse_step_args, step_parser  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--vocab", type=int, default=8192, help="model vocabulary (the embedded tokenizer's size)")
-    p.add_argument("--layers", type=int, default=None, help="override the preset's 12 layers")
+    p = step_parser(__doc__.split("\n")[0], RESULTS)
     p.add_argument("--adapt", default="0,1,2,all", help="comma-separated adapt_layers values; all = every block")
-    p.add_argument("--n-way", type=int, default=32)
-    p.add_argument("--k-shot", type=int, default=4)
-    p.add_argument("--n-query", type=int, default=4)
-    p.add_argument("--window", type=int, default=64)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--inner-lr", type=float, default=0.01)
     p.add_argument("--first-order", action="store_true", help="FOMAML instead of exact second order")
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--quick", action="store_true", help="seconds: 2 layers, 8-way, W=16, 3 steps, 1 repeat")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.layers, args.n_way, args.window, args.steps, args.repeats = 2, 8, 16, 3, 1
-    torch.set_num_threads(args.threads)
+    args = parse_step_args(p, argv)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ep, source = make_episode(args)

@@ -10,10 +10,10 @@ with ``use_cache=False``.
 Variants, for both models:
 
 - ``eager``: plain PyTorch.
-- ``compiled fwd``: ``picomaml.compile.compile_backbone(model)``; the forward (and its backward) runs as
-  a compiled graph, the cross-entropy eagerly. This is what the trainer's ``--compile`` does for an AR
-  step (``lm_loss`` calls ``model(ids)``).
-- ``compiled step``: ``torch.compile`` of the whole loss function (forward + cross-entropy in one graph).
+- ``compiled fwd``: ``picomaml.compile.compile_backbone(model)`` and ``model(ids)``; the forward (and its
+  backward) runs as a compiled graph, the cross-entropy eagerly on the returned logits.
+- ``compiled step``: ``compile_backbone(model)`` and ``picomaml.lm_loss(model, ids)``, which runs the
+  forward and the cross-entropy as one compiled graph: the trainer's ``--compile`` AR step.
 
 Repeats alternate between all variants (round-robin) and the median step time is reported; the ratio
 is HF Llama eager's median over the variant's, and ``paired`` is the median over rounds of the same
@@ -119,12 +119,8 @@ def build(
             call = hf_logits(model)
             out[name] = (lambda ids, c=call: next_token_loss(c(ids), ids), list(model.parameters()))
         elif name in ("pico_step", "hf_step"):
-            model = pico if name == "pico_step" else hf
-            call = pico_logits(model) if name == "pico_step" else hf_logits(model)
-            out[name] = (
-                torch.compile(lambda ids, c=call: next_token_loss(c(ids), ids)),
-                list(model.parameters()),
-            )
+            model = compile_backbone(pico_copy() if name == "pico_step" else pico_copy().to_hf().train())
+            out[name] = (lambda ids, m=model: pm.lm_loss(m, ids), list(model.parameters()))
         else:
             raise ValueError(f"--variants: unknown {name!r}; known: {', '.join(VARIANTS)}")
     return out, diff
@@ -257,8 +253,8 @@ def main() -> None:
             )
     lines += [
         "",
-        "compiled fwd: `compile_backbone(model)`, cross-entropy eager (the trainer's `--compile` AR step); "
-        "compiled step: `torch.compile` of forward + cross-entropy. Max |logit diff| PicoDecoder vs HF Llama "
+        "compiled fwd: `compile_backbone(model)`, cross-entropy eager on its logits; compiled step: "
+        "`compile_backbone(model)` + `lm_loss`, forward and cross-entropy in one graph (the trainer's `--compile` AR step). Max |logit diff| PicoDecoder vs HF Llama "
         "(eager) and max |loss - PicoDecoder eager loss| over the variants: "
         + ", ".join(
             f"{CONFIG_LABELS[k]} {r['max_abs_logit_diff_eager']:.1e} / {r['max_abs_loss_diff']:.1e}"

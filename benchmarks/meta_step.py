@@ -94,8 +94,9 @@ def build(args: argparse.Namespace, device: torch.device):
     return cfg, pm.PicoDecoder(cfg).to(device)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def step_parser(description: str, results: Path) -> argparse.ArgumentParser:
+    """The arguments of a meta-step benchmark (this one and ``adapt_layers.py``): model, episode, timing."""
+    p = argparse.ArgumentParser(description=description)
     p.add_argument(
         "--vocab", type=int, default=8192, help="model vocabulary (8192 = the embedded tokenizer size)"
     )
@@ -109,13 +110,24 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--no-anomaly", action="store_true", help="skip the replaced_anomaly row")
     p.add_argument("--quick", action="store_true", help="seconds: 2 layers, 8-way, W=16, 3 steps, 1 repeat")
-    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--out", type=Path, default=results)
+    return p
+
+
+def parse_step_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Parse, apply ``--quick`` and pin the thread count."""
     args = p.parse_args(argv)
     if args.quick:
         args.layers, args.n_way, args.window, args.steps, args.repeats = 2, 8, 16, 3, 1
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = step_parser(__doc__.split("\n")[0], RESULTS)
+    p.add_argument("--no-anomaly", action="store_true", help="skip the replaced_anomaly row")
+    args = parse_step_args(p, argv)
     device = torch.device(args.device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     ep, source = make_episode(args)

@@ -64,12 +64,15 @@ ARMS: dict[str, list[str]] = {
     # round 2 (--round2): recipes beyond the ratio
     "weighted-0.1": ["hybrid.mode=weighted", "hybrid.ratio=0.1"],
     "weighted-0.3": ["hybrid.mode=weighted", "hybrid.ratio=0.3"],
+    # what the diagnostic suggests (--arms): |g_meta| is 5-15x |g_ar|, so λ=0.03 puts λ·g_meta below g_ar
+    "weighted-0.03": ["hybrid.mode=weighted", "hybrid.ratio=0.03"],
     "pcgrad-0.3": ["hybrid.mode=weighted", "hybrid.ratio=0.3", "meta.grad_surgery=pcgrad"],
     "fomaml-0.2": ["hybrid.ratio=0.2", "inner_loop.first_order=true"],
     "adapt2-0.2": ["hybrid.ratio=0.2", "meta.adapt_layers=2"],
     "late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667"],
     "deep-ar": ["hybrid.ratio=0.0", "model.n_layers=12"],
     "deep-weighted-0.1": ["hybrid.mode=weighted", "hybrid.ratio=0.1", "model.n_layers=12"],
+    "deep-late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "model.n_layers=12"],
 }
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
 ROUND2_ARMS = ["ar", "weighted-0.1", "weighted-0.3", "pcgrad-0.3", "fomaml-0.2", "adapt2-0.2", "late-0.5"]
@@ -161,12 +164,18 @@ def plan(args: argparse.Namespace) -> list[dict]:
                     overrides = overrides + [f"trainer.max_steps={n}"]
                 cfg = pm.load_config(args.config, overrides)
                 steps = cfg.trainer.max_steps
+                spent = run_flops(cfg)[-1]
+                if kind == "flops" and not budget <= spent <= 1.05 * budget:  # the study's equal-FLOP contract
+                    msg = f"{arm}: {steps} steps spend {spent:.3e} FLOPs, not AR's {budget:.3e} + <= 5 %"
+                    if not args.quick:
+                        raise RuntimeError(msg)
+                    log.warning("%s (--quick: a few steps cannot match FLOPs closely)", msg)
                 every = steps if args.quick else max(1, steps // 6)  # evaluations along the way
                 overrides += [f"trainer.eval_every={every}", f"trainer.save_every={steps}"]
                 runs.append(
                     {
                         "arm": arm, "budget": kind, "seed": seed, "steps": steps,
-                        "flops": run_flops(cfg)[-1], "overrides": overrides,
+                        "flops": spent, "overrides": overrides,
                         "name": f"{kind}-{arm}-seed{seed}",
                     }
                 )  # fmt: skip

@@ -25,6 +25,8 @@ import inspect
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 __all__ = [
@@ -35,7 +37,10 @@ __all__ = [
     "hidden_size",
     "is_transformers_model",
     "lm_logits",
+    "next_token_ce",
+    "next_token_loss",
     "no_cache_kwargs",
+    "vocab_size",
 ]
 
 FEATURES_CONTRACT = (
@@ -145,6 +150,29 @@ def lm_logits(model: nn.Module, ids: Tensor) -> Tensor:
             "training mode, e.g. targets)"
         )
     return logits
+
+
+def next_token_loss(model: nn.Module, ids: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of :func:`lm_logits` ``(B, L, V)`` of ``ids`` against ``targets`` ``(B, L)``.
+
+    No target checks (:func:`picomaml.lm_loss` makes them): the function that
+    :func:`picomaml.compile.compile_backbone` compiles whole, so the loss fuses with the vocabulary
+    projection. Half-precision logits are upcast to float32 first.
+    """
+    return next_token_ce(lm_logits(model, ids), targets, ignore_index)
+
+
+def next_token_ce(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
+    """Mean cross-entropy of logits ``(B, L, V)`` against ``targets`` ``(B, L)``, in float32 or wider."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+
+
+def vocab_size(model: Any) -> int | None:
+    """The vocabulary size ``V`` from ``model.config.vocab_size``, or ``None`` when the model does not say."""
+    value = getattr(getattr(model, "config", None), "vocab_size", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def hidden_size(model: Any) -> int | None:

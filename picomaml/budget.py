@@ -99,13 +99,13 @@ def steps_for_flops(config: ExperimentConfig, budget: int, max_steps: int = 1_00
         ValueError: ``budget`` is not reached within ``max_steps`` steps.
     """
     budget = check_int("budget", budget, ge=1)
-    per_step = [experiment_step_flops(config, k) for k in (("ar",), ("meta",))]
-    # every step costs at least the cheaper objective and at most both: bracket, then scan upwards
-    steps = max(1, budget // sum(per_step))
+    # the dearest step: both objectives (with PCGrad's extra backward passes, dearer than the two apart)
+    dearest = max(experiment_step_flops(config, k) for k in (("ar",), ("meta",), ("ar", "meta")))
+    steps = max(1, budget // dearest)  # a lower bound on the length: bracket, then scan upwards
     while steps <= max_steps:
         spent = run_flops(config, steps)[-1]
         if spent >= budget:
             return steps
-        # the missing FLOPs need at least this many more steps, even if every one ran both objectives
-        steps += max(1, (budget - spent) // sum(per_step))
+        # the missing FLOPs need at least this many more steps, even if every one were the dearest
+        steps += max(1, (budget - spent) // dearest)
     raise ValueError(f"budget: {budget:.3e} FLOPs are not reached within max_steps={max_steps} steps")

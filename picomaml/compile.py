@@ -4,25 +4,31 @@
 ``transformers`` model's base-model ``forward``) with instance attributes that run compiled graphs, so
 everything that calls ``model(ids)`` or ``model.hidden_states(ids)`` (:func:`~picomaml.lm_loss`,
 :func:`~picomaml.meta_loss`, :class:`~picomaml.HybridLearner`) uses them without a change. The eager
-originals stay reachable (:func:`eager_forward`, :func:`eager_hidden_states`, :func:`eager_mode`).
+originals stay reachable (:func:`eager_forward`, :func:`eager_hidden_states`, :func:`eager_mode`). For a
+model whose config gives ``vocab_size`` it also compiles :func:`~picomaml.backbone.next_token_loss`, the
+forward and the cross-entropy as one graph (:func:`compiled_loss`), which :func:`~picomaml.lm_loss` runs:
+the loss fuses with the vocabulary projection instead of reading the ``(B, L, V)`` logits back eagerly.
 
 What stays eager, and why:
 
-- **Second order.** Compiled graphs (AOTAutograd) have no double backward: PyTorch raises, or would be
-  wrong, when a ``create_graph=True`` gradient has to pass through one. The MAML inner loop therefore never
-  differentiates through the compiled backbone: with ``adapt_layers=0`` it adapts the head on the
-  backbone's features (the compiled graph is differentiated once, by the outer backward); with
-  ``adapt_layers=k`` :class:`~picomaml.top_blocks.TopBlocks` runs the lower blocks with the *eager*
-  ``hidden_states`` (its capture hook raises to stop the forward, which a compiled graph cannot do) and
-  re-runs the adapted blocks eagerly, so a meta step with adapted blocks runs its backbone eagerly.
+- **Second order.** Compiled graphs (AOTAutograd) have no double backward: PyTorch raises ("does not
+  currently support double backward") when a ``create_graph=True`` gradient has to pass through one. The
+  MAML inner loop therefore never differentiates through the compiled backbone: with ``adapt_layers=0``
+  it adapts the head on the backbone's features (the compiled graph is differentiated once, by the outer
+  backward); with ``adapt_layers=k`` :class:`~picomaml.top_blocks.TopBlocks` runs the lower blocks with
+  the *eager* ``hidden_states`` (its capture hook raises to stop the forward, which a compiled graph
+  cannot do) and re-runs the adapted blocks eagerly, so a meta step with adapted blocks runs its backbone
+  eagerly.
+- **Learning dynamics.** :func:`~picomaml.dynamics.capture_learning_dynamics` runs inside
+  :func:`eager_mode`: its forward hooks would otherwise compile a graph of their own.
 - **KV-cache decoding.** A call with a :class:`~picomaml.KVCache` (``generate``) runs eagerly: its
   Python-int cache positions would recompile the graph for every length.
 - **Buffers.** :func:`compile_backbone` turns off AOTAutograd's donated buffers for the process
   (``torch._functorch.config.donated_buffer = False``), so ``retain_graph=True`` works through a compiled
   graph (PCGrad, gradient-conflict metrics); a double backward still raises.
-- **Bad input.** The eager ``_check_input`` raises a ``ValueError`` for token ids outside the vocabulary;
-  inside a compiled graph that check is an in-graph assert (a ``RuntimeError``), see
-  :meth:`PicoDecoder.hidden_states <picomaml.PicoDecoder.hidden_states>`.
+- **Input checks.** A PicoDecoder's eager ``_check_input`` runs before each compiled call
+  (``check_inputs=True``, the default), so bad token ids raise the eager ``ValueError``; inside the graph
+  the range check is an in-graph assert, which on CPU aborts the process when it fails.
 
 The compile time (the first call of each compiled function, and every later call that compiled a new
 graph: a new shape, grad mode or train/eval mode) is logged at INFO level on this module's logger.
@@ -40,13 +46,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from picomaml.backbone import is_transformers_model
+from picomaml.backbone import is_transformers_model, next_token_loss, vocab_size
 
-__all__ = ["compile_backbone", "is_compiled", "eager_forward", "eager_hidden_states", "eager_mode"]
+__all__ = [
+    "compile_backbone",
+    "compiled_loss",
+    "is_compiled",
+    "eager_forward",
+    "eager_hidden_states",
+    "eager_mode",
+]
 
 log = logging.getLogger(__name__)
 
 _EAGER = "_picomaml_eager"  # instance attribute: method name -> eager bound method
+_LOSS = "_picomaml_next_token_loss"  # instance attribute: the compiled forward + cross-entropy
 
 
 def _graphs() -> int:
@@ -92,8 +106,11 @@ def _wrap(label: str, eager: Callable, compiled: Callable, check: Callable | Non
     return call
 
 
-def _install(module: nn.Module, name: str, label: str, compile_kwargs: dict, check: Callable | None) -> None:
-    eager = getattr(type(module), name).__get__(module)  # the class's method, bound: never a wrapper
+def _install(
+    module: nn.Module, name: str, label: str, compile_kwargs: dict, check: Callable | None, eager: Callable | None = None
+) -> None:
+    if eager is None:
+        eager = getattr(type(module), name).__get__(module)  # the class's method, bound: never a wrapper
     compiled = torch.compile(eager, **compile_kwargs)
     originals = module.__dict__.setdefault(_EAGER, {})
     originals[name] = eager
@@ -137,6 +154,9 @@ def compile_backbone(model: nn.Module, *, check_inputs: bool = True, **compile_k
     _install(model, "forward", f"{cls}.forward", compile_kwargs, check)
     if callable(getattr(type(model), "hidden_states", None)):
         _install(model, "hidden_states", f"{cls}.hidden_states", compile_kwargs, check)
+    if vocab_size(model) is not None:  # lm_loss runs forward + cross-entropy as one graph (fused with lm_head)
+        loss = functools.partial(next_token_loss, model)
+        _install(model, _LOSS, f"{cls} forward + cross-entropy", compile_kwargs, check, eager=loss)
     if is_transformers_model(model):
         base = getattr(model, "base_model", model)
         if isinstance(base, nn.Module) and base is not model and not is_compiled(base):
@@ -149,6 +169,14 @@ def compile_backbone(model: nn.Module, *, check_inputs: bool = True, **compile_k
 
 def _check_ids(model: nn.Module, input_ids: Any) -> None:
     model._check_input(input_ids, 0)  # type: ignore[operator]
+
+
+def compiled_loss(model: nn.Module) -> Callable | None:
+    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by :func:`compile_backbone`
+    (:func:`picomaml.backbone.next_token_loss` as one graph), or ``None``: not compiled, a model whose
+    config gives no ``vocab_size``, or inside :func:`eager_mode`. :func:`picomaml.lm_loss` uses it."""
+    fn = model.__dict__.get(_LOSS)
+    return fn if callable(fn) else None
 
 
 def is_compiled(module: nn.Module) -> bool:

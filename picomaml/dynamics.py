@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from picomaml.compile import eager_mode
 from picomaml.objectives import lm_loss
 from picomaml.params import Params, hparam
 
@@ -171,7 +172,8 @@ def capture_learning_dynamics(
     try:
         if eval_mode:
             model.eval()
-        with torch.enable_grad():
+        # eagerly under compile_backbone: one batch per checkpoint does not pay for a graph with these hooks
+        with torch.enable_grad(), eager_mode(model):
             loss = loss_fn(model, batch)
             trainable = {n: w for n, w in weights.items() if w.requires_grad}
             grads = (

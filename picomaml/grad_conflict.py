@@ -45,6 +45,15 @@ def _grads(loss: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
     return [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params, strict=True)]
 
 
+def _products(g_ar: list[Tensor], g_meta: list[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """Per parameter, in float64: ``g_ar·g_meta``, ``|g_ar|²`` and ``|g_meta|²`` (three (P,) tensors)."""
+    with torch.no_grad():
+        dots = torch.stack([(a.double() * b.double()).sum() for a, b in zip(g_ar, g_meta, strict=True)])
+        sq_ar = torch.stack([a.double().pow(2).sum() for a in g_ar])
+        sq_meta = torch.stack([b.double().pow(2).sum() for b in g_meta])
+    return dots, sq_ar, sq_meta
+
+
 def gradient_conflict(ar_loss: Tensor, meta_loss: Tensor, params: dict[str, Tensor]) -> dict[str, float]:
     """Cosine and norm ratio of the AR and meta gradients on ``params`` (graphs kept, ``.grad`` untouched).
 
@@ -64,10 +73,8 @@ def gradient_conflict(ar_loss: Tensor, meta_loss: Tensor, params: dict[str, Tens
     for i, name in enumerate(names):
         m = _BLOCK.match(name)
         groups.setdefault(m.group(1) if m else "other", []).append(i)
+    dots, sq_ar, sq_meta = _products(g_ar, g_meta)
     with torch.no_grad():
-        dots = torch.stack([(a.double() * b.double()).sum() for a, b in zip(g_ar, g_meta, strict=True)])
-        sq_ar = torch.stack([a.double().pow(2).sum() for a in g_ar])
-        sq_meta = torch.stack([b.double().pow(2).sum() for b in g_meta])
 
         def cos(idx: list[int]) -> Tensor:
             d, na, nm = dots[idx].sum(), sq_ar[idx].sum().sqrt(), sq_meta[idx].sum().sqrt()
@@ -96,10 +103,8 @@ def pcgrad_term(ar_loss: Tensor, meta_loss: Tensor, params: Sequence[Tensor]) ->
     """
     tensors = list(params)
     g_ar, g_meta = _grads(ar_loss, tensors), _grads(meta_loss, tensors)
+    dot, sq_ar, sq_meta = (t.sum() for t in _products(g_ar, g_meta))
     with torch.no_grad():
-        dot = sum((a.double() * b.double()).sum() for a, b in zip(g_ar, g_meta, strict=True))
-        sq_ar = sum(a.double().pow(2).sum() for a in g_ar)
-        sq_meta = sum(b.double().pow(2).sum() for b in g_meta)
         c = torch.where(sq_ar > 0, torch.clamp(dot, max=0.0) / sq_ar.clamp_min(1e-30), torch.zeros_like(dot))
         cosine = float(dot / (sq_ar.sqrt() * sq_meta.sqrt()).clamp_min(1e-30))
     term = sum((g.detach() * p).sum() for g, p in zip(g_ar, tensors, strict=True))

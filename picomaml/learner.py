@@ -29,16 +29,15 @@ from picomaml.grad_conflict import pcgrad_term, shared_parameters
 from picomaml.meta.episode import Episode
 from picomaml.meta.inner_loop import InnerLoopOutput
 from picomaml.objectives import (
-    FEATURE_NORMS,
-    NONFINITE,
-    POOLINGS,
     GradSurgery,
     MetaConfig,
     NonFinite,
+    check_head_width,
+    check_meta_options,
     lm_loss,
     meta_loss,
 )  # fmt: skip
-from picomaml.top_blocks import TopBlocks, check_adapt_layers
+from picomaml.top_blocks import TopBlocks
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -101,18 +100,11 @@ class HybridLearner(nn.Module):
         grad_surgery: GradSurgery = MetaConfig.grad_surgery,
     ) -> None:
         super().__init__()
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-        if feature_norm not in FEATURE_NORMS:
-            raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
-        if nonfinite not in NONFINITE:
-            raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
-        check_adapt_layers(adapt_layers)
+        check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
         if grad_surgery not in ("none", "pcgrad"):
             raise ValueError(f"grad_surgery: must be 'none' or 'pcgrad', got {grad_surgery!r}")
-        width, in_dim = hidden_size(model), getattr(head, "in_dim", None)
-        if features is None and width is not None and in_dim is not None and width != in_dim:
-            raise ValueError(f"head.in_dim: the head takes {in_dim}-dim features but the backbone's hidden size is {width}")
+        if features is None:
+            check_head_width(head, hidden_size(model), "the backbone's hidden size")
         if adapt_layers:
             if features is not None:
                 raise ValueError("adapt_layers: a features= callable cannot be split into blocks; use adapt_layers=0")

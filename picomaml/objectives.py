@@ -18,10 +18,10 @@ from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from picomaml.backbone import backbone_hidden, hidden_size, lm_logits
+from picomaml.backbone import backbone_hidden, hidden_size, lm_logits, next_token_ce, vocab_size
+from picomaml.compile import compiled_loss
 from picomaml.features import (
     FEATURE_NORMS,
     POOLINGS,
@@ -125,27 +125,45 @@ def lm_loss(
     # queued before the forward, read after it: one sync, and a clear error instead of torch's IndexError
     # (or a device-side assert on CUDA) for a target outside the vocabulary
     bounds = torch.stack([targets.masked_fill(~counted, 0).amin(), targets.masked_fill(~counted, 0).amax()])
+    fused = None if full_sequence else compiled_loss(model)
+    if fused is not None and vocab_size(model) is not None:
+        # checked before the graph: inside it an out-of-vocabulary target is an in-graph assert
+        _check_targets(bounds.tolist(), vocab_size(model), ignore_index, pad_id)
+        return fused(tokens[:, :-1], targets, ignore_index)  # forward + cross-entropy in one compiled graph
     logits = lm_logits(model, tokens if full_sequence else tokens[:, :-1])
     if full_sequence:
         logits = logits[:, :-1]
-    lo, hi = bounds.tolist()
-    if lo < 0 or hi >= logits.shape[-1]:
+    _check_targets(bounds.tolist(), logits.shape[-1], ignore_index, pad_id)
+    return next_token_ce(logits, targets, ignore_index)
+
+
+def _check_targets(bounds: list, vocab: int, ignore_index: int, pad_id: int | None) -> None:
+    """Raise naming ``tokens`` when the counted targets' ``[min, max]`` leaves ``[0, vocab)``."""
+    lo, hi = bounds
+    if lo < 0 or hi >= vocab:
         raise ValueError(
-            f"tokens: target ids must lie in [0, {logits.shape[-1]}) (the model's vocabulary, the last dim of its "
+            f"tokens: target ids must lie in [0, {vocab}) (the model's vocabulary, the last dim of its "
             f"logits) or equal ignore_index={ignore_index}{'' if pad_id is None else f' / pad_id={pad_id}'}; "
             f"got min {lo} and max {hi}"
         )
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()
-    return F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index
-    )
 
-def _check_width(head: nn.Module, width: Any, what: str) -> None:
+
+def check_head_width(head: nn.Module, width: Any, what: str) -> None:
     """Raise naming ``head.in_dim`` when features of ``width`` (an int; anything else is unknown) do not fit."""
     in_dim = getattr(head, "in_dim", None)
     if isinstance(width, int) and in_dim is not None and width != in_dim:
         raise ValueError(f"head.in_dim: the head takes {in_dim}-dim features but {what} is {width}")
+
+
+def check_meta_options(pooling: str, feature_norm: str, nonfinite: str, adapt_layers: Any) -> None:
+    """Raise a ``ValueError`` naming the argument when a :func:`meta_loss` option is not an allowed value."""
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
+    if feature_norm not in FEATURE_NORMS:
+        raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
+    if nonfinite not in NONFINITE:
+        raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
+    check_adapt_layers(adapt_layers)
 
 
 def meta_loss(
@@ -202,12 +220,10 @@ def meta_loss(
             not ``head.in_dim``, ``adapt_layers`` outside ``[0, n_blocks]`` or with ``features=``, or a bad
             episode (see :func:`episode_features`).
     """
-    if nonfinite not in NONFINITE:
-        raise ValueError(f"nonfinite: must be one of {list(NONFINITE)}, got {nonfinite!r}")
-    check_adapt_layers(adapt_layers)
+    check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
     check_episode(episode)
     if features is None:  # checked before the forward: PicoDecoder's d_model, transformers' hidden_size
-        _check_width(head, hidden_size(model), "the backbone's hidden size (model.config)")
+        check_head_width(head, hidden_size(model), "the backbone's hidden size (model.config)")
     head_param = next(iter(head.parameters()), None)
     dtype = head_param.dtype if head_param is not None else None  # the head keeps its own precision
     if adapt_layers:
@@ -218,7 +234,7 @@ def meta_loss(
             )
         return _meta_loss_blocks(model, head, loop, episode, pooling, feature_norm, nonfinite, adapt_layers, dtype)
     xs, ys, xq, yq = episode_features(model, episode, pooling, feature_norm, dtype, features=features)
-    _check_width(head, xs.shape[-1], "the width of the backbone's features")
+    check_head_width(head, xs.shape[-1], "the width of the backbone's features")
     if episode.support_ids.dim() == 2:
         xs, xq, ys, yq = xs[0], xq[0], ys[0], yq[0]
     bad = nonfinite == "propagate" and not bool(torch.isfinite(xs).all() & torch.isfinite(xq).all())
@@ -241,10 +257,6 @@ def _meta_loss_blocks(
     adapt_layers: int, dtype: Any,
 ) -> Any:  # fmt: skip
     """:func:`meta_loss` with the top ``adapt_layers`` blocks adapting (see :mod:`picomaml.meta.block_loop`)."""
-    if pooling not in POOLINGS:
-        raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
-    if feature_norm not in FEATURE_NORMS:
-        raise ValueError(f"feature_norm must be one of {list(FEATURE_NORMS)}, got {feature_norm!r}")
     if model is None:
         raise ValueError("model: adapt_layers needs the decoder whose blocks adapt, got None")
     top = TopBlocks(model, adapt_layers)
@@ -260,7 +272,7 @@ def _meta_loss_blocks(
         for lo, hi in ((i * (ns + nq), i * (ns + nq) + ns), (i * (ns + nq) + ns, (i + 1) * (ns + nq))):
             with torch.set_grad_enabled(support_grad or lo >= i * (ns + nq) + ns):
                 inp = top.capture(rows.ids[lo:hi])  # every row passes the lower blocks once
-            _check_width(head, inp.hidden.shape[-1], "the width of the backbone's hidden states")
+            check_head_width(head, inp.hidden.shape[-1], "the width of the backbone's hidden states")
             if not bool(torch.isfinite(inp.hidden).all()):
                 if nonfinite == "raise":
                     raise ValueError("meta_loss: the backbone's hidden states hold NaN or Inf (nonfinite='raise')")

@@ -69,6 +69,11 @@ def test_steps_for_flops_is_the_first_length_that_reaches_the_budget():
         assert run_flops(cfg, n)[-1] >= budget > run_flops(cfg, n - 1)[-1]
         assert n > 50  # meta steps are cheaper than AR steps
     assert steps_for_flops(_experiment(ratio=0.0), budget) == 50
+    # PCGrad in weighted mode: a step costs more than its two losses apart, so the bracket must start lower
+    surgery = pm.load_config(TINY_CPU, ["hybrid.mode=weighted", "hybrid.ratio=0.3", "meta.grad_surgery=pcgrad"])
+    n = steps_for_flops(surgery, budget)
+    assert run_flops(surgery, n)[-1] >= budget > run_flops(surgery, n - 1)[-1]
+    assert n < steps_for_flops(_experiment(ratio=0.3, mode="weighted"), budget)
     with pytest.raises(ValueError, match="max_steps"):
         steps_for_flops(_experiment(ratio=0.5), budget, max_steps=10)
     with pytest.raises(ValueError, match="budget"):

@@ -12,7 +12,14 @@ import pytest
 import torch
 
 import picomaml as pm
-from picomaml.compile import compile_backbone, eager_forward, eager_hidden_states, eager_mode, is_compiled
+from picomaml.compile import (
+    compile_backbone,
+    compiled_loss,
+    eager_forward,
+    eager_hidden_states,
+    eager_mode,
+    is_compiled,
+)
 from picomaml.meta.episode import Episode
 
 V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
@@ -93,8 +100,8 @@ def test_compiled_forward_and_gradients_match_eager(pair, caplog):
     eager, compiled = pair
     ids = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(1))
     with caplog.at_level(logging.INFO, logger="picomaml.compile"):
-        pm.lm_loss(compiled, ids).backward()  # compiles forward and its backward
-    assert any("PicoDecoder.forward first call in" in r.getMessage() for r in caplog.records)
+        pm.lm_loss(compiled, ids).backward()  # compiles forward + cross-entropy and its backward
+    assert any("PicoDecoder forward + cross-entropy first call in" in r.getMessage() for r in caplog.records)
     got = grads(compiled)
     pm.lm_loss(eager, ids).backward()
     assert_same_grads(grads(eager), got)
@@ -124,9 +131,15 @@ def test_compiled_forward_and_gradients_match_eager(pair, caplog):
     torch.testing.assert_close(eager_forward(compiled)(ids), ref_logits.detach(), **TOL)
     with pytest.raises(ValueError, match=r"token ids must be in \[0, 64\), got min 64 and max 64"):
         compiled(torch.full((1, 4), V))  # checked before the compiled graph runs
+    targets = torch.full((1, 4), 3)
+    targets[0, 2] = V  # a target outside the vocabulary: lm_loss's ValueError before the fused graph runs
+    with pytest.raises(ValueError, match=r"tokens: target ids must lie in \[0, 64\)"):
+        pm.lm_loss(compiled, targets)
+    assert compiled_loss(compiled) is not None and compiled_loss(eager) is None
     with eager_mode(compiled):
-        assert "forward" not in vars(compiled)
-    assert "forward" in vars(compiled)
+        assert "forward" not in vars(compiled) and compiled_loss(compiled) is None  # lm_loss runs eagerly
+        torch.testing.assert_close(pm.lm_loss(compiled, ids), pm.lm_loss(eager, ids), **TOL)
+    assert "forward" in vars(compiled) and compiled_loss(compiled) is not None
     assert compile_backbone(compiled) is compiled  # compiling twice is a no-op
 
 
@@ -195,3 +208,4 @@ def test_chunked_cpu_attention_equals_one_causal_call():
                 torch.autograd.grad(sum(d.square().sum() for d in dgot), q)[0],
                 torch.autograd.grad(sum(d.square().sum() for d in dref), q)[0],
             )
+

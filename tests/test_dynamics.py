@@ -204,3 +204,21 @@ def test_fused_projections_are_captured_and_a_silent_module_is_an_error():
     with pytest.raises(ValueError, match=r"layers: \['spare'\] produced no activations"):
         capture_learning_dynamics(Unused(), torch.randint(0, 4, (2, 5)), ["used", "spare"],
                                   loss_fn=lambda m, b: m(b).sum())  # fmt: skip
+
+
+def test_a_compiled_backbone_is_captured_eagerly_without_compiling():
+    from torch._dynamo.utils import counters
+
+    from picomaml.compile import compile_backbone
+
+    model = _model()
+    ref = capture_learning_dynamics(copy.deepcopy(model), _batch(), SUFFIXES)
+    compiled = compile_backbone(model)
+    before = dict(counters["stats"])
+    got = capture_learning_dynamics(compiled, _batch(), SUFFIXES)
+    assert dict(counters["stats"]) == before  # no graph was traced for the hooked forward
+    assert "forward" in vars(compiled)  # still compiled afterwards
+    for kind in ("activations", "weights", "gradients"):
+        assert got[kind].keys() == ref[kind].keys()
+        for name in ref[kind]:
+            torch.testing.assert_close(got[kind][name], ref[kind][name])
