@@ -237,7 +237,7 @@ def save(t: Trainer) -> None:
 
 
 def train(t: Trainer) -> str:
-    """The loop: train step, log/evaluate every ``log_every`` steps, save every ``save_every``."""
+    """The loop: train step, log (and evaluate) at ``training.is_log_step``, save every ``save_every``."""
     trainer_cfg = t.cfg.trainer
     bar = training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty())
     window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
@@ -252,7 +252,7 @@ def train(t: Trainer) -> str:
             end_reason = "end of data"
             break
         bar.update(window)
-        if t.step % trainer_cfg.log_every == 0 or t.step == trainer_cfg.max_steps:
+        if training.is_log_step(t.cfg, t.step):
             now = time.perf_counter()
             log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
             window.clear()

@@ -59,7 +59,7 @@ class TrainerConfig(Params):
 
     max_steps: int = hparam(300, ge=1, doc="optimizer steps of the run")
     log_every: int = hparam(10, ge=1, doc="steps between metric rows (means over the window)")
-    eval_every: int = hparam(100, ge=1, doc="steps between evaluations (on a logging step)")
+    eval_every: int = hparam(100, ge=1, doc="steps between evaluations (each writes a metric row)")
     save_every: int = hparam(100, ge=1, doc="steps between checkpoints (one is always written at the end)")
     max_nonfinite_skips: int = hparam(
         20, ge=1, doc="non-finite steps in a row (each skipped) that stop the run with an error"

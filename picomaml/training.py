@@ -38,6 +38,7 @@ __all__ = [
     "MetricWindow",
     "peek_batch",
     "check_run",
+    "is_log_step",
     "global_grad_norm",
     "group_lrs",
     "NonFiniteGuard",
@@ -217,6 +218,14 @@ def peek_batch(source: Any) -> Tensor:
         return source.next_batch()
     finally:
         source.load_state_dict(position)
+
+
+def is_log_step(cfg: ExperimentConfig, step: int) -> bool:
+    """Whether the trainer writes a metric row after ``step``: every ``trainer.log_every`` steps, at every
+    evaluation (``trainer.eval_every``) and gradient diagnostic (``eval.grad_cos_every``) even when they
+    fall between logging steps, and at the last step."""
+    t, every = cfg.trainer, cfg.eval.grad_cos_every
+    return step % t.log_every == 0 or step % t.eval_every == 0 or step == t.max_steps or bool(every and step % every == 0)
 
 
 def check_run(

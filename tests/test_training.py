@@ -240,3 +240,14 @@ def test_a_diverging_run_stops_instead_of_skipping_every_step():
             skipped += [step] if caught else []
             optimizer.zero_grad()
     assert skipped == [2, 3, 4, 5] and guard.total == 5
+
+
+def test_evaluations_and_diagnostics_between_logging_steps_still_write_a_row():
+    from picomaml.config import ExperimentConfig
+    from picomaml.training import is_log_step
+
+    cfg = ExperimentConfig.from_dict(
+        {"trainer": {"log_every": 10, "eval_every": 57, "max_steps": 130}, "eval": {"grad_cos_every": 25}}
+    )
+    rows = [s for s in range(1, 131) if is_log_step(cfg, s)]
+    assert rows == [10, 20, 25, 30, 40, 50, 57, 60, 70, 75, 80, 90, 100, 110, 114, 120, 125, 130]

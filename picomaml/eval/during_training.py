@@ -34,7 +34,7 @@ class EvalConfig(Params):
     episodes: int = hparam(100, ge=0, doc="few-shot episodes per setting (0: perplexity only)")
     settings: tuple[tuple[int, int], ...] = hparam(((5, 4),), ge=1, doc="(n_way, k_shot) few-shot settings")
     grad_cos_every: int = hparam(
-        0, ge=0, doc="AR-vs-meta gradient cosines (diag/grad_cos*) at logged steps divisible by it; 0: off"
+        0, ge=0, doc="steps between AR-vs-meta gradient cosines (diag/grad_cos*); 0: off"
     )
 
 
