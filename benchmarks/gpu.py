@@ -325,6 +325,15 @@ def _fail(row: Row, exc: BaseException, when: str) -> None:
         torch.cuda.empty_cache()
 
 
+def _timed_step(step, sync) -> float:
+    """Seconds of one ``step()``, synchronised before and after (so queued device work is counted)."""
+    sync()
+    t0 = time.perf_counter()
+    step()
+    sync()
+    return time.perf_counter() - t0
+
+
 def timed_medians(rows: list[Row], repeats: int, warmup: int, sync) -> dict[str, float]:
     """Median seconds per row's step, rows called round-robin (as ``inner_loop.interleaved_medians``) so
     drifts in machine load hit all alike; a step that raises ends its row (reported), not the run."""
@@ -334,15 +343,12 @@ def timed_medians(rows: list[Row], repeats: int, warmup: int, sync) -> dict[str,
             if row.step is None:
                 continue
             try:
-                sync()
-                t0 = time.perf_counter()
-                row.step()
-                sync()
+                seconds = _timed_step(row.step, sync)
             except Exception as exc:  # noqa: BLE001 - e.g. a recompile that fails, or out of memory
                 _fail(row, exc, "timing")
                 continue
             if i >= warmup:
-                times[row.name].append(time.perf_counter() - t0)
+                times[row.name].append(seconds)
     return {r.name: statistics.median(times[r.name]) for r in rows if r.step is not None and times[r.name]}
 
 
@@ -352,11 +358,7 @@ def measure(rows: list[Row], s: Setting, device: torch.device, sync, peak_tflops
         if row.step is None:
             continue
         try:
-            sync()
-            t0 = time.perf_counter()
-            row.step()
-            sync()
-            row.first_step_s = time.perf_counter() - t0
+            row.first_step_s = _timed_step(row.step, sync)
         except Exception as exc:  # noqa: BLE001 - torch.compile can fail in many ways: report it
             _fail(row, exc, "first step" + (" (compile)" if row.compiled else ""))
             torch._dynamo.reset()  # nothing compiled is timed yet: the next compiled row starts clean

@@ -125,10 +125,10 @@ def lm_loss(
     # queued before the forward, read after it: one sync, and a clear error instead of torch's IndexError
     # (or a device-side assert on CUDA) for a target outside the vocabulary
     bounds = torch.stack([targets.masked_fill(~counted, 0).amin(), targets.masked_fill(~counted, 0).amax()])
-    fused = None if full_sequence else compiled_loss(model)
-    if fused is not None and vocab_size(model) is not None:
+    fused, vocab = (None, None) if full_sequence else (compiled_loss(model), vocab_size(model))
+    if fused is not None and vocab is not None:
         # checked before the graph: inside it an out-of-vocabulary target is an in-graph assert
-        _check_targets(bounds.tolist(), vocab_size(model), ignore_index, pad_id)
+        _check_targets(bounds.tolist(), vocab, ignore_index, pad_id)
         return fused(tokens[:, :-1], targets, ignore_index)  # forward + cross-entropy in one compiled graph
     logits = lm_logits(model, tokens if full_sequence else tokens[:, :-1])
     if full_sequence:
