@@ -152,21 +152,70 @@ def lm_logits(model: nn.Module, ids: Tensor) -> Tensor:
     return logits
 
 
+# On CPU a PicoDecoder's vocabulary projection and loss run over row chunks of at most this many bytes of
+# float32 logits: glibc serves blocks above its largest mmap threshold (32 MiB) with fresh pages every step,
+# and faulting in the (B*L, V) logits and their gradient cost about 7 % of a compiled tiny-preset step at
+# V = 8192 (36k page faults a step, against 4-13k in 16 MiB chunks). At most _LOSS_MAX_CHUNKS chunks, so
+# the compiled graph stays small.
+_LOSS_CHUNK_BYTES, _LOSS_MAX_CHUNKS = 16 * 2**20, 16
+
+
 def next_token_loss(model: nn.Module, ids: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
     """Mean cross-entropy of :func:`lm_logits` ``(B, L, V)`` of ``ids`` against ``targets`` ``(B, L)``.
 
     No target checks (:func:`picomaml.lm_loss` makes them): the function that
     :func:`picomaml.compile.compile_backbone` compiles whole, so the loss fuses with the vocabulary
-    projection. Half-precision logits are upcast to float32 first.
+    projection. Half-precision logits are upcast to float32 first. For a PicoDecoder on CPU the
+    projection and the loss run over chunks of rows (at most 16 MiB of logits each), the same loss.
     """
-    return next_token_ce(lm_logits(model, ids), targets, ignore_index)
+    rows = _loss_chunk_rows(model, ids)
+    if rows is None:
+        return next_token_ce(lm_logits(model, ids), targets, ignore_index)
+    hidden, flat_targets = model.hidden_states(ids).flatten(0, 1), targets.reshape(-1)
+    head = model.lm_head
+    total = sum(
+        _ce_sum(head(h), t, ignore_index) for h, t in zip(hidden.split(rows), flat_targets.split(rows), strict=True)
+    )
+    return total / (flat_targets != ignore_index).sum()
+
+
+def _loss_chunk_rows(model: nn.Module, ids: Tensor) -> int | None:
+    """Rows per chunk of :func:`next_token_loss` for a PicoDecoder on CPU; ``None``: one chunk."""
+    from picomaml.model.decoder import PicoDecoder
+
+    if not isinstance(model, PicoDecoder) or ids.device.type != "cpu":
+        return None
+    n = ids.numel()
+    rows = max(-(-n // _LOSS_MAX_CHUNKS), _LOSS_CHUNK_BYTES // (4 * model.config.vocab_size), 1)
+    return rows if rows < n else None
 
 
 def next_token_ce(logits: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of logits ``(B, L, V)`` against ``targets`` ``(B, L)``, in float32 or wider."""
+    """Mean cross-entropy of logits ``(B, L, V)`` against ``targets`` ``(B, L)``, in float32 or wider.
+
+    Targets equal to ``ignore_index`` are left out of the mean (all ignored: NaN, as ``F.cross_entropy``).
+    """
+    flat, flat_targets = logits.reshape(-1, logits.shape[-1]), targets.reshape(-1)
+    if torch.compiler.is_compiling():
+        return _ce_sum(flat, flat_targets, ignore_index) / (flat_targets != ignore_index).sum()
+    if flat.dtype in (torch.float16, torch.bfloat16):
+        flat = flat.float()
+    return F.cross_entropy(flat, flat_targets, ignore_index=ignore_index)
+
+
+def _ce_sum(logits: Tensor, targets: Tensor, ignore_index: int) -> Tensor:
+    """Summed cross-entropy of ``logits`` ``(N, V)`` against ``targets`` ``(N,)`` over the counted targets."""
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=ignore_index)
+    if not torch.compiler.is_compiling():
+        return F.cross_entropy(logits, targets, ignore_index=ignore_index, reduction="sum")
+    # The same loss as logsumexp - the target's logit. Inductor's CPU code for F.cross_entropy's backward
+    # re-derives each row's gradient sum from the one-hot targets in a scalar loop over the vocabulary (6 %
+    # of a compiled tiny-preset step at V = 8192); this form's backward needs no such sum.
+    keep = targets != ignore_index
+    hit = torch.arange(logits.shape[-1], device=logits.device) == targets.unsqueeze(1)  # no hit if ignored
+    picked = torch.where(hit, logits, 0).sum(-1)
+    return torch.where(keep, torch.logsumexp(logits, dim=-1) - picked, 0).sum()
 
 
 def vocab_size(model: Any) -> int | None:

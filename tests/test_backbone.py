@@ -101,3 +101,31 @@ def test_decoder_layout_finds_blocks_of_each_family_and_names_adapt_layers_other
     assert (layout.prefix, layout.norm_prefix, layout.base) == ("layers", "norm", pico)
     with pytest.raises(TypeError, match="adapt_layers: cannot find the transformer blocks of NanoGPT"):
         decoder_layout(NanoGPT())
+
+
+def test_next_token_loss_in_row_chunks_equals_one_cross_entropy(monkeypatch):
+    """A PicoDecoder's loss over chunks of rows (on CPU) is the loss and gradient of the whole logits."""
+    from picomaml import backbone
+
+    torch.manual_seed(0)
+    cfg = pm.PicoDecoderConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32)
+    model = pm.PicoDecoder(cfg).double()
+    ids = torch.randint(0, V, (3, 11))
+    targets = torch.randint(0, V, (3, 11))
+    targets[1, 2:6] = -100
+
+    def loss_and_grads():
+        loss = backbone.next_token_loss(model, ids, targets)
+        return loss, torch.autograd.grad(loss, list(model.parameters()))
+
+    assert backbone._loss_chunk_rows(model, ids) is None  # 33 rows of V logits: one chunk
+    whole, whole_grads = loss_and_grads()
+    torch.testing.assert_close(whole, F.cross_entropy(lm_logits(model, ids).flatten(0, 1), targets.flatten()))
+    monkeypatch.setattr(backbone, "_LOSS_CHUNK_BYTES", 4 * V * 5)  # 5 rows a chunk: 7 chunks, the last ragged
+    assert backbone._loss_chunk_rows(model, ids) == 5
+    chunked, chunked_grads = loss_and_grads()
+    torch.testing.assert_close(chunked, whole, rtol=1e-12, atol=0)
+    for got, want in zip(chunked_grads, whole_grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-14)
+    monkeypatch.setattr(backbone, "_LOSS_MAX_CHUNKS", 2)  # the chunk count is capped
+    assert backbone._loss_chunk_rows(model, ids) == 17

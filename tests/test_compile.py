@@ -60,6 +60,17 @@ def fresh_dynamo():
     functorch_config.donated_buffer = donated
 
 
+@pytest.fixture(scope="module", autouse=True)
+def chunked_loss():
+    """The compiled loss runs over chunks of 8 rows (6 chunks of the 45 rows here, the last ragged) as a
+    large-vocabulary model does, checked against the eager loss of the whole logits."""
+    from picomaml import backbone
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(backbone, "_LOSS_CHUNK_BYTES", 4 * V * 8)
+        yield
+
+
 @pytest.fixture(scope="module")
 def pair():
     """An eager decoder and a compiled one with the same weights."""
@@ -143,6 +154,26 @@ def test_compiled_forward_and_gradients_match_eager(pair, caplog):
     assert compile_backbone(compiled) is compiled  # compiling twice is a no-op
 
 
+def test_compiled_cross_entropy_ignores_targets_as_eager(pair):
+    """The compiled loss's cross-entropy (logsumexp - picked logit) leaves out padded / ignored targets
+    exactly as F.cross_entropy does, values and gradients; all ignored is NaN in both."""
+    eager, compiled = pair
+    ids = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(2))  # the shape compiled above
+    ids[:, 5:9] = 7
+    from picomaml.backbone import _loss_chunk_rows
+
+    assert _loss_chunk_rows(compiled, ids[:, :-1]) == 8  # the compiled loss runs in chunks (chunked_loss)
+    pm.lm_loss(compiled, ids, pad_id=7).backward()
+    got = grads(compiled)
+    pm.lm_loss(eager, ids, pad_id=7).backward()
+    assert_same_grads(grads(eager), got)
+    with torch.no_grad():
+        torch.testing.assert_close(pm.lm_loss(compiled, ids, pad_id=7), pm.lm_loss(eager, ids, pad_id=7), **TOL)
+        assert not torch.isclose(pm.lm_loss(compiled, ids), pm.lm_loss(compiled, ids, pad_id=7))
+        flat = torch.full((3, 16), 7)
+        assert pm.lm_loss(compiled, flat, pad_id=7).isnan() and pm.lm_loss(eager, flat, pad_id=7).isnan()
+
+
 def test_generation_with_a_kv_cache_runs_eagerly(pair):
     eager, compiled = pair
     from torch._dynamo.utils import counters
@@ -179,33 +210,3 @@ def test_meta_loss_through_a_compiled_backbone_matches_eager(pair, adapt_layers)
     assert_same_grads(backbone_e, backbone_c)
     assert_same_grads(head_e, head_c)
     assert eager_hidden_states(compiled) is not compiled.hidden_states
-
-
-def test_chunked_cpu_attention_equals_one_causal_call():
-    """The CPU training path queries 64-row chunks (ragged last chunk here); same values and gradients,
-    and a double backward under the math kernel (what adapted blocks use) still works."""
-    import torch.nn.functional as F
-
-    from picomaml.model.decoder import _chunked_causal_attention
-    from picomaml.top_blocks import math_attention
-
-    g = torch.Generator().manual_seed(4)
-    q, k, v = (
-        torch.randn(2, h, 150, 8, generator=g, dtype=torch.float64, requires_grad=True) for h in (4, 2, 2)
-    )
-    for kernel in (False, True):
-        with math_attention(kernel):
-            got = _chunked_causal_attention(q, k, v, True)
-            ref = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-            torch.testing.assert_close(got, ref)
-            weights = torch.randn(ref.shape, generator=g, dtype=torch.float64)
-            dgot = torch.autograd.grad((got * weights).sum(), (q, k, v), create_graph=kernel)
-            dref = torch.autograd.grad((ref * weights).sum(), (q, k, v), create_graph=kernel)
-            for a, b in zip(dgot, dref, strict=True):
-                torch.testing.assert_close(a, b)
-        if kernel:
-            torch.testing.assert_close(
-                torch.autograd.grad(sum(d.square().sum() for d in dgot), q)[0],
-                torch.autograd.grad(sum(d.square().sum() for d in dref), q)[0],
-            )
-
