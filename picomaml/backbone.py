@@ -166,7 +166,9 @@ def next_token_loss(model: nn.Module, ids: Tensor, targets: Tensor, ignore_index
     No target checks (:func:`picomaml.lm_loss` makes them): the function that
     :func:`picomaml.compile.compile_backbone` compiles whole, so the loss fuses with the vocabulary
     projection. Half-precision logits are upcast to float32 first. For a PicoDecoder on CPU the
-    projection and the loss run over chunks of rows (at most 16 MiB of logits each), the same loss.
+    projection and the loss run over chunks of rows (at most 16 MiB of logits each), the same loss: the
+    model is called through ``hidden_states`` and ``lm_head`` (its own forward hooks do not run, the
+    head's run once per chunk).
     """
     rows = _loss_chunk_rows(model, ids)
     if rows is None:

@@ -1,7 +1,8 @@
 """torch.compile of the backbone: no graph breaks, and compiled results equal eager ones (a tiny model).
 
-Three inductor compiles in all (forward, forward with ``return_hidden``, ``hidden_states``), on a
-2-layer, 16-wide decoder; the graph-break checks only trace (``torch._dynamo.explain``).
+A handful of inductor compiles (the loss of a PicoDecoder and of a wrapped one, forward with
+``return_hidden``, ``hidden_states``, the meta step), all on a 2-layer, 16-wide decoder; the graph-break
+checks only trace (``torch._dynamo.explain``).
 """
 
 from __future__ import annotations
@@ -172,6 +173,34 @@ def test_compiled_cross_entropy_ignores_targets_as_eager(pair):
         assert not torch.isclose(pm.lm_loss(compiled, ids), pm.lm_loss(compiled, ids, pad_id=7))
         flat = torch.full((3, 16), 7)
         assert pm.lm_loss(compiled, flat, pad_id=7).isnan() and pm.lm_loss(eager, flat, pad_id=7).isnan()
+
+
+def test_compiled_loss_of_another_model_takes_the_whole_logits(pair):
+    """A model that is not a PicoDecoder (here one wrapping it, with a config that gives vocab_size) gets
+    the compiled loss over its whole logits (next_token_ce under compile): eager values and gradients."""
+    eager, _ = pair
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner, self.config = inner, inner.config
+
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return self.inner(ids)
+
+    inner = tiny_model()
+    inner.load_state_dict(eager.state_dict())
+    wrapped = compile_backbone(Wrapped(inner))
+    assert compiled_loss(wrapped) is not None
+    ids = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(3))
+    ids[:, 2:5] = 7
+    loss = pm.lm_loss(wrapped, ids, pad_id=7)
+    loss.backward()
+    got = {name.removeprefix("inner."): g for name, g in grads(wrapped).items()}
+    ref = pm.lm_loss(eager, ids, pad_id=7)
+    ref.backward()
+    torch.testing.assert_close(loss, ref, **TOL)
+    assert_same_grads(grads(eager), got)
 
 
 def test_generation_with_a_kv_cache_runs_eagerly(pair):
