@@ -72,7 +72,7 @@ def _graphs() -> int:
 
 def _uses_cache(args: tuple, kwargs: dict) -> bool:
     """True for a decoding call: a PicoDecoder ``KVCache``, or ``past_key_values``/``use_cache=True``."""
-    from picomaml.model.decoder import KVCache
+    from picomaml.model.attention import KVCache
 
     if any(isinstance(a, KVCache) for a in (*args, *kwargs.values())):
         return True
