@@ -1,4 +1,5 @@
-"""Inner-loop variants: backends x {second, first order} x steps x tasks x head, on fixed random features.
+"""Inner-loop variants against the references: {picomaml, higher, learn2learn} x {second, first order} x steps x
+tasks x head, on fixed random features.
 
 What is timed (median over interleaved repeats, after warm-up):
 
@@ -15,8 +16,12 @@ its graph, of the bytes of distinct tensor storages that autograd holds for the 
 it when autograd drops it, e.g. when an inner step's graph is freed). That is the memory a meta-gradient
 costs beyond its inputs; temporaries that are not saved are not counted.
 
-``torch`` uses the closed-form gradient for the linear head automatically; the ``torch-autograd`` rows
-force the general autograd path (``closed_form=False``) for comparison.
+Variants (``--variants``): ``torch`` is picomaml's head form (the closed-form gradient for the linear head
+automatically); ``torch-autograd`` forces its autograd path (``closed_form=False``); ``general`` is
+picomaml's general form ``loop(module, (xs, ys), (xq, yq))`` on the same head as a plain ``nn.Sequential``
+(vmap over tasks); ``higher`` and ``learn2learn`` are the textbook loops of those libraries on that module,
+one task at a time (``benchmarks/references.py``; higher runs second order only, its first order
+detaches the adapted weights from the initial ones).
 
 Usage::
 
@@ -36,8 +41,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
+from references import head_as_sequential, higher_maml, learn2learn_maml
 
 import picomaml as pm
+from picomaml._optional import load_learn2learn, require
 
 RESULTS = Path(__file__).resolve().parent / "results"
 HEADS = {"linear": (), "mlp4x128": (128, 128, 128)}
@@ -126,14 +134,24 @@ def make_features(tasks: int, args: argparse.Namespace, device: torch.device):
     return xs, ys.to(device), xq, yq.to(device)
 
 
-def variants(args: argparse.Namespace) -> list[tuple[str, dict]]:
-    out = []
-    for backend in args.backends:
-        kw = {"backend": "torch" if backend == "torch-autograd" else backend}
-        if backend == "torch-autograd":
-            kw["closed_form"] = False
-        out.append((backend, kw))
-    return out
+OURS = ("torch", "torch-autograd", "general")
+REFERENCES = ("higher", "learn2learn")
+
+
+def step_fn(name: str, steps: int, order: str, head: pm.MetaHead, data: tuple, lr: float, device) -> Callable:
+    """One meta-gradient of ``name``'s inner loop: the query loss after adaptation, then its backward."""
+    xs, ys, xq, yq = data
+    fo = order == "FO"
+    if name in ("torch", "torch-autograd"):
+        loop = pm.InnerLoop(steps, lr, first_order=fo, closed_form=None if name == "torch" else False).to(device)
+        return lambda: loop(head, xs, ys, xq, yq).loss
+    shell = head_as_sequential(head)
+    if name == "general":
+        loop = pm.InnerLoop(steps, lr, first_order=fo).to(device)
+        return lambda: loop(shell, (xs, ys), (xq, yq)).loss
+    if name == "higher":
+        return lambda: higher_maml(shell, (xs, ys), (xq, yq), F.cross_entropy, steps, lr)
+    return lambda: learn2learn_maml(shell, (xs, ys), (xq, yq), F.cross_entropy, steps, lr, first_order=fo)
 
 
 def bench_inner(args: argparse.Namespace, device: torch.device) -> list[dict]:
@@ -144,26 +162,27 @@ def bench_inner(args: argparse.Namespace, device: torch.device) -> list[dict]:
             for steps in args.steps:
                 for order in args.orders:
                     fns, meta = {}, {}
-                    for name, kw in variants(args):
+                    for name in args.variants:
                         if name == "torch-autograd" and HEADS[head_name]:
                             continue  # the closed form only exists for the linear head
-                        head = pm.MetaHead(args.dim, args.n_way, hidden_dims=HEADS[head_name]).to(device)
-                        loop = pm.InnerLoop(steps, args.lr, first_order=order == "FO", **kw).to(device)
-                        xs, ys, xq, yq = make_features(tasks, args, device)
+                        if name == "higher" and order == "FO":
+                            continue  # higher's first order detaches the adapted weights from the initial ones
+                        head = pm.MetaHead(args.dim, args.n_way, hidden_dims=HEADS[head_name], init="xavier")
+                        head = head.to(device)
+                        data = make_features(tasks, args, device)
+                        loss = step_fn(name, steps, order, head, data, args.lr, device)
 
-                        def run(head=head, loop=loop, xs=xs, ys=ys, xq=xq, yq=yq) -> None:
-                            loop(head, xs, ys, xq, yq).loss.backward()
-                            xs.grad = xq.grad = None
+                        def run(loss=loss, head=head, data=data) -> None:
+                            loss().backward()
+                            data[0].grad = data[2].grad = None
                             head.zero_grad(set_to_none=True)
 
                         fns[name] = run
-                        meta[name] = saved_tensor_mb(
-                            lambda h=head, lp=loop, a=(xs, ys, xq, yq): lp(h, *a).loss
-                        )
+                        meta[name] = saved_tensor_mb(loss)
                     med = interleaved_medians(fns, args.repeats, args.warmup, sync)
                     for name in fns:
                         rows.append(
-                            {"head": head_name, "tasks": tasks, "steps": steps, "order": order, "backend": name,
+                            {"head": head_name, "tasks": tasks, "steps": steps, "order": order, "variant": name,
                              "inner_ms": med[name] * 1e3, "graph_mb": meta[name]}
                         )  # fmt: skip
                     print(f"  {head_name:9s} T={tasks} S={steps:2d} {order}: "
@@ -172,7 +191,7 @@ def bench_inner(args: argparse.Namespace, device: torch.device) -> list[dict]:
 
 
 def bench_meta(args: argparse.Namespace, device: torch.device) -> list[dict]:
-    """Full meta step (backbone forward + inner loop + backward + AdamW) for each backend/order/head."""
+    """Full meta step (backbone forward + inner loop + backward + AdamW) for picomaml's head form."""
     rows = []
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     cfg = pm.PicoDecoderConfig.preset("tiny", vocab_size=args.vocab, max_seq_len=max(args.meta_window, 16))
@@ -181,9 +200,10 @@ def bench_meta(args: argparse.Namespace, device: torch.device) -> list[dict]:
     for head_name in args.heads:
         fns = {}
         for order in args.orders:
-            for name, kw in variants(args):
+            for name in [v for v in args.variants if v in ("torch", "torch-autograd")]:
                 if name == "torch-autograd" and HEADS[head_name]:
                     continue
+                kw = {"closed_form": None if name == "torch" else False}
                 torch.manual_seed(0)
                 model = pm.PicoDecoder(cfg).to(device)
                 head = pm.MetaHead(cfg.d_model, args.n_way, hidden_dims=HEADS[head_name]).to(device)
@@ -202,7 +222,7 @@ def bench_meta(args: argparse.Namespace, device: torch.device) -> list[dict]:
         med = interleaved_medians(fns, args.meta_repeats, 1, sync)
         for (order, name), sec in med.items():
             rows.append({"head": head_name, "tasks": args.meta_tasks, "steps": steps, "order": order,
-                         "backend": name, "meta_ms": sec * 1e3})  # fmt: skip
+                         "variant": name, "meta_ms": sec * 1e3})  # fmt: skip
             print(f"  meta step {head_name:9s} {order} {name}: {sec * 1e3:.1f} ms", flush=True)
     return rows
 
@@ -225,25 +245,25 @@ def random_episode(args: argparse.Namespace, tasks: int, vocab: int, g: torch.Ge
 
 
 def markdown(rows: list[dict], meta_rows: list[dict]) -> str:
-    lines = ["| head | tasks | steps | order | backend | inner ms | speed-up vs best reference | graph MiB |",
+    lines = ["| head | tasks | steps | order | variant | inner ms | speed-up vs best reference | graph MiB |",
              "|---|---:|---:|---|---|---:|---:|---:|"]  # fmt: skip
     for r in rows:
-        refs = [x["inner_ms"] for x in rows if x["backend"] in ("higher", "learn2learn")
+        refs = [x["inner_ms"] for x in rows if x["variant"] in REFERENCES
                 and all(x[k] == r[k] for k in ("head", "tasks", "steps", "order"))]  # fmt: skip
         speed = f"{min(refs) / r['inner_ms']:.2f}x" if refs else "-"
         lines.append(
-            f"| {r['head']} | {r['tasks']} | {r['steps']} | {r['order']} | {r['backend']} | {r['inner_ms']:.2f} | "
+            f"| {r['head']} | {r['tasks']} | {r['steps']} | {r['order']} | {r['variant']} | {r['inner_ms']:.2f} | "
             f"{speed} | {r['graph_mb']:.2f} |"
         )
     if meta_rows:
         lines += [
             "",
-            "| head | tasks | steps | order | backend | full meta step ms |",
+            "| head | tasks | steps | order | variant | full meta step ms |",
             "|---|---:|---:|---|---|---:|",
         ]
         for r in meta_rows:
             lines.append(
-                f"| {r['head']} | {r['tasks']} | {r['steps']} | {r['order']} | {r['backend']} | {r['meta_ms']:.1f} |"
+                f"| {r['head']} | {r['tasks']} | {r['steps']} | {r['order']} | {r['variant']} | {r['meta_ms']:.1f} |"
             )
     return "\n".join(lines)
 
@@ -259,8 +279,8 @@ def goals(rows: list[dict]) -> list[str]:
                 for r in rows
                 if r["head"] == head and r["tasks"] == tasks and r["steps"] == steps and r["order"] == "SO"
             ]
-            ours = [r["inner_ms"] for r in sel if r["backend"] == "torch"]
-            refs = [r["inner_ms"] for r in sel if r["backend"] in ("higher", "learn2learn")]
+            ours = [r["inner_ms"] for r in sel if r["variant"] == "torch"]
+            refs = [r["inner_ms"] for r in sel if r["variant"] in REFERENCES]
             if ours and refs:
                 goal = 1.7 if tasks == 1 else 3.0
                 sp = min(refs) / ours[0]
@@ -282,12 +302,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for i, head in enumerate(heads):
         for j, t in enumerate(tasks):
             ax = axes[i][j]
-            for backend in sorted({r["backend"] for r in rows}):
+            for variant in sorted({r["variant"] for r in rows}):
                 for order, style in (("SO", "-"), ("FO", "--")):
                     sel = sorted((r["steps"], r["inner_ms"]) for r in rows if r["head"] == head and r["tasks"] == t
-                                 and r["backend"] == backend and r["order"] == order)  # fmt: skip
+                                 and r["variant"] == variant and r["order"] == order)  # fmt: skip
                     if sel:
-                        ax.plot(*zip(*sel, strict=True), style, marker="o", label=f"{backend} {order}")
+                        ax.plot(*zip(*sel, strict=True), style, marker="o", label=f"{variant} {order}")
             ax.set_title(f"{head}, {t} task(s)")
             ax.set_xlabel("inner steps")
             ax.set_ylabel("ms (loop + backward)")
@@ -310,7 +330,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--tasks", type=int, nargs="+", default=[1, 8])
     p.add_argument("--heads", nargs="+", default=list(HEADS), choices=list(HEADS))
     p.add_argument("--orders", nargs="+", default=["SO", "FO"], choices=["SO", "FO"])
-    p.add_argument("--backends", nargs="+", default=["torch", "torch-autograd", "higher", "learn2learn"])
+    p.add_argument("--variants", nargs="+", default=[*OURS, *REFERENCES], choices=[*OURS, *REFERENCES])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--no-meta", action="store_true", help="skip the full meta step on the tiny PicoDecoder")
@@ -333,13 +353,16 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     available = []
-    for b in args.backends:
+    for name in args.variants:
         try:
-            pm.InnerLoop(1, 0.1, backend="torch" if b == "torch-autograd" else b)
-            available.append(b)
+            if name == "higher":
+                require("higher", "higher", "the higher reference")
+            elif name == "learn2learn":
+                load_learn2learn("maml")
+            available.append(name)
         except pm.MissingDependencyError as exc:
-            print(f"skipping backend {b}: {exc}")
-    args.backends = available
+            print(f"skipping reference {name}: {exc}")
+    args.variants = available
     print(f"inner loop: {args.n_way}-way {args.k_shot}-shot {args.n_query}-query, dim {args.dim}, "
           f"{args.threads} thread(s), device {device}")  # fmt: skip
     rows = bench_inner(args, device)

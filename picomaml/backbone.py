@@ -40,6 +40,8 @@ __all__ = [
     "next_token_ce",
     "next_token_loss",
     "no_cache_kwargs",
+    "unwrap_model",
+    "strip_wrapper_prefix",
     "vocab_size",
 ]
 
@@ -58,6 +60,49 @@ def is_transformers_model(model: Any) -> bool:
         cls.__name__ == "PreTrainedModel" and cls.__module__.startswith("transformers")
         for cls in type(model).__mro__
     )
+
+
+# wrapper class name -> the attribute holding the wrapped module
+_WRAPPERS = {
+    "_FabricModule": "module",
+    "DistributedDataParallel": "module",
+    "DataParallel": "module",
+    "OptimizedModule": "_orig_mod",
+}
+# what the wrappers put in front of the wrapped module's parameter names
+_WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "base_model.model.")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The plain module inside Lightning Fabric, DDP / DataParallel, ``torch.compile`` and peft wrappers.
+
+    The meta objective runs the unwrapped module: it re-runs parts of it functionally (which a compiled
+    graph cannot) and names its tensors without the wrappers' prefixes. A peft ``PeftModel`` unwraps to
+    its base model, which holds the injected adapter tensors (``...q_proj.lora_A.default.weight``). Under
+    DDP, wrap the module that calls the objectives (:class:`~picomaml.HybridLearner`), so its forward is
+    the one DDP sees.
+    """
+    for _ in range(8):  # wrappers nest at most a few deep
+        if type(model).__name__.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        else:
+            attr = _WRAPPERS.get(type(model).__name__)
+            inner = getattr(model, attr, None) if attr else None
+        if not isinstance(inner, nn.Module) or inner is model:
+            return model
+        model = inner
+    return model
+
+
+def strip_wrapper_prefix(name: str) -> str:
+    """A parameter name of a wrapped model as the unwrapped model names it (see :func:`unwrap_model`)."""
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix) :], True
+    return name
 
 
 def _hf_base(model: nn.Module) -> nn.Module:
@@ -258,24 +303,39 @@ class DecoderLayout(NamedTuple):
 
 
 def decoder_layout(model: nn.Module) -> DecoderLayout:
-    """Find the block list and final norm of a decoder (for ``adapt_layers``).
+    """Find the block list and final norm of a decoder or encoder (for ``adapt_layers`` and ``adapt``).
+
+    The blocks are the ``nn.ModuleList`` named one of ``layers``/``h``/``blocks``/``block`` on the base
+    model (PicoDecoder, Llama-, GPT-2-, GPT-NeoX-style), else the ``nn.ModuleList`` holding the most
+    parameters anywhere in it (OPT's ``decoder.layers``, BERT's ``encoder.layer``, a nanoGPT-style
+    ``transformer.h``); the final norm is an attribute named like ``norm``/``ln_f``/``final_layer_norm`` of
+    the module that holds the blocks. Whether re-running them reproduces the model is checked separately
+    (:meth:`picomaml.top_blocks.TopBlocks.reproduces`).
 
     Raises:
-        TypeError: no block list is recognised; the message names ``adapt_layers`` and the layouts known.
+        TypeError: the model holds no ``nn.ModuleList``; the message names ``adapt_layers``.
     """
     base = _hf_base(model) if is_transformers_model(model) else model
     names = {id(m): n for n, m in model.named_modules()}
+    parent, blocks = base, None
     for attr in _BLOCK_LISTS:
-        blocks = getattr(base, attr, None)
-        if isinstance(blocks, nn.ModuleList) and len(blocks) > 0:
+        found = getattr(base, attr, None)
+        if isinstance(found, nn.ModuleList) and len(found) > 0:
+            blocks = found
             break
-    else:
-        raise TypeError(
-            f"adapt_layers: cannot find the transformer blocks of {type(model).__name__}: known layouts are a "
-            f"PicoDecoder and transformers decoders whose base model keeps its blocks in an nn.ModuleList named "
-            f"one of {list(_BLOCK_LISTS)} (Llama-style model.layers, GPT-2-style transformer.h); use "
-            "adapt_layers=0 (head only) for this model"
-        )
-    norm = next((getattr(base, n) for n in _FINAL_NORMS if isinstance(getattr(base, n, None), nn.Module)), None)
+    if blocks is None:
+        lists = [
+            (sum(p.numel() for p in m.parameters()), name, m)
+            for name, m in base.named_modules()
+            if isinstance(m, nn.ModuleList) and len(m) > 0
+        ]
+        if not lists:
+            raise TypeError(
+                f"adapt_layers: cannot find the blocks of {type(model).__name__}: it holds no nn.ModuleList of "
+                "blocks; use adapt_layers=0 (head only) or adapt=[...] to name the tensors that adapt"
+            )
+        _, name, blocks = max(lists, key=lambda x: x[0])
+        parent = base.get_submodule(name.rsplit(".", 1)[0]) if "." in name else base
+    norm = next((getattr(parent, n) for n in _FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)), None)
     norm_prefix = names.get(id(norm), "") if norm is not None else ""
     return DecoderLayout(base, blocks, norm, names[id(blocks)], norm_prefix)

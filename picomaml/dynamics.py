@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from picomaml.backbone import unwrap_model
 from picomaml.compile import eager_mode
 from picomaml.objectives import lm_loss
 from picomaml.params import Params, hparam
@@ -66,29 +67,6 @@ def next_token_loss(model: nn.Module, batch: Tensor) -> Tensor:
     ``(B, L)`` with ``full_sequence=True``, so the recorded forward covers all ``L`` positions (the
     activations at ``seq_idx`` index ``batch`` itself)."""
     return lm_loss(model, batch, full_sequence=True)
-
-
-_WRAPPERS = {
-    "_FabricModule": "module",
-    "DistributedDataParallel": "module",
-    "DataParallel": "module",
-    "OptimizedModule": "_orig_mod",
-}
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The plain module inside Lightning Fabric, DDP / DataParallel and ``torch.compile`` wrappers.
-
-    Capturing on the unwrapped module keeps the saved names clean (``layers.0.mlp.down_proj``) and keeps
-    a DDP wrapper's gradient hooks out of the side computation.
-    """
-    for _ in range(8):  # wrappers nest at most a few deep
-        attr = _WRAPPERS.get(type(model).__name__)
-        inner = getattr(model, attr, None) if attr else None
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-    return model
 
 
 def select_modules(model: nn.Module, layers: Sequence[str]) -> dict[str, nn.Module]:

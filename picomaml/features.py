@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from picomaml.backbone import backbone_hidden
+from picomaml.checks import check_values
 from picomaml.params import choices
 
 __all__ = [
@@ -40,7 +41,12 @@ FEATURE_NORMS = choices(FeatureNorm)
 
 
 def pool_features(
-    hidden: Tensor, mask: Tensor | None = None, pooling: str = "before_mask", *, valid: Tensor | None = None
+    hidden: Tensor,
+    mask: Tensor | None = None,
+    pooling: str = "before_mask",
+    *,
+    valid: Tensor | None = None,
+    owner: Any = None,
 ) -> Tensor:
     """One feature vector per window: the one place where every pooling is defined.
 
@@ -56,6 +62,8 @@ def pool_features(
         valid: ``(B, L)`` bool, True at real (non-pad) tokens; ``None`` (SMLMT windows): every position
             is valid. Used by ``"last"`` and ``"mean"``; every row needs at least one valid position.
             Masked positions are real tokens, so ``"mask"`` and ``"before_mask"`` ignore it.
+        owner: Who pools (the backbone): the row checks read their result only until they passed once for
+            this owner and shape, then run without a host sync (:func:`picomaml.checks.check_values`).
 
     Returns:
         ``(B, D)`` in the dtype of ``hidden`` (sums accumulate in float32 for low-precision input).
@@ -71,7 +79,7 @@ def pool_features(
     if valid is not None and valid.shape != hidden.shape[:2]:
         raise ValueError(f"valid has shape {tuple(valid.shape)}, expected {tuple(hidden.shape[:2])}")
     if pooling in ("last", "mean") and valid is not None:
-        _check_rows(valid.sum(1), "valid", "valid (non-pad) position")
+        _check_rows(valid.sum(1), "valid", "valid (non-pad) position", owner)
     if pooling == "last":
         if valid is None:
             return hidden[:, -1]
@@ -97,16 +105,18 @@ def pool_features(
     weights = weights.to(acc.dtype)
     counts = weights.sum(1)  # (B,)
     if pooling != "mean":
-        _check_rows(counts, f"pooling={pooling!r}", "masked position (use pooling='last' or 'mean')")
+        _check_rows(counts, f"pooling={pooling!r}", "masked position (use pooling='last' or 'mean')", owner)
     pooled = torch.einsum("bl,bld->bd", weights, acc) / counts.unsqueeze(1)
     return pooled.to(hidden.dtype)
 
 
-def _check_rows(counts: Tensor, what: str, needs: str) -> None:
+def _check_rows(counts: Tensor, what: str, needs: str, owner: Any = None) -> None:
     """Raise naming the (first five) rows whose ``counts`` are zero."""
-    if not bool((counts > 0).all()):
-        rows = (counts == 0).nonzero().flatten()[:5].tolist()
-        raise ValueError(f"{what}: rows {rows} have no {needs}")
+    check_values(
+        owner, ("pool", what, tuple(counts.shape), str(counts.device)), counts > 0,
+        lambda: f"{what}: rows {(counts == 0).nonzero().flatten()[:5].tolist()} have no {needs}",
+        f"{what}: a row has no {needs}",
+    )  # fmt: skip
 
 
 def normalize_task_features(xs: Tensor, xq: Tensor, mode: str = "none") -> tuple[Tensor, Tensor]:
@@ -235,7 +245,7 @@ def episode_features(
             f"{'features' if features is not None else 'model'}: hidden states of shape "
             f"{tuple(hidden.shape)}, expected (B, L, D) with (B, L) = {tuple(ids.shape)}"
         )
-    feats = pool_features(hidden, mask, pooling, valid=valid)  # (T*(ns+nq), D)
+    feats = pool_features(hidden, mask, pooling, valid=valid, owner=model)  # (T*(ns+nq), D)
     if dtype is None:
         dtype = torch.float32 if feats.dtype in (torch.float16, torch.bfloat16) else feats.dtype
     ns = rows.support_labels.shape[1]

@@ -26,8 +26,10 @@ from torch import nn
 
 from picomaml.backbone import hidden_size
 from picomaml.grad_conflict import pcgrad_term, shared_parameters
+from picomaml.meta.engine import Adapt
 from picomaml.meta.episode import Episode
 from picomaml.meta.inner_loop import InnerLoopOutput
+from picomaml.meta.selection import backbone_selection
 from picomaml.objectives import (
     GradSurgery,
     MetaConfig,
@@ -37,7 +39,6 @@ from picomaml.objectives import (
     lm_loss,
     meta_loss,
 )  # fmt: skip
-from picomaml.top_blocks import TopBlocks
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -75,6 +76,8 @@ class HybridLearner(nn.Module):
             (see :func:`picomaml.meta_loss`).
         adapt_layers: Top blocks of ``model`` that adapt with the head (``0``: the head only). With learned
             inner LRs the loop is bound here to the head and these blocks.
+        adapt: Backbone tensors that adapt with the head (names, globs or a predicate; see
+            :func:`picomaml.meta_loss`). With learned inner LRs the loop is bound here to the head and them.
         grad_surgery: ``"pcgrad"``: when both losses are computed (weighted mode) and their gradients on the
             backbone conflict, the meta gradient loses its component along the AR gradient
             (:func:`picomaml.grad_conflict.pcgrad_term`; two extra gradient passes per step); the cosine
@@ -98,6 +101,7 @@ class HybridLearner(nn.Module):
         features: Callable[[torch.Tensor], torch.Tensor] | None = None,
         adapt_layers: int = MetaConfig.adapt_layers,
         grad_surgery: GradSurgery = MetaConfig.grad_surgery,
+        adapt: Adapt = None,
     ) -> None:
         super().__init__()
         check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
@@ -105,12 +109,10 @@ class HybridLearner(nn.Module):
             raise ValueError(f"grad_surgery: must be 'none' or 'pcgrad', got {grad_surgery!r}")
         if features is None:
             check_head_width(head, hidden_size(model), "the backbone's hidden size")
-        if adapt_layers:
-            if features is not None:
-                raise ValueError("adapt_layers: a features= callable cannot be split into blocks; use adapt_layers=0")
-            TopBlocks(model, adapt_layers)  # the layout and the count, checked before any work
+        if adapt_layers or adapt is not None:
+            backbone_selection(model, adapt_layers, adapt, features)  # the selection, checked before any work
             if getattr(loop, "learn_lr", None) is not None:
-                loop.bind(head, model, adapt_layers)
+                loop.bind(head, model, adapt_layers, adapt=adapt)
         self.model = model
         self.head = head
         self.loop = loop
@@ -119,6 +121,7 @@ class HybridLearner(nn.Module):
         self.nonfinite = nonfinite
         self.features = features
         self.adapt_layers = int(adapt_layers)
+        self.adapt = adapt
         self.grad_surgery = grad_surgery
 
     def forward(
@@ -154,6 +157,7 @@ class HybridLearner(nn.Module):
                 nonfinite=self.nonfinite,
                 features=self.features,
                 adapt_layers=self.adapt_layers,
+                adapt=self.adapt,
             )
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
             if self.grad_surgery == "pcgrad" and ar is not None and w_ar > 0 and w_meta > 0:

@@ -4,23 +4,25 @@
 with the rest of :mod:`picomaml.features`), which runs the backbone exactly once over the support and
 query windows of every task together and pools one feature vector per window, and hands the features to
 the :class:`~picomaml.InnerLoop`. The inner loop adapts only the head, so the backbone is never re-run per
-inner step; ``out.loss.backward()`` reaches the backbone through the pooled features. With
-``adapt_layers=k`` the top ``k`` blocks adapt too: the lower blocks run once and only the adapted blocks and
-the head re-run per inner step (:mod:`picomaml.meta.block_loop`). Any backbone works as it is: a
-PicoDecoder, a ``transformers`` causal LM, or any module through ``features=`` (:mod:`picomaml.backbone`).
+inner step; ``out.loss.backward()`` reaches the backbone through the pooled features. With ``adapt=`` (or
+its shorthand ``adapt_layers=k``) backbone tensors adapt too: everything below the lowest adapted block runs
+once and only the part from there up re-runs per inner step, or the whole backbone where that split does
+not reproduce the model (:mod:`picomaml.meta.adapted_features`). Any backbone works as it is held: a
+PicoDecoder, a ``transformers`` causal LM, a peft, compiled or DDP-wrapped model, or any module through
+``features=`` (:mod:`picomaml.backbone`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from picomaml.backbone import backbone_hidden, hidden_size, lm_logits, next_token_ce, vocab_size
+from picomaml.backbone import backbone_hidden, hidden_size, lm_logits, next_token_ce, unwrap_model, vocab_size
+from picomaml.checks import check_values
 from picomaml.compile import compiled_loss
 from picomaml.features import (
     FEATURE_NORMS,
@@ -34,9 +36,15 @@ from picomaml.features import (
     normalize_task_features,
     pool_features,
 )
-from picomaml.meta.block_loop import BlockFeatures, BlockTask, block_inner_loop, support_needs_graph
+from picomaml.meta.adapted_features import (
+    adapted_features,
+    adapted_inner_loop,
+    backbone_selection,
+    support_needs_graph,
+)
+from picomaml.meta.engine import Adapt
 from picomaml.params import Params, choices, hparam
-from picomaml.top_blocks import TopBlocks, check_adapt_layers
+from picomaml.top_blocks import check_adapt_layers
 
 __all__ = [
     "MetaConfig",
@@ -57,6 +65,7 @@ __all__ = [
 ]
 
 NonFinite = Literal["raise", "propagate"]
+_NONFINITE_WARNING = "meta_loss: the backbone's features held NaN or Inf; the loss is NaN"
 NONFINITE = choices(NonFinite)
 GradSurgery = Literal["none", "pcgrad"]
 
@@ -122,30 +131,33 @@ def lm_loss(
     if pad_id is not None:
         targets = targets.masked_fill(targets == pad_id, ignore_index)
     counted = targets != ignore_index
-    # queued before the forward, read after it: one sync, and a clear error instead of torch's IndexError
-    # (or a device-side assert on CUDA) for a target outside the vocabulary
-    bounds = torch.stack([targets.masked_fill(~counted, 0).amin(), targets.masked_fill(~counted, 0).amax()])
     fused, vocab = (None, None) if full_sequence else (compiled_loss(model), vocab_size(model))
     if fused is not None and vocab is not None:
         # checked before the graph: inside it an out-of-vocabulary target is an in-graph assert
-        _check_targets(bounds.tolist(), vocab, ignore_index, pad_id)
+        _check_targets(model, targets, counted, vocab, ignore_index, pad_id)
         return fused(tokens[:, :-1], targets, ignore_index)  # forward + cross-entropy in one compiled graph
     logits = lm_logits(model, tokens if full_sequence else tokens[:, :-1])
     if full_sequence:
         logits = logits[:, :-1]
-    _check_targets(bounds.tolist(), logits.shape[-1], ignore_index, pad_id)
+    _check_targets(model, targets, counted, logits.shape[-1], ignore_index, pad_id)
     return next_token_ce(logits, targets, ignore_index)
 
 
-def _check_targets(bounds: list, vocab: int, ignore_index: int, pad_id: int | None) -> None:
-    """Raise naming ``tokens`` when the counted targets' ``[min, max]`` leaves ``[0, vocab)``."""
-    lo, hi = bounds
-    if lo < 0 or hi >= vocab:
-        raise ValueError(
-            f"tokens: target ids must lie in [0, {vocab}) (the model's vocabulary, the last dim of its "
-            f"logits) or equal ignore_index={ignore_index}{'' if pad_id is None else f' / pad_id={pad_id}'}; "
-            f"got min {lo} and max {hi}"
-        )
+def _check_targets(
+    model: nn.Module, targets: Tensor, counted: Tensor, vocab: int, ignore_index: int, pad_id: int | None
+) -> None:
+    """Raise naming ``tokens`` when a counted target leaves ``[0, vocab)``: a clear error instead of torch's
+    IndexError or a device-side assert; read once per shape, then queued without a host sync."""
+    ok = ~counted | ((targets >= 0) & (targets < vocab))
+    allowed = f"[0, {vocab}) (the model's vocabulary, the last dim of its logits) or equal ignore_index={ignore_index}"
+    allowed += "" if pad_id is None else f" / pad_id={pad_id}"
+
+    def detailed() -> str:
+        real = targets[counted]
+        return f"tokens: target ids must lie in {allowed}; got min {int(real.min())} and max {int(real.max())}"
+
+    check_values(model, ("targets", tuple(targets.shape), str(targets.device), vocab), ok, detailed,
+                 f"tokens: target ids must lie in {allowed}")  # fmt: skip
 
 
 def check_head_width(head: nn.Module, width: Any, what: str) -> None:
@@ -177,6 +189,7 @@ def meta_loss(
     *,
     features: Callable[[Tensor], Tensor] | None = None,
     adapt_layers: int = MetaConfig.adapt_layers,
+    adapt: Adapt = None,
 ) -> Any:
     """Meta loss of an episode (one task or a stack of ``T``) with a single backbone forward.
 
@@ -193,19 +206,24 @@ def meta_loss(
             ``"mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
         feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` per task, from support statistics
             (see :func:`normalize_task_features`).
-        nonfinite: What a NaN/Inf in the features does. ``"propagate"`` (for training loops): a warning;
-            the inner loop runs on the features with those values set to zero and the loss is NaN, still
+        nonfinite: What a NaN/Inf in the features does. ``"propagate"`` (for training loops, no host sync):
+            the metric ``nonfinite_features`` is 1 (with a warning when the metrics are read); the inner loop runs on the features with those values set to zero and the loss is NaN, still
             attached to the graph, so ``loss.backward()`` runs as usual (under DDP every rank reaches the
             gradient all-reduce) and leaves NaN gradients, and a loop that checks the loss or gradient
             norm skips the step. ``"raise"``: a ``ValueError``. Finite features give the same loss and
             gradients either way.
         features: ``ids (B, W) long -> hidden (B, W, D)`` used instead of the backbone (e.g. a method of
             the user's model that runs it without its output layer).
-        adapt_layers: The top ``k`` transformer blocks and the final norm adapt in the inner loop together
-            with the head (``0``, default: the head only). The blocks below run once; every inner step
-            re-runs only the adapted blocks and the head (see :mod:`picomaml.meta.block_loop`). Needs a
-            decoder whose blocks are recognised (:func:`picomaml.backbone.decoder_layout`), the ``torch`` or
-            ``higher`` backend, and, with learned inner LRs, ``loop.bind(head, model, adapt_layers)``.
+        adapt_layers: The top ``k`` blocks and the final norm adapt in the inner loop together with the
+            head (``0``, default: the head only); a shorthand for ``adapt`` naming their tensors. Needs a
+            model whose block list is found (:func:`picomaml.backbone.decoder_layout`).
+        adapt: Backbone tensors that adapt with the head: names or ``fnmatch`` globs of the model's
+            parameters (``["*lora_A*", "*lora_B*"]``, ``["*norm*"]``; names of a wrapped model are
+            accepted) or a predicate ``fn(name, tensor) -> bool``. Everything below the lowest adapted block
+            runs once; the rest re-runs per inner step, or the whole backbone where that split does not
+            reproduce the model's hidden states at this call's window length (checked per call shape; see
+            :mod:`picomaml.meta.adapted_features`). With learned inner LRs, bind the loop first:
+            ``loop.bind(head, model, adapt=...)`` / ``loop.bind(head, model, adapt_layers=k)``.
 
     Returns:
         The :class:`~picomaml.InnerLoopOutput` of the inner loop (``.loss``, ``.metrics``, ...); for a
@@ -215,74 +233,64 @@ def meta_loss(
 
     Raises:
         TypeError: ``episode`` is not an episode; a model that gives no hidden states (the message states
-            the ``features=`` contract); ``adapt_layers`` with a model whose blocks are not recognised.
+            the ``features=`` contract); ``adapt_layers`` with a model that holds no block list.
         ValueError: features (or a ``model.config`` hidden size, checked before the forward) whose width is
-            not ``head.in_dim``, ``adapt_layers`` outside ``[0, n_blocks]`` or with ``features=``, or a bad
-            episode (see :func:`episode_features`).
+            not ``head.in_dim``, ``adapt_layers`` outside ``[0, n_blocks]``, an ``adapt`` pattern that
+            matches nothing, or a bad episode (see :func:`episode_features`).
     """
     check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
     check_episode(episode)
+    if model is not None:
+        model = unwrap_model(model)
     if features is None:  # checked before the forward: PicoDecoder's d_model, transformers' hidden_size
         check_head_width(head, hidden_size(model), "the backbone's hidden size (model.config)")
     head_param = next(iter(head.parameters()), None)
     dtype = head_param.dtype if head_param is not None else None  # the head keeps its own precision
-    if adapt_layers:
-        if features is not None:
-            raise ValueError(
-                "adapt_layers: a features= callable cannot be split into blocks; pass the decoder as model and "
-                "no features=, or adapt_layers=0"
-            )
-        return _meta_loss_blocks(model, head, loop, episode, pooling, feature_norm, nonfinite, adapt_layers, dtype)
+    if adapt_layers or adapt is not None:
+        return _meta_loss_adapted(
+            model, head, loop, episode, pooling, feature_norm, nonfinite, dtype, features, adapt_layers, adapt
+        )
     xs, ys, xq, yq = episode_features(model, episode, pooling, feature_norm, dtype, features=features)
     check_head_width(head, xs.shape[-1], "the width of the backbone's features")
     if episode.support_ids.dim() == 2:
         xs, xq, ys, yq = xs[0], xq[0], ys[0], yq[0]
-    bad = nonfinite == "propagate" and not bool(torch.isfinite(xs).all() & torch.isfinite(xq).all())
-    if bad:  # zeros let the inner loop run; the NaN factor reaches the loss and every gradient through it
-        xs, xq = (torch.where(torch.isfinite(x), x, torch.zeros_like(x)) for x in (xs, xq))
+    bad: Tensor | bool = False
+    if nonfinite == "propagate":  # no sync: zeros let the inner loop run, the NaN factor reaches the loss
+        bad = ~(torch.isfinite(xs).all() & torch.isfinite(xq).all())
+        xs, xq = (torch.where(torch.isfinite(x), x, 0.0) for x in (xs, xq))
     return _flag_nonfinite(loop(head, xs, ys, xq, yq), bad)
 
 
-def _flag_nonfinite(out: Any, bad: bool) -> Any:
-    out.metrics["nonfinite_features"] = float(bad)
-    if bad:
-        warnings.warn("meta_loss: the backbone's features hold NaN or Inf; the loss is NaN", RuntimeWarning, 3)
-        out.loss = out.loss * float("nan")
-        out.metrics["query_loss"] = float("nan")
+def _flag_nonfinite(out: Any, bad: Tensor | bool) -> Any:
+    """With non-finite features (``bad``, a bool tensor nobody reads here) the loss becomes NaN, still
+    attached to the graph; the metric ``nonfinite_features`` says so, with a warning when it is read."""
+    if isinstance(bad, Tensor):
+        out.loss = torch.where(bad, float("nan"), 1.0).to(out.loss.dtype) * out.loss
+        out.metrics["nonfinite_features"] = bad.float()
+        out.metrics["query_loss"] = out.loss.detach()
+        if hasattr(out.metrics, "warn_if"):
+            out.metrics.warn_if("nonfinite_features", _NONFINITE_WARNING)
+    else:
+        out.metrics["nonfinite_features"] = 0.0
     return out
 
 
-def _meta_loss_blocks(
+def _meta_loss_adapted(
     model: Any, head: nn.Module, loop: Any, episode: Any, pooling: str, feature_norm: str, nonfinite: str,
-    adapt_layers: int, dtype: Any,
+    dtype: Any, features: Any, adapt_layers: int, adapt: Adapt,
 ) -> Any:  # fmt: skip
-    """:func:`meta_loss` with the top ``adapt_layers`` blocks adapting (see :mod:`picomaml.meta.block_loop`)."""
+    """:func:`meta_loss` with backbone tensors adapting (see :mod:`picomaml.meta.adapted_features`)."""
     if model is None:
-        raise ValueError("model: adapt_layers needs the decoder whose blocks adapt, got None")
-    top = TopBlocks(model, adapt_layers)
-    param = next(iter(model.parameters()), None)
+        raise ValueError("model: adapt / adapt_layers need the backbone whose tensors adapt, got None")
+    selection = backbone_selection(model, adapt_layers, adapt, features)
+    param = next(iter(selection.model.parameters()), None)
     rows = episode_rows(episode, pooling, param.device if param is not None else None)
-    t, ns = rows.support_labels.shape
-    nq = rows.query_labels.shape[1]
-    top.verify(rows.ids)
-    tasks, bad = [], False
     support_grad = torch.is_grad_enabled() and support_needs_graph(loop, head, feature_norm)
-    for i in range(t):
-        chunks = []
-        for lo, hi in ((i * (ns + nq), i * (ns + nq) + ns), (i * (ns + nq) + ns, (i + 1) * (ns + nq))):
-            with torch.set_grad_enabled(support_grad or lo >= i * (ns + nq) + ns):
-                inp = top.capture(rows.ids[lo:hi])  # every row passes the lower blocks once
-            check_head_width(head, inp.hidden.shape[-1], "the width of the backbone's hidden states")
-            if not bool(torch.isfinite(inp.hidden).all()):
-                if nonfinite == "raise":
-                    raise ValueError("meta_loss: the backbone's hidden states hold NaN or Inf (nonfinite='raise')")
-                bad = True
-                inp = inp._replace(hidden=torch.nan_to_num(inp.hidden, nan=0.0, posinf=0.0, neginf=0.0))
-            pool = tuple(None if x is None else x[lo:hi] for x in (rows.mask, rows.valid))
-            chunks.append((inp, pool))
-        tasks.append(BlockTask(chunks[0][0], chunks[1][0], chunks[0][1], chunks[1][1]))
-    feats = BlockFeatures(top, tasks, pooling, feature_norm, dtype if dtype is not None else torch.float32)
-    out = block_inner_loop(loop, head, feats, rows.support_labels, rows.query_labels)
+    feats, bad = adapted_features(
+        selection, rows, features, pooling, feature_norm, dtype if dtype is not None else torch.float32,
+        support_grad, nonfinite,
+    )  # fmt: skip
+    out = adapted_inner_loop(loop, head, feats, rows.support_labels, rows.query_labels)
     if episode.support_ids.dim() == 2:
         out.params = {k: v[0] for k, v in out.params.items()}
         out.query_logits = out.query_logits[0]

@@ -149,13 +149,15 @@ def hparam(
     le: float | None = None,
     lt: float | None = None,
     doc: str = "",
+    removed: Mapping[Any, str] | None = None,
 ) -> Any:
     """Declare one hyperparameter: a dataclass field with its range and a one-line meaning.
 
     Numbers are range-checked (and must be finite); for a sequence the range applies to every item.
-    ``doc`` feeds the generated configuration reference.
+    ``doc`` feeds the generated configuration reference. ``removed`` maps values that were once allowed
+    to what replaces them: such a value is an error with that text instead of the list of choices.
     """
-    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc}
+    meta = {"ge": ge, "gt": gt, "le": le, "lt": lt, "doc": doc, "removed": dict(removed or {})}
     return dataclasses.field(default=default, default_factory=default_factory, metadata=meta)
 
 
@@ -176,6 +178,17 @@ def _type_name(tp: Any) -> str:
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _convert_field(value: Any, tp: Any, path: str, metadata: Mapping[str, Any], check_range: bool = True) -> Any:
+    """:func:`_convert` for a declared field: a removed value names its replacement first; then the range."""
+    removed = metadata.get("removed") or {}
+    if isinstance(value, typing.Hashable) and not isinstance(value, bool) and value in removed:
+        raise ConfigError(f"{path}: {short_repr(value)} {removed[value]}")
+    value = _convert(value, tp, path)
+    if check_range:
+        _check_range(value, metadata, path)
+    return value
 
 
 def _convert(value: Any, tp: Any, path: str) -> Any:
@@ -287,8 +300,7 @@ class Params:
         for f in dataclasses.fields(self):
             if not f.init:
                 continue
-            value = _convert(getattr(self, f.name), hints[f.name], f.name)
-            _check_range(value, f.metadata, f.name)
+            value = _convert_field(getattr(self, f.name), hints[f.name], f.name, f.metadata)
             object.__setattr__(self, f.name, value)
         self.validate()
 
@@ -326,7 +338,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T
             raise ConfigError(
                 f"unknown key {short_repr(str(key))}{where} (at {short_repr(full)}); valid keys: {', '.join(valid)}"
             )
-    kwargs = {k: _convert(v, hints[k], f"{path}.{k}" if path else k) for k, v in data.items()}
+    meta = {f.name: f.metadata for f in dataclasses.fields(cls)}
+    kwargs = {k: _convert_field(v, hints[k], f"{path}.{k}" if path else k, meta.get(k, {}), check_range=False)
+              for k, v in data.items()}  # fmt: skip
     try:
         if preset is not None:
             try:

@@ -25,11 +25,18 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from picomaml.backbone import DecoderLayout, decoder_layout, is_transformers_model, no_cache_kwargs
+from picomaml.backbone import (
+    DecoderLayout,
+    backbone_hidden,
+    decoder_layout,
+    is_transformers_model,
+    no_cache_kwargs,
+)
 from picomaml.params import check_int
 
 __all__ = ["TopBlocks", "BlockInput", "math_attention", "check_adapt_layers"]
 
+# model -> {(first block, window, dtype, device)}: the call shapes at which a split re-run was checked
 _VERIFIED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -75,9 +82,12 @@ class TopBlocks:
     """The top ``k`` blocks (and the final norm) of a decoder, evaluated functionally.
 
     Args:
-        model: A :class:`~picomaml.PicoDecoder` or a ``transformers`` decoder (see
-            :func:`~picomaml.backbone.decoder_layout`).
-        k: Number of top blocks to adapt, ``1 <= k <= n_blocks``.
+        model: A :class:`~picomaml.PicoDecoder`, a ``transformers`` decoder or any module whose blocks
+            :func:`~picomaml.backbone.decoder_layout` finds.
+        k: Number of top blocks re-run per inner step, ``1 <= k <= n_blocks``.
+        names: The tensors that adapt, a subset of those blocks' and the final norm's (default: all of
+            them); the others keep the model's own values.
+        features: The ``features=`` callable the caller featurises with (the capture runs it).
 
     Attributes:
         names: The adapted tensors' names in the model (``"layers.3.attention.q_proj.weight"``, ...), blocks
@@ -86,27 +96,54 @@ class TopBlocks:
 
     Raises:
         TypeError: the model's blocks are not recognised.
-        ValueError: ``k`` is not in ``[1, n_blocks]``.
+        ValueError: ``k`` is not in ``[1, n_blocks]``, or a name outside the top ``k`` blocks and the norm.
     """
 
-    def __init__(self, model: nn.Module, k: int) -> None:
+    def __init__(
+        self, model: nn.Module, k: int, names: tuple[str, ...] | None = None, features: Any = None
+    ) -> None:
         self.layout: DecoderLayout = decoder_layout(model)
         n = len(self.layout.blocks)
         self.k = check_adapt_layers(k, n)
         if self.k == 0:
             raise ValueError("adapt_layers: TopBlocks needs at least one block (0 adapts the head only)")
-        self.model = model
+        self.model, self.features = model, features
         self.first = n - self.k
         self._modules: list[tuple[str, nn.Module]] = [
             (f"{self.layout.prefix}.{i}", self.layout.blocks[i]) for i in range(self.first, n)
         ]
         if self.layout.norm is not None:
             self._modules.append((self.layout.norm_prefix, self.layout.norm))
-        self.names = tuple(f"{p}.{n}" for p, m in self._modules for n, _ in m.named_parameters())
+        every = tuple(f"{p}.{n}" for p, m in self._modules for n, _ in m.named_parameters())
+        if names is not None:
+            outside = [x for x in names if x not in every]
+            if outside:
+                raise ValueError(f"adapt: {outside[:3]} are not tensors of the top {self.k} blocks or the final norm")
+        self.names = every if names is None else tuple(names)
+
+    @classmethod
+    def covering(cls, model: nn.Module, names: tuple[str, ...], features: Any = None) -> TopBlocks | None:
+        """The fewest top blocks that hold every one of ``names`` (blocks or final norm), adapting only
+        those; ``None`` when the blocks are not found or a name lies elsewhere (e.g. the embeddings)."""
+        try:
+            layout = decoder_layout(model)
+        except TypeError:
+            return None
+        n, lowest = len(layout.blocks), None
+        for name in names:
+            if layout.norm_prefix and name.startswith(layout.norm_prefix + "."):
+                index = n - 1
+            elif name.startswith(layout.prefix + "."):
+                index = int(name[len(layout.prefix) + 1 :].split(".", 1)[0])
+            else:
+                return None
+            lowest = index if lowest is None else min(lowest, index)
+        return None if lowest is None else cls(model, n - lowest, names, features)
 
     def params(self) -> dict[str, Tensor]:
         """The module's own adapted tensors ``name -> parameter`` (live: gradients reach them)."""
-        return {f"{p}.{n}": t for p, m in self._modules for n, t in m.named_parameters()}
+        every = {f"{p}.{n}": t for p, m in self._modules for n, t in m.named_parameters()}
+        return {k: every[k] for k in self.names}
 
     def capture(self, ids: Tensor) -> BlockInput:
         """Run ``ids`` ``(B, W)`` through the embeddings and lower blocks; the inputs of the first adapted one."""
@@ -118,7 +155,7 @@ class TopBlocks:
 
         handle = self.layout.blocks[self.first].register_forward_pre_hook(hook, with_kwargs=True)
         try:
-            _run_base(self.model, self.layout, ids)
+            _run_base(self.model, self.layout, ids, self.features)
         except _Stop:
             pass
         finally:
@@ -145,35 +182,37 @@ class TopBlocks:
             x = functional_call(self.layout.norm, _sub(params, self.layout.norm_prefix), (x,))
         return x
 
-    def verify(self, ids: Tensor) -> None:
-        """Check once per model that :meth:`run` under the model's own parameters reproduces its hidden states.
+    def reproduces(self, ids: Tensor) -> bool:
+        """Whether :meth:`run` under the model's own tensors gives its hidden states for rows like ``ids``.
 
-        PicoDecoders are checked by the test suite; other models once, on the first rows they see, in eval
-        mode (no dropout) and without gradients.
-
-        Raises:
-            RuntimeError: the recomputed hidden states differ from the base model's.
+        Checked on two rows in eval mode without gradients, once per model, first adapted block, window
+        length, dtype and device: a re-run that matched at one window may not at another (sliding-window
+        attention), and a model may change what follows its blocks (a projection after the final norm).
         """
-        if not is_transformers_model(self.model) or _VERIFIED.get(self.model) == self.first:
-            return
-        modes = {m: m.training for m in self.model.modules()}
-        try:
-            self.model.eval()
-            with torch.no_grad():
-                rows = ids[:2]
-                ref = _run_base(self.model, self.layout, rows)
-                got = self.run(self.params(), self.capture(rows))
-        finally:
-            for m, mode in modes.items():
-                m.training = mode
-        tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-5
-        if ref.shape != got.shape or not torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol):
+        key = (self.first, ids.shape[-1], next(self.model.parameters()).dtype, ids.device)
+        seen = _VERIFIED.setdefault(self.model, {})
+        if key not in seen:
+            modes = {m: m.training for m in self.model.modules()}
+            try:
+                self.model.eval()
+                with torch.no_grad():
+                    rows = ids[:2]
+                    ref = _run_base(self.model, self.layout, rows, self.features)
+                    got = self.run(self.params(), self.capture(rows))
+            finally:
+                for m, mode in modes.items():
+                    m.training = mode
+            tol = 1e-3 if ref.dtype in (torch.float16, torch.bfloat16) else 1e-5
+            seen[key] = ref.shape == got.shape and torch.allclose(got.float(), ref.float(), rtol=tol, atol=tol)
+        return seen[key]
+
+    def verify(self, ids: Tensor) -> None:
+        """:meth:`reproduces`, or a ``RuntimeError`` naming the model."""
+        if not self.reproduces(ids):
             raise RuntimeError(
                 f"adapt_layers: re-running the top {self.k} blocks of {type(self.model).__name__} does not reproduce "
-                "its hidden states (its blocks are not applied as x = block(x, ...) followed by the final norm); "
-                "use adapt_layers=0 for this model"
+                "its hidden states (its blocks are not applied as x = block(x, ...) followed by the final norm)"
             )
-        _VERIFIED[self.model] = self.first
 
 
 def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
@@ -182,17 +221,22 @@ def _sub(params: dict[str, Tensor], prefix: str) -> dict[str, Tensor]:
     return {name[cut:]: t for name, t in params.items() if name.startswith(prefix + ".")}
 
 
-def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor) -> Tensor:
-    """The final hidden states of the whole decoder (the capture hook may stop it early).
+def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor, features: Any = None) -> Tensor:
+    """The final hidden states of the whole backbone (the capture hook may stop it early), as the caller's
+    featuriser computes them.
 
     A backbone compiled by :func:`picomaml.compile.compile_backbone` runs its eager original here: the
     capture hook raises to stop the forward at the first adapted block, which a compiled graph cannot do.
     """
     from picomaml.compile import eager_forward, eager_hidden_states, is_compiled
 
+    if features is not None:
+        return features(ids)
     hidden_states = eager_hidden_states(model)
     if callable(hidden_states):
         return hidden_states(ids)
+    if not is_transformers_model(model):
+        return backbone_hidden(model, ids)
     base = layout.base
     run = eager_forward(base) if is_compiled(base) else base
     return run(input_ids=ids, **no_cache_kwargs(base)).last_hidden_state

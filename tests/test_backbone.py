@@ -99,7 +99,7 @@ def test_decoder_layout_finds_blocks_of_each_family_and_names_adapt_layers_other
         assert (layout.prefix, layout.norm_prefix, len(layout.blocks)) == (blocks, norm, 2)
     layout = decoder_layout(pico)
     assert (layout.prefix, layout.norm_prefix, layout.base) == ("layers", "norm", pico)
-    with pytest.raises(TypeError, match="adapt_layers: cannot find the transformer blocks of NanoGPT"):
+    with pytest.raises(TypeError, match="adapt_layers: cannot find the blocks of NanoGPT"):
         decoder_layout(NanoGPT())
 
 

@@ -34,10 +34,11 @@ from picomaml.params import (
 DECLARATIONS = [
     (pm.MetaHead, HeadConfig, set(), {"in_dim", "n_way", "seed"}),
     (pm.InnerLoop, InnerLoopConfig, set(), {"head"}),
-    (pm.SMLMTSampler, SamplerConfig, set(), {"mask_token_id", "seed"}),
+    (pm.SMLMTSampler, SamplerConfig, set(), {"mask_token_id", "seed", "pad_token_id"}),  # ids of the tokenizer
     (pm.HybridScheduler, HybridConfig, set(), {"seed"}),
-    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery"}, {"model", "head", "loop", "episode", "features"}),
-    (HybridLearner, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "features"}),
+    # adapt takes names, globs or a predicate of the Python API (the YAML config has adapt_layers)
+    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery"}, {"model", "head", "loop", "episode", "features", "adapt"}),
+    (HybridLearner, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "features", "adapt"}),
     (build_optimizer, OptimConfig, {"warmup_steps", "decay", "min_lr_ratio", "grad_clip", "meta_lr"},
      {"modules", "lr_overrides"}),
     (build_lr_scheduler, OptimConfig, {"lr", "weight_decay", "betas", "eps", "grad_clip", "meta_lr"},

@@ -63,6 +63,18 @@ def test_verify_refuses_a_model_whose_blocks_do_not_compose():
     top = TopBlocks(model, 1)
     with pytest.raises(RuntimeError, match="does not reproduce its hidden states"):
         top.verify(torch.randint(0, V, (2, 8)))
+    assert not top.reproduces(torch.randint(0, V, (2, 8)))
+
+
+def test_reproduction_is_checked_per_window_length_not_once_per_model():
+    model = pico()
+    top = TopBlocks(model, 1)
+    assert top.reproduces(torch.randint(0, V, (2, 8)))
+    own = model.hidden_states
+    # a model that does something else at longer windows (as sliding-window attention does)
+    model.hidden_states = lambda ids: own(ids) * (2.0 if ids.shape[1] == 12 else 1.0)
+    assert top.reproduces(torch.randint(0, V, (2, 8)))  # the same shape: remembered
+    assert not top.reproduces(torch.randint(0, V, (2, 12)))  # a new shape: checked again, and caught
 
 
 def test_bad_adapt_layers_are_named_with_the_allowed_values():
@@ -73,7 +85,7 @@ def test_bad_adapt_layers_are_named_with_the_allowed_values():
         TopBlocks(model, -1)
     with pytest.raises(ValueError, match="adapt_layers"):
         check_adapt_layers(True)
-    with pytest.raises(TypeError, match="adapt_layers: cannot find the transformer blocks"):
+    with pytest.raises(TypeError, match="adapt_layers: cannot find the blocks of NanoGPT: it holds no nn.ModuleList"):
         TopBlocks(NanoGPT(), 1)
 
 

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from picomaml.backbone import unwrap_model
 from picomaml.eval.fewshot_result import FewShotResult, format_fewshot_table, summarize_accuracies
 from picomaml.eval.probe import linear_probe_accuracy
 from picomaml.meta.functional import accuracy
@@ -129,12 +130,15 @@ def fewshot_eval(
     sampler_kwargs: dict[str, Any] | None = None,
     episodes_per_batch: int = 16,
     adapt_layers: int = 0,
+    features: Callable[[Tensor], Tensor] | None = None,
+    adapt: Any = None,
 ) -> FewShotResult:
     """Evaluate few-shot episode accuracy on held-out token rows.
 
     Args:
-        model: The backbone (a :class:`picomaml.PicoDecoder`); run under ``no_grad`` in eval mode, its
-            mode restored afterwards.
+        model: The backbone as it is held (a :class:`picomaml.PicoDecoder`, a ``transformers`` model, a
+            compiled, peft or DDP-wrapped model; see :func:`picomaml.meta_loss`); run under ``no_grad`` in
+            eval mode, its mode restored afterwards. May be ``None`` with ``features``.
         rows: (B, L) long held-out token rows; episodes' windows are cut from them.
         n_way: Classes per episode (see :class:`picomaml.SMLMTSampler` for this and the next four).
         k_shot: Support windows per class.
@@ -163,6 +167,10 @@ def fewshot_eval(
         adapt_layers: The top blocks that adapt with the head for the accuracy after adaptation, as in
             training (``meta.adapt_layers``; see :func:`picomaml.meta_loss`). The nearest-class-mean and
             probe accuracies always use the frozen backbone's features.
+        features: ``ids (B, W) -> hidden (B, W, D)`` for a backbone that gives no hidden states itself (see
+            :func:`picomaml.meta_loss`).
+        adapt: Backbone tensors that adapt with the head for the accuracy after adaptation (names, globs
+            or a predicate, as in :func:`picomaml.meta_loss`).
 
     Returns:
         A :class:`FewShotResult`.
@@ -196,13 +204,19 @@ def fewshot_eval(
     before: list[float] = []
     after: list[float] = []
     probe: list[float] = []
+    if model is None and features is None:
+        raise ValueError("model: pass a backbone, or a features callable ids -> (B, L, D) as features=")
+    if model is not None:
+        model = unwrap_model(model)
     with eval_mode(model, head, inner_loop):
         done = 0
         while done < episodes:
             t = min(episodes_per_batch, episodes - done)
             ep = sampler.sample(index, n_tasks=t)  # the same episodes as t single draws, in order
             done += t
-            b, a, p = score_episode_batch(model, ep, pooling, n_way, head, inner_loop, feature_norm, adapt_layers)
+            b, a, p = score_episode_batch(
+                model, ep, pooling, n_way, head, inner_loop, feature_norm, adapt_layers, features=features, adapt=adapt
+            )
             before += b
             after += a
             probe += p
@@ -234,6 +248,9 @@ def score_episode_batch(
     inner_loop: nn.Module | None = None,
     feature_norm: str = "none",
     adapt_layers: int = 0,
+    *,
+    features: Callable[[Tensor], Tensor] | None = None,
+    adapt: Any = None,
 ) -> tuple[list[float], list[float], list[float]]:
     """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
 
@@ -252,6 +269,8 @@ def score_episode_batch(
         inner_loop: The inner loop (needed with ``head``).
         feature_norm: Per-task feature normalisation (see :func:`picomaml.objectives.normalize_task_features`).
         adapt_layers: Top blocks adapted with the head for ``after`` (see :func:`fewshot_eval`).
+        features: The backbone's featuriser, if it gives no hidden states itself (see :func:`fewshot_eval`).
+        adapt: Backbone tensors adapted with the head for ``after`` (see :func:`fewshot_eval`).
 
     Returns:
         ``(before, after, probe)``: one accuracy per task each (see :func:`score_tasks`).
@@ -259,13 +278,14 @@ def score_episode_batch(
     param = next(head.parameters(), None) if head is not None else None
     with torch.no_grad():  # one backbone forward for the t episodes
         xs, ys, xq, yq = episode_features(
-            model, episode, pooling, feature_norm, dtype=param.dtype if param is not None else None
+            model, episode, pooling, feature_norm, dtype=param.dtype if param is not None else None, features=features
         )
-    if head is None or not adapt_layers:
+    if head is None or not (adapt_layers or adapt is not None):
         return score_tasks(xs, ys, xq, yq, n_way, head, inner_loop)
     before, _, probe = score_tasks(xs, ys, xq, yq, n_way)
     with torch.no_grad():  # the inner loop enables gradients for its steps itself
-        out = meta_loss(model, head, inner_loop, episode, pooling, feature_norm, "propagate", adapt_layers=adapt_layers)
+        out = meta_loss(model, head, inner_loop, episode, pooling, feature_norm, "propagate",
+                        adapt_layers=adapt_layers, adapt=adapt, features=features)  # fmt: skip
     after = accuracy(out.query_logits.reshape(*yq.shape, -1), yq, per_task=True)
     finite = torch.isfinite(out.query_logits.reshape(yq.shape[0], -1)).all(1)
     return before, after.masked_fill(~finite, float("nan")).tolist(), probe

@@ -1,17 +1,13 @@
-"""Functional core of the inner loop: batched SGD on a head's parameter dict, general and closed form.
+"""Small functions of the inner loop: per-task losses and accuracy, inner-gradient norms and clipping, and
+the written-out gradient of a linear head. The SGD steps themselves are :func:`picomaml.meta.engine.sgd_steps`.
 
 Every tensor here carries a leading task dimension ``T``: parameters ``(T, ...)``, features ``(T, n, D)``,
-labels ``(T, n)``. Tasks are independent, so the gradient of the *sum* of per-task losses with respect to
-the ``(T, ...)`` parameters is, slice by slice, the gradient of each task's own loss: one
-``torch.autograd.grad`` call adapts all tasks at once.
-
-Nothing here touches ``.grad`` or an optimizer; updates build new tensors ``p - lr * g``.
+labels ``(T, n)``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -24,11 +20,7 @@ __all__ = [
     "clip_grads",
     "clip_and_norm",
     "closed_form_linear_grads",
-    "sgd_steps",
 ]
-
-LrFn = Callable[[int, int], "float | Tensor"]
-
 
 def accuracy(scores: Tensor, labels: Tensor, *, per_task: bool = False) -> Tensor:
     """Fraction of rows predicted right: the one accuracy of the library (training metrics and evaluation).
@@ -108,69 +100,3 @@ def closed_form_linear_grads(
     resid = (probs - F.one_hot(labels, weight.shape[1]).to(probs.dtype)) / n  # (T, n, N)
     grad_w = torch.bmm(resid.transpose(1, 2).to(feats.dtype), feats)
     return grad_w.to(weight.dtype), resid.sum(1).to(bias.dtype)
-
-
-def sgd_steps(
-    logits_fn: Callable[[dict, Tensor, Any], Tensor],
-    params: dict[str, Tensor],
-    feats: Tensor,
-    labels: Tensor,
-    steps: int,
-    lr_fn: LrFn,
-    *,
-    create_graph: bool,
-    grad_clip: float | None = None,
-    closed_form: bool = False,
-    masks_fn: Callable[[], Any] | None = None,
-    keep_history: bool = False,
-) -> tuple[list[dict[str, Tensor]], Tensor]:
-    """Plain SGD on the support loss, every task at once.
-
-    Args:
-        logits_fn: ``(params, feats, masks) -> logits (T, n, N)``.
-        params: ``name -> (T, ...)`` initial tensors (their graph reaches the meta-parameters).
-        feats: ``(T, n, D)`` support features; labels: ``(T, n)``.
-        steps: Number of SGD steps.
-        lr_fn: ``(step, tensor_index) -> lr`` (a float or a 0-dim tensor, e.g. a learned LR).
-        create_graph: Second order: keep the graph of each inner gradient so the outer backward
-            differentiates through it. ``False`` is first order (FOMAML): gradients are computed on detached
-            copies, the update ``p - lr * g`` keeps the graph to ``p`` and ``lr`` only.
-        grad_clip: Clip each task's global inner-gradient norm to this value.
-        closed_form: Use :func:`closed_form_linear_grads` (only for a linear head: keys ``out.weight`` and
-            ``out.bias`` and nothing else).
-        masks_fn: Called once per step for dropout masks (``None`` means no dropout).
-        keep_history: Return the parameters after every step, not only the last.
-
-    Returns:
-        ``(history, grad_norms)``: ``history`` is ``[params_0, ..., params_S]`` (or ``[params_0, params_S]``
-        without ``keep_history``); ``grad_norms`` is ``(steps, T)``, detached, before clipping.
-    """
-    names = list(params)
-    history = [params]
-    norms = []
-    for s in range(steps):
-        if closed_form:
-            w, b, x = params["out.weight"], params["out.bias"], feats
-            if not create_graph:
-                w, b, x = w.detach(), b.detach(), x.detach()
-            grads = list(closed_form_linear_grads(w, b, x, labels))
-        else:
-            if create_graph:
-                # a tensor without history (frozen head, no-grad call) still needs to be a graph input
-                leaves = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in params.items()}
-                x = feats
-            else:
-                leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-                x = feats.detach()
-            masks = masks_fn() if masks_fn is not None else None
-            loss = task_cross_entropy(logits_fn(leaves, x, masks), labels).sum()
-            grads = list(torch.autograd.grad(loss, [leaves[k] for k in names], create_graph=create_graph))
-        grads, norm = clip_and_norm(grads, grad_clip)
-        norms.append(norm)
-        params = {k: params[k] - lr_fn(s, i) * g for i, (k, g) in enumerate(zip(names, grads, strict=True))}
-        if keep_history:
-            history.append(params)
-    if not keep_history and steps > 0:
-        history.append(params)
-    grad_norms = torch.stack(norms) if norms else feats.new_zeros((0, feats.shape[0]), dtype=torch.float32)
-    return history, grad_norms

@@ -20,15 +20,19 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from picomaml.checks import check_values
 from picomaml.params import Params, check_int, choices, hparam
 
-__all__ = ["MetaHead", "HeadConfig", "Activation", "HeadInit", "ACTIVATIONS", "INITS", "prototype_layer"]
+__all__ = [
+    "MetaHead", "HeadConfig", "Activation", "HeadInit", "ACTIVATIONS", "INITS", "prototype_layer", "head_logits",
+    "head_task_params", "adapted_names", "check_head_inputs",
+]
 
 Activation = Literal["relu", "gelu", "silu", "tanh"]
 HeadInit = Literal["xavier", "kaiming", "normal", "zeros", "prototype"]
@@ -43,7 +47,7 @@ class HeadConfig(Params):
 
     hidden_dims: tuple[int, ...] = hparam((), ge=1, doc="sizes of the hidden layers; [] is a linear head")
     activation: Activation = hparam("relu", doc="non-linearity after each hidden layer")
-    dropout: float = hparam(0.0, ge=0.0, lt=1.0, doc="dropout on hidden activations (torch backend)")
+    dropout: float = hparam(0.0, ge=0.0, lt=1.0, doc="dropout on hidden activations")
     init: HeadInit = hparam(
         "zeros", doc="initial weights (zeros learns from scratch); prototype builds the output layer from class means"
     )
@@ -77,7 +81,7 @@ class MetaHead(nn.Module):
         activation: ``"relu"``, ``"gelu"``, ``"silu"`` or ``"tanh"``, applied after each hidden layer.
         dropout: Probability of zeroing a hidden activation while the head is in training mode. Masks are
             drawn from the head's own seeded ``torch.Generator`` (never the global RNG); it has no effect on a
-            linear head. Only the ``torch`` inner-loop backend supports it.
+            linear head.
         init: ``"zeros"`` (default: a zero output layer, so every class starts equal, as task labels are
             permuted per episode and no init can know them; hidden layers, if any, xavier), ``"xavier"``
             (uniform), ``"kaiming"`` (uniform, fan-in), ``"normal"`` (std 0.02) or ``"prototype"`` (hidden layers xavier, output layer from support
@@ -117,6 +121,13 @@ class MetaHead(nn.Module):
         """Names of the tensors the inner loop adapts, in order (includes ``out.*`` for prototype init)."""
         names = [f"hidden.{i}.{p}" for i in range(len(self.hidden_dims)) for p in ("weight", "bias")]
         return (*names, "out.weight", "out.bias")
+
+    @property
+    def adapted_shapes(self) -> tuple[tuple[int, ...], ...]:
+        """Shapes of the :attr:`adapted_names` tensors without a task dim (per-element learned LRs follow them)."""
+        dims = (self.in_dim, *self.hidden_dims)
+        shapes = [s for a, b in zip(dims[:-1], dims[1:], strict=True) for s in ((b, a), (b,))]
+        return (*shapes, (self.n_way, dims[-1]), (self.n_way,))
 
     def reset_parameters(self) -> None:
         """(Re)initialise all stored weights from the head's generator; biases start at zero."""
@@ -266,3 +277,109 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
     if weight.dim() == 2:
         return F.linear(x, weight, bias)
     return torch.baddbmm(bias.unsqueeze(-2), x, weight.transpose(-1, -2))
+
+
+# -- the inner loop's head form: the protocol a head (a MetaHead or a duck-typed module) offers it --------
+
+
+def head_logits(head: nn.Module, params: dict[str, Tensor], x: Tensor, *, dropout: bool = False) -> Tensor:
+    """``head.functional(params, x)``; with ``dropout``, fresh masks from ``head.dropout_masks`` when the head
+    has that method and it returns masks (a :class:`~picomaml.MetaHead` in training mode with dropout)."""
+    make = getattr(head, "dropout_masks", None) if dropout else None
+    masks = make(x.shape, x.device, x.dtype) if callable(make) else None
+    return head.functional(params, x) if masks is None else head.functional(params, x, masks)
+
+
+def head_task_params(head: nn.Module, xs: Tensor, ys: Tensor) -> dict[str, Tensor]:
+    """The head's initial tensors ``name -> (T, ...)`` for ``xs`` ``(T, n, D)``.
+
+    The task dim is explicit: a tensor that is one of the head's own parameters (shared by every task) is
+    expanded to ``T`` copies; any other tensor ``initial_params`` returns (a prototype layer built from each
+    task's support set) already has one.
+    """
+    t = xs.shape[0]
+    own = {id(p) for p in head.parameters()}
+    init = head.initial_params(xs, ys)
+    out = {}
+    for k in adapted_names(head):
+        v = init[k]
+        if id(v) in own:
+            out[k] = v.expand(t, *v.shape)
+        elif v.shape[:1] != (t,):
+            raise ValueError(f"head.initial_params: {k!r} is not a head parameter and has no task dim {t}: {tuple(v.shape)}")
+        else:
+            out[k] = v
+    return out
+
+
+def adapted_names(head: nn.Module) -> Sequence[str]:
+    names = getattr(head, "adapted_names", None)
+    if names is None:
+        raise TypeError(f"the head must be a MetaHead (or provide adapted_names), got {type(head).__name__}")
+    return names
+
+
+def check_head_inputs(
+    head: nn.Module, xs: Tensor, ys: Tensor, xq: Tensor | None, yq: Tensor | None, owner: Any = None
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool]:
+    """Validate shapes, dtypes, label range and finiteness; return everything with a task dim.
+
+    The value checks (finite features, labels in range) read their result on the first call with these
+    shapes for ``owner`` and are queued without a host sync afterwards (:func:`~picomaml.checks.check_values`).
+    """
+    for name in ("initial_params", "functional", "n_way", "in_dim"):
+        if not hasattr(head, name):
+            raise TypeError(f"head must be a MetaHead (missing {name!r}), got {type(head).__name__}")
+    for name, value in (("support_feats", xs), ("support_labels", ys)):
+        if not isinstance(value, Tensor):
+            raise TypeError(f"{name}: expected a torch.Tensor, got {type(value).__name__}")
+    if xs.dim() not in (2, 3):
+        raise ValueError(f"support_feats must be (n, D) or (T, n, D), got shape {tuple(xs.shape)}")
+    single = xs.dim() == 2
+    head_param = next(iter(head.parameters()), None) if isinstance(head, nn.Module) else None
+    # a mixed dtype is a matmul error, except under autocast, where the matmuls cast for themselves
+    autocast = torch.is_autocast_enabled(xs.device.type)
+    head_dtype = head_param.dtype if head_param is not None and not autocast else None
+    parts = [("support", xs, ys)] + ([("query", xq, yq)] if xq is not None else [])
+    for part, x, y in parts:
+        if x.dim() != xs.dim():
+            raise ValueError(
+                f"{part}_feats has shape {tuple(x.shape)} but support_feats has {tuple(xs.shape)}"
+            )
+        if x.shape[-1] != head.in_dim:
+            raise ValueError(
+                f"{part}_feats has feature size {x.shape[-1]}, the head expects in_dim={head.in_dim}"
+            )
+        if y.shape != x.shape[:-1]:
+            raise ValueError(
+                f"{part}_labels has shape {tuple(y.shape)}, expected {tuple(x.shape[:-1])} (one per row)"
+            )
+        if x.shape[-2] == 0:
+            raise ValueError(f"{part} set is empty (shape {tuple(x.shape)})")
+        if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8, torch.int8):
+            raise ValueError(f"{part}_labels must be an integer tensor, got {y.dtype}")
+        if not x.is_floating_point():
+            raise ValueError(f"{part}_feats must be floating point, got {x.dtype}")
+        if head_dtype is not None and x.dtype != head_dtype:
+            raise ValueError(
+                f"{part}_feats has dtype {x.dtype} but the head's parameters are {head_dtype}; cast the "
+                f"features with .to({head_dtype})"
+            )
+    if xq is not None and not single and xq.shape[0] != xs.shape[0]:
+        raise ValueError(f"query_feats has {xq.shape[0]} tasks, support_feats has {xs.shape[0]}")
+    n = head.n_way
+    for part, x, y in parts:
+        key = ("inputs", part, tuple(x.shape), x.dtype, str(x.device), n)
+        check_values(owner, key + ("finite",), torch.isfinite(x), lambda part=part: f"{part}_feats contains NaN or Inf",
+                     f"{part}_feats contains NaN or Inf")  # fmt: skip
+        check_values(
+            owner, key + ("labels",), (y >= 0) & (y < n),
+            lambda part=part, y=y: f"{part}_labels must be in [0, {n}) (n_way of the head), got min {int(y.min())} "
+            f"max {int(y.max())}",
+            f"{part}_labels must be in [0, {n}) (n_way of the head)",
+        )  # fmt: skip
+    lift = (lambda z: z.unsqueeze(0)) if single else (lambda z: z)
+    out = [lift(xs), lift(ys).long(), *(lift(z) if z is not None else None for z in (xq, yq))]
+    if out[3] is not None:
+        out[3] = out[3].long()
+    return out[0], out[1], out[2], out[3], single

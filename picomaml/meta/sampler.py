@@ -88,6 +88,9 @@ class SMLMTSampler:
             ``holdout_fraction`` is 0); ``"heldout"``: only from the held-out types. Training and evaluation
             samplers with the same fraction and seed thus never share a class.
         seed: Seed of the sampler's own ``torch.Generator``.
+        pad_token_id: The id that pads short rows (the tokenizer's pad token), or ``None``. Padding is
+            never a class and never inside an episode window: windows that hold it are not drawn, so every
+            position of every window is a real token (``"last"``/``"mean"`` pooling count only real ones).
     """
 
     #: How many times to redraw the classes when their windows cannot be assigned without reuse.
@@ -109,8 +112,13 @@ class SMLMTSampler:
         holdout_seed: int = SamplerConfig.holdout_seed,
         class_split: ClassSplit = SamplerConfig.class_split,
         seed: int = 0,
+        pad_token_id: int | None = None,
     ) -> None:
         mask_token_id = check_int("mask_token_id", mask_token_id, ge=0)
+        if pad_token_id is not None:
+            pad_token_id = check_int("pad_token_id", pad_token_id, ge=0)
+            if pad_token_id == mask_token_id:
+                raise ConfigError(f"pad_token_id: must differ from mask_token_id ({mask_token_id})")
         seed = check_int("seed", seed)
         if isinstance(exclude_token_ids, (str, bytes)) or not isinstance(exclude_token_ids, Iterable):
             raise ConfigError(f"exclude_token_ids: must be a sequence of integers >= 0, got {exclude_token_ids!r}")
@@ -130,7 +138,9 @@ class SMLMTSampler:
         self.exclude_token_ids = exclude
         self.holdout_fraction, self.holdout_seed = float(holdout_fraction), holdout_seed
         self.class_split = class_split
-        self._excluded = tuple(sorted(set(exclude) | {mask_token_id}))  # the mask is never a class
+        self.pad_token_id = pad_token_id
+        # the mask and the padding are never classes
+        self._excluded = tuple(sorted(set(exclude) | {mask_token_id} | ({pad_token_id} - {None})))
         self.seed = seed
         self.generator = torch.Generator().manual_seed(seed)
         self.episodes_sampled = 0
@@ -138,11 +148,12 @@ class SMLMTSampler:
 
     @classmethod
     def from_config(
-        cls, config: SamplerConfig | Mapping[str, Any], mask_token_id: int, seed: int = 0
-    ) -> SMLMTSampler:
-        """Build from a :class:`SamplerConfig` (or its dict) plus the tokenizer's mask id."""
+        cls, config: SamplerConfig | Mapping[str, Any], mask_token_id: int, seed: int = 0,
+        pad_token_id: int | None = None,
+    ) -> SMLMTSampler:  # fmt: skip
+        """Build from a :class:`SamplerConfig` (or its dict) plus the tokenizer's mask (and pad) id."""
         values = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
-        return cls(**values, mask_token_id=mask_token_id, seed=seed)
+        return cls(**values, mask_token_id=mask_token_id, seed=seed, pad_token_id=pad_token_id)
 
     # ------------------------------------------------------------------ index
 
@@ -173,7 +184,7 @@ class SMLMTSampler:
         cache = self._cache
         if cache is not None and cache[0]() is tokens and cache[1] == tokens._version:
             return cache[2], cache[3]
-        index = smlmt.build_index(tokens, self.window_len)
+        index = smlmt.build_index(tokens, self.window_len, self.pad_token_id)
         eligible = self._eligible(index)
         self._cache = (weakref.ref(tokens), tokens._version, index, eligible)
         return index, eligible
@@ -331,7 +342,8 @@ class SMLMTSampler:
     def __repr__(self) -> str:
         return (
             f"SMLMTSampler(n_way={self.n_way}, k_shot={self.k_shot}, n_query={self.n_query}, "
-            f"window_len={self.window_len}, mask_token_id={self.mask_token_id}, min_freq={self.min_freq}, "
+            f"window_len={self.window_len}, mask_token_id={self.mask_token_id}, pad_token_id={self.pad_token_id}, "
+            f"min_freq={self.min_freq}, "
             f"max_freq={self.max_freq}, class_sampling={self.class_sampling!r}, "
             f"holdout_fraction={self.holdout_fraction}, class_split={self.class_split!r}, seed={self.seed})"
         )

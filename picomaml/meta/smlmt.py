@@ -62,6 +62,11 @@ class WindowIndex:
             then window; the windows of ``token_ids[i]`` are ``pair_windows[offsets[i]:offsets[i + 1]]``.
         offsets: ``(U + 1,)`` long CSR offsets into ``pair_windows``.
         counts: ``(U,)`` long, the window count of each of ``token_ids``.
+        usable_windows: Windows that may be drawn: those without padding (all of them without a pad id).
+            Frequency bands that are fractions are fractions of this number.
+
+    Windows that hold the pad id are left out of the incidence: their tokens are no class's examples and
+    the pad id itself is never a class.
     """
 
     windows: Tensor
@@ -70,6 +75,11 @@ class WindowIndex:
     pair_windows: Tensor
     offsets: Tensor
     counts: Tensor
+    usable_windows: int = -1
+
+    def __post_init__(self) -> None:
+        if self.usable_windows < 0:  # frozen: set once, here
+            object.__setattr__(self, "usable_windows", int(self.windows.shape[0]))
 
     @property
     def n_windows(self) -> int:
@@ -136,12 +146,14 @@ def _extreme(tokens: Tensor, largest: bool) -> int:
     return int(tokens.max() if largest else tokens.min())
 
 
-def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
+def build_index(tokens: Tensor, window_len: int, pad_token_id: int | None = None) -> WindowIndex:
     """Cut ``tokens`` into non-overlapping windows and index which windows hold each token type.
 
     Args:
         tokens: ``(B, L)`` long. Each row gives ``L // window_len`` windows; the tail is dropped.
         window_len: ``W``.
+        pad_token_id: Windows that contain this id are never indexed (padding is neither a class nor a
+            position of any episode window).
 
     Returns:
         The :class:`WindowIndex` (on CPU).
@@ -166,7 +178,18 @@ def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
             f"tokens: token id {largest} is too large: a buffer of {n} windows takes ids up to {top} "
             f"(the index packs id * n_windows + window into int64)"
         )
-    pair_windows, token_ids, counts = _incidence(windows, largest=largest)
+    usable = None
+    if pad_token_id is not None:
+        clean = (windows != pad_token_id).all(1)
+        if not bool(clean.all()):
+            usable = clean.nonzero().flatten()  # ascending: mapping back keeps the (token, window) order
+    if usable is None:
+        pair_windows, token_ids, counts = _incidence(windows, largest=largest)
+    elif usable.numel() == 0:
+        raise ValueError(f"tokens: every window of {window_len} tokens holds the pad id {pad_token_id}")
+    else:
+        pair_windows, token_ids, counts = _incidence(windows.index_select(0, usable), largest=largest)
+        pair_windows = usable.index_select(0, pair_windows)
     if _numpy_available():  # see _incidence: no torch op over the O(B * L) arrays
         import numpy as np
 
@@ -175,7 +198,8 @@ def build_index(tokens: Tensor, window_len: int) -> WindowIndex:
         offsets = torch.empty(counts.numel() + 1, dtype=torch.long)  # empty + cumsum: no parallel fill
         offsets[0] = 0
         torch.cumsum(counts, 0, out=offsets[1:])
-    return WindowIndex(windows, per_row, token_ids, pair_windows, offsets, counts)
+    n_usable = n if usable is None else int(usable.numel())
+    return WindowIndex(windows, per_row, token_ids, pair_windows, offsets, counts, n_usable)
 
 
 def _cut_windows(tokens: Tensor, per_row: int, window_len: int) -> Tensor:
@@ -296,7 +320,7 @@ def eligible_tokens(
     exclude_token_ids: Sequence[int] = (),
 ) -> Tensor:
     """``(E,)`` ascending ids whose window count lies in the band and is at least ``need``, minus exclusions."""
-    lo, hi = frequency_bounds(index.n_windows, min_freq, max_freq)
+    lo, hi = frequency_bounds(index.usable_windows, min_freq, max_freq)
     excl = sorted({t for t in exclude_token_ids if 0 <= t < 2**63})  # others cannot be in a LongTensor
     if _numpy_available():  # single-threaded: see _incidence
         c, ids = index.counts.numpy(), index.token_ids.numpy()
@@ -553,7 +577,7 @@ def describe_shortfall(
     index: WindowIndex, n_eligible: int, n_way: int, per_class: int, min_freq: float, max_freq: float
 ) -> str:
     """The message for too few eligible classes: the numbers and what to change."""
-    lo, hi = frequency_bounds(index.n_windows, min_freq, max_freq)
+    lo, hi = frequency_bounds(index.usable_windows, min_freq, max_freq)
     return (
         f"only {n_eligible} token types are eligible as classes, but n_way={n_way} are needed. Eligible means: "
         f"present in between {math.ceil(max(lo, per_class))} and {math.floor(hi)} of the buffer's "

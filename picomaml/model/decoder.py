@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from picomaml.checks import check_values
 from picomaml.model.attention import Attention, KVCache
 from picomaml.model.config import PicoDecoderConfig
 from picomaml.model.layers import RMSNorm, rope_tables
@@ -145,9 +146,12 @@ class PicoDecoder(nn.Module):
             ok = (input_ids >= 0) & (input_ids < vocab)
             torch._assert_async(ok.all(), f"input_ids: token ids must be in [0, {vocab})")
             return torch.where(ok, input_ids, 0)
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= vocab:
-            raise ValueError(f"input_ids: token ids must be in [0, {vocab}), got min {lo} and max {hi}")
+        check_values(
+            self, ("input_ids", tuple(input_ids.shape), str(input_ids.device)), (input_ids >= 0) & (input_ids < vocab),
+            lambda: f"input_ids: token ids must be in [0, {vocab}), got min {int(input_ids.min())} and max "
+            f"{int(input_ids.max())}",
+            f"input_ids: token ids must be in [0, {vocab})",
+        )  # read until it passed once for this shape, then queued without a host sync
         return input_ids
 
     def hidden_states(self, input_ids: torch.Tensor, kv_cache: KVCache | None = None) -> torch.Tensor:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from torch import nn
 
+import picomaml as pm
 from picomaml.eval.fewshot import (
     FewShotResult,
     fewshot_eval,
@@ -243,3 +244,26 @@ def test_adapt_layers_adapts_the_top_block_for_the_accuracy_after_adaptation():
     logits = pm.meta_loss(model, head, loop, ep, adapt_layers=1).query_logits
     assert after1 == (logits.argmax(-1) == ep.query_labels).float().mean(-1).tolist()
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_fewshot_eval_takes_features_and_wrapped_models():
+    """A module that gives no hidden states itself is evaluated through features=, as meta_loss takes it;
+    a compiled model as it is held gives the plain model's numbers."""
+    from backbones import NanoGPT, V
+
+    rows = torch.randint(3, V, (32, 64), generator=torch.Generator().manual_seed(0))
+    nano = NanoGPT()
+    kw = dict(n_way=3, k_shot=2, n_query=2, mask_token_id=2, window_len=8, episodes=4, seed=0)
+    head = pm.MetaHead(16, 3)
+    loop = InnerLoop(steps=2, lr=0.5)
+    a = pm.fewshot_eval(nano, rows, features=nano.trunk, head=head, inner_loop=loop, **kw)
+    b = pm.fewshot_eval(None, rows, features=nano.trunk, head=head, inner_loop=loop, **kw)
+    c = pm.fewshot_eval(nano, rows, features=nano.trunk, head=head, inner_loop=loop, adapt=["mix.*"], **kw)
+    assert a.acc_ncm == b.acc_ncm and a.acc_after == b.acc_after and c.acc_ncm == a.acc_ncm
+    with pytest.raises(ValueError, match="model: pass a backbone, or a features callable"):
+        pm.fewshot_eval(None, rows, **kw)
+    model = pm.PicoDecoder(pm.PicoDecoderConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                ffn_dim=32, max_seq_len=8))  # fmt: skip
+    plain = pm.fewshot_eval(model, rows, head=head, inner_loop=loop, **kw)
+    compiled = pm.fewshot_eval(torch.compile(model), rows, head=head, inner_loop=loop, **kw)
+    assert plain.acc_ncm == compiled.acc_ncm and plain.acc_after == compiled.acc_after

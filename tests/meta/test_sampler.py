@@ -512,7 +512,7 @@ def test_from_config_and_field_names():
     import inspect
 
     params = set(inspect.signature(SMLMTSampler).parameters)
-    assert params == {f.name for f in dataclasses.fields(SamplerConfig)} | {"mask_token_id", "seed"}
+    assert params == {f.name for f in dataclasses.fields(SamplerConfig)} | {"mask_token_id", "seed", "pad_token_id"}
     assert pm.SMLMTSampler is SMLMTSampler
     assert math.isclose(SMLMTSampler(2, 1, 1, 0, 4).max_freq, SamplerConfig.max_freq)
 
@@ -989,3 +989,26 @@ def test_a_fresh_tensor_and_a_cached_index_give_the_same_episodes(zipf):
         fresh = zipf.clone()  # a new tensor every call: the index is rebuilt
         assert episodes_equal(a.sample(fresh), b.sample(index))
         assert a.index(fresh) is not index
+
+
+def test_padding_is_never_a_class_nor_inside_a_window() -> None:
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(3, 40, (32, 64), generator=g)
+    lengths = torch.randint(8, 64, (32,), generator=g)
+    pad = 1
+    rows[torch.arange(64).expand(32, -1) >= lengths.unsqueeze(1)] = pad  # right-padded rows of ragged length
+    plain = SMLMTSampler(n_way=4, k_shot=2, n_query=2, mask_token_id=2, window_len=8, max_freq=0.9, seed=0)
+    padded = SMLMTSampler(n_way=4, k_shot=2, n_query=2, mask_token_id=2, window_len=8, max_freq=0.9, seed=0,
+                          pad_token_id=pad)  # fmt: skip
+    assert pad in plain.eligible(rows).tolist()  # without a pad id, padding is a token like any other
+    assert pad not in padded.eligible(rows).tolist()
+    index = padded.index(rows)
+    assert index.usable_windows == int((index.windows != pad).all(1).sum()) < index.n_windows
+    for _ in range(20):
+        ep = padded.sample(rows, n_tasks=2)
+        assert not (ep.support_ids == pad).any() and not (ep.query_ids == pad).any()
+        assert pad not in ep.class_token_ids.tolist()
+    with pytest.raises(ValueError, match="pad_token_id: must differ from mask_token_id"):
+        SMLMTSampler(n_way=4, k_shot=2, n_query=2, mask_token_id=2, window_len=8, pad_token_id=2)
+    with pytest.raises(ValueError, match="every window of 8 tokens holds the pad id"):
+        padded.sample(torch.full((2, 16), pad))
