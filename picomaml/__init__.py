@@ -27,11 +27,11 @@ _EXPORTS: dict[str, str] = {
     "InnerLoopOutput": "picomaml.meta.inner_loop",
     "HybridScheduler": "picomaml.meta.hybrid",
     # objectives
-    "lm_loss": "picomaml.objectives",
-    "meta_loss": "picomaml.objectives",
-    "pool_features": "picomaml.objectives",
-    "episode_features": "picomaml.objectives",
-    "HybridLearner": "picomaml.learner",
+    "lm_loss": "picomaml.meta.objectives",
+    "meta_loss": "picomaml.meta.objectives",
+    "pool_features": "picomaml.meta.objectives",
+    "episode_features": "picomaml.meta.objectives",
+    "HybridLearner": "picomaml.meta.learner",
     # data
     "load_default_corpus": "picomaml.data.corpus",
     "load_tokenizer": "picomaml.data.tokenizer",
@@ -89,14 +89,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml.eval.leopard import load_leopard_file
     from picomaml.eval.perplexity import perplexity
     from picomaml.eval.suite import run_suite
-    from picomaml.learner import HybridLearner
     from picomaml.meta.episode import Episode, EpisodeError
     from picomaml.meta.head import MetaHead
     from picomaml.meta.hybrid import HybridScheduler
     from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
+    from picomaml.meta.learner import HybridLearner
+    from picomaml.meta.objectives import episode_features, lm_loss, meta_loss, pool_features
     from picomaml.meta.sampler import SMLMTSampler
     from picomaml.meta.smlmt import SamplingError
     from picomaml.model.config import PicoDecoderConfig
     from picomaml.model.decoder import KVCache, PicoDecoder
-    from picomaml.objectives import episode_features, lm_loss, meta_loss, pool_features
     from picomaml.params import ConfigError

@@ -17,10 +17,10 @@ import torch
 from torch import nn
 
 from picomaml.config import ExperimentConfig
-from picomaml.learner import HybridLearner
 from picomaml.meta.head import MetaHead
 from picomaml.meta.hybrid import HybridScheduler
 from picomaml.meta.inner_loop import InnerLoop
+from picomaml.meta.learner import HybridLearner
 from picomaml.meta.sampler import SamplerConfig, SMLMTSampler
 from picomaml.model.decoder import PicoDecoder
 from picomaml.optim import build_lr_scheduler, build_optimizer

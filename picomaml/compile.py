@@ -5,7 +5,7 @@
 everything that calls ``model(ids)`` or ``model.hidden_states(ids)`` (:func:`~picomaml.lm_loss`,
 :func:`~picomaml.meta_loss`, :class:`~picomaml.HybridLearner`) uses them without a change. The eager
 originals stay reachable (:func:`eager_forward`, :func:`eager_hidden_states`, :func:`eager_mode`). For a
-model whose config gives ``vocab_size`` it also compiles :func:`~picomaml.backbone.next_token_loss`, the
+model whose config gives ``vocab_size`` it also compiles :func:`~picomaml.meta.backbone.next_token_loss`, the
 forward and the cross-entropy as one graph (:func:`compiled_loss`), which :func:`~picomaml.lm_loss` runs:
 the loss fuses with the vocabulary projection instead of reading the ``(B, L, V)`` logits back eagerly.
 
@@ -15,7 +15,7 @@ What stays eager, and why:
   currently support double backward") when a ``create_graph=True`` gradient has to pass through one. The
   MAML inner loop therefore never differentiates through the compiled backbone: with ``adapt_layers=0``
   it adapts the head on the backbone's features (the compiled graph is differentiated once, by the outer
-  backward); with ``adapt_layers=k`` :class:`~picomaml.top_blocks.TopBlocks` runs the lower blocks with
+  backward); with ``adapt_layers=k`` :class:`~picomaml.meta.top_blocks.TopBlocks` runs the lower blocks with
   the *eager* ``hidden_states`` (its capture hook raises to stop the forward, which a compiled graph
   cannot do) and re-runs the adapted blocks eagerly, so a meta step with adapted blocks runs its backbone
   eagerly.
@@ -46,7 +46,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from picomaml.backbone import is_transformers_model, next_token_loss, vocab_size
+from picomaml.meta.backbone import (  # the marks compile_backbone leaves, read by the meta objective
+    EAGER_ATTR as _EAGER,
+)
+from picomaml.meta.backbone import (
+    LOSS_ATTR as _LOSS,
+)
+from picomaml.meta.backbone import (
+    compiled_loss,
+    eager_forward,
+    eager_hidden_states,
+    is_compiled,
+    is_transformers_model,
+    next_token_loss,
+    vocab_size,
+)
 
 __all__ = [
     "compile_backbone",
@@ -59,8 +73,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-_EAGER = "_picomaml_eager"  # instance attribute: method name -> eager bound method
-_LOSS = "_picomaml_next_token_loss"  # instance attribute: the compiled forward + cross-entropy
 
 
 def _graphs() -> int:
@@ -169,33 +181,6 @@ def compile_backbone(model: nn.Module, *, check_inputs: bool = True, **compile_k
 
 def _check_ids(model: nn.Module, input_ids: Any) -> None:
     model._check_input(input_ids, 0)  # type: ignore[operator]
-
-
-def compiled_loss(model: nn.Module) -> Callable | None:
-    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by :func:`compile_backbone`
-    (:func:`picomaml.backbone.next_token_loss` as one graph), or ``None``: not compiled, a model whose
-    config gives no ``vocab_size``, or inside :func:`eager_mode`. :func:`picomaml.lm_loss` uses it."""
-    fn = model.__dict__.get(_LOSS)
-    return fn if callable(fn) else None
-
-
-def is_compiled(module: nn.Module) -> bool:
-    """True when :func:`compile_backbone` has compiled ``module``'s forward."""
-    return "forward" in module.__dict__.get(_EAGER, {})
-
-
-def eager_forward(module: nn.Module) -> Callable:
-    """The eager ``forward`` of a module compiled by :func:`compile_backbone` (``module.forward`` otherwise).
-
-    Calling it skips the module's own hooks (not its submodules'), as calling ``forward`` always does.
-    """
-    return module.__dict__.get(_EAGER, {}).get("forward") or module.forward
-
-
-def eager_hidden_states(model: nn.Module) -> Callable | None:
-    """The eager ``hidden_states`` of a compiled model, ``model.hidden_states`` otherwise (``None`` if none)."""
-    eager = model.__dict__.get(_EAGER, {}).get("hidden_states")
-    return eager if eager is not None else getattr(model, "hidden_states", None)
 
 
 @contextlib.contextmanager

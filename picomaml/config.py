@@ -27,9 +27,9 @@ from picomaml.eval.during_training import EvalConfig
 from picomaml.meta.head import HeadConfig
 from picomaml.meta.hybrid import HybridConfig
 from picomaml.meta.inner_loop import InnerLoopConfig
+from picomaml.meta.objectives import MetaConfig
 from picomaml.meta.sampler import SamplerConfig
 from picomaml.model.config import PicoDecoderConfig
-from picomaml.objectives import MetaConfig
 from picomaml.optim import OptimConfig
 from picomaml.params import ConfigError, Params, check, field_docs, from_dict, hparam, to_dict
 from picomaml.strict_yaml import apply_overrides, load_yaml_file

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from picomaml.backbone import unwrap_model
 from picomaml.compile import eager_mode
-from picomaml.objectives import lm_loss
+from picomaml.meta.backbone import unwrap_model
+from picomaml.meta.objectives import lm_loss
 from picomaml.params import Params, hparam
 
 __all__ = [

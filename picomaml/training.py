@@ -135,24 +135,35 @@ class MetricWindow:
     INNER_PREFIX = "meta/"
 
     def __init__(self) -> None:
-        self._values: dict[str, list[float]] = {}
+        self._values: dict[str, list[float | torch.Tensor]] = {}
 
-    def add(self, metrics: Mapping[str, float]) -> None:
-        """Record one value per named metric (names are kept as they are)."""
+    def add(self, metrics: Mapping[str, float | torch.Tensor]) -> None:
+        """Record one value per named metric (names are kept as they are). Tensors (the inner loop's metrics)
+        stay on their device until :meth:`means` reads them all at once: no host sync per step."""
         for key, value in metrics.items():
-            self._values.setdefault(key, []).append(float(value))
+            value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else float(value)
+            self._values.setdefault(key, []).append(value)
 
-    def add_inner_loop(self, metrics: Mapping[str, float]) -> None:
+    def _read(self) -> None:
+        """Replace every pending tensor by its float, in one transfer."""
+        at = [(k, i) for k, vs in self._values.items() for i, v in enumerate(vs) if isinstance(v, torch.Tensor)]
+        if at:
+            floats = torch.stack([self._values[k][i] for k, i in at]).tolist()
+            for (k, i), f in zip(at, floats, strict=True):
+                self._values[k][i] = f
+
+    def add_inner_loop(self, metrics: Mapping[str, float | torch.Tensor]) -> None:
         """Record an :class:`~picomaml.InnerLoopOutput`'s metrics under ``meta/``."""
         self.add({self.INNER_PREFIX + key: value for key, value in metrics.items()})
 
     def last(self, key: str) -> float | None:
         """The newest value of ``key`` (``None`` when it has none in this window)."""
         values = self._values.get(key)
-        return values[-1] if values else None
+        return float(values[-1]) if values else None
 
     def means(self) -> dict[str, float]:
         """``name -> mean`` over the window."""
+        self._read()
         return {k: sum(v) / len(v) for k, v in self._values.items() if v}
 
     def clear(self) -> None:
@@ -358,7 +369,7 @@ class NonFiniteGuard:
 
 
 def grad_conflict_metrics(run: Any, cfg: ExperimentConfig, data: Any, step: int) -> dict[str, float]:
-    """``diag/grad_cos*`` of :func:`picomaml.grad_conflict.gradient_conflict` at ``step``: the AR gradient on
+    """``diag/grad_cos*`` of :func:`picomaml.meta.grad_conflict.gradient_conflict` at ``step``: the AR gradient on
     the next batch (the data position is left as it was) and the meta gradient on one episode from it,
     drawn by a sampler of its own (seeded by the step, so the training sampler never moves), on the
     backbone parameters both reach. Costs about one AR and one meta forward and backward.
@@ -370,8 +381,8 @@ def grad_conflict_metrics(run: Any, cfg: ExperimentConfig, data: Any, step: int)
         step: The optimizer step (the diagnostic sampler's seed).
     """
     from picomaml.compile import eager_mode
-    from picomaml.grad_conflict import gradient_conflict, shared_parameters
-    from picomaml.objectives import lm_loss, meta_loss
+    from picomaml.meta.grad_conflict import gradient_conflict, shared_parameters
+    from picomaml.meta.objectives import lm_loss, meta_loss
 
     rows = data.train.local(peek_batch(data.train))
     sampler = sampler_from_config(cfg, data.tokenizer.mask_token_id, data.special_ids, seed=cfg.seed * 7919 + step)

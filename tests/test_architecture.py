@@ -107,6 +107,18 @@ def test_no_import_cycles_inside_the_package():
     assert cycles(import_graph()) == []
 
 
+def test_meta_is_self_contained():
+    """meta/ (episodes, sampler, head, the inner-loop engine, features, objectives, HybridLearner) imports only
+    itself, model/ and the small checks and params modules: never training, evaluation or interop code."""
+    allowed = ("picomaml.meta", "picomaml.model", "picomaml.checks", "picomaml.params")
+    outside = {
+        module: sorted(d for d in deps if not d.startswith(allowed))
+        for module, deps in import_graph().items()
+        if module.startswith("picomaml.meta")
+    }
+    assert {m: d for m, d in outside.items() if d} == {}
+
+
 def test_the_graph_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -1,16 +1,13 @@
-"""Value checks without host syncs after their first pass, and metrics read in one transfer."""
+"""Value checks without host syncs after their first pass."""
 
 from __future__ import annotations
-
-import json
-import pickle
 
 import pytest
 import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from picomaml.checks import Metrics, check_values
+from picomaml.checks import check_values
 
 
 class Reads(TorchDispatchMode):
@@ -46,17 +43,3 @@ def test_a_check_reads_until_it_passed_once_then_queues_an_assert() -> None:
         check_values(None, "k", good >= 0, msg(good), "ids: must be >= 0")
         check_values(None, "k", good >= 0, msg(good), "ids: must be >= 0")
     assert reads.count == 2  # no owner: read every time
-
-
-def test_metrics_read_as_a_dict_of_floats() -> None:
-    m = Metrics({"loss": torch.tensor(0.5), "acc": 1})
-    m["norm"] = torch.tensor([2.0])
-    m["flag"] = torch.tensor(1.0)
-    m.warn_if("flag", "the flag was set")
-    assert list(m) == ["loss", "acc", "norm", "flag"]  # keys need no read
-    with pytest.warns(RuntimeWarning, match="the flag was set"):
-        assert dict(m) == {"loss": 0.5, "acc": 1.0, "norm": 2.0, "flag": 1.0}
-    assert {**m} == m and json.loads(json.dumps(m)) == m and pickle.loads(pickle.dumps(m)) == m
-    assert isinstance(m, dict) and all(type(v) is float for v in m.values())
-    m.update(extra=torch.tensor(3.0))
-    assert m.get("extra") == 3.0 and m.pop("extra") == 3.0 and "extra" not in m

@@ -65,7 +65,7 @@ def fresh_dynamo():
 def chunked_loss():
     """The compiled loss runs over chunks of 8 rows (6 chunks of the 45 rows here, the last ragged) as a
     large-vocabulary model does, checked against the eager loss of the whole logits."""
-    from picomaml import backbone
+    from picomaml.meta import backbone
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(backbone, "_LOSS_CHUNK_BYTES", 4 * V * 8)
@@ -161,7 +161,7 @@ def test_compiled_cross_entropy_ignores_targets_as_eager(pair):
     eager, compiled = pair
     ids = torch.randint(0, V, (3, 16), generator=torch.Generator().manual_seed(2))  # the shape compiled above
     ids[:, 5:9] = 7
-    from picomaml.backbone import _loss_chunk_rows
+    from picomaml.meta.backbone import _loss_chunk_rows
 
     assert _loss_chunk_rows(compiled, ids[:, :-1]) == 8  # the compiled loss runs in chunks (chunked_loss)
     pm.lm_loss(compiled, ids, pad_id=7).backward()

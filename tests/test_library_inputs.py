@@ -16,8 +16,8 @@ import torch
 import picomaml as pm
 from picomaml.eval.perplexity import perplexity
 from picomaml.eval.probe import linear_probe_accuracy
-from picomaml.learner import HybridLearner
 from picomaml.meta.episode import EpisodeError
+from picomaml.meta.learner import HybridLearner
 from picomaml.meta.smlmt import SamplingError, TokensTypeError
 from picomaml.params import ConfigError
 from picomaml.training import NonFiniteGuard

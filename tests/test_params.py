@@ -12,12 +12,12 @@ import picomaml as pm
 from picomaml.build import optimizer_from_config
 from picomaml.config import SECTIONS, ExperimentConfig
 from picomaml.dynamics import DynamicsConfig, capture_learning_dynamics
-from picomaml.learner import HybridLearner
 from picomaml.meta.head import HeadConfig
 from picomaml.meta.hybrid import HybridConfig
 from picomaml.meta.inner_loop import InnerLoopConfig
+from picomaml.meta.learner import HybridLearner
+from picomaml.meta.objectives import MetaConfig
 from picomaml.meta.sampler import SamplerConfig
-from picomaml.objectives import MetaConfig
 from picomaml.optim import OptimConfig, build_lr_scheduler, build_optimizer, lr_multiplier
 from picomaml.params import (
     ConfigError,

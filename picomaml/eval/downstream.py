@@ -15,7 +15,7 @@ text of any evaluation label. A label takes part in an episode when it has at le
 **Evaluation.** :func:`downstream_eval` draws seeded N-way K-shot episodes over these labels (see
 :func:`picomaml.eval.leopard.to_episodes`: each paragraph is tokenized, truncated to ``window_len`` and
 right-padded), featurises each batch of episodes with one forward of the frozen backbone, as in training
-(:func:`picomaml.objectives.episode_features`; ``pooling="mean"`` averages a window over its real
+(:func:`picomaml.meta.objectives.episode_features`; ``pooling="mean"`` averages a window over its real
 tokens, ``"last"`` takes its last real token), and reports the nearest-class-mean accuracy (before
 adaptation), the accuracy of a linear probe fitted on each support set (see :mod:`picomaml.eval.probe`)
 and the accuracy of the head adapted by the inner loop (after), as a

@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from picomaml.backbone import unwrap_model
 from picomaml.eval.fewshot_result import FewShotResult, format_fewshot_table, summarize_accuracies
 from picomaml.eval.probe import linear_probe_accuracy
+from picomaml.meta.backbone import unwrap_model
 from picomaml.meta.functional import accuracy
-from picomaml.objectives import episode_features, meta_loss
+from picomaml.meta.objectives import episode_features, meta_loss
 from picomaml.params import check_int
 
 __all__ = [
@@ -154,7 +154,7 @@ def fewshot_eval(
             gradients enabled for the inner steps only.
         pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`).
         feature_norm: Per-task normalisation of the features, as in training (see
-            :func:`picomaml.objectives.normalize_task_features`); Euclidean nearest-class-mean accuracy
+            :func:`picomaml.meta.objectives.normalize_task_features`); Euclidean nearest-class-mean accuracy
             does not depend on it.
         seed: Seed of the evaluation's own sampler (the training sampler is never touched).
         min_freq: Lower end of the sampler's class-frequency band (``None``: the sampler default).
@@ -254,20 +254,20 @@ def score_episode_batch(
 ) -> tuple[list[float], list[float], list[float]]:
     """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
 
-    The episodes are featurised as in training, by :func:`picomaml.objectives.episode_features` (under
+    The episodes are featurised as in training, by :func:`picomaml.meta.objectives.episode_features` (under
     ``no_grad``), with the features in the head's dtype.
 
     Args:
         model: The backbone, run under ``no_grad``.
         episode: A stacked :class:`~picomaml.Episode` or :class:`~picomaml.eval.leopard.TextEpisode`
             (``support_*`` ``(T, N*K, ...)``, ``query_*`` ``(T, N*Q, ...)``; see
-            :func:`~picomaml.objectives.episode_features`).
+            :func:`~picomaml.meta.objectives.episode_features`).
         pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`;
             ``"last"`` and ``"mean"`` use only the real tokens of a padded text episode).
         n_way: Classes per task.
         head: Head adapted by the inner loop, or ``None`` for nearest-class-mean accuracy only.
         inner_loop: The inner loop (needed with ``head``).
-        feature_norm: Per-task feature normalisation (see :func:`picomaml.objectives.normalize_task_features`).
+        feature_norm: Per-task feature normalisation (see :func:`picomaml.meta.objectives.normalize_task_features`).
         adapt_layers: Top blocks adapted with the head for ``after`` (see :func:`fewshot_eval`).
         features: The backbone's featuriser, if it gives no hidden states itself (see :func:`fewshot_eval`).
         adapt: Backbone tensors adapted with the head for ``after`` (see :func:`fewshot_eval`).

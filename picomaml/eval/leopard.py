@@ -109,7 +109,7 @@ class TextEpisode:
 
     Its fields mean what the fields of the same name mean on :class:`picomaml.Episode` (the names in
     :data:`picomaml.meta.episode.COMMON_FIELDS`), so one featuriser
-    (:func:`picomaml.objectives.episode_features`) and one display (:func:`picomaml.format_episode`) serve
+    (:func:`picomaml.meta.objectives.episode_features`) and one display (:func:`picomaml.format_episode`) serve
     both. A text window masks no class token and may end in padding; an SMLMT window is the other way round.
 
     Attributes:

@@ -6,9 +6,9 @@ together with the :class:`~picomaml.MetaHead` through the engine's one SGD step
 task's current backbone tensors; they come from one of two featurisers:
 
 * **split** (:class:`SplitFeatures`): when every adapted tensor lies in the top blocks or the final norm
-  (:meth:`TopBlocks.covering <picomaml.top_blocks.TopBlocks.covering>`) and re-running those blocks
+  (:meth:`TopBlocks.covering <picomaml.meta.top_blocks.TopBlocks.covering>`) and re-running those blocks
   reproduces the model's own hidden states at this call's window length, dtype and device
-  (:meth:`~picomaml.top_blocks.TopBlocks.reproduces`), everything below the lowest adapted block runs once
+  (:meth:`~picomaml.meta.top_blocks.TopBlocks.reproduces`), everything below the lowest adapted block runs once
   and only the blocks from there up re-run per inner step;
 * **full** (:class:`FullFeatures`): otherwise the whole backbone re-runs per inner step under the adapted
   tensors (``torch.func.functional_call`` of the caller's own featuriser, vectorised over tasks), which
@@ -28,15 +28,15 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from picomaml.backbone import backbone_hidden
 from picomaml.checks import check_values
-from picomaml.features import EpisodeRows, normalize_task_features, pool_features
 from picomaml.meta import engine
+from picomaml.meta.backbone import backbone_hidden
+from picomaml.meta.features import EpisodeRows, normalize_task_features, pool_features
 from picomaml.meta.functional import task_cross_entropy
 from picomaml.meta.head import head_logits, head_task_params
 from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
 from picomaml.meta.selection import BackboneSelection, backbone_selection
-from picomaml.top_blocks import BlockInput, TopBlocks, math_attention
+from picomaml.meta.top_blocks import BlockInput, TopBlocks, math_attention
 
 __all__ = [
     "BackboneSelection",  # re-exported from picomaml.meta.selection, with backbone_selection

@@ -259,19 +259,19 @@ class InnerLoopOutput:
     Attributes:
         loss: Scalar query loss after adaptation (mean over tasks; with ``multi_step_loss`` the mean over
             the query losses after each inner step). ``loss.backward()`` is the meta-gradient.
-        metrics: Head form: floats ``support_loss_before``/``_after``, ``support_acc_before``/``_after``,
-            ``query_loss``, ``query_acc`` (after adaptation), ``query_acc_before``, ``inner_grad_norm``
-            (mean over steps and tasks), ``inner_grad_norm_{s}`` per step, ``inner_lr`` (mean LR) and, with
-            learned LRs, ``inner_lr/{name}`` per tensor (mean over steps and elements). General form:
-            0-dim tensors (no host sync) ``support_loss_before``, ``query_loss_before``, ``query_loss``,
-            ``inner_grad_norm``, ``inner_grad_norm_{s}``, and ``query_acc_before``/``query_acc`` when the
-            targets are class labels of the outputs.
+        metrics: 0-dim float tensors on the loss's device, read by no one here (no host sync; ``float(v)``
+            when logging). Head form: ``support_loss_before``/``_after``, ``support_acc_before``/``_after``,
+            ``query_loss``, ``query_acc`` (after adaptation), ``query_acc_before``, ``inner_grad_norm`` (mean
+            over steps and tasks), ``inner_grad_norm_{s}`` per step, ``inner_lr`` (mean LR) and, with learned
+            LRs, ``inner_lr/{name}`` per tensor (mean over steps and elements). General form:
+            ``support_loss_before``, ``query_loss_before``, ``query_loss``, the inner-gradient norms and LRs,
+            and ``query_acc_before``/``query_acc`` when the targets are class labels of the outputs.
         params: Adapted tensors ``name -> tensor`` (leading ``T`` dim when the input had one).
         query_logits: Head form: ``([T,] n_query, N)`` logits of the adapted head. General form: the
             module's query outputs ``(T, ...)``.
     """
 
     loss: Tensor
-    metrics: dict[str, Any]
+    metrics: dict[str, Tensor]
     params: dict[str, Tensor]
     query_logits: Any

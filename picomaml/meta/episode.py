@@ -9,7 +9,7 @@ displays map every row back to the tokens it came from.
 
 The text episodes of the downstream evaluation (:class:`picomaml.eval.leopard.TextEpisode`) carry the
 fields of :data:`COMMON_FIELDS` with the same meanings, so featurising
-(:func:`picomaml.objectives.episode_features`) and display (:func:`picomaml.format_episode`) treat both
+(:func:`picomaml.meta.objectives.episode_features`) and display (:func:`picomaml.format_episode`) treat both
 alike: ``*_mask`` is True at masked class tokens (none in a text window), ``*_valid`` at real, non-pad
 tokens (every position of an SMLMT window), and ``class_ids`` says what each task-local label stands for
 (the class token id here, the dataset label index there).

@@ -30,7 +30,6 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from picomaml.checks import Metrics
 from picomaml.meta import engine
 from picomaml.meta.engine import InnerLoopOutput
 from picomaml.meta.functional import accuracy, closed_form_linear_grads, task_cross_entropy
@@ -354,10 +353,10 @@ class InnerLoop(nn.Module):
         yq: Tensor,
         loss: Tensor,
         norms: Tensor,
-    ) -> Metrics:
+    ) -> dict[str, Tensor]:
         """The head form's metrics (:class:`InnerLoopOutput`) from the logits ``(T, n, N)`` before and after
-        adaptation, the labels ``(T, n)``, the loss and the inner gradient norms ``(steps, T)``: a
-        :class:`~picomaml.checks.Metrics`, read from the device in one transfer when first read."""
+        adaptation, the labels ``(T, n)``, the loss and the inner gradient norms ``(steps, T)``: 0-dim float
+        tensors on their device (no host sync)."""
         with torch.no_grad():
             pairs = {
                 "support_loss_before": task_cross_entropy(s_before, ys).mean(),
@@ -370,10 +369,9 @@ class InnerLoop(nn.Module):
                 **self.norm_metrics(norms, ys.device),
             }
             pairs.update(self.lr_metrics())
-        metrics = Metrics(pairs)  # read in one transfer when the caller logs them
         if self.lrs is None and self.element_lrs is None:
-            metrics["inner_lr"] = self.lr
-        return metrics
+            pairs["inner_lr"] = torch.tensor(self.lr)
+        return {k: v.detach().float().reshape(()) for k, v in pairs.items()}
 
     def norm_metrics(self, norms: Tensor, device: torch.device) -> dict[str, Tensor]:
         """``inner_grad_norm`` (mean) and ``inner_grad_norm_{s}`` from the norms ``(steps, T)``, as tensors."""

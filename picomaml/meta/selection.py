@@ -3,7 +3,7 @@
 :func:`backbone_selection` resolves either against the unwrapped model (a compiled, peft, DDP or Fabric
 wrapper is looked through, and names of the wrapped model are accepted), and finds the top blocks that
 hold every adapted tensor, if there are such (:meth:`TopBlocks.covering
-<picomaml.top_blocks.TopBlocks.covering>`). The inner loop binds learned LRs to the selection's layout;
+<picomaml.meta.top_blocks.TopBlocks.covering>`). The inner loop binds learned LRs to the selection's layout;
 :mod:`picomaml.meta.adapted_features` runs it.
 """
 
@@ -13,9 +13,9 @@ from typing import Any, NamedTuple
 
 from torch import nn
 
-from picomaml.backbone import strip_wrapper_prefix, unwrap_model
 from picomaml.meta import engine
-from picomaml.top_blocks import TopBlocks
+from picomaml.meta.backbone import strip_wrapper_prefix, unwrap_model
+from picomaml.meta.top_blocks import TopBlocks
 
 __all__ = ["BackboneSelection", "backbone_selection"]
 
@@ -24,7 +24,7 @@ class BackboneSelection(NamedTuple):
     """The backbone tensors that adapt with the head.
 
     Attributes:
-        model: The unwrapped backbone (:func:`~picomaml.backbone.unwrap_model`).
+        model: The unwrapped backbone (:func:`~picomaml.meta.backbone.unwrap_model`).
         names: The adapted tensors' names in ``model``, in its parameter order (``adapt_layers``: blocks
             bottom-up, then the final norm).
         layout: ``(name, shape)`` of each, the order of learned inner LRs after the head's.

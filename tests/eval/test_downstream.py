@@ -15,9 +15,9 @@ from picomaml.eval.downstream import (
 from picomaml.eval.leopard import to_episodes
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
+from picomaml.meta.objectives import pool_features
 from picomaml.model.config import PicoDecoderConfig
 from picomaml.model.decoder import PicoDecoder
-from picomaml.objectives import pool_features
 
 pytest.importorskip("tokenizers")
 

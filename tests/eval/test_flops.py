@@ -10,10 +10,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from picomaml.eval.flops import ar_step_flops, body_matmul_params, inner_loop_flops, meta_step_flops
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
+from picomaml.meta.objectives import lm_loss, meta_loss, pool_features
 from picomaml.meta.sampler import SMLMTSampler
 from picomaml.model.config import PicoDecoderConfig
 from picomaml.model.decoder import PicoDecoder
-from picomaml.objectives import lm_loss, meta_loss, pool_features
 
 CFG = PicoDecoderConfig(
     vocab_size=512, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64, max_seq_len=64

@@ -162,7 +162,7 @@ def test_episodes_with_a_separate_query_file_and_errors(tmp_path):
 
 def test_text_episodes_share_the_episode_fields_and_featuriser(tmp_path):
     from picomaml.meta.episode import COMMON_FIELDS
-    from picomaml.objectives import episode_features, pool_features
+    from picomaml.meta.objectives import episode_features, pool_features
 
     ds = load_leopard_file(_write(tmp_path / "t_train_6_0.jsonl", _records(("a", "b", "c"), 6)))
     ep = to_episodes(ds, CharTokenizer(), n_way=3, k_shot=2, n_query=2, window_len=12, episodes=2, seed=0)

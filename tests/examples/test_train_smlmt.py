@@ -318,16 +318,16 @@ def test_checkpoint_extras_hf_export_and_learning_dynamics(tmp_path, corpus_cach
 
 
 def test_nonfinite_loss_skips_the_step_and_the_run_continues(tmp_path, corpus_cache, monkeypatch):
-    import picomaml.learner
+    import picomaml.meta.learner
 
-    real, calls = picomaml.learner.lm_loss, []
+    real, calls = picomaml.meta.learner.lm_loss, []
 
     def poisoned(model, tokens):
         calls.append(1)
         loss = real(model, tokens)
         return loss * float("nan") if len(calls) == 2 else loss
 
-    monkeypatch.setattr(picomaml.learner, "lm_loss", poisoned)
+    monkeypatch.setattr(picomaml.meta.learner, "lm_loss", poisoned)
     config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.0})
     with pytest.warns(UserWarning, match="step 2: non-finite"):  # the step of the row that counts it
         rows = run(config, tmp_path / "run")
@@ -504,11 +504,11 @@ def test_run_directory_errors_are_one_line_without_traceback(tmp_path, corpus_ca
 
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, corpus_cache, monkeypatch):
-    import picomaml.learner
+    import picomaml.meta.learner
     from picomaml.training import NonFiniteRunError
 
-    real = picomaml.learner.lm_loss
-    monkeypatch.setattr(picomaml.learner, "lm_loss", lambda model, tokens: real(model, tokens) * float("nan"))
+    real = picomaml.meta.learner.lm_loss
+    monkeypatch.setattr(picomaml.meta.learner, "lm_loss", lambda model, tokens: real(model, tokens) * float("nan"))
     config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.0}, trainer={"max_nonfinite_skips": 2})
     with pytest.warns(UserWarning, match="non-finite"), pytest.raises(NonFiniteRunError, match=r"2 optimizer steps in a row \(1-2\)"):
         run(config, tmp_path / "run")

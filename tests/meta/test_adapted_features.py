@@ -8,6 +8,7 @@ import torch
 from backbones import V, W, hf_model  # noqa: F401
 
 import picomaml as pm
+from picomaml.meta.top_blocks import TopBlocks
 
 N = 3
 
@@ -209,7 +210,7 @@ def test_every_layout_adapts_its_top_block_split_and_full_alike(family, monkeypa
     with caplog.at_level("INFO", logger="picomaml.meta.adapted_features"):
         split = meta_grads(model, head, loop, ep, adapt_layers=1)
     assert "whole backbone" not in caplog.text  # each of these layouts splits
-    monkeypatch.setattr(pm.top_blocks.TopBlocks, "reproduces", lambda self, ids: False)
+    monkeypatch.setattr(TopBlocks, "reproduces", lambda self, ids: False)
     full = meta_grads(model, head, loop, ep, adapt_layers=1)
     # transformers computes rotary tables in float32 even for a float64 model, so kernels that differ
     # between the two paths (SDPA under vmap) round differently there

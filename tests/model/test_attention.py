@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from picomaml.meta.top_blocks import math_attention
 from picomaml.model.attention import _chunked_causal_attention
-from picomaml.top_blocks import math_attention
 
 
 @pytest.mark.parametrize("heads,kv_heads,n", [(4, 2, 150), (6, 2, 129), (4, 4, 129), (3, 1, 64)])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import picomaml as pm
-from picomaml.grad_conflict import gradient_conflict, pcgrad_term, shared_parameters
+from picomaml.meta.grad_conflict import gradient_conflict, pcgrad_term, shared_parameters
 
 
 def parts(tie: bool = False):

@@ -10,8 +10,8 @@ import torch
 
 import picomaml as pm
 from picomaml import training
-from picomaml.learner import HybridLearner
-from picomaml.objectives import lm_loss, meta_loss
+from picomaml.meta.learner import HybridLearner
+from picomaml.meta.objectives import lm_loss, meta_loss
 
 V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
 
@@ -203,13 +203,12 @@ def test_nonfinite_injection_gives_a_nonfinite_step_that_nothing_raises_on(injec
     clean_finite, clean_with_grad, _ = learner_step(None, objective)
     assert clean_finite  # the control
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # meta_loss says what it propagated
+        warnings.simplefilter("ignore", RuntimeWarning)  # the injections may warn (e.g. overflow)
         finite, with_grad, out = learner_step(INJECTIONS[injection][0], objective)
     assert not finite  # the trainer's all-reduced flag: the optimizer step is skipped on every rank
     assert with_grad == clean_with_grad  # the same gradients exist as in a finite step: DDP cannot hang
     if injection == "inf_features":
-        with pytest.warns(RuntimeWarning, match="features held NaN or Inf"):  # said when the metrics are read
-            assert out.meta.metrics["nonfinite_features"] == 1.0
+        assert out.meta.metrics["nonfinite_features"] == 1.0
     guard = training.NonFiniteGuard(max_consecutive=2)
     with pytest.warns(training.NonFiniteStepWarning, match="step 7: non-finite"):
         assert guard.record(finite, step=7) is False
@@ -235,8 +234,7 @@ def test_under_ddp_an_inf_feature_step_backpropagates_and_the_next_step_is_norma
         out = ddp(rows=rows(), episode=episode(), w_ar=0.5, w_meta=0.5)
         out.loss.backward()
         assert torch.isnan(out.loss) and not math.isfinite(training.global_grad_norm(ddp.parameters()))
-        with pytest.warns(RuntimeWarning, match="features held NaN or Inf"):  # when the metrics are read
-            assert out.meta.metrics["nonfinite_features"] == 1.0
+        assert out.meta.metrics["nonfinite_features"] == 1.0
         ddp.zero_grad(set_to_none=True)
         handle.remove()
         out = ddp(rows=rows(), episode=episode(), w_ar=0.5, w_meta=0.5)

@@ -8,7 +8,13 @@ import torch.nn.functional as F
 from torch import nn
 
 import picomaml as pm
-from picomaml.backbone import backbone_hidden, decoder_layout, hidden_size, is_transformers_model, lm_logits
+from picomaml.meta.backbone import (
+    backbone_hidden,
+    decoder_layout,
+    hidden_size,
+    is_transformers_model,
+    lm_logits,
+)
 
 transformers = pytest.importorskip("transformers")
 
@@ -105,7 +111,7 @@ def test_decoder_layout_finds_blocks_of_each_family_and_names_adapt_layers_other
 
 def test_next_token_loss_in_row_chunks_equals_one_cross_entropy(monkeypatch):
     """A PicoDecoder's loss over chunks of rows (on CPU) is the loss and gradient of the whole logits."""
-    from picomaml import backbone
+    from picomaml.meta import backbone
 
     torch.manual_seed(0)
     cfg = pm.PicoDecoderConfig(vocab_size=V, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1, ffn_dim=32)

@@ -15,7 +15,7 @@ item they are, or an object with ``.logits`` (a ``transformers`` ``ModelOutput``
 models ``use_cache=False`` is passed, so no KV cache is built during training.
 
 :func:`decoder_layout` finds the block list and final norm of a decoder for ``adapt_layers``
-(:mod:`picomaml.top_blocks`): PicoDecoder, Llama-style (``model.layers``, ``model.norm``) and GPT-2-style
+(:mod:`picomaml.meta.top_blocks`): PicoDecoder, Llama-style (``model.layers``, ``model.norm``) and GPT-2-style
 (``transformer.h``, ``transformer.ln_f``) ``transformers`` models, and other families with the same names.
 """
 
@@ -43,6 +43,10 @@ __all__ = [
     "unwrap_model",
     "strip_wrapper_prefix",
     "vocab_size",
+    "compiled_loss",
+    "is_compiled",
+    "eager_forward",
+    "eager_hidden_states",
 ]
 
 FEATURES_CONTRACT = (
@@ -310,7 +314,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     parameters anywhere in it (OPT's ``decoder.layers``, BERT's ``encoder.layer``, a nanoGPT-style
     ``transformer.h``); the final norm is an attribute named like ``norm``/``ln_f``/``final_layer_norm`` of
     the module that holds the blocks. Whether re-running them reproduces the model is checked separately
-    (:meth:`picomaml.top_blocks.TopBlocks.reproduces`).
+    (:meth:`picomaml.meta.top_blocks.TopBlocks.reproduces`).
 
     Raises:
         TypeError: the model holds no ``nn.ModuleList``; the message names ``adapt_layers``.
@@ -339,3 +343,37 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     norm = next((getattr(parent, n) for n in _FINAL_NORMS if isinstance(getattr(parent, n, None), nn.Module)), None)
     norm_prefix = names.get(id(norm), "") if norm is not None else ""
     return DecoderLayout(base, blocks, norm, names[id(blocks)], norm_prefix)
+
+
+# -- the marks picomaml.compile.compile_backbone leaves on a model (read here, so the objectives need not
+# import the compile layer) ------------------------------------------------------------------------------
+
+EAGER_ATTR = "_picomaml_eager"  # instance attribute: method name -> eager bound method
+LOSS_ATTR = "_picomaml_next_token_loss"  # instance attribute: the compiled forward + cross-entropy
+
+
+def compiled_loss(model: nn.Module) -> Callable | None:
+    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by :func:`~picomaml.compile.compile_backbone`
+    (:func:`picomaml.meta.backbone.next_token_loss` as one graph), or ``None``: not compiled, a model whose
+    config gives no ``vocab_size``, or inside :func:`~picomaml.compile.eager_mode`. :func:`picomaml.lm_loss` uses it."""
+    fn = model.__dict__.get(LOSS_ATTR)
+    return fn if callable(fn) else None
+
+
+def is_compiled(module: nn.Module) -> bool:
+    """True when :func:`~picomaml.compile.compile_backbone` has compiled ``module``'s forward."""
+    return "forward" in module.__dict__.get(EAGER_ATTR, {})
+
+
+def eager_forward(module: nn.Module) -> Callable:
+    """The eager ``forward`` of a module compiled by :func:`~picomaml.compile.compile_backbone` (``module.forward`` otherwise).
+
+    Calling it skips the module's own hooks (not its submodules'), as calling ``forward`` always does.
+    """
+    return module.__dict__.get(EAGER_ATTR, {}).get("forward") or module.forward
+
+
+def eager_hidden_states(model: nn.Module) -> Callable | None:
+    """The eager ``hidden_states`` of a compiled model, ``model.hidden_states`` otherwise (``None`` if none)."""
+    eager = model.__dict__.get(EAGER_ATTR, {}).get("hidden_states")
+    return eager if eager is not None else getattr(model, "hidden_states", None)

@@ -11,9 +11,7 @@ import torch.nn.functional as F
 from picomaml.meta.episode import Episode
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
-from picomaml.model.config import PicoDecoderConfig
-from picomaml.model.decoder import PicoDecoder
-from picomaml.objectives import (
+from picomaml.meta.objectives import (
     EpisodeFeatures,
     episode_features,
     lm_loss,
@@ -21,6 +19,8 @@ from picomaml.objectives import (
     normalize_task_features,
     pool_features,
 )
+from picomaml.model.config import PicoDecoderConfig
+from picomaml.model.decoder import PicoDecoder
 
 V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
 
@@ -298,12 +298,10 @@ def test_meta_loss_propagates_nonfinite_features_as_a_nan_loss_that_backpropagat
         meta_loss(model, head, loop, ep, nonfinite="raise")  # the library's explicit error is kept
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        out = meta_loss(model, head, loop, ep)  # "propagate" is the default: no warning before the metrics are read
+        out = meta_loss(model, head, loop, ep)  # "propagate" is the default: nothing read, nothing said
     handle.remove()
     assert torch.isnan(out.loss) and out.loss.requires_grad
-    with pytest.warns(RuntimeWarning, match="meta_loss: the backbone's features held NaN or Inf"):
-        assert out.metrics["nonfinite_features"] == 1.0  # read when the caller logs: one sync, and the warning
-    assert out.metrics["query_loss"] != out.metrics["query_loss"]
+    assert out.metrics["nonfinite_features"] == 1.0 and out.metrics["query_loss"] != out.metrics["query_loss"]
     out.loss.backward()  # runs: every rank of a DDP run reaches its all-reduce
     finite_run = tiny_model()
     meta_loss(finite_run, head, loop, ep).loss.backward()

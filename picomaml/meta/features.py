@@ -4,7 +4,7 @@
 together, pools one feature vector per window (:func:`pool_features`) and normalises them per task from
 support statistics (:func:`normalize_task_features`). Training (:func:`picomaml.meta_loss`) and every
 few-shot evaluation (:mod:`picomaml.eval.fewshot`, :mod:`picomaml.eval.downstream`) featurise their
-episodes with it. :mod:`picomaml.objectives` re-exports every name here.
+episodes with it. :mod:`picomaml.meta.objectives` re-exports every name here.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from picomaml.backbone import backbone_hidden
 from picomaml.checks import check_values
+from picomaml.meta.backbone import backbone_hidden
 from picomaml.params import choices
 
 __all__ = [
@@ -206,7 +206,7 @@ def episode_features(
 
     Args:
         model: The backbone: a PicoDecoder, a ``transformers`` model or a module whose forward takes
-            ``return_hidden=True`` (see :func:`picomaml.backbone.backbone_hidden`). May be ``None`` when
+            ``return_hidden=True`` (see :func:`picomaml.meta.backbone.backbone_hidden`). May be ``None`` when
             ``features`` is given.
         episode: An :class:`~picomaml.Episode` or a :class:`~picomaml.eval.leopard.TextEpisode` (or any
             object with their fields): ``support_ids`` ``([T,] N*K, W)`` long, ``support_labels``

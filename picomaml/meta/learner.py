@@ -24,13 +24,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from picomaml.backbone import hidden_size
-from picomaml.grad_conflict import pcgrad_term, shared_parameters
+from picomaml.meta.backbone import hidden_size
 from picomaml.meta.engine import Adapt
 from picomaml.meta.episode import Episode
+from picomaml.meta.grad_conflict import pcgrad_term, shared_parameters
 from picomaml.meta.inner_loop import InnerLoopOutput
-from picomaml.meta.selection import backbone_selection
-from picomaml.objectives import (
+from picomaml.meta.objectives import (
     GradSurgery,
     MetaConfig,
     NonFinite,
@@ -39,6 +38,7 @@ from picomaml.objectives import (
     lm_loss,
     meta_loss,
 )  # fmt: skip
+from picomaml.meta.selection import backbone_selection
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -63,11 +63,11 @@ class HybridLearner(nn.Module):
 
     Args:
         model: The backbone: a :class:`picomaml.PicoDecoder`, a ``transformers`` causal LM, or any module
-            (with ``features=`` when it gives no hidden states itself; see :mod:`picomaml.backbone`).
+            (with ``features=`` when it gives no hidden states itself; see :mod:`picomaml.meta.backbone`).
         head: The :class:`picomaml.MetaHead` whose initial weights are meta-learned.
         loop: The :class:`picomaml.InnerLoop` (its learned inner LRs, if any, are trained too).
         pooling: How window features are pooled for the head: ``"mask"``, ``"before_mask"``, ``"last"`` or
-            ``"mean"`` (see :func:`picomaml.objectives.pool_features`).
+            ``"mean"`` (see :func:`picomaml.meta.objectives.pool_features`).
         feature_norm: Per-task feature normalisation before the inner loop (see :func:`picomaml.meta_loss`).
         nonfinite: ``"propagate"`` (default): NaN/Inf backbone features give a NaN meta loss that still
             back-propagates (every DDP rank runs its backward; the trainer then skips the step on all
@@ -80,7 +80,7 @@ class HybridLearner(nn.Module):
             :func:`picomaml.meta_loss`). With learned inner LRs the loop is bound here to the head and them.
         grad_surgery: ``"pcgrad"``: when both losses are computed (weighted mode) and their gradients on the
             backbone conflict, the meta gradient loses its component along the AR gradient
-            (:func:`picomaml.grad_conflict.pcgrad_term`; two extra gradient passes per step); the cosine
+            (:func:`picomaml.meta.grad_conflict.pcgrad_term`; two extra gradient passes per step); the cosine
             before surgery is ``out.meta.metrics["grad_cos"]``. ``"none"`` (default): the plain sum.
 
     Raises:

@@ -1,7 +1,7 @@
 """The glue a training loop calls: the autoregressive loss and the meta loss of one episode.
 
-``meta_loss`` featurises the episode with :func:`~picomaml.features.episode_features` (re-exported here
-with the rest of :mod:`picomaml.features`), which runs the backbone exactly once over the support and
+``meta_loss`` featurises the episode with :func:`~picomaml.meta.features.episode_features` (re-exported here
+with the rest of :mod:`picomaml.meta.features`), which runs the backbone exactly once over the support and
 query windows of every task together and pools one feature vector per window, and hands the features to
 the :class:`~picomaml.InnerLoop`. The inner loop adapts only the head, so the backbone is never re-run per
 inner step; ``out.loss.backward()`` reaches the backbone through the pooled features. With ``adapt=`` (or
@@ -9,7 +9,7 @@ its shorthand ``adapt_layers=k``) backbone tensors adapt too: everything below t
 once and only the part from there up re-runs per inner step, or the whole backbone where that split does
 not reproduce the model (:mod:`picomaml.meta.adapted_features`). Any backbone works as it is held: a
 PicoDecoder, a ``transformers`` causal LM, a peft, compiled or DDP-wrapped model, or any module through
-``features=`` (:mod:`picomaml.backbone`).
+``features=`` (:mod:`picomaml.meta.backbone`).
 """
 
 from __future__ import annotations
@@ -21,10 +21,24 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from picomaml.backbone import backbone_hidden, hidden_size, lm_logits, next_token_ce, unwrap_model, vocab_size
 from picomaml.checks import check_values
-from picomaml.compile import compiled_loss
-from picomaml.features import (
+from picomaml.meta.adapted_features import (
+    adapted_features,
+    adapted_inner_loop,
+    backbone_selection,
+    support_needs_graph,
+)
+from picomaml.meta.backbone import (
+    backbone_hidden,
+    compiled_loss,
+    hidden_size,
+    lm_logits,
+    next_token_ce,
+    unwrap_model,
+    vocab_size,
+)
+from picomaml.meta.engine import Adapt
+from picomaml.meta.features import (
     FEATURE_NORMS,
     POOLINGS,
     EpisodeFeatures,
@@ -36,15 +50,8 @@ from picomaml.features import (
     normalize_task_features,
     pool_features,
 )
-from picomaml.meta.adapted_features import (
-    adapted_features,
-    adapted_inner_loop,
-    backbone_selection,
-    support_needs_graph,
-)
-from picomaml.meta.engine import Adapt
+from picomaml.meta.top_blocks import check_adapt_layers
 from picomaml.params import Params, choices, hparam
-from picomaml.top_blocks import check_adapt_layers
 
 __all__ = [
     "MetaConfig",
@@ -65,7 +72,6 @@ __all__ = [
 ]
 
 NonFinite = Literal["raise", "propagate"]
-_NONFINITE_WARNING = "meta_loss: the backbone's features held NaN or Inf; the loss is NaN"
 NONFINITE = choices(NonFinite)
 GradSurgery = Literal["none", "pcgrad"]
 
@@ -103,7 +109,7 @@ def lm_loss(
         model: Maps ``(B, L')`` token ids to ``(B, L', V)`` logits, or to a tuple whose first item they are
             (``(logits, hidden)``), or to an object with ``.logits`` (a ``transformers`` ``ModelOutput``; a
             ``transformers`` model is called with ``use_cache=False``). See
-            :func:`picomaml.backbone.lm_logits`.
+            :func:`picomaml.meta.backbone.lm_logits`.
         tokens: ``(B, L)`` long, ``L >= 2``.
         pad_id: Targets equal to this id are ignored (``None``: none are).
         ignore_index: Targets equal to this value are ignored too.
@@ -196,7 +202,7 @@ def meta_loss(
     Args:
         model: The backbone: a :class:`~picomaml.PicoDecoder`, any ``transformers`` causal LM as it is (its
             base model runs; the vocabulary projection never does), a module whose forward takes
-            ``return_hidden=True``, or any module with ``features=`` (see :mod:`picomaml.backbone`).
+            ``return_hidden=True``, or any module with ``features=`` (see :mod:`picomaml.meta.backbone`).
         head: The :class:`~picomaml.MetaHead`; the features are cast to the dtype of its parameters.
         loop: The :class:`~picomaml.InnerLoop`.
         episode: An :class:`~picomaml.Episode`: ``support_ids (.., N*K, W)``, ``support_labels``,
@@ -207,7 +213,7 @@ def meta_loss(
         feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` per task, from support statistics
             (see :func:`normalize_task_features`).
         nonfinite: What a NaN/Inf in the features does. ``"propagate"`` (for training loops, no host sync):
-            the metric ``nonfinite_features`` is 1 (with a warning when the metrics are read); the inner loop runs on the features with those values set to zero and the loss is NaN, still
+            the metric ``nonfinite_features`` is 1; the inner loop runs on the features with those values set to zero and the loss is NaN, still
             attached to the graph, so ``loss.backward()`` runs as usual (under DDP every rank reaches the
             gradient all-reduce) and leaves NaN gradients, and a loop that checks the loss or gradient
             norm skips the step. ``"raise"``: a ``ValueError``. Finite features give the same loss and
@@ -216,7 +222,7 @@ def meta_loss(
             the user's model that runs it without its output layer).
         adapt_layers: The top ``k`` blocks and the final norm adapt in the inner loop together with the
             head (``0``, default: the head only); a shorthand for ``adapt`` naming their tensors. Needs a
-            model whose block list is found (:func:`picomaml.backbone.decoder_layout`).
+            model whose block list is found (:func:`picomaml.meta.backbone.decoder_layout`).
         adapt: Backbone tensors that adapt with the head: names or ``fnmatch`` globs of the model's
             parameters (``["*lora_A*", "*lora_B*"]``, ``["*norm*"]``; names of a wrapped model are
             accepted) or a predicate ``fn(name, tensor) -> bool``. Everything below the lowest adapted block
@@ -263,15 +269,13 @@ def meta_loss(
 
 def _flag_nonfinite(out: Any, bad: Tensor | bool) -> Any:
     """With non-finite features (``bad``, a bool tensor nobody reads here) the loss becomes NaN, still
-    attached to the graph; the metric ``nonfinite_features`` says so, with a warning when it is read."""
+    attached to the graph, and the metric ``nonfinite_features`` is 1."""
     if isinstance(bad, Tensor):
         out.loss = torch.where(bad, float("nan"), 1.0).to(out.loss.dtype) * out.loss
-        out.metrics["nonfinite_features"] = bad.float()
+        out.metrics["nonfinite_features"] = bad.detach().float()
         out.metrics["query_loss"] = out.loss.detach()
-        if hasattr(out.metrics, "warn_if"):
-            out.metrics.warn_if("nonfinite_features", _NONFINITE_WARNING)
     else:
-        out.metrics["nonfinite_features"] = 0.0
+        out.metrics["nonfinite_features"] = torch.zeros((), device=out.loss.device)
     return out
 
 

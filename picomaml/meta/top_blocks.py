@@ -25,10 +25,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from picomaml.backbone import (
+from picomaml.meta.backbone import (
     DecoderLayout,
     backbone_hidden,
     decoder_layout,
+    eager_forward,
+    eager_hidden_states,
+    is_compiled,
     is_transformers_model,
     no_cache_kwargs,
 )
@@ -83,7 +86,7 @@ class TopBlocks:
 
     Args:
         model: A :class:`~picomaml.PicoDecoder`, a ``transformers`` decoder or any module whose blocks
-            :func:`~picomaml.backbone.decoder_layout` finds.
+            :func:`~picomaml.meta.backbone.decoder_layout` finds.
         k: Number of top blocks re-run per inner step, ``1 <= k <= n_blocks``.
         names: The tensors that adapt, a subset of those blocks' and the final norm's (default: all of
             them); the others keep the model's own values.
@@ -92,7 +95,7 @@ class TopBlocks:
     Attributes:
         names: The adapted tensors' names in the model (``"layers.3.attention.q_proj.weight"``, ...), blocks
             bottom-up then the final norm; the order of :meth:`params`.
-        layout: The model's :class:`~picomaml.backbone.DecoderLayout`.
+        layout: The model's :class:`~picomaml.meta.backbone.DecoderLayout`.
 
     Raises:
         TypeError: the model's blocks are not recognised.
@@ -228,8 +231,6 @@ def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor, features: An
     A backbone compiled by :func:`picomaml.compile.compile_backbone` runs its eager original here: the
     capture hook raises to stop the forward at the first adapted block, which a compiled graph cannot do.
     """
-    from picomaml.compile import eager_forward, eager_hidden_states, is_compiled
-
     if features is not None:
         return features(ids)
     hidden_states = eager_hidden_states(model)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import picomaml as pm
-from picomaml.top_blocks import TopBlocks, check_adapt_layers, math_attention
+from picomaml.meta.top_blocks import TopBlocks, check_adapt_layers, math_attention
 
 transformers = pytest.importorskip("transformers")
 from backbones import FAMILIES, NanoGPT, V, hf_model  # noqa: E402
