@@ -155,7 +155,7 @@ def sgd_steps(
         grads = grad_fn(make_leaves(params, create_graph), s)
         grads, norm = clip_and_norm(grads, grad_clip)
         norms.append(norm)
-        params = {k: params[k] - lr_fn(s, i) * g for i, (k, g) in enumerate(zip(names, grads, strict=True))}
+        params = {k: _step(params[k], g, lr_fn(s, i)) for i, (k, g) in enumerate(zip(names, grads, strict=True))}
         if keep_history:
             history.append(params)
     if not keep_history and steps > 0:
@@ -164,6 +164,11 @@ def sgd_steps(
         return history, torch.stack(norms)
     device = next(iter(params.values())).device if params else None
     return history, torch.zeros((0, n_tasks), dtype=torch.float32, device=device)
+
+
+def _step(p: Tensor, g: Tensor, lr: float | Tensor) -> Tensor:
+    """``p - lr * g`` (one fused op for a plain-number LR; a learned LR keeps its own graph)."""
+    return torch.add(p, g, alpha=-lr) if isinstance(lr, (int, float)) else p - lr * g
 
 
 def task_stack(module: nn.Module, names: Sequence[str], n_tasks: int) -> dict[str, Tensor]:

@@ -215,9 +215,10 @@ class InnerLoop(nn.Module):
     # -- the head form ---------------------------------------------------------------------------------
 
     def _run(
-        self, head: nn.Module, xs: Tensor, ys: Tensor, keep_history: bool
+        self, head: nn.Module, xs: Tensor, ys: Tensor, keep_history: bool, first: list | None = None
     ) -> tuple[dict[str, Tensor], list[dict[str, Tensor]], Tensor]:
-        """Initial params, history of adapted params (T-dim) and grad norms ``(steps, T)`` of the head form."""
+        """Initial params, history of adapted params (T-dim) and grad norms ``(steps, T)`` of the head form;
+        ``first`` receives the first step's support logits (detached) when they equal the initial ones."""
         lr_fn = self.lr_fn(adapted_names(head))
         outer_grad = torch.is_grad_enabled()
         create_graph = outer_grad and not self.first_order
@@ -233,12 +234,16 @@ class InnerLoop(nn.Module):
 
             else:
                 x_in = xs if create_graph else xs.detach()
-                grad_fn = engine.autograd_grads(
-                    lambda leaves, s: task_cross_entropy(
-                        head_logits(head, leaves, x_in, dropout=True), ys
-                    ).sum(),
-                    create_graph,
-                )
+                # without dropout the first step's logits are the initial head's: the metrics reuse them
+                plain = first is not None and not (head.training and getattr(head, "dropout", 0.0) > 0)
+
+                def support_loss(leaves: dict[str, Tensor], s: int) -> Tensor:
+                    logits = head_logits(head, leaves, x_in, dropout=True)
+                    if s == 0 and plain:
+                        first.append(logits.detach())
+                    return task_cross_entropy(logits, ys).sum()
+
+                grad_fn = engine.autograd_grads(support_loss, create_graph)
             history, norms = engine.sgd_steps(
                 grad_fn, init, self.steps, lr_fn, n_tasks=t, create_graph=create_graph, grad_clip=self.grad_clip,
                 keep_history=keep_history,
@@ -325,7 +330,8 @@ class InnerLoop(nn.Module):
             module, support, support_labels, query_feats, query_labels, owner=self
         )
         keep = self.multi_step_loss and self.steps > 1
-        init, history, norms = self._run(module, xs, ys, keep_history=keep)
+        first: list[Tensor] = []
+        init, history, norms = self._run(module, xs, ys, keep_history=keep, first=first)
         final = history[-1]
         q_logits = head_logits(module, final, xq, dropout=True)
         if keep:
@@ -334,7 +340,7 @@ class InnerLoop(nn.Module):
         else:
             loss_value = task_cross_entropy(q_logits, yq).mean()
         with torch.no_grad():
-            s_before = module.functional(init, xs)
+            s_before = first[0] if first else module.functional(init, xs)
             s_after = module.functional(final, xs) if self.steps else s_before
             q_before = module.functional(init, xq) if self.steps else q_logits
         metrics = self.metrics_from_logits(s_before, s_after, q_before, q_logits, ys, yq, loss_value, norms)
