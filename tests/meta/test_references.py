@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from meta_tasks import T, cnn, images, mlp, sinusoid
 
 import picomaml as pm
 from picomaml._optional import L2L_INSTALL, MissingDependencyError, load_learn2learn
@@ -20,9 +20,6 @@ _SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "references.py"
 _spec = importlib.util.spec_from_file_location("picomaml_references", _SCRIPT)
 refs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(refs)
-
-T = 3
-
 
 def need(name: str) -> None:
     """Skip only when the reference's package is absent (and say so)."""
@@ -33,34 +30,6 @@ def need(name: str) -> None:
             importlib.metadata.distribution("learn2learn")
         except importlib.metadata.PackageNotFoundError:
             pytest.skip(f"learn2learn is not installed: {L2L_INSTALL}")
-
-
-def sinusoid(seed: int = 0):
-    """The MAML paper's regression tasks: y = a sin(x + b), K = 10 points in [-5, 5]."""
-    g = torch.Generator().manual_seed(seed)
-    a = torch.rand(T, 1, 1, generator=g, dtype=torch.float64) * 4.9 + 0.1
-    b = torch.rand(T, 1, 1, generator=g, dtype=torch.float64) * torch.pi
-    xs, xq = (torch.rand(T, 10, 1, generator=g, dtype=torch.float64) * 10 - 5 for _ in range(2))
-    return (xs, a * torch.sin(xs + b)), (xq, a * torch.sin(xq + b))
-
-
-def mlp() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).double()
-
-
-def cnn() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)
-    ).double()
-
-
-def images(seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    x = [torch.randn(T, 6, 1, 8, 8, generator=g, dtype=torch.float64) for _ in range(2)]
-    y = [torch.stack([torch.randperm(3, generator=g).repeat(2) for _ in range(T)]) for _ in range(2)]
-    return (x[0], y[0]), (x[1], y[1])
 
 
 def grads(loss: torch.Tensor, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
