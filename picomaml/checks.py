@@ -7,6 +7,9 @@ queued kernel: on an accelerator, a stall per read. A training step reads nothin
   and raises the usual ``ValueError`` naming the argument; later calls with that key queue
   ``torch._assert_async`` with the same message (no host sync: on an accelerator the error surfaces as a
   ``RuntimeError`` at the next sync; on the CPU the assert is immediate and raises the same ``ValueError``).
+  On CUDA a failed asynchronous assert is a device-side assert: the process cannot use the device
+  afterwards, so a bad batch after the first good one ends the run (with the message) instead of raising
+  a catchable error. That is the price of not waiting for the device at every step.
 * Metrics stay 0-dim tensors on their device (the inner loop's ``out.metrics``); the caller reads them
   when it logs.
 

@@ -163,11 +163,14 @@ class FullFeatures(_Features):
     def part(self, params: dict[str, Tensor], part: str, *, detach_input: bool = False) -> Tensor:
         ids = self.ids[part]
 
-        def one(p: dict[str, Tensor], x: Tensor) -> Tensor:
-            return functional_call(self.net, {f"model.{k}": v for k, v in p.items()}, (x,))
-
-        hidden = engine.task_map(self.model, one, (params, ids))  # (T, n, W, D)
         t, n = ids.shape[:2]
+        # a BatchNorm in training mode updates per-task copies of its running statistics, never the model's
+        buffers = {f"model.{k}": v for k, v in engine.task_buffers(self.model, t).items()}
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], x: Tensor) -> Tensor:
+            return functional_call(self.net, {**{f"model.{k}": v for k, v in p.items()}, **b}, (x,))
+
+        hidden = engine.task_map(self.model, one, (params, buffers, ids))  # (T, n, W, D)
         mask, valid = self.mask[part], self.valid[part]
         flat = pool_features(
             hidden.flatten(0, 1), None if mask is None else mask.flatten(0, 1), self.pooling,
@@ -213,6 +216,24 @@ def adapted_features(
     return SplitFeatures(top, captured, pooling, feature_norm, dtype), torch.stack(bad).any() if bad else False
 
 
+def _is_parameter(head: nn.Module, tensor: Tensor) -> bool:
+    """Whether ``tensor`` (``(T, ...)``) is an expand of one of the head's own parameters."""
+    base = tensor._base if tensor._base is not None else tensor
+    return any(base is p for p in head.parameters())
+
+
+def check_labels(owner: Any, head: nn.Module, ys: Tensor, yq: Tensor) -> None:
+    """Labels in ``[0, head.n_way)``: a ``ValueError`` naming them (read until passed once per shape)."""
+    n = head.n_way
+    for part, y in (("support", ys), ("query", yq)):
+        check_values(
+            owner, ("labels", part, tuple(y.shape), str(y.device), n), (y >= 0) & (y < n),
+            lambda part=part, y=y: f"{part}_labels must be in [0, {n}) (n_way of the head), got min {int(y.min())} "
+            f"max {int(y.max())}",
+            f"{part}_labels must be in [0, {n}) (n_way of the head)",
+        )  # fmt: skip
+
+
 def _split(params: dict[str, Tensor], names: tuple[str, ...]) -> dict[str, Tensor]:
     return {k: params[k] for k in names}
 
@@ -239,14 +260,17 @@ def adapted_inner_loop(
     create_graph = outer_grad and not loop.first_order
     t = ys.shape[0]
     keep = loop.multi_step_loss and loop.steps > 1
+    check_labels(loop, head, ys, yq)
     with torch.enable_grad():
-        theta = {
-            k: (v if v.requires_grad else v.detach().requires_grad_()).expand(t, *v.shape)
-            for k, v in feats.own_params().items()
-        }
+        own = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in feats.own_params().items()}
+        theta = {k: v.expand(t, *v.shape) for k, v in own.items()}
         with torch.set_grad_enabled(support_needs_graph(loop, head, feats.feature_norm)), math_attention(create_graph):
             xs0 = feats.support(theta)
-        init = head_task_params(head, xs0, ys)
+            init = head_task_params(head, xs0, ys)
+            built = any(not _is_parameter(head, v) for v in init.values())
+            if built:  # a prototype layer: built from other expands of the same tensors, so each inner step's
+                # gradient with respect to theta is the partial one (the head's tensors held fixed), as in first order
+                init = head_task_params(head, feats.support({k: v.expand(t, *v.shape) for k, v in own.items()}), ys)
 
         def support_loss(leaves: dict[str, Tensor], s: int) -> Tensor:
             with math_attention(create_graph):
@@ -263,10 +287,10 @@ def adapted_inner_loop(
         )  # fmt: skip
         final = history[-1]
         xs_f, xq_f = feats.both(_split(final, bb_names))
-        q_logits = head.functional(_split(final, head_names), xq_f)
+        q_logits = head_logits(head, _split(final, head_names), xq_f, dropout=True)
         if keep:
             per_step = [
-                task_cross_entropy(head.functional(_split(p, head_names), feats.both(_split(p, bb_names))[1]), yq)
+                task_cross_entropy(head_logits(head, _split(p, head_names), feats.both(_split(p, bb_names))[1], dropout=True), yq)
                 for p in history[1:-1]
             ]
             loss = torch.stack([*per_step, task_cross_entropy(q_logits, yq)]).mean()

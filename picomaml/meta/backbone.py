@@ -21,8 +21,9 @@ models ``use_cache=False`` is passed, so no KV cache is built during training.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
 import torch
@@ -41,6 +42,8 @@ __all__ = [
     "next_token_loss",
     "no_cache_kwargs",
     "unwrap_model",
+    "find_ddp",
+    "ddp_step",
     "strip_wrapper_prefix",
     "vocab_size",
     "compiled_loss",
@@ -77,25 +80,61 @@ _WRAPPERS = {
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "base_model.model.")
 
 
+def _inner(model: nn.Module) -> nn.Module | None:
+    """The module one wrapper holds, or ``None`` when ``model`` is no wrapper."""
+    if type(model).__name__.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
+        inner = model.get_base_model()
+    else:
+        attr = _WRAPPERS.get(type(model).__name__)
+        inner = getattr(model, attr, None) if attr else None
+    return inner if isinstance(inner, nn.Module) and inner is not model else None
+
+
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The plain module inside Lightning Fabric, DDP / DataParallel, ``torch.compile`` and peft wrappers.
 
     The meta objective runs the unwrapped module: it re-runs parts of it functionally (which a compiled
     graph cannot) and names its tensors without the wrappers' prefixes. A peft ``PeftModel`` unwraps to
-    its base model, which holds the injected adapter tensors (``...q_proj.lora_A.default.weight``). Under
-    DDP, wrap the module that calls the objectives (:class:`~picomaml.HybridLearner`), so its forward is
-    the one DDP sees.
+    its base model, which holds the injected adapter tensors (``...q_proj.lora_A.default.weight``). A DDP
+    wrapper's gradient all-reduce is kept by :func:`ddp_step`.
     """
     for _ in range(8):  # wrappers nest at most a few deep
-        if type(model).__name__.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
-            inner = model.get_base_model()
-        else:
-            attr = _WRAPPERS.get(type(model).__name__)
-            inner = getattr(model, attr, None) if attr else None
-        if not isinstance(inner, nn.Module) or inner is model:
+        inner = _inner(model)
+        if inner is None:
             return model
         model = inner
     return model
+
+
+def find_ddp(model: nn.Module) -> nn.Module | None:
+    """The ``DistributedDataParallel`` wrapper among ``model``'s wrappers, or ``None``."""
+    for _ in range(8):
+        if type(model).__name__ == "DistributedDataParallel":
+            return model
+        inner = _inner(model)
+        if inner is None:
+            return None
+        model = inner
+    return None
+
+
+@contextlib.contextmanager
+def ddp_step(ddp: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
+    """Frame a computation on a DDP-wrapped module as DDP's own forward frames the module's call.
+
+    The meta objective calls the wrapped module's methods (``hidden_states``, its blocks), never DDP's
+    ``forward``; without that frame the backward would not all-reduce the gradients. Inside, DDP has
+    prepared its reducer (and synced buffers) as before a forward; the yielded function hands DDP the loss,
+    as it would the forward's output, and returns the tensor to back-propagate. Uses DDP's ``_pre_forward``
+    / ``_post_forward`` (the two halves of ``DistributedDataParallel.forward``).
+    """
+    if not (callable(getattr(ddp, "_pre_forward", None)) and callable(getattr(ddp, "_post_forward", None))):
+        raise TypeError(
+            "model: this torch's DistributedDataParallel has no _pre_forward/_post_forward; wrap the module that "
+            "calls meta_loss (HybridLearner) in DDP instead of the backbone"
+        )
+    ddp._pre_forward()
+    yield ddp._post_forward
 
 
 def strip_wrapper_prefix(name: str) -> str:

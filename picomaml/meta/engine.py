@@ -167,8 +167,11 @@ def sgd_steps(
 
 
 def _step(p: Tensor, g: Tensor, lr: float | Tensor) -> Tensor:
-    """``p - lr * g`` (one fused op for a plain-number LR; a learned LR keeps its own graph)."""
-    return torch.add(p, g, alpha=-lr) if isinstance(lr, (int, float)) else p - lr * g
+    """``p - lr * g`` (one fused op for a plain-number LR; a learned LR keeps its own graph). Per-element LRs
+    are cast to the tensor's dtype, so a bfloat16 tensor stays bfloat16 (a 0-dim LR never promotes)."""
+    if isinstance(lr, (int, float)):
+        return torch.add(p, g, alpha=-lr)
+    return p - (lr.to(p.dtype) if lr.dim() else lr) * g
 
 
 def task_stack(module: nn.Module, names: Sequence[str], n_tasks: int) -> dict[str, Tensor]:
@@ -205,8 +208,9 @@ def task_map(module: nn.Module, fn: Callable[..., Any], batched: tuple, *, vecto
         try:
             return vmap(fn, randomness="different")(*batched)
         except (RuntimeError, NotImplementedError, ValueError) as exc:
-            if "vmap" not in str(exc) and "batch" not in str(exc).lower() and "functorch" not in str(exc):
-                raise
+            text = str(exc).lower()
+            if not any(w in text for w in ("vmap", "batching rule", "batchedtensor", "batched tensor", "functorch")):
+                raise  # the module's own error, not one of vmap's
             logger.info("task_map: %s does not run under vmap (%s); tasks run one at a time", type(module).__name__, exc)
             _NO_VMAP[module] = True
     n = _first_tensor(batched).shape[0]

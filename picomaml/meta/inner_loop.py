@@ -335,7 +335,8 @@ class InnerLoop(nn.Module):
         final = history[-1]
         q_logits = head_logits(module, final, xq, dropout=True)
         if keep:
-            per_step = [task_cross_entropy(module.functional(p, xq), yq) for p in history[1:-1]]
+            # every query loss sees the head as the final one does (dropout masks in training mode)
+            per_step = [task_cross_entropy(head_logits(module, p, xq, dropout=True), yq) for p in history[1:-1]]
             loss_value = torch.stack([*per_step, task_cross_entropy(q_logits, yq)]).mean()
         else:
             loss_value = task_cross_entropy(q_logits, yq).mean()

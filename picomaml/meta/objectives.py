@@ -31,6 +31,8 @@ from picomaml.meta.adapted_features import (
 from picomaml.meta.backbone import (
     backbone_hidden,
     compiled_loss,
+    ddp_step,
+    find_ddp,
     hidden_size,
     lm_logits,
     next_token_ce,
@@ -246,6 +248,15 @@ def meta_loss(
     """
     check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
     check_episode(episode)
+    ddp = find_ddp(model) if model is not None and torch.is_grad_enabled() else None
+    if ddp is not None:  # DDP's own forward would never run: frame the step as it does (see ddp_step)
+        with ddp_step(ddp) as finish:
+            out = meta_loss(
+                unwrap_model(model), head, loop, episode, pooling, feature_norm, nonfinite, features=features,
+                adapt_layers=adapt_layers, adapt=adapt,
+            )  # fmt: skip
+            out.loss = finish(out.loss)
+        return out
     if model is not None:
         model = unwrap_model(model)
     if features is None:  # checked before the forward: PicoDecoder's d_model, transformers' hidden_size

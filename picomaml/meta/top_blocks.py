@@ -189,11 +189,13 @@ class TopBlocks:
         """Whether :meth:`run` under the model's own tensors gives its hidden states for rows like ``ids``.
 
         Checked on two rows in eval mode without gradients, once per model, first adapted block, window
-        length, dtype and device: a re-run that matched at one window may not at another (sliding-window
-        attention), and a model may change what follows its blocks (a projection after the final norm).
+        length, dtype and device (every call with a ``features=`` callable): a re-run that matched at one
+        window may not at another (sliding-window attention), and a model may change what follows its blocks
+        (a projection after the final norm). Training-only control flow (e.g. layer drop) is not seen.
         """
         key = (self.first, ids.shape[-1], next(self.model.parameters()).dtype, ids.device)
-        seen = _VERIFIED.setdefault(self.model, {})
+        # a features= callable is the caller's: any one may compute something else, so it is checked every call
+        seen = _VERIFIED.setdefault(self.model, {}) if self.features is None else {}
         if key not in seen:
             modes = {m: m.training for m in self.model.modules()}
             try:

@@ -316,3 +316,78 @@ def test_wrapped_models_work_as_they_are_held():
     out = learner(rows=torch.randint(0, V, (2, 9)), episode=ep)
     out.loss.backward()
     assert learner.loop.lrs.shape == (2 + 4,) and learner.loop.lrs.grad is not None
+
+
+def test_a_ddp_wrapped_backbone_all_reduces_its_meta_gradient(tmp_path):
+    """meta_loss on DDP(model) runs the wrapped module's methods, never DDP's forward: it frames the step as
+    that forward does, so the backward reaches DDP's all-reduce (counted by a communication hook)."""
+    import gc
+    import time
+
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    ddp = None
+    try:
+        model, head, ep = pico(), pm.MetaHead(16, N).double(), episode()
+        ddp = DDP(model, find_unused_parameters=True)  # a meta step leaves the LM head unused, as in the trainer
+        buckets = []
+
+        def hook(state, bucket):
+            buckets.append(bucket.index())
+            fut = torch.futures.Future()
+            fut.set_result(bucket.buffer())
+            return fut
+
+        ddp.register_comm_hook(None, hook)
+        for kw in ({}, {"adapt_layers": 1}):
+            buckets.clear()
+            out = pm.meta_loss(ddp, head, pm.InnerLoop(steps=2, lr=0.3), ep, **kw)
+            out.loss.backward()
+            assert buckets, kw  # the gradients went through DDP's reducer
+            assert model.embed_tokens.weight.grad is not None
+            ddp.zero_grad(set_to_none=True)
+        with torch.no_grad():  # evaluation: no reducer round
+            buckets.clear()
+            pm.meta_loss(ddp, head, pm.InnerLoop(steps=2, lr=0.3), ep)
+        assert not buckets
+    finally:
+        time.sleep(0.2)  # see tests/meta/test_inner_loop.py::test_ddp_one_backward
+        ddp = None
+        gc.collect()
+        dist.destroy_process_group()
+
+
+def test_a_prototype_head_with_adapted_blocks_takes_the_same_inner_steps_in_both_orders():
+    """The inner gradient with respect to the blocks is the partial one (the prototype layer held fixed), so
+    second and first order adapt to the same tensors; the second-order meta-gradient matches float64 finite
+    differences."""
+    model, ep = pico(), episode()
+    head = pm.MetaHead(16, N, hidden_dims=(8,), init="prototype").double()
+    so, fo = (pm.meta_loss(model, head, pm.InnerLoop(steps=2, lr=0.5, first_order=f), ep, adapt_layers=1)
+              for f in (False, True))  # fmt: skip
+    for k in so.params:
+        torch.testing.assert_close(so.params[k], fo.params[k], rtol=1e-10, atol=1e-12, msg=k)
+    loop = pm.InnerLoop(steps=2, lr=0.5)
+    out, grads = grads_of(model, head, loop, ep, adapt_layers=1)
+    named = {n: p for n, p in model.named_parameters() if n in ("layers.0.mlp.up_proj.weight", "layers.1.attention.o_proj.weight")}
+    named["head.hidden.0.weight"] = head.hidden[0].weight
+    finite_difference_check(lambda: pm.meta_loss(model, head, loop, ep, adapt_layers=1).loss, named, grads)
+
+
+def test_a_features_callable_is_checked_at_every_call():
+    """A split that reproduced the model without features= says nothing about another featuriser."""
+    model, head, ep, zero = pico(), pm.MetaHead(16, N).double(), episode(), pm.InnerLoop(steps=0)
+    pm.meta_loss(model, head, zero, ep, adapt_layers=1)  # checked (and passed) without features=
+    doubled = lambda ids: 2.0 * model.hidden_states(ids)  # noqa: E731
+    torch.testing.assert_close(
+        pm.meta_loss(model, head, zero, ep, adapt_layers=1, features=doubled).loss,
+        pm.meta_loss(model, head, zero, ep, features=doubled).loss,
+    )
+
+
+def test_labels_outside_the_head_are_named_on_the_adapted_path_too():
+    model, ep = pico(), episode()
+    with pytest.raises(ValueError, match=r"support_labels must be in \[0, 2\)"):
+        pm.meta_loss(model, pm.MetaHead(16, 2).double(), pm.InnerLoop(steps=1), ep, adapt_layers=1)

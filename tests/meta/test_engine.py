@@ -203,3 +203,13 @@ def test_a_duck_typed_head_needs_only_the_documented_protocol() -> None:
     ys, yq = (torch.randint(0, 3, (2, 6), generator=g) for _ in range(2))
     loop = pm.InnerLoop(steps=2, lr=0.5, closed_form=False)
     torch.testing.assert_close(loop(duck, xs, ys, xq, yq).loss, loop(head, xs, ys, xq, yq).loss)
+
+
+def test_per_element_lrs_keep_a_bfloat16_module_in_bfloat16() -> None:
+    model, (support, query) = mlp().bfloat16(), regression()
+    support, query = (tuple(x.bfloat16() for x in part) for part in (support, query))
+    loop = pm.InnerLoop(steps=2, lr=0.05, learn_lr="per_element").bind(model)
+    out = loop(model, support, query, loss=F.mse_loss)
+    assert all(v.dtype == torch.bfloat16 for v in out.params.values())
+    out.loss.backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in loop.element_lrs)
