@@ -58,7 +58,7 @@ FEATURES_CONTRACT = (
     "return_hidden=True needs none)"
 )
 _BLOCK_LISTS = ("layers", "h", "blocks", "block")
-_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f")
+_FINAL_NORMS = ("norm", "ln_f", "final_layernorm", "final_layer_norm", "norm_f", "final_norm")
 
 
 def is_transformers_model(model: Any) -> bool:

@@ -190,6 +190,11 @@ def layout_model(family: str) -> torch.nn.Module:
     if family == "neox":
         cfg = transformers.GPTNeoXConfig(hidden_size=16, intermediate_size=32, **small)
         return transformers.GPTNeoXForCausalLM(cfg).eval().double()
+    if family == "modernbert":  # alternating local/global attention, a final_norm
+        ids = dict(pad_token_id=0, bos_token_id=1, eos_token_id=1, cls_token_id=1, sep_token_id=1)
+        cfg = transformers.ModernBertConfig(hidden_size=16, intermediate_size=32, global_attn_every_n_layers=2,
+                                            local_attention=4, **ids, **small)  # fmt: skip
+        return transformers.ModernBertModel(cfg).eval().double()
     cfg = transformers.BertConfig(hidden_size=16, intermediate_size=32, **small)  # an encoder, as its base model
     return transformers.BertModel(cfg).eval().double()
 
@@ -199,7 +204,7 @@ def meta_grads(model, head, loop, ep, **kw):
     return out.loss.detach(), grads
 
 
-@pytest.mark.parametrize("family", ["pico", "nanogpt", "llama", "gpt2", "opt", "neox", "bert"])
+@pytest.mark.parametrize("family", ["pico", "nanogpt", "llama", "gpt2", "opt", "neox", "bert", "modernbert"])
 def test_every_layout_adapts_its_top_block_split_and_full_alike(family, monkeypatch, caplog):
     model, head, ep = layout_model(family), pm.MetaHead(16, N, init="xavier").double(), episode()
     zero = pm.InnerLoop(steps=0)
@@ -214,7 +219,7 @@ def test_every_layout_adapts_its_top_block_split_and_full_alike(family, monkeypa
     full = meta_grads(model, head, loop, ep, adapt_layers=1)
     # transformers computes rotary tables in float32 even for a float64 model, so kernels that differ
     # between the two paths (SDPA under vmap) round differently there
-    tol = 1e-5 if family in ("llama", "neox") else 1e-9
+    tol = 1e-5 if family in ("llama", "neox", "modernbert") else 1e-9
     torch.testing.assert_close(split[0], full[0], rtol=tol, atol=tol)
     assert split[1].keys() == full[1].keys() and len(split[1]) > 4
     for name in split[1]:
@@ -226,7 +231,7 @@ def test_every_layout_adapts_its_top_block_split_and_full_alike(family, monkeypa
     params = dict(model.named_parameters())
     names = [n for n in split[1] if n in params]
     lowest, top = names[0], [n for n in names if n.endswith("weight")][-1]  # a lower block's tensor, an adapted one
-    fd_tol, fd_eps = (5e-3, 1e-4) if family in ("llama", "neox") else (1e-6, 1e-6)
+    fd_tol, fd_eps = (5e-3, 1e-4) if family in ("llama", "neox", "modernbert") else (1e-6, 1e-6)
     finite_difference_check(lambda: pm.meta_loss(model, head, loop, ep, adapt_layers=1).loss,
                             {n: params[n] for n in {lowest, top}}, split[1], picks=1, tol=fd_tol, eps=fd_eps)  # fmt: skip
 
@@ -238,6 +243,16 @@ def test_a_module_whose_features_do_not_end_at_the_final_norm_reruns_whole(caplo
         adapted = pm.meta_loss(model, head, zero, ep, adapt_layers=1).loss
     torch.testing.assert_close(adapted, pm.meta_loss(model, head, zero, ep).loss)  # was 2.646 against 1.706
     assert "the whole backbone re-runs" in caplog.text
+
+
+def test_blocks_that_need_other_arguments_than_the_first_adapted_one_rerun_whole(caplog):
+    """ModernBERT alternates local and global attention: the top two blocks take different masks, which the
+    capture of the first one does not hold. The check finds it; the whole backbone re-runs; nothing differs."""
+    model, head, ep, zero = layout_model("modernbert"), pm.MetaHead(16, N).double(), episode(), pm.InnerLoop(steps=0)
+    with caplog.at_level("INFO", logger="picomaml.meta.adapted_features"):
+        adapted = pm.meta_loss(model, head, zero, ep, adapt_layers=2).loss
+    torch.testing.assert_close(adapted, pm.meta_loss(model, head, zero, ep).loss)
+    assert "re-running the top 2 blocks of ModernBertModel does not reproduce" in caplog.text
 
 
 def test_a_sliding_window_model_checked_at_a_short_window_is_rechecked_at_a_longer_one():
