@@ -91,7 +91,6 @@ def general_form(
     return InnerLoopOutput(loss=loss_value, metrics=metrics, params=final, query_logits=q_out), final
 
 
-
 def _default_loss(outputs: Any, targets: Tensor) -> Tensor:
     """Cross-entropy of outputs ``(n, C)`` (or ``(n, ..., C)``) against class indices ``(n, ...)``."""
     logits = getattr(outputs, "logits", outputs)
