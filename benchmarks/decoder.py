@@ -10,7 +10,7 @@ with ``use_cache=False``.
 Variants, for both models:
 
 - ``eager``: plain PyTorch.
-- ``compiled fwd``: ``picomaml.compile.compile_backbone(model)`` and ``model(ids)``; the forward (and its
+- ``compiled fwd``: ``picomaml.train.compile.compile_backbone(model)`` and ``model(ids)``; the forward (and its
   backward) runs as a compiled graph, the cross-entropy eagerly on the returned logits.
 - ``compiled step``: ``compile_backbone(model)`` and ``picomaml.lm_loss(model, ids)``, which runs the
   forward and the cross-entropy as one compiled graph: the trainer's ``--compile`` AR step.
@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 import picomaml as pm
-from picomaml.compile import compile_backbone
+from picomaml.train.compile import compile_backbone
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL = 1.3  # PicoDecoder compiled vs HF Llama eager, tiny preset, vocab 8192, 8 x 256, 2 threads

@@ -17,7 +17,7 @@ with the AR-vs-meta gradient diagnostic (``eval.grad_cos_every``) in every run; 
 ``benchmarks/results/study_round2``.
 
 Budgets: ``steps`` gives every arm ``--steps`` optimizer steps; ``flops`` gives the hybrid arms as many
-steps as they need to spend the FLOPs of the AR arm's run (``picomaml.budget.steps_for_flops``; a meta step
+steps as they need to spend the FLOPs of the AR arm's run (``picomaml.train.budget.steps_for_flops``; a meta step
 is cheaper than an AR step). Each run is a complete run with its own cosine schedule, trained by the
 reference trainer ``examples/train_smlmt.py`` in this process. A fifth of the token types is held out of
 meta-training (``sampler.holdout_fraction=0.2``): SMLMT evaluation classes are never training classes.
@@ -49,8 +49,9 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 import torch  # noqa: E402
 
 import picomaml as pm  # noqa: E402
-from picomaml.budget import run_flops, steps_for_flops  # noqa: E402
-from picomaml.eval import load_downstream_dataset, load_for_eval, mean_ci, run_suite  # noqa: E402
+from picomaml.eval import load_downstream_dataset, mean_ci, run_suite  # noqa: E402
+from picomaml.train.budget import run_flops, steps_for_flops  # noqa: E402
+from picomaml.train.loading import load_for_eval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TRAINER = ROOT / "examples" / "train_smlmt.py"

@@ -32,21 +32,21 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 import torch  # noqa: E402
 
 import picomaml as pm  # noqa: E402
-from picomaml import training  # noqa: E402
 from picomaml._optional import require  # noqa: E402
-from picomaml.budget import experiment_step_flops  # noqa: E402
-from picomaml.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.data.pipeline import TrainingData, build_training_data  # noqa: E402
 from picomaml.eval import evaluate_during_training  # noqa: E402
-from picomaml.run_checkpoint import (  # noqa: E402
+from picomaml.train import training  # noqa: E402
+from picomaml.train.budget import experiment_step_flops  # noqa: E402
+from picomaml.train.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
+from picomaml.train.run_checkpoint import (  # noqa: E402
     check_dynamics_layers,
     dynamics_rows,
     heldout_rows_needed,
     hub_uploader,
     save_run_checkpoint,
 )  # fmt: skip
-from picomaml.run_dir import RESUME_HELP, USER_ERRORS, error_line, open_run  # noqa: E402
-from picomaml.tracking import MetricsTracker, plot_curves  # noqa: E402
+from picomaml.train.run_dir import RESUME_HELP, USER_ERRORS, error_line, open_run  # noqa: E402
+from picomaml.train.tracking import MetricsTracker, plot_curves  # noqa: E402
 
 log = logging.getLogger("train_smlmt")
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "tiny-cpu.yaml"

@@ -38,10 +38,10 @@ _EXPORTS: dict[str, str] = {
     "PretokenizedStream": "picomaml.data.hub",
     "format_episode": "picomaml.data.display",
     # checkpoints and evaluation
-    "save_checkpoint": "picomaml.checkpoint",
-    "load_checkpoint": "picomaml.checkpoint",
-    "find_latest": "picomaml.checkpoint",
-    "capture_learning_dynamics": "picomaml.dynamics",
+    "save_checkpoint": "picomaml.train.checkpoint",
+    "load_checkpoint": "picomaml.train.checkpoint",
+    "find_latest": "picomaml.train.checkpoint",
+    "capture_learning_dynamics": "picomaml.train.dynamics",
     "perplexity": "picomaml.eval.perplexity",
     "fewshot_eval": "picomaml.eval.fewshot",
     "FewShotResult": "picomaml.eval.fewshot",
@@ -52,8 +52,8 @@ _EXPORTS: dict[str, str] = {
     "meta_step_flops": "picomaml.eval.flops",
     # configuration
     "ConfigError": "picomaml.params",
-    "ExperimentConfig": "picomaml.config",
-    "load_config": "picomaml.config",
+    "ExperimentConfig": "picomaml.train.config",
+    "load_config": "picomaml.train.config",
     # optional-dependency errors
     "MissingDependencyError": "picomaml._optional",
 }
@@ -76,13 +76,10 @@ def __dir__() -> list[str]:
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml._optional import MissingDependencyError
-    from picomaml.checkpoint import find_latest, load_checkpoint, save_checkpoint
-    from picomaml.config import ExperimentConfig, load_config
     from picomaml.data.corpus import load_default_corpus
     from picomaml.data.display import format_episode
     from picomaml.data.hub import PretokenizedStream
     from picomaml.data.tokenizer import load_tokenizer
-    from picomaml.dynamics import capture_learning_dynamics
     from picomaml.eval.downstream import downstream_eval
     from picomaml.eval.fewshot import FewShotResult, fewshot_eval
     from picomaml.eval.flops import ar_step_flops, meta_step_flops
@@ -100,3 +97,6 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml.model.config import PicoDecoderConfig
     from picomaml.model.decoder import KVCache, PicoDecoder
     from picomaml.params import ConfigError
+    from picomaml.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
+    from picomaml.train.config import ExperimentConfig, load_config
+    from picomaml.train.dynamics import capture_learning_dynamics

@@ -171,9 +171,9 @@ def eval_main(
     """
     from picomaml._optional import MissingDependencyError
     from picomaml.eval.downstream import load_downstream_dataset
-    from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
     from picomaml.eval.suite import DEFAULT_SETTINGS, format_suite_table, run_suite
     from picomaml.params import ConfigError
+    from picomaml.train.loading import IncompatibleCheckpointError, load_for_eval
 
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args = build_eval_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
@@ -230,8 +230,8 @@ def eval_main(
 def cmd_config(args: argparse.Namespace, out: TextIO | None = None) -> int:
     """``picomaml config``: the resolved config as YAML, or ``--reference`` for the field reference."""
     out = out or sys.stdout
-    from picomaml.config import load_config, reference_markdown
     from picomaml.params import ConfigError
+    from picomaml.train.config import load_config, reference_markdown
 
     if args.reference:
         print(reference_markdown(), file=out)

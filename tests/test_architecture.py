@@ -119,6 +119,41 @@ def test_meta_is_self_contained():
     assert {m: d for m, d in outside.items() if d} == {}
 
 
+# the layers, bottom up: a module imports only from its own layer or the ones below it
+LAYERS = [
+    ("picomaml._version", "picomaml._optional", "picomaml.params", "picomaml.checks"),
+    ("picomaml.model",),
+    ("picomaml.data",),
+    ("picomaml.meta",),
+    ("picomaml.eval",),
+    ("picomaml.interop",),
+    ("picomaml.train",),
+    ("picomaml.cli",),
+]
+
+
+def layer_of(module: str) -> int | None:
+    for rank, names in enumerate(LAYERS):
+        if any(module == n or module.startswith(n + ".") for n in names):
+            return rank
+    return None
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    upward = {
+        module: sorted(d for d in deps if (layer_of(d) or 0) > (layer_of(module) or 0))
+        for module, deps in import_graph().items()
+        if module != "picomaml"
+    }
+    assert {m: d for m, d in upward.items() if d} == {}
+    assert all(layer_of(m) is not None for m in import_graph() if m != "picomaml"), "a module outside every layer"
+
+
+def test_the_top_level_holds_only_the_entry_points():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py"))
+    assert top == ["__init__", "_optional", "_version", "checks", "cli", "params"], top
+
+
 def test_the_graph_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
 

@@ -20,7 +20,7 @@ from picomaml.meta.episode import EpisodeError
 from picomaml.meta.learner import HybridLearner
 from picomaml.meta.smlmt import SamplingError, TokensTypeError
 from picomaml.params import ConfigError
-from picomaml.training import NonFiniteGuard
+from picomaml.train.training import NonFiniteGuard
 
 V, D, N, K, Q, W, MASK = 64, 16, 3, 2, 2, 8, 1
 

@@ -47,7 +47,7 @@ def test_import_does_not_load_optional_dependencies():
         "before = set(sys.modules)\n"
         "import picomaml as pm\n"
         "for n in pm.__all__: getattr(pm, n)\n"
-        "import picomaml.config, picomaml.meta.objectives, picomaml.cli\n"
+        "import picomaml.train.config, picomaml.meta.objectives, picomaml.cli\n"
         f"bad = [m for m in {OPTIONAL!r} if m in set(sys.modules) - before]\n"
         "assert not bad, bad\n"
     )

@@ -9,16 +9,12 @@ import math
 import pytest
 
 import picomaml as pm
-from picomaml.build import optimizer_from_config
-from picomaml.config import SECTIONS, ExperimentConfig
-from picomaml.dynamics import DynamicsConfig, capture_learning_dynamics
 from picomaml.meta.head import HeadConfig
 from picomaml.meta.hybrid import HybridConfig
 from picomaml.meta.inner_loop import InnerLoopConfig
 from picomaml.meta.learner import HybridLearner
 from picomaml.meta.objectives import MetaConfig
 from picomaml.meta.sampler import SamplerConfig
-from picomaml.optim import OptimConfig, build_lr_scheduler, build_optimizer, lr_multiplier
 from picomaml.params import (
     ConfigError,
     Params,
@@ -29,6 +25,10 @@ from picomaml.params import (
     hparam,
     short_repr,
 )
+from picomaml.train.build import optimizer_from_config
+from picomaml.train.config import SECTIONS, ExperimentConfig
+from picomaml.train.dynamics import DynamicsConfig, capture_learning_dynamics
+from picomaml.train.optim import OptimConfig, build_lr_scheduler, build_optimizer, lr_multiplier
 
 # component -> (its config, the config fields it does not take, its arguments the config does not hold)
 DECLARATIONS = [
@@ -153,7 +153,7 @@ def test_optimizer_from_config_uses_the_declared_defaults():
     cfg = ExperimentConfig.from_dict({"model": {"vocab_size": 64, "d_model": 32, "n_layers": 1, "n_heads": 4,
                                                 "n_kv_heads": 2, "ffn_dim": 64, "max_seq_len": 32},
                                      "data": {"seq_len": 32}, "sampler": {"window_len": 8}})  # fmt: skip
-    from picomaml.build import build_run
+    from picomaml.train.build import build_run
 
     run = build_run(cfg, mask_token_id=2, optimizer=False)
     opt = optimizer_from_config(cfg, run.model, run.head, run.inner_loop)

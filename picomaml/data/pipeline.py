@@ -1,4 +1,4 @@
-"""From a :class:`picomaml.config.DataConfig` to what a training loop consumes.
+"""From a :class:`picomaml.train.config.DataConfig` to what a training loop consumes.
 
 :func:`build_training_data` returns the tokenizer (and so the mask token), held-out rows for evaluation,
 and a resumable batch source. In-memory sources (the embedded corpus, small local files) give every rank

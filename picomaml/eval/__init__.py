@@ -1,6 +1,8 @@
 """Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOP formulas, the suite.
 
-The compute of a whole run (``run_flops``, ``steps_for_flops``) is in :mod:`picomaml.budget`.
+The compute of a whole run (``run_flops``, ``steps_for_flops``) is in :mod:`picomaml.train.budget`, and loading
+a run (or an exported model) for evaluation, :func:`~picomaml.train.loading.load_for_eval`, in
+:mod:`picomaml.train.loading`: both read the training layer's config.
 """
 
 from picomaml.eval.downstream import documents_dataset, downstream_eval, load_downstream_dataset
@@ -14,7 +16,6 @@ from picomaml.eval.fewshot import (
 )
 from picomaml.eval.flops import ar_step_flops, meta_step_flops
 from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
-from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
 from picomaml.eval.perplexity import perplexity, token_nll
 from picomaml.eval.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_predict
 from picomaml.eval.stats import binomial_ci, mean_ci, normal_quantile, t_quantile
@@ -49,6 +50,4 @@ __all__ = [
     "to_episodes",
     "run_suite",
     "format_suite_table",
-    "load_for_eval",
-    "IncompatibleCheckpointError",
 ]

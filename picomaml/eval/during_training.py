@@ -2,7 +2,7 @@
 
 It takes its own :class:`EvalConfig` and the episode arguments (window length, frequency band, pooling,
 class split, ...) as a plain mapping, so it depends on no training schema; the builder
-(:func:`picomaml.build.eval_episode_kwargs`) derives those arguments from an experiment config.
+(:func:`picomaml.train.build.eval_episode_kwargs`) derives those arguments from an experiment config.
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def evaluate_during_training(
         episode_kwargs: Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` other than the
             setting and the episode count: ``mask_token_id``, ``n_query``, ``window_len``, ``pooling``,
             ``feature_norm``, ``seed``, ``min_freq``, ``max_freq``, ``exclude_token_ids``,
-            ``sampler_kwargs`` (see :func:`picomaml.build.eval_episode_kwargs`).
+            ``sampler_kwargs`` (see :func:`picomaml.train.build.eval_episode_kwargs`).
     """
     heldout_rows = heldout_rows[: config.rows]
     if heldout_rows.shape[0] == 0:

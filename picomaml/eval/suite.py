@@ -7,7 +7,7 @@
   (:func:`picomaml.eval.downstream.downstream_eval`),
 
 and returns a JSON-ready dict; :func:`format_suite_table` renders it as markdown with chance beside every
-accuracy. :func:`picomaml.eval.loading.load_for_eval` rebuilds what the suite needs
+accuracy. :func:`picomaml.train.loading.load_for_eval` rebuilds what the suite needs
 from a trainer checkpoint or a Hugging Face export; ``picomaml eval`` (:func:`picomaml.cli.eval_main`) is
 the command line over them.
 """
@@ -119,7 +119,7 @@ def run_suite(
         episodes_per_batch: Episodes per backbone forward.
         sampler_kwargs: Further :class:`picomaml.SMLMTSampler` arguments of the SMLMT episodes, e.g.
             ``holdout_fraction``/``holdout_seed``/``class_split="heldout"`` so that evaluation classes are
-            never training classes (a checkpoint's :attr:`picomaml.eval.loading.EvalBundle.suite_kwargs` sets them from its run).
+            never training classes (a checkpoint's :attr:`picomaml.train.loading.EvalBundle.suite_kwargs` sets them from its run).
         adapt_layers: Top blocks adapted with the head on SMLMT episodes, as in training (``meta.adapt_layers``);
             the downstream task adapts the head only.
 

@@ -252,7 +252,7 @@ def next_token_loss(model: nn.Module, ids: Tensor, targets: Tensor, ignore_index
     """Mean cross-entropy of :func:`lm_logits` ``(B, L, V)`` of ``ids`` against ``targets`` ``(B, L)``.
 
     No target checks (:func:`picomaml.lm_loss` makes them): the function that
-    :func:`picomaml.compile.compile_backbone` compiles whole, so the loss fuses with the vocabulary
+    :func:`picomaml.train.compile.compile_backbone` compiles whole, so the loss fuses with the vocabulary
     projection. Half-precision logits are upcast to float32 first. For a PicoDecoder on CPU the
     projection and the loss run over chunks of rows (at most 16 MiB of logits each), the same loss: the
     model is called through ``hidden_states`` and ``lm_head`` (its own forward hooks do not run, the
@@ -384,7 +384,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     return DecoderLayout(base, blocks, norm, names[id(blocks)], norm_prefix)
 
 
-# -- the marks picomaml.compile.compile_backbone leaves on a model (read here, so the objectives need not
+# -- the marks picomaml.train.compile.compile_backbone leaves on a model (read here, so the objectives need not
 # import the compile layer) ------------------------------------------------------------------------------
 
 EAGER_ATTR = "_picomaml_eager"  # instance attribute: method name -> eager bound method
@@ -392,20 +392,20 @@ LOSS_ATTR = "_picomaml_next_token_loss"  # instance attribute: the compiled forw
 
 
 def compiled_loss(model: nn.Module) -> Callable | None:
-    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by :func:`~picomaml.compile.compile_backbone`
+    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by :func:`~picomaml.train.compile.compile_backbone`
     (:func:`picomaml.meta.backbone.next_token_loss` as one graph), or ``None``: not compiled, a model whose
-    config gives no ``vocab_size``, or inside :func:`~picomaml.compile.eager_mode`. :func:`picomaml.lm_loss` uses it."""
+    config gives no ``vocab_size``, or inside :func:`~picomaml.train.compile.eager_mode`. :func:`picomaml.lm_loss` uses it."""
     fn = model.__dict__.get(LOSS_ATTR)
     return fn if callable(fn) else None
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """True when :func:`~picomaml.compile.compile_backbone` has compiled ``module``'s forward."""
+    """True when :func:`~picomaml.train.compile.compile_backbone` has compiled ``module``'s forward."""
     return "forward" in module.__dict__.get(EAGER_ATTR, {})
 
 
 def eager_forward(module: nn.Module) -> Callable:
-    """The eager ``forward`` of a module compiled by :func:`~picomaml.compile.compile_backbone` (``module.forward`` otherwise).
+    """The eager ``forward`` of a module compiled by :func:`~picomaml.train.compile.compile_backbone` (``module.forward`` otherwise).
 
     Calling it skips the module's own hooks (not its submodules'), as calling ``forward`` always does.
     """

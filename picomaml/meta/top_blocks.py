@@ -230,7 +230,7 @@ def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor, features: An
     """The final hidden states of the whole backbone (the capture hook may stop it early), as the caller's
     featuriser computes them.
 
-    A backbone compiled by :func:`picomaml.compile.compile_backbone` runs its eager original here: the
+    A backbone compiled by :func:`picomaml.train.compile.compile_backbone` runs its eager original here: the
     capture hook raises to stop the forward at the first adapted block, which a compiled graph cannot do.
     """
     if features is not None:

@@ -116,7 +116,7 @@ class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings, no biases.
 
     ``fused``: the children applied to this module's input inside one matmul, whose own forward (and
-    forward hooks) never run; :func:`picomaml.dynamics.capture_learning_dynamics` computes their outputs.
+    forward hooks) never run; :func:`picomaml.train.dynamics.capture_learning_dynamics` computes their outputs.
     """
 
     fused = ("q_proj", "k_proj", "v_proj")

@@ -141,7 +141,7 @@ class PicoDecoder(nn.Module):
             # ints is data dependent and would break the graph. The assert is asynchronous (no host sync
             # on an accelerator) and names the range; the embedding reads id 0 for bad ids meanwhile, so
             # the failure is this message, not an out-of-bounds gather. On CPU a failing check inside a
-            # parallel compiled kernel aborts the process, which is why picomaml.compile.compile_backbone
+            # parallel compiled kernel aborts the process, which is why picomaml.train.compile.compile_backbone
             # runs the eager check (the ValueError below) before each compiled call by default.
             ok = (input_ids >= 0) & (input_ids < vocab)
             torch._assert_async(ok.all(), f"input_ids: token ids must be in [0, {vocab})")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import picomaml as pm
-from picomaml.budget import run_flops
+from picomaml.train.budget import run_flops
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "study_hybrid_vs_ar.py"

@@ -10,14 +10,14 @@ import pytest
 import torch
 import yaml
 
-from picomaml.checkpoint import save_checkpoint
 from picomaml.cli import eval_main
-from picomaml.config import ExperimentConfig
-from picomaml.eval.loading import IncompatibleCheckpointError, load_for_eval
 from picomaml.eval.suite import format_suite_table, run_suite
 from picomaml.meta.head import MetaHead
 from picomaml.meta.inner_loop import InnerLoop
 from picomaml.model.decoder import PicoDecoder
+from picomaml.train.checkpoint import save_checkpoint
+from picomaml.train.config import ExperimentConfig
+from picomaml.train.loading import IncompatibleCheckpointError, load_for_eval
 
 pytest.importorskip("tokenizers")
 

@@ -20,10 +20,10 @@ import torch
 import yaml
 
 import picomaml as pm
-from picomaml.budget import run_flops
-from picomaml.run_dir import CONFIG_CHANGES, PREVIOUS, RunDirError
-from picomaml.run_lock import LOCK_FILE
-from picomaml.tracking import MetricsFileError
+from picomaml.train.budget import run_flops
+from picomaml.train.run_dir import CONFIG_CHANGES, PREVIOUS, RunDirError
+from picomaml.train.run_lock import LOCK_FILE
+from picomaml.train.tracking import MetricsFileError
 
 ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "examples" / "train_smlmt.py"
@@ -364,7 +364,9 @@ def test_heldout_token_types_are_never_meta_training_classes(tmp_path, corpus_ca
     held = heldout_token_mask(torch.tensor(sorted(seen["train"] | seen["heldout"])), 0.3, seed=1)
     ids = sorted(seen["train"] | seen["heldout"])
     assert {t for t, h in zip(ids, held.tolist(), strict=True) if h} == seen["heldout"]
-    bundle = pm.eval.load_for_eval(tmp_path / "run")
+    from picomaml.train.loading import load_for_eval
+
+    bundle = load_for_eval(tmp_path / "run")
     assert bundle.suite_kwargs["sampler_kwargs"] == {
         "holdout_fraction": 0.3,
         "holdout_seed": 1,
@@ -505,7 +507,7 @@ def test_run_directory_errors_are_one_line_without_traceback(tmp_path, corpus_ca
 
 def test_consecutive_nonfinite_steps_stop_the_run(tmp_path, corpus_cache, monkeypatch):
     import picomaml.meta.learner
-    from picomaml.training import NonFiniteRunError
+    from picomaml.train.training import NonFiniteRunError
 
     real = picomaml.meta.learner.lm_loss
     monkeypatch.setattr(picomaml.meta.learner, "lm_loss", lambda model, tokens: real(model, tokens) * float("nan"))
@@ -533,8 +535,8 @@ def test_hub_repo_pushes_every_checkpoint_of_the_run_to_its_branch(tmp_path, cor
     step-0 learning dynamics and the end of the run are pushed too, and the run waits for them."""
     from test_hub_upload import RecordingApi
 
-    import picomaml.run_checkpoint as run_checkpoint
-    from picomaml.hub_upload import uploader_from_config
+    import picomaml.train.run_checkpoint as run_checkpoint
+    from picomaml.interop.hub_upload import uploader_from_config
 
     api = RecordingApi()
     monkeypatch.setattr(run_checkpoint, "uploader_from_config",

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import picomaml as pm
-from picomaml import training
 from picomaml.meta.learner import HybridLearner
 from picomaml.meta.objectives import lm_loss, meta_loss
+from picomaml.train import training
 
 V, W, N, K, Q, MASK = 64, 10, 3, 2, 2, 1
 
