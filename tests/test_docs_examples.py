@@ -191,3 +191,13 @@ def test_runner_skips_fails_and_continues(tmp_path: Path, monkeypatch: pytest.Mo
         test_docs_block_runs(skipped, tmp_path / "skip", monkeypatch, tmp_path)
     with pytest.raises(pytest.fail.Exception, match=r"(?s)page.md:12 raised ZeroDivisionError.*line 15"):
         test_docs_block_runs(broken, tmp_path / "broken", monkeypatch, tmp_path)
+
+
+def test_the_docs_hold_no_stray_files():
+    """Editors and atomic writers leave hidden or ``*.tmp`` files beside a page; mkdocs would publish them."""
+    stray = [
+        p.relative_to(ROOT).as_posix()
+        for p in (ROOT / "docs").rglob("*")
+        if p.is_file() and (p.name.startswith(".") or p.suffix in (".tmp", ".swp", ".bak") or p.name.endswith("~"))
+    ]
+    assert stray == [], f"stray files in docs/ (remove them): {stray}"
