@@ -1,7 +1,7 @@
 """picomaml: composable MAML over Subset Masked Language Modeling Tasks for small-LM pretraining.
 
 The public names are resolved lazily (PEP 562), so ``import picomaml`` is cheap and pulls in only the
-core dependencies (torch, einops, pyyaml, torchmetrics); optional backends load when first used.
+core dependencies (torch, numpy, pyyaml); optional backends load when first used.
 """
 
 from __future__ import annotations

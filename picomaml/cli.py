@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from picomaml._version import __version__
+from picomaml.params import ConfigError
 
 __all__ = ["main", "build_parser", "build_eval_parser", "eval_main"]
 
@@ -258,16 +259,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("sample", help="print decoded SMLMT episodes from the embedded corpus")
-    p.add_argument("--n", type=int, default=2, help="number of episodes")
-    p.add_argument("--n-way", type=int, default=4)
-    p.add_argument("--k-shot", type=int, default=2)
-    p.add_argument("--n-query", type=int, default=1)
-    p.add_argument("--window-len", type=int, default=24)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--min-freq", type=float, default=8)
-    p.add_argument("--max-freq", type=float, default=0.05)
-    p.add_argument("--show", type=int, default=2, help="windows shown per class")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=2, help="number of episodes (default: %(default)s)")
+    p.add_argument("--n-way", type=int, default=4, help="classes per episode, >= 2 (default: %(default)s)")
+    p.add_argument("--k-shot", type=int, default=2, help="support windows per class (default: %(default)s)")
+    p.add_argument("--n-query", type=int, default=1, help="query windows per class (default: %(default)s)")
+    p.add_argument("--window-len", type=int, default=24, help="tokens per window (default: %(default)s)")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per corpus row (default: %(default)s)")
+    p.add_argument("--min-freq", type=float, default=8, help="fewest windows a class token is in (default: %(default)s)")
+    p.add_argument("--max-freq", type=float, default=0.05,
+                   help="most windows a class token is in, a fraction or a count (default: %(default)s)")  # fmt: skip
+    p.add_argument("--show", type=int, default=2, help="windows shown per class (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
     p.set_defaults(func=cmd_sample)
 
     p = sub.add_parser("config", help="print the default config as YAML, or the reference of every field")
@@ -287,9 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the ``picomaml`` console script."""
+    """Entry point of the ``picomaml`` console script. A bad value (a config error naming its argument, an
+    impossible episode) is one line on stderr and exit status 2, not a traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except ValueError as exc:
+        # a bad argument (ConfigError) or an impossible episode (SamplingError) says so in one line; any
+        # other ValueError is a bug and keeps its traceback
+        if not isinstance(exc, ConfigError) and type(exc).__name__ != "SamplingError":
+            raise
+        print(f"picomaml {args.command}: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -93,3 +93,11 @@ def test_eval_subcommand_errors_name_the_path(tmp_path, capsys):
     assert main(["eval", "--checkpoint", str(bare)]) == 2
     err = capsys.readouterr().err
     assert "run-without-checkpoint" in err and "error" in err
+
+
+def test_a_bad_sample_argument_is_one_line_not_a_traceback(capsys):
+    from picomaml.cli import main
+
+    assert main(["sample", "--n-way", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["picomaml sample: n_way: must be an integer >= 2, got 1"]

@@ -232,7 +232,7 @@ def _incidence(
     fits in int64); the ids and counts are the runs of equal tokens in the sorted keys, so nothing is sized
     by the largest id.
 
-    NumPy is used when importable (torchmetrics depends on it): its single-threaded kernels take ~0.6 ms for
+    NumPy is used when importable (a core dependency): its single-threaded kernels take ~0.6 ms for
     64 x 2048 tokens, while torch's parallel ones (any op over more than ~32k elements: the sort,
     ``min``/``max``, even a dtype cast) stall for milliseconds, sometimes ~100 ms, when the intra-op pool
     wakes on an oversubscribed 2-core machine. On that path the key is ``token << b | window`` with ``b`` the bits of the largest
