@@ -1,4 +1,4 @@
-"""The ``picomaml`` console script: ``picomaml info``, ``picomaml sample``, ``picomaml eval``.
+"""The ``picomaml`` console script: ``picomaml info``, ``picomaml sample``, ``picomaml config``, ``picomaml eval``.
 
 Subcommands print to stdout (this is the user-facing front end); the library modules they call only log.
 """
@@ -153,12 +153,17 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     )  # fmt: skip
     p.add_argument("--seed", type=int, help="episode seed (default: the run's seed, else 0)")
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task")
-    p.add_argument("--downstream-window-len", type=int, default=64)
+    p.add_argument(
+        "--downstream-window-len", type=int, default=64, help="tokens per window of the downstream task (default: 64)"
+    )
     p.add_argument(
         "--tokenizer", help="tokenizer of an HF export (default: its own files, else the corpus one)"
     )
     p.add_argument("--cache-dir", help="cache root of the embedded corpus")
-    p.add_argument("--episodes-per-batch", type=int, default=16)
+    p.add_argument(
+        "--episodes-per-batch", type=int, default=16,
+        help="episodes that share one backbone forward (memory against speed; same results) (default: 16)",
+    )  # fmt: skip
     return p
 
 
@@ -247,7 +252,11 @@ def cmd_config(args: argparse.Namespace, out: TextIO | None = None) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script."""
-    parser = argparse.ArgumentParser(prog="picomaml", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="picomaml",
+        description="picomaml: MAML over SMLMT for small language-model pretraining. Subcommands: info, sample, "
+        "config, eval (each has --help).",
+    )
     parser.add_argument("--version", action="version", version=f"picomaml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 

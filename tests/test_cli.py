@@ -101,3 +101,19 @@ def test_a_bad_sample_argument_is_one_line_not_a_traceback(capsys):
     assert main(["sample", "--n-way", "1"]) == 2
     err = capsys.readouterr().err
     assert err.strip().splitlines() == ["picomaml sample: n_way: must be an integer >= 2, got 1"]
+
+
+def test_every_option_with_a_default_says_it_in_its_help():
+    import argparse
+
+    from picomaml.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    missing = []
+    for name, p in sub.choices.items():
+        for action in p._actions:
+            silent = action.default in (None, False, [], argparse.SUPPRESS) or isinstance(action, argparse._HelpAction)
+            if not silent and "default" not in (action.help or ""):
+                missing.append(f"{name} {action.option_strings[0]}")
+    assert missing == []
