@@ -242,6 +242,9 @@ def _pico_train_model_config(hf_cfg: Any) -> dict[str, Any]:
 def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
     """Save ``model.to_hf()`` with ``save_pretrained`` (and the tokenizer beside it, when given).
 
+    The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has) go into the
+    exported ``config.json`` and ``generation_config.json``, so ``generate`` stops at the end-of-text token.
+
     Needs ``transformers`` (``pip install 'picomaml[hf]'``). Usable as a checkpoint writer:
     ``save_checkpoint(..., writers={"hf": lambda d: export_hf(model, d, tokenizer)})``.
 
@@ -255,7 +258,12 @@ def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -
         raise TypeError(f"model: expected an object with to_hf() (a PicoDecoder), got {type(model).__name__}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    model.to_hf().save_pretrained(path)
+    special = {
+        f"{role}_token_id": tid
+        for role in ("bos", "eos", "pad")
+        if isinstance(tid := getattr(tokenizer, f"{role}_token_id", None), int) and not isinstance(tid, bool)
+    }
+    model.to_hf(**special).save_pretrained(path)
     if tokenizer is not None:
         if not callable(getattr(tokenizer, "save_pretrained", None)):
             raise TypeError(

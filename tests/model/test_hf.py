@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -140,3 +142,24 @@ def test_from_hf_keeps_plain_llama_weights():
     x = torch.randint(0, V, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(m(x), hf(x).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_carries_the_tokenizers_special_ids_so_generate_stops(tmp_path):
+    import json
+
+    from picomaml.model.hf import export_hf
+
+    class Tok:  # the roles a tokenizer wrapper has; saving is the tokenizer's business
+        bos_token_id, eos_token_id, pad_token_id = None, 0, 1
+
+        def save_pretrained(self, path):
+            (Path(path) / "tokenizer.json").write_text("{}")
+
+    pytest.importorskip("transformers")
+    model = pm.PicoDecoder(pm.PicoDecoderConfig(vocab_size=32, d_model=16, n_layers=1, n_heads=2, n_kv_heads=1,
+                                                ffn_dim=32, max_seq_len=16))  # fmt: skip
+    out = export_hf(model, tmp_path / "hf", Tok())
+    config = json.loads((out / "config.json").read_text())
+    generation = json.loads((out / "generation_config.json").read_text())
+    assert (config["eos_token_id"], config["pad_token_id"], config.get("bos_token_id")) == (0, 1, None)
+    assert generation["eos_token_id"] == 0
