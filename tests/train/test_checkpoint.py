@@ -392,3 +392,14 @@ def _zipf_rows() -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     p = 1.0 / torch.arange(1, 60).float()
     return torch.multinomial(p / p.sum(), 8 * 32, replacement=True, generator=g).view(8, 32) + 1
+
+
+def test_the_latest_pointer_and_a_run_directory_are_paths_load_checkpoint_takes(tmp_path):
+    root = tmp_path / "run" / "checkpoints"
+    for step in (10, 20):
+        save_checkpoint(root, step, {"x": torch.full((2,), float(step))}, fsync=False)
+    for path in (root / "latest", tmp_path / "run", root):
+        ckpt = load_checkpoint(path)
+        assert ckpt.step == 20 and ckpt.path == root / "step_20", path
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        load_checkpoint(tmp_path)  # neither a run directory nor a root

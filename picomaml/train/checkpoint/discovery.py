@@ -93,7 +93,8 @@ def resolve_resume(resume: str | os.PathLike[str] | None, root: str | os.PathLik
 
 
 def locate(path: str | os.PathLike[str]) -> tuple[Path, Manifest]:
-    """The verified checkpoint at ``path`` (a step directory, or a root: its newest verified one).
+    """The verified checkpoint at ``path``: a step directory; a root, or its ``latest`` pointer file (the step
+    it names if that verifies, else the newest that does); or a run directory (its ``checkpoints/`` root).
 
     Raises:
         DamagedCheckpointError: ``path`` is a step directory that does not verify (names the file).
@@ -103,6 +104,10 @@ def locate(path: str | os.PathLike[str]) -> tuple[Path, Manifest]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"no complete checkpoint at {path}: no such file or directory")
+    if path.name == LATEST and path.is_file():  # the pointer file stands for its root
+        path = path.parent
+    elif path.is_dir() and (path / "checkpoints").is_dir() and not _candidates(path):  # a run directory
+        path = path / "checkpoints"
     if path.is_dir() and (
         (path / MARKER).exists() or step_of(path.name) is not None or backup_step(path.name)
     ):
