@@ -150,13 +150,19 @@ class MetricsTracker:
         self._rewrite()
         if "tensorboard" in loggers:
             tb = require("torch.utils.tensorboard", "logging", "the TensorBoard logger")
-            self._tb = tb.SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
+            # on a resume, TensorBoard drops the events of the steps that run again (they were logged after
+            # the checkpoint), so no tag shows a step twice
+            purge = None if resume_step is None else resume_step + 1
+            self._tb = tb.SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"), purge_step=purge)
+            if resume_step is None and config:
+                _write_hparams(self._tb, config)
         if "wandb" in loggers:
             wandb = require("wandb", "logging", "the W&B logger")
             if wandb_offline:
                 os.environ.setdefault("WANDB_MODE", "offline")
             self._wandb = wandb.init(
                 project=wandb_project,
+                name=Path(run_dir).resolve().name,  # the run directory's name, as in the CSV and TensorBoard
                 dir=str(run_dir),
                 config=dict(config or {}),
                 resume="allow",
@@ -204,6 +210,26 @@ class MetricsTracker:
         if self._wandb is not None:
             self._wandb.finish()
             self._wandb = None
+
+
+def _flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}} -> {"a.b": 1}``; values TensorBoard's hparams cannot show (lists, None) as text."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value if isinstance(value, (bool, int, float, str)) else str(value)
+    return out
+
+
+def _write_hparams(writer: Any, config: Mapping[str, Any]) -> None:
+    """The resolved config as TensorBoard hparams of this run (its HPARAMS tab), in the run's own folder."""
+    from torch.utils.tensorboard.summary import hparams
+
+    for summary in hparams(_flatten(config), {}):
+        writer._get_file_writer().add_summary(summary)
 
 
 def _holds_rows(path: Path) -> bool:

@@ -131,3 +131,28 @@ def test_wandb_run_id_is_kept_on_resume_and_new_for_a_new_run(tmp_path):
     assert first.startswith(tmp_path.name + "-") and _wandb_run_id(tmp_path, resuming=True) == first
     (tmp_path / "wandb" / "run_id").unlink()  # the earlier run moved aside with wandb/
     assert _wandb_run_id(tmp_path, resuming=False) != first
+
+
+def _scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return acc, {tag: [e.step for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_a_resumed_tensorboard_run_has_no_step_twice_and_the_config_as_hparams(tmp_path):
+    pytest.importorskip("tensorboard")
+    config = {"model": {"d_model": 16, "n_layers": 2}, "hybrid": {"ratio": 0.5}, "data": {"files": None}}
+    first = MetricsTracker(tmp_path, loggers=["csv", "tensorboard"], config=config)
+    for step in (5, 10, 15, 20):
+        first.log(step, {"train/loss": 1.0 / step})
+    first.close()
+    resumed = MetricsTracker(tmp_path, loggers=["csv", "tensorboard"], config=config, resume_step=10)
+    for step in (15, 20, 25):  # steps 15 and 20 run again after the step-10 checkpoint
+        resumed.log(step, {"train/loss": 2.0 / step})
+    resumed.close()
+    acc, steps = _scalars(tmp_path / "tensorboard")
+    assert steps == {"train/loss": [5, 10, 15, 20, 25]}
+    assert [e.value for e in acc.Scalars("train/loss")][2] == pytest.approx(2.0 / 15)  # the re-run's value
+    assert "_hparams_/experiment" in acc.summary_metadata
