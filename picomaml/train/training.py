@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import time
 import warnings
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -173,16 +174,27 @@ class MetricWindow:
 
 class ProgressBar:
     """A tqdm bar over optimizer steps showing the newest losses, or nothing when ``enabled`` is false
-    (a non-main rank, or output that is not a terminal: the log lines say the same)."""
+    (a non-main rank, or output that is not a terminal: the log lines say the same).
+
+    While the bar is shown, log records of the root logger's console handlers are written through
+    ``tqdm.write`` (``tqdm.contrib.logging``), above the bar: a log line never splices into it. The shown
+    losses are read (a host sync) at most once a second, as the bar redraws.
+    """
 
     SHOWN = ("train/lm_loss", "train/meta_loss", "meta/query_acc")
+    REFRESH_S = 1.0
 
     def __init__(self, total: int, initial: int = 0, enabled: bool = True) -> None:
         self.bar = None
+        self._redirect = None
+        self._shown_at = 0.0
         if enabled:
             from tqdm.auto import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, desc="train", dynamic_ncols=True)
+            self._redirect = logging_redirect_tqdm(tqdm_class=type(self.bar))
+            self._redirect.__enter__()
 
     @property
     def active(self) -> bool:
@@ -193,12 +205,19 @@ class ProgressBar:
         """Advance one step and show the window's newest values."""
         if self.bar is not None:
             self.bar.update(1)
-            shown = {k.split("/")[-1]: window.last(k) for k in self.SHOWN}
-            self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
+            now = time.monotonic()
+            if now - self._shown_at >= self.REFRESH_S:
+                self._shown_at = now
+                shown = {k.split("/")[-1]: window.last(k) for k in self.SHOWN}
+                self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
 
 
 def global_grad_norm(parameters: Iterable[nn.Parameter]) -> float:

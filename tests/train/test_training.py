@@ -151,7 +151,29 @@ def test_progress_bar_shows_the_newest_values(capsys):
     bar = ProgressBar(10, 2, enabled=True)
     bar.update(w)
     assert bar.active and bar.bar.n == 3 and bar.bar.postfix == "lm_loss=1.235"
+    w.add({"train/lm_loss": 2.0})
+    bar.update(w)  # within a second of the last redraw: the values are not read again
+    assert bar.bar.n == 4 and bar.bar.postfix == "lm_loss=1.235"
     bar.close()
+
+
+def test_log_lines_go_above_the_progress_bar_not_into_it():
+    import logging
+    import sys
+
+    from picomaml.train.training import ProgressBar
+
+    handler = logging.StreamHandler(sys.stderr)  # a console handler, as logging.basicConfig makes
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        bar = ProgressBar(10, enabled=True)
+        assert handler not in root.handlers  # records go through tqdm.write while the bar shows
+        assert [h for h in root.handlers if type(h).__name__ == "_TqdmLoggingHandler"]
+        bar.close()
+        assert handler in root.handlers and not [h for h in root.handlers if type(h).__name__ == "_TqdmLoggingHandler"]
+    finally:
+        root.removeHandler(handler)
 
 
 def test_run_summary_lists_counters_and_the_last_row():
