@@ -239,28 +239,27 @@ def save(t: Trainer) -> None:
 def train(t: Trainer) -> str:
     """The loop: train step, log (and evaluate) at ``training.is_log_step``, save every ``save_every``."""
     trainer_cfg = t.cfg.trainer
-    bar = training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty())
-    window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
-    end_reason = "max_steps"
-    if t.step == 0 and t.cfg.checkpoint.learning_dynamics:
-        save(t)  # step 0's dynamics: where every analysis starts
-    while t.step < trainer_cfg.max_steps:
-        if t.interrupted:
-            end_reason = "interrupted"
-            break
-        if not train_step(t, window):
-            end_reason = "end of data"
-            break
-        bar.update(window)
-        if training.is_log_step(t.cfg, t.step):
-            now = time.perf_counter()
-            log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
-            window.clear()
-            last_log, tokens_at_log = now, t.counters["tokens"]
-        if t.step % trainer_cfg.save_every == 0 and t.step < trainer_cfg.max_steps:
-            save(t)
-    save(t)  # always: max steps, end of data or Ctrl-C
-    bar.close()
+    with training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty()) as bar:
+        window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
+        end_reason = "max_steps"
+        if t.step == 0 and t.cfg.checkpoint.learning_dynamics:
+            save(t)  # step 0's dynamics: where every analysis starts
+        while t.step < trainer_cfg.max_steps:
+            if t.interrupted:
+                end_reason = "interrupted"
+                break
+            if not train_step(t, window):
+                end_reason = "end of data"
+                break
+            bar.update(window)
+            if training.is_log_step(t.cfg, t.step):
+                now = time.perf_counter()
+                log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
+                window.clear()
+                last_log, tokens_at_log = now, t.counters["tokens"]
+            if t.step % trainer_cfg.save_every == 0 and t.step < trainer_cfg.max_steps:
+                save(t)
+        save(t)  # always: max steps, end of data or Ctrl-C
     return end_reason
 
 

@@ -211,7 +211,14 @@ class ProgressBar:
                 shown = {k.split("/")[-1]: window.last(k) for k in self.SHOWN}
                 self.bar.set_postfix({k: f"{v:.3f}" for k, v in shown.items() if v is not None})
 
+    def __enter__(self) -> ProgressBar:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close the bar and give the log handlers back (also on leaving a ``with`` block, error or not)."""
         if self._redirect is not None:
             self._redirect.__exit__(None, None, None)
             self._redirect = None
