@@ -269,6 +269,7 @@ def summarize(t: Trainer, end_reason: str, seconds: float) -> None:
     last = t.tracker.rows[-1] if t.tracker.rows else {}
     print(f"\n{training.run_summary(t.step, t.counters, end_reason, seconds, last)}\nconfig: {d / 'config.yaml'}")
     print(f"metrics: {d / 'metrics.csv'}\ncheckpoints: {d / 'checkpoints'}\ncurves: {png}")
+    print(training.run_status(d, t.cfg.trainer.loggers, t.step, t.hub))
 
 
 def main(argv=None) -> int:

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -71,6 +72,31 @@ def run_summary(
         f"{c['tokens']:,.0f} tokens, {seconds:.0f} s, {c['nonfinite_skipped']:.0f} non-finite steps skipped"
     ]
     lines += [f"  {key:<28} {final[key]:.4g}" for key in sorted(final) if key != "step"]
+    return "\n".join(lines)
+
+
+def run_status(run_dir: Path, loggers: Sequence[str], step: int, hub: Any = None) -> str:
+    """What a finished run leaves and what to do next: where each logger wrote, the Hub uploads, and the
+    commands that resume or extend, evaluate and read the run (paths quoted as given)."""
+    d = Path(run_dir)
+    lines = ["logged to: metrics.csv"]
+    if "tensorboard" in loggers:
+        lines.append(f"  tensorboard --logdir {d / 'tensorboard'}")
+    if "wandb" in loggers:
+        lines.append(f"  W&B (offline unless trainer.wandb_offline=false): wandb sync {d / 'wandb'}")
+    if hub is not None:
+        failed = [s for s, _ in hub.failures]
+        lines.append(
+            f"hub: {hub.repo_id}@{hub.branch}: {len(hub.uploaded)} checkpoints pushed, {len(failed)} failed"
+            f"{f' (steps {failed})' if failed else ''}, {len(hub.pending)} pending (waited for on exit)"
+        )
+    lines += [
+        "next:",
+        f"  extend:   python examples/train_smlmt.py --config {d / 'config.yaml'} --run-dir {d} --resume auto "
+        f"--max-steps {2 * max(step, 1)}",
+        f"  evaluate: picomaml eval --checkpoint {d}",
+        f"  load:     picomaml.train.checkpoint.load_checkpoint('{d}')  (the newest verified step)",
+    ]
     return "\n".join(lines)
 
 

@@ -533,7 +533,7 @@ def test_adapt_layers_trains_the_top_block_with_learned_lrs_and_counts_its_flops
 def test_hub_repo_pushes_every_checkpoint_of_the_run_to_its_branch(tmp_path, corpus_cache, monkeypatch):
     """The trainer hands each saved step to the uploader (at the API boundary: a recording HfApi); the
     step-0 learning dynamics and the end of the run are pushed too, and the run waits for them."""
-    from test_hub_upload import RecordingApi
+    from fakes import RecordingApi
 
     import picomaml.train.run_checkpoint as run_checkpoint
     from picomaml.interop.hub_upload import uploader_from_config

@@ -273,3 +273,17 @@ def test_evaluations_and_diagnostics_between_logging_steps_still_write_a_row():
     )
     rows = [s for s in range(1, 131) if is_log_step(cfg, s)]
     assert rows == [10, 20, 25, 30, 40, 50, 57, 60, 70, 75, 80, 90, 100, 110, 114, 120, 125, 130]
+
+
+def test_run_status_says_where_things_went_and_what_to_run_next(tmp_path):
+    from types import SimpleNamespace
+
+    from picomaml.train.training import run_status
+
+    hub = SimpleNamespace(repo_id="me/run", branch="main", uploaded=[10], failures=[(20, "503")], pending=[])
+    text = run_status(tmp_path / "run", ["csv", "tensorboard"], 20, hub)
+    assert f"tensorboard --logdir {tmp_path / 'run' / 'tensorboard'}" in text
+    assert "hub: me/run@main: 1 checkpoints pushed, 1 failed (steps [20]), 0 pending" in text
+    assert f"--run-dir {tmp_path / 'run'} --resume auto --max-steps 40" in text
+    assert f"picomaml eval --checkpoint {tmp_path / 'run'}" in text
+    assert "wandb" not in run_status(tmp_path, ["csv"], 0)
