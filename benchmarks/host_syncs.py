@@ -13,8 +13,8 @@ and the meta step with adapted backbone tensors (``adapt_layers=1``); learned pe
 The goal: 0 after the first call. Metrics stay tensors until the caller reads them (one sync for all,
 when it logs); reading them is not part of the step.
 
-How a user checks their own loop: wrap a few steps in ``SyncCounter`` (below), or on CUDA run them under
-``torch.cuda.set_sync_debug_mode("error")``.
+How a user checks their own loop: wrap a few steps in ``picomaml.checks.SyncCounter``, or on CUDA run them
+under ``torch.cuda.set_sync_debug_mode("error")``.
 
 Usage::
 
@@ -31,42 +31,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import picomaml as pm
+from picomaml.checks import SyncCounter
 
 RESULTS = Path(__file__).resolve().parent / "results"
-
-
-class SyncCounter(TorchDispatchMode):
-    """Counts host syncs: ``aten._local_scalar_dense`` (``.item()``, ``bool()``) and ``.tolist()``/``.numpy()``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-        self._saved: dict[str, object] = {}
-
-    def __enter__(self):
-        for name in ("tolist", "numpy"):
-            original = getattr(torch.Tensor, name)
-            self._saved[name] = original
-
-            def counted(tensor, *a, _original=original, **kw):
-                self.count += 1
-                return _original(tensor, *a, **kw)
-
-            setattr(torch.Tensor, name, counted)
-        return super().__enter__()
-
-    def __exit__(self, *exc):
-        for name, original in self._saved.items():
-            setattr(torch.Tensor, name, original)
-        return super().__exit__(*exc)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
 
 
 def count(fn) -> int:

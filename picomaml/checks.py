@@ -13,8 +13,8 @@ queued kernel: on an accelerator, a stall per read. A training step reads nothin
 * Metrics stay 0-dim tensors on their device (the inner loop's ``out.metrics``); the caller reads them
   when it logs.
 
-``benchmarks/host_syncs.py`` counts the syncs of ``lm_loss`` and ``meta_loss``; on CUDA,
-``torch.cuda.set_sync_debug_mode("error")`` finds any that remain in a user's loop.
+:class:`SyncCounter` counts the syncs of any code (``benchmarks/host_syncs.py`` prints those of ``lm_loss`` and
+``meta_loss``); on CUDA, ``torch.cuda.set_sync_debug_mode("error")`` finds any that remain in a user's loop.
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["check_values"]
+__all__ = ["check_values", "SyncCounter"]
 
 # owner (weakly referenced: a module, a loop) -> the keys whose check passed once
 _PASSED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -58,3 +59,44 @@ def check_values(owner: Any, key: Hashable, ok: Tensor, message: Callable[[], st
         raise ValueError(message())
     if passed is not None:
         passed.add(key)
+
+
+class SyncCounter(TorchDispatchMode):
+    """Counts host syncs inside a ``with`` block: every ``aten._local_scalar_dense`` (``.item()``,
+    ``bool(tensor)``) and every ``.tolist()``/``.numpy()`` call (on CUDA they copy to the host; on the CPU they
+    dispatch nothing, so the two methods are wrapped while the block runs). The same count on any device.
+
+    Example:
+        ```python
+        with SyncCounter() as syncs:
+            pm.meta_loss(model, head, loop, episode).loss.backward()
+        print(syncs.count)
+        ```
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self):
+        for name in ("tolist", "numpy"):
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counted(tensor, *a, _original=original, **kw):
+                self.count += 1
+                return _original(tensor, *a, **kw)
+
+            setattr(torch.Tensor, name, counted)
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+        return super().__exit__(*exc)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))

@@ -5,21 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from picomaml.checks import check_values
-
-
-class Reads(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense``: every ``.item()`` / ``bool()`` of a tensor."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.count += func is torch.ops.aten._local_scalar_dense.default
-        return func(*args, **(kwargs or {}))
+from picomaml.checks import SyncCounter, check_values
 
 
 def test_a_check_reads_until_it_passed_once_then_queues_an_assert() -> None:
@@ -28,18 +15,33 @@ def test_a_check_reads_until_it_passed_once_then_queues_an_assert() -> None:
     msg = lambda x: (lambda: f"ids: must be >= 0, got min {int(x.min())}")  # noqa: E731
     with pytest.raises(ValueError, match="got min -2"):
         check_values(owner, "k", bad >= 0, msg(bad), "ids: must be >= 0")  # not passed yet: read, detailed
-    with Reads() as reads:
+    with SyncCounter() as reads:
         check_values(owner, "k", good >= 0, msg(good), "ids: must be >= 0")
     assert reads.count == 1  # the first pass reads
-    with Reads() as reads:
+    with SyncCounter() as reads:
         check_values(owner, "k", good >= 0, msg(good), "ids: must be >= 0")
     assert reads.count == 0  # afterwards nothing is read
     with pytest.raises(ValueError, match="got min -2"):  # on the CPU the queued assert fails at once
         check_values(owner, "k", bad >= 0, msg(bad), "ids: must be >= 0")
-    with Reads() as reads:
+    with SyncCounter() as reads:
         check_values(owner, "other shape", good >= 0, msg(good), "ids: must be >= 0")
     assert reads.count == 1  # another key is read again
-    with Reads() as reads:
+    with SyncCounter() as reads:
         check_values(None, "k", good >= 0, msg(good), "ids: must be >= 0")
         check_values(None, "k", good >= 0, msg(good), "ids: must be >= 0")
     assert reads.count == 2  # no owner: read every time
+
+
+def test_the_sync_counter_sees_every_kind_of_read():
+    x = torch.arange(4.0)
+    originals = (torch.Tensor.tolist, torch.Tensor.numpy)
+    with SyncCounter() as c:
+        x.sum().item()
+        bool(x.any())
+        x.tolist()
+        x.numpy()
+    assert c.count == 4
+    with SyncCounter() as c:
+        (x * 2).sum()  # queued work, nothing read
+    assert c.count == 0
+    assert (torch.Tensor.tolist, torch.Tensor.numpy) == originals  # the wrapped methods are given back

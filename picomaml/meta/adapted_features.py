@@ -33,7 +33,7 @@ from picomaml.meta import engine
 from picomaml.meta.backbone import backbone_hidden
 from picomaml.meta.features import EpisodeRows, normalize_task_features, pool_features
 from picomaml.meta.functional import task_cross_entropy
-from picomaml.meta.head import head_logits, head_task_params
+from picomaml.meta.head import check_labels, head_logits, head_task_params
 from picomaml.meta.inner_loop import InnerLoop, InnerLoopOutput
 from picomaml.meta.selection import BackboneSelection, backbone_selection
 from picomaml.meta.top_blocks import BlockInput, TopBlocks, math_attention
@@ -222,18 +222,6 @@ def _is_parameter(head: nn.Module, tensor: Tensor) -> bool:
     return any(base is p for p in head.parameters())
 
 
-def check_labels(owner: Any, head: nn.Module, ys: Tensor, yq: Tensor) -> None:
-    """Labels in ``[0, head.n_way)``: a ``ValueError`` naming them (read until passed once per shape)."""
-    n = head.n_way
-    for part, y in (("support", ys), ("query", yq)):
-        check_values(
-            owner, ("labels", part, tuple(y.shape), str(y.device), n), (y >= 0) & (y < n),
-            lambda part=part, y=y: f"{part}_labels must be in [0, {n}) (n_way of the head), got min {int(y.min())} "
-            f"max {int(y.max())}",
-            f"{part}_labels must be in [0, {n}) (n_way of the head)",
-        )  # fmt: skip
-
-
 def _split(params: dict[str, Tensor], names: tuple[str, ...]) -> dict[str, Tensor]:
     return {k: params[k] for k in names}
 
@@ -260,7 +248,8 @@ def adapted_inner_loop(
     create_graph = outer_grad and not loop.first_order
     t = ys.shape[0]
     keep = loop.multi_step_loss and loop.steps > 1
-    check_labels(loop, head, ys, yq)
+    check_labels(loop, "support", ys, head.n_way)
+    check_labels(loop, "query", yq, head.n_way)
     with torch.enable_grad():
         own = {k: v if v.requires_grad else v.detach().requires_grad_() for k, v in feats.own_params().items()}
         theta = {k: v.expand(t, *v.shape) for k, v in own.items()}

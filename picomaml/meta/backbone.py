@@ -80,14 +80,20 @@ _WRAPPERS = {
 _WRAPPER_PREFIXES = ("_forward_module.", "module.", "_orig_mod.", "base_model.model.")
 
 
-def _inner(model: nn.Module) -> nn.Module | None:
-    """The module one wrapper holds, or ``None`` when ``model`` is no wrapper."""
-    if type(model).__name__.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
-        inner = model.get_base_model()
-    else:
-        attr = _WRAPPERS.get(type(model).__name__)
-        inner = getattr(model, attr, None) if attr else None
-    return inner if isinstance(inner, nn.Module) and inner is not model else None
+def _layers(model: nn.Module) -> list[nn.Module]:
+    """``model`` and every module its wrappers hold, outermost first (wrappers nest at most a few deep)."""
+    layers = [model]
+    for _ in range(8):
+        if type(model).__name__.startswith("Peft") and callable(getattr(model, "get_base_model", None)):
+            inner = model.get_base_model()
+        else:
+            attr = _WRAPPERS.get(type(model).__name__)
+            inner = getattr(model, attr, None) if attr else None
+        if not isinstance(inner, nn.Module) or inner is model:
+            break
+        layers.append(inner)
+        model = inner
+    return layers
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -98,24 +104,12 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     its base model, which holds the injected adapter tensors (``...q_proj.lora_A.default.weight``). A DDP
     wrapper's gradient all-reduce is kept by :func:`ddp_step`.
     """
-    for _ in range(8):  # wrappers nest at most a few deep
-        inner = _inner(model)
-        if inner is None:
-            return model
-        model = inner
-    return model
+    return _layers(model)[-1]
 
 
 def find_ddp(model: nn.Module) -> nn.Module | None:
     """The ``DistributedDataParallel`` wrapper among ``model``'s wrappers, or ``None``."""
-    for _ in range(8):
-        if type(model).__name__ == "DistributedDataParallel":
-            return model
-        inner = _inner(model)
-        if inner is None:
-            return None
-        model = inner
-    return None
+    return next((m for m in _layers(model) if type(m).__name__ == "DistributedDataParallel"), None)
 
 
 @contextlib.contextmanager

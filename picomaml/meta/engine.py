@@ -197,14 +197,14 @@ def task_buffers(module: nn.Module, n_tasks: int) -> dict[str, Tensor]:
     return out
 
 
-def task_map(module: nn.Module, fn: Callable[..., Any], batched: tuple, *, vectorize: bool = True) -> Any:
+def task_map(module: nn.Module, fn: Callable[..., Any], batched: tuple) -> Any:
     """``fn`` over the tasks of ``batched`` (pytrees whose tensors have a leading ``T``), stacked back.
 
     Runs ``vmap(fn)`` (one batched forward for all tasks, randomness differing per task); a module whose
     forward ``vmap`` cannot batch (data-dependent control flow, ``.item()``, in-place writes to shared
     tensors) runs task by task instead, and is remembered, so later calls go there directly.
     """
-    if vectorize and not _NO_VMAP.get(module, False):
+    if not _NO_VMAP.get(module, False):
         try:
             return vmap(fn, randomness="different")(*batched)
         except (RuntimeError, NotImplementedError, ValueError) as exc:
@@ -236,8 +236,6 @@ def general_losses(
     buffers: dict[str, Tensor],
     inputs: Any,
     targets: Any,
-    *,
-    vectorize: bool = True,
 ) -> tuple[Tensor, Any]:
     """Per-task losses ``(T,)`` and outputs of ``module`` under task-stacked ``params``.
 
@@ -258,7 +256,7 @@ def general_losses(
             raise ValueError(f"loss: must return a scalar tensor per task (a mean over its rows), got {shape}")
         return value, out
 
-    return task_map(module, one, (params, buffers, args, targets), vectorize=vectorize)
+    return task_map(module, one, (params, buffers, args, targets))
 
 
 @dataclasses.dataclass

@@ -31,7 +31,7 @@ from picomaml.params import Params, check_int, choices, hparam
 
 __all__ = [
     "MetaHead", "HeadConfig", "Activation", "HeadInit", "ACTIVATIONS", "INITS", "prototype_layer", "head_logits",
-    "head_task_params", "adapted_names", "check_head_inputs",
+    "head_task_params", "adapted_names", "check_head_inputs", "check_labels",
 ]
 
 Activation = Literal["relu", "gelu", "silu", "tanh"]
@@ -319,6 +319,17 @@ def adapted_names(head: nn.Module) -> Sequence[str]:
     return names
 
 
+def check_labels(owner: Any, part: str, labels: Tensor, n_way: int) -> None:
+    """``{part}_labels`` in ``[0, n_way)``, or a ``ValueError`` naming them (read until it passed once for
+    ``owner`` and this shape, then queued without a host sync: :func:`~picomaml.checks.check_values`)."""
+    check_values(
+        owner, ("labels", part, tuple(labels.shape), str(labels.device), n_way), (labels >= 0) & (labels < n_way),
+        lambda: f"{part}_labels must be in [0, {n_way}) (n_way of the head), got min {int(labels.min())} max "
+        f"{int(labels.max())}",
+        f"{part}_labels must be in [0, {n_way}) (n_way of the head)",
+    )  # fmt: skip
+
+
 def check_head_inputs(
     head: nn.Module, xs: Tensor, ys: Tensor, xq: Tensor | None, yq: Tensor | None, owner: Any = None
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, bool]:
@@ -372,12 +383,7 @@ def check_head_inputs(
         key = ("inputs", part, tuple(x.shape), x.dtype, str(x.device), n)
         check_values(owner, key + ("finite",), torch.isfinite(x), lambda part=part: f"{part}_feats contains NaN or Inf",
                      f"{part}_feats contains NaN or Inf")  # fmt: skip
-        check_values(
-            owner, key + ("labels",), (y >= 0) & (y < n),
-            lambda part=part, y=y: f"{part}_labels must be in [0, {n}) (n_way of the head), got min {int(y.min())} "
-            f"max {int(y.max())}",
-            f"{part}_labels must be in [0, {n}) (n_way of the head)",
-        )  # fmt: skip
+        check_labels(owner, part, y, n)
     lift = (lambda z: z.unsqueeze(0)) if single else (lambda z: z)
     out = [lift(xs), lift(ys).long(), *(lift(z) if z is not None else None for z in (xq, yq))]
     if out[3] is not None:
