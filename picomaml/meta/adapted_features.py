@@ -216,12 +216,6 @@ def adapted_features(
     return SplitFeatures(top, captured, pooling, feature_norm, dtype), torch.stack(bad).any() if bad else False
 
 
-def _is_parameter(head: nn.Module, tensor: Tensor) -> bool:
-    """Whether ``tensor`` (``(T, ...)``) is an expand of one of the head's own parameters."""
-    base = tensor._base if tensor._base is not None else tensor
-    return any(base is p for p in head.parameters())
-
-
 def _split(params: dict[str, Tensor], names: tuple[str, ...]) -> dict[str, Tensor]:
     return {k: params[k] for k in names}
 
@@ -255,11 +249,13 @@ def adapted_inner_loop(
         theta = {k: v.expand(t, *v.shape) for k, v in own.items()}
         with torch.set_grad_enabled(support_needs_graph(loop, head, feats.feature_norm)), math_attention(create_graph):
             xs0 = feats.support(theta)
-            init = head_task_params(head, xs0, ys)
-            built = any(not _is_parameter(head, v) for v in init.values())
-            if built:  # a prototype layer: built from other expands of the same tensors, so each inner step's
-                # gradient with respect to theta is the partial one (the head's tensors held fixed), as in first order
-                init = head_task_params(head, feats.support({k: v.expand(t, *v.shape) for k, v in own.items()}), ys)
+            # a head that builds tensors from the support features (a prototype layer) builds them from other
+            # expands of the same backbone tensors, so each inner step's gradient with respect to theta is the
+            # partial one (the head's tensors held fixed), as in first order
+            stored = {n for n, _ in head.named_parameters()}
+            builds = any(n not in stored for n in head.adapted_names)
+            xs_init = feats.support({k: v.expand(t, *v.shape) for k, v in own.items()}) if builds else xs0
+            init = head_task_params(head, xs_init, ys)
 
         def support_loss(leaves: dict[str, Tensor], s: int) -> Tensor:
             with math_attention(create_graph):

@@ -83,7 +83,7 @@ def general_form(
             "query_loss_before": q_before.mean(),
             "query_loss": loss_value.detach(),
             **loop.norm_metrics(norms, loss_value.device),
-            **loop.lr_metrics(),
+            **loop.lr_metrics(loss_value.device),
         }
         if _are_labels(q_out, yq):
             metrics["query_acc_before"] = accuracy(q_out0, yq)

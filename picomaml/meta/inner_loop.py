@@ -375,9 +375,7 @@ class InnerLoop(nn.Module):
                 "query_acc": accuracy(q_logits, yq),
                 **self.norm_metrics(norms, ys.device),
             }
-            pairs.update(self.lr_metrics())
-        if self.lrs is None and self.element_lrs is None:
-            pairs["inner_lr"] = torch.tensor(self.lr)
+            pairs.update(self.lr_metrics(ys.device))
         return {k: v.detach().float().reshape(()) for k, v in pairs.items()}
 
     def norm_metrics(self, norms: Tensor, device: torch.device) -> dict[str, Tensor]:
@@ -386,15 +384,16 @@ class InnerLoop(nn.Module):
         out.update({f"inner_grad_norm_{s}": norms[s].mean() for s in range(self.steps)})
         return out
 
-    def lr_metrics(self) -> dict[str, Tensor]:
-        """``inner_lr`` (mean) and ``inner_lr/{name}`` of learned LRs, as tensors (empty without them)."""
+    def lr_metrics(self, device: torch.device) -> dict[str, Tensor]:
+        """``inner_lr`` (the mean learned LR, or the fixed one) and ``inner_lr/{name}`` per learned tensor, as
+        tensors on ``device`` (every metric of a call lives on one device: a logger stacks them to read)."""
         if self.lrs is not None:
             lrs = self.lrs.detach()
             per_tensor = list(lrs if lrs.dim() == 1 else lrs.mean(0))
         elif self.element_lrs is not None:
             per_tensor = [p.detach().mean() for p in self.element_lrs]
         else:
-            return {}
+            return {"inner_lr": torch.tensor(self.lr, device=device)}
         out = {"inner_lr": torch.stack(per_tensor).mean()}
         out.update({f"inner_lr/{n}": per_tensor[i] for i, n in enumerate(self.param_names or ())})
         return out
