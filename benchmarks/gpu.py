@@ -15,7 +15,7 @@ every step is forward + backward + AdamW, as in training):
   the second row compiles only the backbone forward (``features=torch.compile(model.hidden_states)``).
 * ``AR eager, meta tokens``: an AR step on the episode's own windows (``N (K + Q)`` rows of ``W`` predicted
   tokens), for the ratio ``meta / AR`` on the same tokens.
-* ``trainer``: ``examples/train_smlmt.py`` as a subprocess on the embedded corpus (``tiny-cpu.yaml`` plus
+* ``trainer``: ``examples/train_smlmt.py`` as a subprocess on the embedded corpus (the ``tiny-cpu`` config plus
   ``--set`` overrides; hybrid interleave, AR and meta steps alternate) for ``--trainer-steps`` steps (50 on
   CUDA) with ``--precision bf16-mixed`` (32-true on CPU), then ``--resume auto`` up to ``--resume-steps``
   (60): every logged loss must be finite, the resumed run must continue at the next step (``metrics.csv``
@@ -72,8 +72,8 @@ from meta_step import make_episode  # noqa: E402
 
 ROOT = HERE.parent
 RESULTS = HERE / "results"
-TRAINER = ROOT / "examples" / "train_smlmt.py"
-TRAINER_CONFIG = ROOT / "examples" / "configs" / "tiny-cpu.yaml"
+TRAINER = ROOT / "examples" / "train_smlmt.py"  # runs the packaged recipe, as `picomaml train` does
+TRAINER_CONFIG = "tiny-cpu"
 
 #: (pattern on torch.cuda.get_device_name(), name, dense bf16 tensor TFLOP/s from the vendor's data sheet);
 #: the first match wins, so specific variants come before the family

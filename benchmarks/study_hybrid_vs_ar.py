@@ -4,7 +4,7 @@
     python benchmarks/study_hybrid_vs_ar.py            # 3 seeds x 3 arms x 2 budgets, ~40 min on 2 CPU cores
     python benchmarks/study_hybrid_vs_ar.py --quick    # the same pipeline on a toy budget, < 1 min (CI)
 
-Arms (everything else is examples/configs/tiny-cpu.yaml):
+Arms (everything else is the shipped tiny-cpu config):
 
 * ``ar``: next-token training only (``hybrid.ratio=0``);
 * ``hybrid-0.5``: each step is a meta step with probability 0.5;
@@ -19,7 +19,7 @@ with the AR-vs-meta gradient diagnostic (``eval.grad_cos_every``) in every run; 
 Budgets: ``steps`` gives every arm ``--steps`` optimizer steps; ``flops`` gives the hybrid arms as many
 steps as they need to spend the FLOPs of the AR arm's run (``picomaml.train.budget.steps_for_flops``; a meta step
 is cheaper than an AR step). Each run is a complete run with its own cosine schedule, trained by the
-reference trainer ``examples/train_smlmt.py`` in this process. A fifth of the token types is held out of
+reference trainer (``picomaml.train.recipe``, what ``picomaml train`` runs) in this process. A fifth of the token types is held out of
 meta-training (``sampler.holdout_fraction=0.2``): SMLMT evaluation classes are never training classes.
 
 After each run the final checkpoint is evaluated on the held-out documents: perplexity over all held-out
@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import logging
 import math
@@ -54,8 +53,7 @@ from picomaml.train.budget import run_flops, steps_for_flops  # noqa: E402
 from picomaml.train.loading import load_for_eval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAINER = ROOT / "examples" / "train_smlmt.py"
-BASE_CONFIG = ROOT / "examples" / "configs" / "tiny-cpu.yaml"
+BASE_CONFIG = "tiny-cpu"  # a shipped config (picomaml/train/configs/)
 
 ARMS: dict[str, list[str]] = {
     "ar": ["hybrid.ratio=0.0"],
@@ -112,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--round2", action="store_true",
         help="round 2: the recipes of ROUND2_ARMS at equal FLOPs only, with the gradient diagnostic",
     )  # fmt: skip
-    p.add_argument("--config", default=str(BASE_CONFIG), help="base trainer config")
+    p.add_argument("--config", default=BASE_CONFIG, help="base trainer config: a shipped name or a YAML path (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--out", help="results directory (default benchmarks/results/study[_quick])")
     p.add_argument("--work-dir", help="run directories (default runs/study[_quick])")
@@ -133,15 +131,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.seeds < 1 or args.steps < 1 or args.episodes < 1:
         p.error("--seeds, --steps and --episodes must be >= 1")
     return args
-
-
-def load_trainer():
-    """The reference trainer, as a module (its ``main(argv)`` trains in this process)."""
-    spec = importlib.util.spec_from_file_location("train_smlmt", TRAINER)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 def plan(args: argparse.Namespace) -> list[dict]:
@@ -472,7 +461,7 @@ def main(argv=None) -> int:
     args.work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     runs = plan(args)
-    trainer = load_trainer()
+    from picomaml.train import recipe as trainer  # its main(argv) trains in this process
     results, by_name = [], {}
     todo = [r for r in runs if not r.get("alias")]
     for i, run in enumerate(todo, 1):

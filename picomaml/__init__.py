@@ -17,6 +17,7 @@ _EXPORTS: dict[str, str] = {
     "PicoDecoderConfig": "picomaml.model.config",
     "PicoDecoder": "picomaml.model.decoder",
     "KVCache": "picomaml.model.decoder",
+    "export_hf": "picomaml.model.hf",
     # episodes and meta-learning
     "Episode": "picomaml.meta.episode",
     "EpisodeError": "picomaml.meta.episode",
@@ -96,6 +97,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from picomaml.meta.smlmt import SamplingError
     from picomaml.model.config import PicoDecoderConfig
     from picomaml.model.decoder import KVCache, PicoDecoder
+    from picomaml.model.hf import export_hf
     from picomaml.params import ConfigError
     from picomaml.train.checkpoint import find_latest, load_checkpoint, save_checkpoint
     from picomaml.train.config import ExperimentConfig, load_config

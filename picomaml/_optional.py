@@ -1,7 +1,7 @@
 """Lazy imports of optional dependencies with errors that name the extra to install.
 
 It also loads the inner loop's references for the test suite and the benchmarks: ``higher`` imports as
-usual; learn2learn 0.2.0 needs :func:`load_learn2learn`.
+usual; learn2learn 0.2.0 needs `load_learn2learn`.
 """
 
 from __future__ import annotations
@@ -27,7 +27,8 @@ class MissingDependencyError(ImportError):
 
 
 def require(module: str, extra: str, purpose: str = "") -> ModuleType:
-    """Import ``module`` or raise :class:`MissingDependencyError` naming ``pip install picomaml[extra]``.
+    """Import ``module`` or raise [`MissingDependencyError`][picomaml._optional.MissingDependencyError] naming
+    ``pip install picomaml[extra]``.
 
     Args:
         module: Dotted module name, e.g. ``"transformers"``.
@@ -57,7 +58,7 @@ def load_learn2learn(module: str = "maml") -> ModuleType:
     """``learn2learn.algorithms.<module>`` (``"maml"``: ``MAML``; ``"meta_sgd"``: ``MetaSGD``) without running
     ``learn2learn/__init__.py``.
 
-    learn2learn 0.2.0 does not build on Python 3.11 with a plain install (:data:`L2L_INSTALL` works), and
+    learn2learn 0.2.0 does not build on Python 3.11 with a plain install (`L2L_INSTALL` works), and
     its package ``__init__`` imports torchvision and gym, which must not be pulled in (they would replace the
     CPU torch). The package directory is found from the installed distribution's metadata; while the
     module loads, empty stand-ins for the parent packages sit in ``sys.modules`` and are removed

@@ -3,9 +3,9 @@
 Reading a tensor's value in Python (``.item()``, ``.tolist()``, ``bool(t)``) makes the host wait for every
 queued kernel: on an accelerator, a stall per read. A training step reads nothing:
 
-* :func:`check_values` reads a check's result on the first call with a given key (the shapes, usually),
-  and raises the usual ``ValueError`` naming the argument; later calls with that key queue
-  ``torch._assert_async`` with the same message (no host sync: on an accelerator the error surfaces as a
+* [`check_values`][picomaml.checks.check_values] reads a check's result on the first call with a given key
+  (the shapes, usually), and raises the usual ``ValueError`` naming the argument; later calls with that key
+  queue ``torch._assert_async`` with the same message (no host sync: on an accelerator the error surfaces as a
   ``RuntimeError`` at the next sync; on the CPU the assert is immediate and raises the same ``ValueError``).
   On CUDA a failed asynchronous assert is a device-side assert: the process cannot use the device
   afterwards, so a bad batch after the first good one ends the run (with the message) instead of raising
@@ -13,8 +13,9 @@ queued kernel: on an accelerator, a stall per read. A training step reads nothin
 * Metrics stay 0-dim tensors on their device (the inner loop's ``out.metrics``); the caller reads them
   when it logs.
 
-:class:`SyncCounter` counts the syncs of any code (``benchmarks/host_syncs.py`` prints those of ``lm_loss`` and
-``meta_loss``); on CUDA, ``torch.cuda.set_sync_debug_mode("error")`` finds any that remain in a user's loop.
+[`SyncCounter`][picomaml.checks.SyncCounter] counts the syncs of any code (``benchmarks/host_syncs.py`` prints
+those of ``lm_loss`` and ``meta_loss``); on CUDA, ``torch.cuda.set_sync_debug_mode("error")`` finds any that
+remain in a user's loop.
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ class SyncCounter(TorchDispatchMode):
     ``bool(tensor)``) and every ``.tolist()``/``.numpy()`` call (on CUDA they copy to the host; on the CPU they
     dispatch nothing, so the two methods are wrapped while the block runs). The same count on any device.
 
-    Example:
+    Examples:
         ```python
         with SyncCounter() as syncs:
             pm.meta_loss(model, head, loop, episode).loss.backward()

@@ -1,4 +1,4 @@
-"""The ``picomaml`` console script: ``picomaml info``, ``picomaml sample``, ``picomaml config``, ``picomaml eval``.
+"""The ``picomaml`` console script: ``train``, ``cp``, ``eval``, ``export``, ``sample``, ``config``, ``info``.
 
 Subcommands print to stdout (this is the user-facing front end); the library modules they call only log.
 """
@@ -40,7 +40,7 @@ def _installed_version(module: str) -> str | None:
     ``picomaml info`` must stay light: importing ``lightning``, ``transformers``, ``datasets`` and
     ``matplotlib`` only to read ``__version__`` cost ~5 s. The metadata says what is installed;
     ``importlib.util.find_spec`` (no import either) says whether the top-level module is there to import.
-    ``--check-imports`` really imports each one (see :func:`_import_status`).
+    ``--check-imports`` really imports each one (see `_import_status`).
     """
     from importlib.metadata import PackageNotFoundError, version
     from importlib.util import find_spec
@@ -167,6 +167,47 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     return p
 
 
+class EvalProgress:
+    """Progress of ``picomaml eval``: a tqdm bar (episodes, rate, time left) on a terminal; elsewhere, or
+    without tqdm, a line on ``stream`` at every tenth of the episodes with the time spent and an estimate of
+    the time left. Called as ``progress(episodes_done, part)`` by [`run_suite`][picomaml.eval.suite.run_suite]."""
+
+    def __init__(self, total: int, stream: TextIO) -> None:
+        import time
+
+        self.total, self.done, self.stream, self._clock = max(total, 1), 0, stream, time.perf_counter
+        self.start, self._next_line, self.bar = self._clock(), 0.1, None
+        if getattr(stream, "isatty", lambda: False)():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                pass
+            else:
+                self.bar = tqdm(total=total, unit="episode", file=stream, dynamic_ncols=True, leave=False)
+
+    def __call__(self, n: int, part: str) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.set_description(part, refresh=False)
+            self.bar.update(n)
+            return
+        frac = self.done / self.total
+        if frac + 1e-9 < self._next_line:
+            return
+        while self._next_line <= frac + 1e-9:
+            self._next_line += 0.1
+        spent = self._clock() - self.start
+        left = spent / self.done * (self.total - self.done)
+        print(
+            f"picomaml eval: {self.done}/{self.total} episodes ({frac:.0%}, {part}), {spent:.0f} s spent, "
+            f"about {left:.0f} s left", file=self.stream, flush=True,
+        )  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
 def eval_main(
     argv: Sequence[str] | None = None, stdout: TextIO | None = None, stderr: TextIO | None = None
 ) -> int:
@@ -185,6 +226,12 @@ def eval_main(
     args = build_eval_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
     if args.episodes < 1:
         print(f"picomaml eval: error: --episodes must be >= 1, got {args.episodes}", file=err)
+        return 2
+    if args.episodes_per_batch < 1:
+        print(f"picomaml eval: error: --episodes-per-batch must be >= 1, got {args.episodes_per_batch}", file=err)
+        return 2
+    if args.json and Path(args.json).is_dir():  # found now, not after the whole evaluation
+        print(f"picomaml eval: error: --json {args.json}: is a directory; give a file path", file=err)
         return 2
     try:
         bundle = load_for_eval(args.checkpoint, cache_dir=args.cache_dir, tokenizer=args.tokenizer)
@@ -207,11 +254,15 @@ def eval_main(
     dataset = None
     if not args.no_downstream:
         dataset = load_downstream_dataset("heldout", corpus=bundle.corpus, cache_dir=args.cache_dir)
-    results = run_suite(
-        bundle.model, bundle.tokenizer, bundle.heldout_rows, head, bundle.inner_loop, settings, args.episodes,
-        downstream=not args.no_downstream, downstream_window_len=args.downstream_window_len,
-        downstream_dataset=dataset, episodes_per_batch=args.episodes_per_batch, **kwargs,
-    )  # fmt: skip
+    progress = EvalProgress(len(settings) * args.episodes * (1 if args.no_downstream else 2), err)
+    try:
+        results = run_suite(
+            bundle.model, bundle.tokenizer, bundle.heldout_rows, head, bundle.inner_loop, settings, args.episodes,
+            downstream=not args.no_downstream, downstream_window_len=args.downstream_window_len,
+            downstream_dataset=dataset, episodes_per_batch=args.episodes_per_batch, progress=progress, **kwargs,
+        )  # fmt: skip
+    finally:
+        progress.close()
     results["checkpoint"] = {"path": str(bundle.path), "source": bundle.source, "step": bundle.step}
     title = f"{bundle.source} {bundle.path}" + (f" (step {bundle.step})" if bundle.step is not None else "")
     print(
@@ -250,15 +301,60 @@ def cmd_config(args: argparse.Namespace, out: TextIO | None = None) -> int:
     return 0
 
 
+def cmd_cp(args: argparse.Namespace) -> int:
+    """``picomaml cp NAME DEST``: copy the reference recipe or a shipped config for editing."""
+    from picomaml.train.catalog import copy_item
+
+    written = copy_item(args.name, args.dest, overwrite=args.force)
+    print(f"wrote {written}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    """``picomaml export --checkpoint RUN --out DIR``: a trainer checkpoint as a ``transformers`` model."""
+    from picomaml._optional import require
+    from picomaml.model.hf import export_hf
+    from picomaml.train.loading import IncompatibleCheckpointError, load_for_eval
+
+    require("transformers", "hf", "picomaml export")
+    try:
+        bundle = load_for_eval(args.checkpoint, cache_dir=args.cache_dir)
+    except (FileNotFoundError, IncompatibleCheckpointError) as exc:
+        print(f"picomaml export: error: {exc}", file=sys.stderr)
+        return 2
+    out = export_hf(bundle.model, args.out, bundle.tokenizer)
+    step = f" step {bundle.step}" if bundle.step is not None else ""
+    print(f"wrote {out} ({bundle.path}{step}); load it with transformers.AutoModelForCausalLM.from_pretrained")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the console script."""
     parser = argparse.ArgumentParser(
         prog="picomaml",
-        description="picomaml: MAML over SMLMT for small language-model pretraining. Subcommands: info, sample, "
-        "config, eval (each has --help).",
+        description="picomaml: MAML over SMLMT for small language-model pretraining. Subcommands: train, cp, "
+        "eval, export, sample, config, info (each has --help).",
     )
     parser.add_argument("--version", action="version", version=f"picomaml {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    # parsed by the recipe itself (see main): `picomaml train --help` shows the recipe's options
+    sub.add_parser("train", add_help=False, help="run the reference recipe (picomaml train --help for its options)")
+
+    from picomaml.train.catalog import RECIPE, config_names
+
+    names = [RECIPE, *config_names()]
+    p = sub.add_parser("cp", help="copy the reference recipe or a shipped config to edit (like torchtune's tune cp)")
+    p.add_argument("name", choices=names, metavar="NAME", help=f"one of: {', '.join(names)}")
+    p.add_argument("dest", metavar="DEST", help="a directory (the file keeps its name) or a file path")
+    p.add_argument("--force", action="store_true", help="replace an existing file (default: refuse)")
+    p.set_defaults(func=cmd_cp)
+
+    p = sub.add_parser("export", help="save a trainer checkpoint as a transformers Llama model (config, weights, tokenizer)")
+    p.add_argument("--checkpoint", required=True, help="a run directory, its checkpoints/ or a step directory")
+    p.add_argument("--out", required=True, help="output directory for save_pretrained")
+    p.add_argument("--cache-dir", help="cache root of the embedded corpus (default: the run's data.cache_dir)")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="versions and which optional backends are installed")
     p.add_argument(
@@ -300,16 +396,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``picomaml`` console script. A bad value (a config error naming its argument, an
     impossible episode) is one line on stderr and exit status 2, not a traceback."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["train"]:
+        from picomaml.train import recipe
+
+        return recipe.run(argv[1:], prog="picomaml train")
     args = build_parser().parse_args(argv)
+    from picomaml._optional import MissingDependencyError
+
     try:
         return int(args.func(args) or 0)
-    except ValueError as exc:
-        # a bad argument (ConfigError) or an impossible episode (SamplingError) says so in one line; any
-        # other ValueError is a bug and keeps its traceback
-        if not isinstance(exc, ConfigError) and type(exc).__name__ != "SamplingError":
+    except (ValueError, MissingDependencyError) as exc:
+        # a bad argument (ConfigError), an impossible episode (SamplingError) or a missing extra says so in
+        # one line; any other ValueError is a bug and keeps its traceback
+        if isinstance(exc, ValueError) and not isinstance(exc, ConfigError) and type(exc).__name__ != "SamplingError":
             raise
         print(f"picomaml {args.command}: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: stop now, one line instead of a traceback (nothing is written)
+        print(f"picomaml {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

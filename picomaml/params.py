@@ -1,16 +1,18 @@
 """Hyperparameter declarations: one dataclass field per hyperparameter, checked by one set of rules.
 
 Every configurable component owns a dataclass of its keyword arguments (``HeadConfig`` beside
-:class:`~picomaml.MetaHead`, ``InnerLoopConfig`` beside :class:`~picomaml.InnerLoop`, ...). A field is
-declared with :func:`hparam`: its type annotation gives the allowed values (``Literal`` for choices), its
-default is the component's default, and ``ge``/``gt``/``le``/``lt`` give its range. :class:`Params`
-validates every field from those declarations when the dataclass is built, so the component's
-constructor, the YAML loader and ``--set`` overrides share the same names, defaults, ranges and messages.
+[`MetaHead`][picomaml.meta.head.MetaHead], ``InnerLoopConfig`` beside
+[`InnerLoop`][picomaml.meta.inner_loop.InnerLoop], ...). A field is declared with
+[`hparam`][picomaml.params.hparam]: its type annotation gives the allowed values (``Literal`` for choices),
+its default is the component's default, and ``ge``/``gt``/``le``/``lt`` give its range.
+[`Params`][picomaml.params.Params] validates every field from those declarations when the dataclass is built,
+so the component's constructor, the YAML loader and ``--set`` overrides share the same names, defaults, ranges
+and messages.
 
 This module imports neither torch nor any other picomaml module, so any module may import it.
 
-Errors: one type, :class:`ConfigError` (a ``ValueError``), whose message starts with the argument's
-name (a dotted path inside a config) and says what is allowed.
+Errors: one type, [`ConfigError`][picomaml.params.ConfigError] (a ``ValueError``), whose message starts
+with the argument's name (a dotted path inside a config) and says what is allowed.
 """
 
 from __future__ import annotations
@@ -71,7 +73,8 @@ def one_line(text: object, limit: int = 240) -> str:
 
 
 def check(condition: bool, field: str, message: str) -> None:
-    """Raise :class:`ConfigError` ``"<field>: <message>"`` unless ``condition`` holds."""
+    """Raise [`ConfigError`][picomaml.params.ConfigError] ``"<field>: <message>"`` unless ``condition``
+    holds."""
     if not condition:
         raise ConfigError(f"{field}: {message}")
 
@@ -181,7 +184,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _convert_field(value: Any, tp: Any, path: str, metadata: Mapping[str, Any], check_range: bool = True) -> Any:
-    """:func:`_convert` for a declared field: a removed value names its replacement first; then the range."""
+    """`_convert` for a declared field: a removed value names its replacement first; then the range."""
     removed = metadata.get("removed") or {}
     if isinstance(value, typing.Hashable) and not isinstance(value, bool) and value in removed:
         raise ConfigError(f"{path}: {short_repr(value)} {removed[value]}")
@@ -291,8 +294,8 @@ class Params:
     """Base of every hyperparameter dataclass: validates each field from its declaration.
 
     On construction every field is type-checked against its annotation (lists become tuples where the
-    annotation says ``tuple``), numbers are checked finite and inside their :func:`hparam` range, then
-    :meth:`validate` runs the cross-field rules of the subclass.
+    annotation says ``tuple``), numbers are checked finite and inside their [`hparam`][picomaml.params.hparam]
+    range, then [`validate`][picomaml.params.Params.validate] runs the cross-field rules of the subclass.
     """
 
     def __post_init__(self) -> None:
@@ -305,16 +308,17 @@ class Params:
         self.validate()
 
     def validate(self) -> None:
-        """Cross-field rules; subclasses override it and raise :class:`ConfigError` naming the field."""
+        """Cross-field rules; subclasses override it and raise [`ConfigError`][picomaml.params.ConfigError]
+        naming the field."""
 
 
 def from_dict(cls: type[T], data: Mapping[str, Any] | None, path: str = "") -> T:
     """Build the dataclass ``cls`` from a mapping, strictly.
 
-    Unknown keys raise :class:`ConfigError` naming the key, its dotted path and the valid keys (a key
-    listed in the class's ``RENAMED`` mapping names its new spelling); values are type-checked against
-    the field annotations; missing keys take the defaults. A class with a ``preset`` classmethod accepts a
-    ``preset: NAME`` key whose values the other keys override.
+    Unknown keys raise [`ConfigError`][picomaml.params.ConfigError] naming the key, its dotted path and the
+    valid keys (a key listed in the class's ``RENAMED`` mapping names its new spelling); values are
+    type-checked against the field annotations; missing keys take the defaults. A class with a ``preset``
+    classmethod accepts a ``preset: NAME`` key whose values the other keys override.
 
     Args:
         cls: A dataclass type.

@@ -1,4 +1,4 @@
-"""Structure that keeps the library cheap to change: no import cycles, a thin reference trainer.
+"""Structure that keeps the library cheap to change: no import cycles, no upward imports, a self-contained meta/.
 
 Run ``python tests/test_architecture.py`` to print the figures these tests check.
 """
@@ -6,13 +6,10 @@ Run ``python tests/test_architecture.py`` to print the figures these tests check
 from __future__ import annotations
 
 import ast
-import io
-import tokenize
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "picomaml"
-TRAINER = ROOT / "examples" / "train_smlmt.py"
 
 
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
@@ -80,29 +77,6 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-def function_code_lines(path: Path) -> dict[str, int]:
-    """Code lines (no blank, comment or docstring lines) of every function in ``path``."""
-    source = path.read_text(encoding="utf-8")
-    tree = ast.parse(source)
-    docstrings: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef, ast.Module)):
-            if ast.get_docstring(node):
-                first = node.body[0]
-                docstrings |= set(range(first.lineno, first.end_lineno + 1))
-    code: set[int] = set()
-    skip = {tokenize.COMMENT, tokenize.NL, tokenize.NEWLINE, tokenize.INDENT, tokenize.DEDENT, tokenize.ENDMARKER}
-    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
-        if tok.type not in skip:
-            code |= set(range(tok.start[0], tok.end[0] + 1))
-    code -= docstrings
-    return {
-        node.name: sum(1 for line in range(node.lineno, node.end_lineno + 1) if line in code)
-        for node in ast.walk(tree)
-        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-    }
-
-
 def test_no_import_cycles_inside_the_package():
     assert cycles(import_graph()) == []
 
@@ -165,15 +139,6 @@ def test_model_config_needs_no_torch_and_no_other_module():
     assert "import torch" not in source
 
 
-def test_reference_trainer_is_thin():
-    lines = len(TRAINER.read_text(encoding="utf-8").splitlines())
-    longest = max(function_code_lines(TRAINER).values())
-    assert lines <= 300 and longest <= 80, (lines, longest)
-
-
 if __name__ == "__main__":
     found = cycles(import_graph())
     print(f"import cycles: {len(found)}", *(" <-> ".join(c) for c in found), sep="\n  ")
-    fns = function_code_lines(TRAINER)
-    name = max(fns, key=fns.get)
-    print(f"{TRAINER.name}: {len(TRAINER.read_text().splitlines())} lines, longest function {name} ({fns[name]} code lines)")

@@ -1,4 +1,4 @@
-"""The console script: `picomaml info`, `picomaml sample`, and `picomaml eval` on a real 2-step trainer run."""
+"""The console script: `info`, `sample`, `cp`, and `train`, `eval`, `export` on a real 2-step trainer run."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 import picomaml as pm
@@ -31,45 +32,71 @@ def test_sample_prints_decoded_episodes(capsys, monkeypatch, tmp_path):
     assert "[MASK]" in out
 
 
-def _train_two_steps(tmp_path: Path) -> Path:
-    """A real 2-step run of examples/train_smlmt.py in a subprocess (tiny model; saves at step 2)."""
+TINY = {
+    "seed": 3,
+    "model": {
+        "vocab_size": 8192, "d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
+        "max_seq_len": 32,
+    },
+    "data": {"source": "embedded", "seq_len": 32, "batch_size": 8},
+    "sampler": {"n_way": 3, "k_shot": 2, "n_query": 2, "window_len": 8, "min_freq": 3, "max_freq": 0.5},
+    "head": {"hidden_dims": [16], "init": "prototype"},
+    "inner_loop": {"steps": 1, "lr": 0.1},
+    "meta": {"pooling": "mask", "n_tasks": 2},
+    "hybrid": {"ratio": 0.5, "mode": "bernoulli"},
+    "trainer": {"max_steps": 2, "log_every": 1, "eval_every": 100, "save_every": 2, "accelerator": "cpu"},
+    "eval": {"rows": 8, "batch_size": 8, "episodes": 2, "settings": [[3, 2]]},
+}  # fmt: skip
+
+
+def _tiny_config(tmp_path: Path) -> tuple[Path, dict[str, str]]:
     cache = tmp_path / "cache"
     pm.load_default_corpus(seq_len=33, cache_dir=cache)  # built here once, read by the trainer and eval
-    cfg = {
-        "seed": 3,
-        "model": {
-            "vocab_size": 8192, "d_model": 32, "n_layers": 1, "n_heads": 4, "n_kv_heads": 2, "ffn_dim": 64,
-            "max_seq_len": 32,
-        },
-        "data": {"source": "embedded", "seq_len": 32, "batch_size": 8, "cache_dir": str(cache)},
-        "sampler": {"n_way": 3, "k_shot": 2, "n_query": 2, "window_len": 8, "min_freq": 3, "max_freq": 0.5},
-        "head": {"hidden_dims": [16], "init": "prototype"},
-        "inner_loop": {"steps": 1, "lr": 0.1},
-        "meta": {"pooling": "mask", "n_tasks": 2},
-        "hybrid": {"ratio": 0.5, "mode": "bernoulli"},
-        "trainer": {"max_steps": 2, "log_every": 1, "eval_every": 100, "save_every": 2, "accelerator": "cpu"},
-        "eval": {"rows": 8, "batch_size": 8, "episodes": 2, "settings": [[3, 2]]},
-    }  # fmt: skip
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config.write_text(yaml.safe_dump({**TINY, "data": {**TINY["data"], "cache_dir": str(cache)}}))
+    return config, {**os.environ, "OMP_NUM_THREADS": "2", "PICOMAML_CACHE": str(cache)}
+
+
+@pytest.fixture(scope="module")
+def two_step_run(tmp_path_factory) -> Path:
+    """A real 2-step run of ``picomaml train`` in a subprocess (tiny model; saves at step 2)."""
+    tmp_path = tmp_path_factory.mktemp("cli-run")
+    config, env = _tiny_config(tmp_path)
     run_dir = tmp_path / "run"
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "OMP_NUM_THREADS": "2", "PICOMAML_CACHE": str(cache)}
     proc = subprocess.run(
-        [sys.executable, str(root / "examples" / "train_smlmt.py"), "--config", str(config), "--run-dir",
-         str(run_dir), "--resume", "none"],
+        [sys.executable, "-m", "picomaml.cli", "train", "--config", str(config), "--run-dir", str(run_dir),
+         "--resume", "none"],
         capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"evaluate: picomaml eval --checkpoint {run_dir}" in proc.stdout  # the summary's next steps
     return run_dir
 
 
-def test_eval_on_a_real_two_step_trainer_run(tmp_path, capsys):
-    run_dir = _train_two_steps(tmp_path)
+def test_a_copied_recipe_runs_on_its_own_from_any_folder(tmp_path, capsys):
+    """``picomaml cp recipe DIR`` gives a script that trains from the installed package alone."""
+    assert main(["cp", "recipe", str(tmp_path / "mine")]) == 0
+    assert main(["cp", "tiny-cpu", str(tmp_path / "mine")]) == 2  # no such folder: a file named mine exists
+    assert "exists" in capsys.readouterr().err
+    config, env = _tiny_config(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    proc = subprocess.run(
+        [sys.executable, str(tmp_path / "mine"), "--config", str(config), "--max-steps", "1"],
+        capture_output=True, text=True, timeout=300, env=env, cwd=elsewhere,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (elsewhere / "runs" / "config" / "checkpoints" / "step_1").is_dir()  # default: runs/<config name>
+
+
+def test_eval_on_a_real_two_step_trainer_run(two_step_run, tmp_path, capsys):
+    run_dir = two_step_run
     target = tmp_path / "eval.json"
     argv = ["eval", "--checkpoint", str(run_dir), "--episodes", "3", "--json", str(target), "--no-downstream"]
     assert main(argv) == 0
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
+    # progress on stderr (not a terminal: a line per tenth, with an estimate), the table on stdout
+    assert "picomaml eval: 9/9 episodes (100%, smlmt 3w2s)" in err and "s left" in err
     header = next(line for line in out.splitlines() if line.startswith("| task |"))
     assert "chance" in header and "linear probe" in header and "(step 2)" in out
     data = json.loads(target.read_text())
@@ -81,6 +108,47 @@ def test_eval_on_a_real_two_step_trainer_run(tmp_path, capsys):
             assert 0.0 <= r[key] <= 1.0, (key, r)
         assert len(r["per_episode_probe"]) == 3
     assert "downstream" not in data or not data["downstream"]
+
+
+def test_export_writes_a_transformers_model_that_stops_at_eos(two_step_run, tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    out = tmp_path / "hf"
+    assert main(["export", "--checkpoint", str(two_step_run), "--out", str(out)]) == 0
+    assert "step 2" in capsys.readouterr().out
+    config = json.loads((out / "config.json").read_text())
+    tok = pm.load_default_corpus(seq_len=33, cache_dir=two_step_run.parent / "cache").tokenizer
+    assert config["eos_token_id"] == tok.eos_token_id is not None
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 1
+
+
+def test_eval_refuses_bad_batch_and_json_before_evaluating(tmp_path, capsys):
+    assert main(["eval", "--checkpoint", str(tmp_path), "--episodes-per-batch", "0"]) == 2
+    assert "--episodes-per-batch must be >= 1" in capsys.readouterr().err
+    assert main(["eval", "--checkpoint", str(tmp_path), "--json", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_eval_progress_lines_estimate_the_time_left():
+    import io
+
+    from picomaml.cli import EvalProgress
+
+    clock = iter([0.0, 10.0, 20.0, 40.0])
+    stream = io.StringIO()
+    progress = EvalProgress(100, stream)
+    progress._clock = lambda: next(clock)
+    progress.start = progress._clock()
+    progress(5, "smlmt 5w1s")  # under a tenth: silent
+    progress(5, "smlmt 5w1s")
+    progress(40, "downstream 5w1s")
+    progress(50, "downstream 5w1s")
+    lines = stream.getvalue().splitlines()
+    assert lines == [
+        "picomaml eval: 10/100 episodes (10%, smlmt 5w1s), 10 s spent, about 90 s left",
+        "picomaml eval: 50/100 episodes (50%, downstream 5w1s), 20 s spent, about 20 s left",
+        "picomaml eval: 100/100 episodes (100%, downstream 5w1s), 40 s spent, about 0 s left",
+    ]
 
 
 def test_eval_subcommand_errors_name_the_path(tmp_path, capsys):
@@ -116,4 +184,21 @@ def test_every_option_with_a_default_says_it_in_its_help():
             silent = action.default in (None, False, [], argparse.SUPPRESS) or isinstance(action, argparse._HelpAction)
             if not silent and "default" not in (action.help or ""):
                 missing.append(f"{name} {action.option_strings[0]}")
+    from picomaml.train.recipe import build_parser as recipe_parser
+
+    for action in recipe_parser()._actions:  # picomaml train: every option, whatever its default
+        if not isinstance(action, argparse._HelpAction) and "default" not in (action.help or ""):
+            missing.append(f"train {action.option_strings[0]}")
     assert missing == []
+
+
+def test_help_names_every_subcommand_and_train_shows_the_recipe_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for name in ("train", "cp", "eval", "export", "sample", "config", "info"):
+        assert f"    {name} " in out, name
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith("usage: picomaml train") and "--export-hf" in out and "(default: tiny-cpu)" in out

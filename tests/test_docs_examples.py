@@ -1,8 +1,7 @@
 """Every ```python block of README.md and docs/pages runs as written, so the examples cannot rot.
 
 Each fenced ``python`` block is one test case with the id ``<file>:<line>`` (the line of its opening
-fence). It runs with ``exec`` in a fresh namespace, in a fresh temporary working directory that holds a
-copy of ``examples/configs`` (the docs are read from the repository root), with the network refused
+fence). It runs with ``exec`` in a fresh namespace, in a fresh temporary working directory (configs are read by their shipped names), with the network refused
 (the Hugging Face Hub is unreachable in CI; blocks that stand in for a Hub call use local files of the
 same schema) and the embedded corpus cached once per session. A block that raises fails its case, and
 the traceback points at the Markdown line.
@@ -22,7 +21,6 @@ import builtins
 import dataclasses
 import random
 import re
-import shutil
 import socket
 import traceback
 from pathlib import Path
@@ -160,7 +158,7 @@ def test_docs_block_runs(block: Block, tmp_path: Path, monkeypatch: pytest.Monke
     skipped = [b for b in chain if b.marker == "skip"]
     if skipped:
         pytest.skip(f"{skipped[0].id}: {skipped[0].reason}")
-    shutil.copytree(ROOT / "examples" / "configs", tmp_path / "examples" / "configs")
+    tmp_path.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("PICOMAML_CACHE", str(corpus_cache))
     _refuse_network(monkeypatch)

@@ -53,3 +53,51 @@ def test_import_does_not_load_optional_dependencies():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_wheel_ships_the_recipe_and_configs_and_trains_from_an_empty_folder(tmp_path):
+    """``pip install picomaml`` (a wheel, no clone): ``picomaml train --config tiny-cpu`` finds everything."""
+    import os
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    wheels = tmp_path / "wheels"
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(root)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert build.returncode == 0, build.stderr[-3000:]
+    (wheel,) = wheels.glob("picomaml-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    configs = {n.rsplit("/", 1)[1] for n in names if n.startswith("picomaml/train/configs/")}
+    assert configs == {p.name for p in (root / "picomaml" / "train" / "configs").glob("*.yaml")} and configs
+    assert {"picomaml/train/recipe.py", "picomaml/py.typed"} <= names
+    assert not any(n.startswith(("examples/", "tests/", "benchmarks/")) for n in names)
+    entry = next(n for n in names if n.endswith("entry_points.txt"))
+    assert "picomaml = picomaml.cli:main" in zipfile.ZipFile(wheel).read(entry).decode()
+
+    # the installed wheel alone (the repository off the path), run from an empty folder
+    target, empty = tmp_path / "site", tmp_path / "empty"
+    install = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert install.returncode == 0, install.stderr[-3000:]
+    empty.mkdir()
+    tiny = [
+        "model.d_model=32", "model.n_layers=1", "model.n_heads=4", "model.n_kv_heads=2", "model.ffn_dim=64",
+        "eval.episodes=2", "eval.rows=16",
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "2"}
+    code = "import sys, picomaml.cli; print(picomaml.__file__, file=sys.stderr); sys.exit(picomaml.cli.main())"
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "train", "--config", "tiny-cpu", "--max-steps", "2", "--eval-every", "2",
+         *(a for kv in tiny for a in ("--set", kv))],
+        capture_output=True, text=True, timeout=600, env=env, cwd=empty,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.splitlines()[0].startswith(str(target))  # not the checkout
+    run = empty / "runs" / "tiny-cpu"
+    assert (run / "checkpoints" / "step_2").is_dir() and (run / "config.yaml").is_file()
+    assert "eval/perplexity" in (run / "metrics.csv").read_text().splitlines()[0]

@@ -3,7 +3,7 @@
 Two sources, read without network access and without importing anything with side effects:
 
 * ``pydoc_data.topics.topics`` — the language-reference topics shown by ``help()`` (one document each);
-* the docstrings of the pure-Python standard library, read from source with :mod:`ast` (one document per
+* the docstrings of the pure-Python standard library, read from source with `ast` (one document per
   module: its module, class and function docstrings in source order).
 
 Documents are split into train and held-out parts by a hash of their name, a byte-level BPE tokenizer is
@@ -443,7 +443,7 @@ def load_default_corpus(
         rebuild: Build again even when a cached copy exists.
 
     Returns:
-        The :class:`EmbeddedCorpus`.
+        The [`EmbeddedCorpus`][picomaml.data.corpus.EmbeddedCorpus].
     """
     seq_len = check_int("seq_len", seq_len, ge=2)
     tk = require("tokenizers", "data", "the embedded corpus")

@@ -1,8 +1,9 @@
 """Human-readable text of an episode: what each label stands for, and its windows decoded.
 
-Works for SMLMT episodes (:class:`picomaml.Episode`: the class token of each label, masked positions shown
-as ``[MASK]``) and for text episodes (:class:`picomaml.eval.leopard.TextEpisode`: the dataset label of
-each task-local label, padding left out), which share their field names.
+Works for SMLMT episodes ([`picomaml.Episode`][picomaml.meta.episode.Episode]: the class token of each label,
+masked positions shown as ``[MASK]``) and for text episodes
+([`picomaml.eval.leopard.TextEpisode`][picomaml.eval.leopard.TextEpisode]: the dataset label of each
+task-local label, padding left out), which share their field names.
 """
 
 from __future__ import annotations
@@ -123,9 +124,11 @@ def format_episode(
     present (padding is left out). A stacked episode (leading task dimension) is shown task by task.
 
     Args:
-        episode: An :class:`picomaml.Episode`, a :class:`picomaml.eval.leopard.TextEpisode`, or any object
-            with those attributes.
-        tokenizer: Anything with ``decode(list[int]) -> str`` (e.g. a :class:`TokenizerWrapper`).
+        episode: An [`picomaml.Episode`][picomaml.meta.episode.Episode], a
+            [`picomaml.eval.leopard.TextEpisode`][picomaml.eval.leopard.TextEpisode], or any object with those
+            attributes.
+        tokenizer: Anything with ``decode(list[int]) -> str`` (e.g. a
+            [`TokenizerWrapper`][picomaml.data.tokenizer.TokenizerWrapper]).
         max_windows_per_class: Windows shown per label and per part (support, query).
         mask_text: What a masked position looks like.
         class_names: Names of the ``class_ids`` of an episode without class tokens (e.g. the dataset's

@@ -1,9 +1,10 @@
 """Streaming pretokenized rows from the Hugging Face hub (e.g. ``pico-lm/pretokenized-dolma``) or local parquet.
 
 Pretokenized Dolma stores parquet shards with an ``input_ids`` column of 2,049-token rows (OLMo tokenizer).
-:class:`PretokenizedStream` streams such rows with ``datasets`` (nothing is downloaded up front), gives each
-rank of a distributed run its own part, cuts rows to the model's length, groups them into batches ``(B, L)``,
-and records how far it got so that a resumed run continues with exactly the next window.
+[`PretokenizedStream`][picomaml.data.hub.PretokenizedStream] streams such rows with ``datasets`` (nothing is
+downloaded up front), gives each rank of a distributed run its own part, cuts rows to the model's length,
+groups them into batches ``(B, L)``, and records how far it got so that a resumed run continues with exactly
+the next window.
 
 Row cutting (``mode``), for stored rows of ``R`` tokens and ``seq_len = L``:
 
@@ -73,8 +74,9 @@ class PretokenizedStream:
         **load_kwargs: Passed to ``datasets.load_dataset`` (e.g. ``revision``).
 
     The position is counted in stored rows of *this rank's* stream plus windows already taken from the next
-    row; :meth:`state_dict` / :meth:`load_state_dict` save and restore it, and the next ``iter()`` resumes
-    there (``IterableDataset.skip``).
+    row; [`state_dict`][picomaml.data.hub.PretokenizedStream.state_dict] /
+    [`load_state_dict`][picomaml.data.hub.PretokenizedStream.load_state_dict] save and restore it, and the
+    next ``iter()`` resumes there (``IterableDataset.skip``).
     """
 
     def __init__(
@@ -199,7 +201,8 @@ class PretokenizedStream:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore a position saved by :meth:`state_dict` (same rank layout, ``seq_len`` and ``mode``).
+        """Restore a position saved by [`state_dict`][picomaml.data.hub.PretokenizedStream.state_dict] (same
+        rank layout, ``seq_len`` and ``mode``).
 
         The batch size may differ: the position is counted in rows and windows, not batches.
         """

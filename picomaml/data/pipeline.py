@@ -1,9 +1,10 @@
-"""From a :class:`picomaml.train.config.DataConfig` to what a training loop consumes.
+"""From a [`picomaml.train.config.DataConfig`][picomaml.data.pipeline.DataConfig] to what a training loop
+consumes.
 
-:func:`build_training_data` returns the tokenizer (and so the mask token), held-out rows for evaluation,
-and a resumable batch source. In-memory sources (the embedded corpus, small local files) give every rank
-the same *global* batch, so episodes are sampled identically on any number of devices; streaming sources
-(pretokenized Hugging Face datasets) give each rank its own shard.
+[`build_training_data`][picomaml.data.pipeline.build_training_data] returns the tokenizer (and so the mask
+token), held-out rows for evaluation, and a resumable batch source. In-memory sources (the embedded corpus,
+small local files) give every rank the same *global* batch, so episodes are sampled identically on any number
+of devices; streaming sources (pretokenized Hugging Face datasets) give each rank its own shard.
 
 Rows carry ``seq_len + 1`` tokens, so the next-token loss has exactly ``seq_len`` predictions per row.
 """
@@ -60,7 +61,7 @@ class BatchSource(Protocol):
         """The next batch; raises ``StopIteration`` at the end of finite data."""
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
-        """This rank's rows of a batch from :meth:`next_batch`."""
+        """This rank's rows of a batch from [`next_batch`][picomaml.data.pipeline.BatchSource.next_batch]."""
 
     def state_dict(self) -> dict[str, Any]: ...
 
@@ -68,8 +69,8 @@ class BatchSource(Protocol):
 
 
 class InMemoryBatches:
-    """A :class:`BatchSource` over rows in memory: every rank gets the same global batch of a
-    :class:`~picomaml.data.row_batcher.RowBatcher` and keeps its slice (:meth:`local`)."""
+    """A [`BatchSource`][picomaml.data.pipeline.BatchSource] over rows in memory: every rank gets the same
+    global batch of a [`RowBatcher`][picomaml.data.row_batcher.RowBatcher] and keeps its slice (`local`)."""
 
     shared = True
 
@@ -90,7 +91,8 @@ class InMemoryBatches:
 
 
 class StreamBatches:
-    """Adapts a :class:`picomaml.data.PretokenizedStream` (this rank's shard) to :class:`BatchSource`."""
+    """Adapts a [`picomaml.data.PretokenizedStream`][picomaml.data.hub.PretokenizedStream] (this rank's shard)
+    to [`BatchSource`][picomaml.data.pipeline.BatchSource]."""
 
     shared = False
 
@@ -116,7 +118,7 @@ class StreamBatches:
 
 @dataclass
 class TrainingData:
-    """What :func:`build_training_data` returns.
+    """What [`build_training_data`][picomaml.data.pipeline.build_training_data] returns.
 
     Attributes:
         train: The batch source for training steps.

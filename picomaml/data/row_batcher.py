@@ -1,9 +1,9 @@
 """Deterministic, resumable batches of token rows held in memory, with data-parallel slicing.
 
 Every rank walks the same seeded permutation of the rows and sees the same *global* batch at each step;
-:meth:`RowBatcher.local` gives the rank its contiguous share. Because the global batch is known on every
-rank, episodes sampled from it are identical across device counts, which makes a 2-device run reproduce a
-1-device run with the same global batch.
+[`RowBatcher.local`][picomaml.data.row_batcher.RowBatcher.local] gives the rank its contiguous share. Because
+the global batch is known on every rank, episodes sampled from it are identical across device counts, which
+makes a 2-device run reproduce a 1-device run with the same global batch.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ class RowBatcher:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a :meth:`state_dict`."""
+        """Continue from a [`state_dict`][picomaml.data.row_batcher.RowBatcher.state_dict]."""
         if state["batch_size"] != self.batch_size:
             raise ValueError(f"checkpoint batch_size {state['batch_size']} != current {self.batch_size}")
         self.seed = int(state["seed"])

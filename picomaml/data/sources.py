@@ -6,8 +6,9 @@ stay separated). Sequences are concatenated in file order into one stream that i
 rows of ``seq_len`` tokens; the short tail is dropped. Pretokenized sequences get no EOS added, since they are
 usually fixed-length chunks of an already-joined stream (as in pretokenized Dolma).
 
-Files are read lazily (parquet in record batches), so :func:`iter_token_rows` works on data larger than memory;
-:func:`load_token_rows` gathers everything into one tensor for small data.
+Files are read lazily (parquet in record batches), so
+[`iter_token_rows`][picomaml.data.sources.iter_token_rows] works on data larger than memory;
+[`load_token_rows`][picomaml.data.sources.load_token_rows] gathers everything into one tensor for small data.
 """
 
 from __future__ import annotations
@@ -41,7 +42,7 @@ def resolve_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
 
     Raises:
         FileNotFoundError: A path does not exist, or a directory holds no supported file.
-        ValueError: A file's extension is not one of :data:`SUPPORTED_EXTENSIONS`.
+        ValueError: A file's extension is not one of `SUPPORTED_EXTENSIONS`.
     """
     items = [paths] if isinstance(paths, (str, os.PathLike)) else list(paths)
     if not items:
@@ -132,7 +133,7 @@ def iter_sequences(
     """Token sequences of the files in order: pretokenized ones as stored, text ones tokenized plus EOS.
 
     Args:
-        paths: Files and/or directories (see :func:`resolve_files`).
+        paths: Files and/or directories (see [`resolve_files`][picomaml.data.sources.resolve_files]).
         tokenizer: Anything with ``encode(text) -> list[int]`` and ``eos_token_id``; needed only for text.
         ids_key: Column/field of pretokenized ids (preferred when both exist).
         text_key: Column/field of raw text.
@@ -239,7 +240,8 @@ def load_token_rows(
 
 
 class TokenRows:
-    """Re-iterable view of :func:`iter_token_rows` (each ``iter()`` reads the files again from the start).
+    """Re-iterable view of [`iter_token_rows`][picomaml.data.sources.iter_token_rows] (each ``iter()`` reads
+    the files again from the start).
 
     Args:
         paths: Files and/or directories.

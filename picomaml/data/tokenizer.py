@@ -1,10 +1,10 @@
 """A small, uniform view of a tokenizer: Hugging Face ``transformers`` tokenizers or raw ``tokenizers`` JSON.
 
-Everything else in :mod:`picomaml` talks to tokenizers through :class:`TokenizerWrapper`, which exposes the
-handful of things a pretraining and SMLMT pipeline needs: ``encode``/``decode``, the vocabulary size the model's
-embedding must cover, and the ids of the end-of-sequence, padding and mask tokens. SMLMT masks class tokens, so
-a mask token is required: when the tokenizer has none, one is added as a special token and the vocabulary grows
-by one.
+Everything else in [`picomaml`][picomaml] talks to tokenizers through
+[`TokenizerWrapper`][picomaml.data.tokenizer.TokenizerWrapper], which exposes the handful of things a
+pretraining and SMLMT pipeline needs: ``encode``/``decode``, the vocabulary size the model's embedding must
+cover, and the ids of the end-of-sequence, padding and mask tokens. SMLMT masks class tokens, so a mask token
+is required: when the tokenizer has none, one is added as a special token and the vocabulary grows by one.
 """
 
 from __future__ import annotations
@@ -50,8 +50,9 @@ def padded_vocab_size(n: int, multiple: int = 64) -> int:
 class TokenizerWrapper:
     """One interface over a ``transformers`` tokenizer or a raw ``tokenizers.Tokenizer``.
 
-    Build it with :func:`load_tokenizer` or :meth:`from_object`. Special-token ids are resolved once, at
-    construction, after the mask token has been added if it was missing.
+    Build it with [`load_tokenizer`][picomaml.data.tokenizer.load_tokenizer] or
+    [`from_object`][picomaml.data.tokenizer.TokenizerWrapper.from_object]. Special-token ids are resolved
+    once, at construction, after the mask token has been added if it was missing.
 
     Args:
         backend: A ``transformers.PreTrainedTokenizerBase`` or a ``tokenizers.Tokenizer``. A missing mask token

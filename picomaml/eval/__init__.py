@@ -1,8 +1,9 @@
 """Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOP formulas, the suite.
 
-The compute of a whole run (``run_flops``, ``steps_for_flops``) is in :mod:`picomaml.train.budget`, and loading
-a run (or an exported model) for evaluation, :func:`~picomaml.train.loading.load_for_eval`, in
-:mod:`picomaml.train.loading`: both read the training layer's config.
+The compute of a whole run (``run_flops``, ``steps_for_flops``) is in
+[`picomaml.train.budget`][picomaml.train.budget], and loading a run (or an exported model) for evaluation,
+[`load_for_eval`][picomaml.train.loading.load_for_eval], in
+[`picomaml.train.loading`][picomaml.train.loading]: both read the training layer's config.
 """
 
 from picomaml.eval.downstream import documents_dataset, downstream_eval, load_downstream_dataset

@@ -1,25 +1,29 @@
 """A downstream few-shot text-classification task with real labels that works offline.
 
-**How the labels are built.** The embedded corpus (:func:`picomaml.load_default_corpus`) has one document
-per ``pydoc_data.topics`` topic (``"topic:<name>"``, the text ``help()`` shows) and one per pure-Python
+**How the labels are built.** The embedded corpus
+([`picomaml.load_default_corpus`][picomaml.data.corpus.load_default_corpus]) has one document per
+``pydoc_data.topics`` topic (``"topic:<name>"``, the text ``help()`` shows) and one per pure-Python
 standard-library module (``"module:<dotted name>"``, its module, class and function docstrings in source
-order). Each document is one label, named by the document: a paragraph of a topic is labelled by its
-topic, a paragraph of a module's docstrings by its module. Paragraphs are the blocks between blank lines,
-with whitespace collapsed; a paragraph is kept when it has at least ``min_chars`` characters of which at
-least half are letters (this drops grammar rules, tables and code), and a paragraph text that occurs under
-more than one label is dropped altogether (it could not be classified). By default only documents of the
-corpus's held-out split are used (the split is a hash of the document name; see
-:func:`picomaml.data.corpus.is_heldout`), so a model pretrained on the train split has never seen the
-text of any evaluation label. A label takes part in an episode when it has at least ``K + Q`` paragraphs.
+order). Each document is one label, named by the document: a paragraph of a topic is labelled by its topic, a
+paragraph of a module's docstrings by its module. Paragraphs are the blocks between blank lines, with
+whitespace collapsed; a paragraph is kept when it has at least ``min_chars`` characters of which at least half
+are letters (this drops grammar rules, tables and code), and a paragraph text that occurs under more than one
+label is dropped altogether (it could not be classified). By default only documents of the corpus's held-out
+split are used (the split is a hash of the document name; see
+[`picomaml.data.corpus.is_heldout`][picomaml.data.corpus.is_heldout]), so a model pretrained on the train
+split has never seen the text of any evaluation label. A label takes part in an episode when it has at least
+``K + Q`` paragraphs.
 
-**Evaluation.** :func:`downstream_eval` draws seeded N-way K-shot episodes over these labels (see
-:func:`picomaml.eval.leopard.to_episodes`: each paragraph is tokenized, truncated to ``window_len`` and
-right-padded), featurises each batch of episodes with one forward of the frozen backbone, as in training
-(:func:`picomaml.meta.objectives.episode_features`; ``pooling="mean"`` averages a window over its real
-tokens, ``"last"`` takes its last real token), and reports the nearest-class-mean accuracy (before
-adaptation), the accuracy of a linear probe fitted on each support set (see :mod:`picomaml.eval.probe`)
-and the accuracy of the head adapted by the inner loop (after), as a
-:class:`picomaml.eval.fewshot.FewShotResult` with Student-t confidence intervals over episodes.
+**Evaluation.** [`downstream_eval`][picomaml.eval.downstream.downstream_eval] draws seeded N-way K-shot
+episodes over these labels (see [`picomaml.eval.leopard.to_episodes`][picomaml.eval.leopard.to_episodes]: each
+paragraph is tokenized, truncated to ``window_len`` and right-padded), featurises each batch of episodes with
+one forward of the frozen backbone, as in training
+([`picomaml.meta.objectives.episode_features`][picomaml.meta.features.episode_features]; ``pooling="mean"``
+averages a window over its real tokens, ``"last"`` takes its last real token), and reports the
+nearest-class-mean accuracy (before adaptation), the accuracy of a linear probe fitted on each support set
+(see [`picomaml.eval.probe`][picomaml.eval.probe]) and the accuracy of the head adapted by the inner loop
+(after), as a [`picomaml.eval.fewshot.FewShotResult`][picomaml.eval.fewshot_result.FewShotResult] with
+Student-t confidence intervals over episodes.
 """
 
 from __future__ import annotations
@@ -71,8 +75,8 @@ def split_paragraphs(text: str, min_chars: int = 64) -> list[str]:
 
 
 def documents_dataset(documents: Sequence[tuple[str, str]], min_chars: int = 64) -> FewShotDataset:
-    """A :class:`FewShotDataset` of paragraphs labelled by their document's name (``"topic:..."``,
-    ``"module:..."``); paragraph texts that occur under two labels are dropped."""
+    """A [`FewShotDataset`][picomaml.eval.leopard.FewShotDataset] of paragraphs labelled by their document's
+    name (``"topic:..."``, ``"module:..."``); paragraph texts that occur under two labels are dropped."""
     pairs = [(name, p) for name, text in documents for p in split_paragraphs(text, min_chars)]
     owners: dict[str, set[str]] = {}
     for name, p in pairs:
@@ -101,8 +105,10 @@ def load_downstream_dataset(
 
     Args:
         split: ``"heldout"`` (default: labels never seen in pretraining), ``"train"`` or ``"all"``.
-        cache_dir: Cache root of the embedded corpus (see :func:`picomaml.load_default_corpus`).
-        corpus: An already loaded :class:`picomaml.data.corpus.EmbeddedCorpus` (skips loading).
+        cache_dir: Cache root of the embedded corpus (see
+            [`picomaml.load_default_corpus`][picomaml.data.corpus.load_default_corpus]).
+        corpus: An already loaded [`picomaml.data.corpus.EmbeddedCorpus`][picomaml.data.corpus.EmbeddedCorpus]
+            (skips loading).
         min_chars: Shortest paragraph kept.
     """
     if split not in ("heldout", "train", "all"):
@@ -140,36 +146,43 @@ def downstream_eval(
     cache_dir: str | os.PathLike[str] | None = None,
     confidence: float = 0.95,
     episodes_per_batch: int = 16,
+    progress: Callable[[int], None] | None = None,
 ) -> FewShotResult:
     """Few-shot accuracy on real text labels: nearest class mean, linear probe and after the inner loop.
 
     Args:
-        model: The backbone (a :class:`picomaml.PicoDecoder`), frozen: run under ``no_grad`` in eval
-            mode, its mode restored afterwards. Its vocabulary must cover the tokenizer's ids.
-        tokenizer: The model's tokenizer (see :func:`picomaml.eval.leopard.tokenize_examples`).
+        model: The backbone (a [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder]), frozen: run
+            under ``no_grad`` in eval mode, its mode restored afterwards. Its vocabulary must cover the
+            tokenizer's ids.
+        tokenizer: The model's tokenizer (see
+            [`picomaml.eval.leopard.tokenize_examples`][picomaml.eval.leopard.tokenize_examples]).
         n_way: Classes per episode.
         k_shot: Support paragraphs per class.
         n_query: Query paragraphs per class.
         window_len: Tokens per paragraph window.
         episodes: Number of episodes.
-        head: The :class:`picomaml.MetaHead` the inner loop adapts (a prototype-init head of another
-            ``n_way`` is rebuilt for ``n_way``), a factory ``n_way -> head``, or ``None`` (only the
-            nearest-class-mean accuracy).
-        inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``).
+        head: The [`picomaml.MetaHead`][picomaml.meta.head.MetaHead] the inner loop adapts (a prototype-init
+            head of another ``n_way`` is rebuilt for ``n_way``), a factory ``n_way -> head``, or ``None``
+            (only the nearest-class-mean accuracy).
+        inner_loop: The [`picomaml.InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (needed with ``head``).
         pooling: ``"mean"`` over the real tokens or the ``"last"`` real token (see
-            :func:`picomaml.pool_features` with ``valid``).
+            [`picomaml.pool_features`][picomaml.meta.features.pool_features] with ``valid``).
         seed: Seed of the episode generator: the same seed gives the same episodes for any model.
         feature_norm: Per-task feature normalisation as in training (``"none"``, ``"center"``,
             ``"standardize"``).
-        dataset: The labelled examples (default: :func:`load_downstream_dataset` on the held-out split);
-            a LEOPARD file from :func:`picomaml.eval.leopard.load_leopard_file` works too.
+        dataset: The labelled examples (default:
+            [`load_downstream_dataset`][picomaml.eval.downstream.load_downstream_dataset] on the held-out
+            split); a LEOPARD file from
+            [`picomaml.eval.leopard.load_leopard_file`][picomaml.eval.leopard.load_leopard_file] works too.
         query_dataset: Optional separate query pool (e.g. LEOPARD's eval file).
         cache_dir: Cache root of the embedded corpus (when ``dataset`` is None).
         confidence: Coverage of the intervals.
         episodes_per_batch: Episodes per backbone forward (results do not depend on it).
+        progress: Called with the number of episodes just scored, after each batch.
 
     Returns:
-        A :class:`picomaml.eval.fewshot.FewShotResult` (``chance = 1 / n_way``).
+        A [`picomaml.eval.fewshot.FewShotResult`][picomaml.eval.fewshot_result.FewShotResult]
+        (``chance = 1 / n_way``).
     """
     check_int("episodes", episodes, ge=1)
     check_int("episodes_per_batch", episodes_per_batch, ge=1)
@@ -202,6 +215,8 @@ def downstream_eval(
             before += b
             after += a
             probe += p
+            if progress is not None:
+                progress(len(b))
     result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence, probe=probe)
     logger.debug(
         "downstream %dw%ds: before %.4f, after %s", n_way, k_shot, result.acc_ncm, result.acc_after

@@ -1,14 +1,15 @@
 """The evaluation a training loop runs every few hundred steps: held-out perplexity and few-shot accuracy.
 
-It takes its own :class:`EvalConfig` and the episode arguments (window length, frequency band, pooling,
-class split, ...) as a plain mapping, so it depends on no training schema; the builder
-(:func:`picomaml.train.build.eval_episode_kwargs`) derives those arguments from an experiment config.
+It takes its own [`EvalConfig`][picomaml.eval.during_training.EvalConfig] and the episode arguments (window
+length, frequency band, pooling, class split, ...) as a plain mapping, so it depends on no training schema;
+the builder ([`picomaml.train.build.eval_episode_kwargs`][picomaml.train.build.eval_episode_kwargs]) derives
+those arguments from an experiment config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -49,13 +50,14 @@ def evaluate_during_training(
     heldout_rows: torch.Tensor,
     config: EvalConfig,
     episode_kwargs: Mapping[str, Any],
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Held-out perplexity and few-shot episode accuracy, as ``eval/*`` metrics.
 
     The first setting of ``config.settings`` is logged as ``eval/fewshot_acc`` (with ``_ci``,
-    ``eval/fewshot_chance`` and the baselines of :meth:`~picomaml.eval.fewshot.FewShotResult.metrics`);
-    further settings as ``eval/fewshot_<N>w<K>s_*``. Every evaluation with the same arguments sees the
-    same episodes.
+    ``eval/fewshot_chance`` and the baselines of
+    [`metrics`][picomaml.eval.fewshot_result.FewShotResult.metrics]); further settings as
+    ``eval/fewshot_<N>w<K>s_*``. Every evaluation with the same arguments sees the same episodes.
 
     Args:
         model: The backbone (run under ``no_grad``; its train/eval mode is restored).
@@ -64,10 +66,13 @@ def evaluate_during_training(
         heldout_rows: ``(R, L)`` held-out token rows, of which the first ``config.rows`` are used (the trainer
             may hold more, e.g. for learning dynamics); empty rows give an empty dict.
         config: How much to evaluate.
-        episode_kwargs: Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` other than the
-            setting and the episode count: ``mask_token_id``, ``n_query``, ``window_len``, ``pooling``,
+        episode_kwargs: Keyword arguments of [`fewshot_eval`][picomaml.eval.fewshot.fewshot_eval] other than
+            the setting and the episode count: ``mask_token_id``, ``n_query``, ``window_len``, ``pooling``,
             ``feature_norm``, ``seed``, ``min_freq``, ``max_freq``, ``exclude_token_ids``,
-            ``sampler_kwargs`` (see :func:`picomaml.train.build.eval_episode_kwargs`).
+            ``sampler_kwargs`` (see
+            [`picomaml.train.build.eval_episode_kwargs`][picomaml.train.build.eval_episode_kwargs]).
+        progress: Called with the number of episodes scored after each batch; an exception it raises
+            (a trainer's stop request) ends the evaluation there.
     """
     heldout_rows = heldout_rows[: config.rows]
     if heldout_rows.shape[0] == 0:
@@ -79,7 +84,7 @@ def evaluate_during_training(
     for i, (n_way, k_shot) in enumerate(config.settings):
         res = fewshot_eval(
             model, heldout_rows, n_way=n_way, k_shot=k_shot, head=head, inner_loop=loop,
-            episodes=config.episodes, **episode_kwargs,
+            episodes=config.episodes, progress=progress, **episode_kwargs,
         )  # fmt: skip
         out.update(res.metrics(_fewshot_prefix(i, n_way, k_shot)))
     return out
@@ -96,7 +101,8 @@ def check_eval_episodes(
     Args:
         heldout_rows: ``(R, L)`` held-out rows.
         config: The evaluation config.
-        episode_kwargs: As for :func:`evaluate_during_training`.
+        episode_kwargs: As for
+            [`evaluate_during_training`][picomaml.eval.during_training.evaluate_during_training].
         head: The meta head; a setting it cannot score (another ``n_way``, unless it is a prototype head) is
             refused too.
 

@@ -1,17 +1,17 @@
 """Few-shot episode accuracy on held-out rows, before and after inner-loop adaptation.
 
-For each of ``episodes`` SMLMT episodes drawn by a fresh, seeded :class:`picomaml.SMLMTSampler` (so every
-call with the same rows and seed sees the same episodes, and evaluations at different checkpoints are
-paired), the backbone runs over the support and query windows under ``torch.no_grad`` (several episodes
-per forward pass), and:
+For each of ``episodes`` SMLMT episodes drawn by a fresh, seeded
+[`picomaml.SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] (so every call with the same rows and seed sees
+the same episodes, and evaluations at different checkpoints are paired), the backbone runs over the support
+and query windows under ``torch.no_grad`` (several episodes per forward pass), and:
 
 * ``acc_ncm``: nearest class mean on the frozen pooled features. Each query window goes to the class
   whose support mean is closest in Euclidean distance (the Prototypical Networks rule). It needs no
   head, so it measures what the backbone features alone already separate.
 * ``acc_probe``: a linear probe, the classic "fit a linear classifier on frozen features" baseline: an
   L2-penalised multinomial logistic regression fitted on each episode's support set and scored on its
-  query set (see :mod:`picomaml.eval.probe`). Unlike the inner loop it starts from zero (not from a
-  meta-learned initialisation), works on features standardised by the support set's own statistics, and
+  query set (see [`picomaml.eval.probe`][picomaml.eval.probe]). Unlike the inner loop it starts from zero (not
+  from a meta-learned initialisation), works on features standardised by the support set's own statistics, and
   runs to convergence (Newton steps) instead of a few fixed gradient steps, so it shows how much a fully
   fitted linear readout gets out of the features with no meta-learning at all.
 * ``acc_after``: the head adapted from its (meta-learned) initial weights by the inner loop on the
@@ -82,9 +82,10 @@ def nearest_class_mean(
 def head_for_n_way(head: nn.Module, n_way: int) -> nn.Module:
     """``head`` itself when it is ``n_way``-way; for a prototype-init head, a copy built for ``n_way`` classes.
 
-    A prototype-init :class:`picomaml.MetaHead` stores only its hidden layers (the output layer comes from
-    the support class means), so its meta-learned initialisation carries over to any number of classes.
-    Other heads have a fixed ``n_way`` output layer; evaluate them at their own ``n_way`` or pass a factory.
+    A prototype-init [`picomaml.MetaHead`][picomaml.meta.head.MetaHead] stores only its hidden layers (the
+    output layer comes from the support class means), so its meta-learned initialisation carries over to any
+    number of classes. Other heads have a fixed ``n_way`` output layer; evaluate them at their own ``n_way``
+    or pass a factory.
     """
     if getattr(head, "n_way", None) == n_way:
         return head
@@ -132,48 +133,56 @@ def fewshot_eval(
     adapt_layers: int = 0,
     features: Callable[[Tensor], Tensor] | None = None,
     adapt: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> FewShotResult:
     """Evaluate few-shot episode accuracy on held-out token rows.
 
     Args:
-        model: The backbone as it is held (a :class:`picomaml.PicoDecoder`, a ``transformers`` model, a
-            compiled, peft or DDP-wrapped model; see :func:`picomaml.meta_loss`); run under ``no_grad`` in
-            eval mode, its mode restored afterwards. May be ``None`` with ``features``.
+        model: The backbone as it is held (a [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder], a
+            ``transformers`` model, a compiled, peft or DDP-wrapped model; see
+            [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]); run under ``no_grad`` in eval mode,
+            its mode restored afterwards. May be ``None`` with ``features``.
         rows: (B, L) long held-out token rows; episodes' windows are cut from them.
-        n_way: Classes per episode (see :class:`picomaml.SMLMTSampler` for this and the next four).
+        n_way: Classes per episode (see [`picomaml.SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] for this
+            and the next four).
         k_shot: Support windows per class.
         n_query: Query windows per class.
         mask_token_id: The id that replaces the class token.
         window_len: Tokens per window.
         episodes: Number of episodes (>= 1).
-        head: The :class:`picomaml.MetaHead` whose initial weights the inner loop adapts (the trained
-            head, or a fresh one), or a factory ``n_way -> head``. A prototype-init head of another
-            ``n_way`` is rebuilt for this ``n_way`` (see :func:`head_for_n_way`). ``None``: only the
-            nearest-class-mean accuracy is computed.
-        inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``); ``loop.adapt`` runs with
-            gradients enabled for the inner steps only.
-        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`).
+        head: The [`picomaml.MetaHead`][picomaml.meta.head.MetaHead] whose initial weights the inner loop
+            adapts (the trained head, or a fresh one), or a factory ``n_way -> head``. A prototype-init head
+            of another ``n_way`` is rebuilt for this ``n_way`` (see
+            [`head_for_n_way`][picomaml.eval.fewshot.head_for_n_way]). ``None``: only the nearest-class-mean
+            accuracy is computed.
+        inner_loop: The [`picomaml.InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (needed with ``head``);
+            ``loop.adapt`` runs with gradients enabled for the inner steps only.
+        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see
+            [`picomaml.pool_features`][picomaml.meta.features.pool_features]).
         feature_norm: Per-task normalisation of the features, as in training (see
-            :func:`picomaml.meta.objectives.normalize_task_features`); Euclidean nearest-class-mean accuracy
-            does not depend on it.
+            [`picomaml.meta.objectives.normalize_task_features`][picomaml.meta.features.normalize_task_features]);
+            Euclidean nearest-class-mean accuracy does not depend on it.
         seed: Seed of the evaluation's own sampler (the training sampler is never touched).
         min_freq: Lower end of the sampler's class-frequency band (``None``: the sampler default).
         max_freq: Upper end of the band (``None``: the sampler default).
         exclude_token_ids: Ids never used as classes.
         confidence: Coverage of the reported intervals.
-        sampler_kwargs: Further :class:`picomaml.SMLMTSampler` keyword arguments.
+        sampler_kwargs: Further [`picomaml.SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] keyword
+            arguments.
         episodes_per_batch: Episodes that share one backbone forward and one vectorised inner loop
             (memory vs speed; the results do not depend on it).
         adapt_layers: The top blocks that adapt with the head for the accuracy after adaptation, as in
-            training (``meta.adapt_layers``; see :func:`picomaml.meta_loss`). The nearest-class-mean and
-            probe accuracies always use the frozen backbone's features.
+            training (``meta.adapt_layers``; see [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
+            The nearest-class-mean and probe accuracies always use the frozen backbone's features.
         features: ``ids (B, W) -> hidden (B, W, D)`` for a backbone that gives no hidden states itself (see
-            :func:`picomaml.meta_loss`).
+            [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
         adapt: Backbone tensors that adapt with the head for the accuracy after adaptation (names, globs
-            or a predicate, as in :func:`picomaml.meta_loss`).
+            or a predicate, as in [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
+        progress: Called with the number of episodes just scored, after each batch (a progress bar's
+            ``update``).
 
     Returns:
-        A :class:`FewShotResult`.
+        A [`FewShotResult`][picomaml.eval.fewshot_result.FewShotResult].
     """
     from picomaml.meta.sampler import SMLMTSampler
 
@@ -220,6 +229,8 @@ def fewshot_eval(
             before += b
             after += a
             probe += p
+            if progress is not None:
+                progress(t)
     result = summarize_accuracies(n_way, k_shot, n_query, before, after, confidence, probe=probe)
     logger.debug("few-shot %s: before %.4f, after %s", result.setting, result.acc_ncm, result.acc_after)
     return result
@@ -252,28 +263,36 @@ def score_episode_batch(
     features: Callable[[Tensor], Tensor] | None = None,
     adapt: Any = None,
 ) -> tuple[list[float], list[float], list[float]]:
-    """Score a stack of ``T`` episodes with one backbone forward (see :func:`score_tasks`).
+    """Score a stack of ``T`` episodes with one backbone forward (see
+    [`score_tasks`][picomaml.eval.fewshot.score_tasks]).
 
-    The episodes are featurised as in training, by :func:`picomaml.meta.objectives.episode_features` (under
+    The episodes are featurised as in training, by
+    [`picomaml.meta.objectives.episode_features`][picomaml.meta.features.episode_features] (under
     ``no_grad``), with the features in the head's dtype.
 
     Args:
         model: The backbone, run under ``no_grad``.
-        episode: A stacked :class:`~picomaml.Episode` or :class:`~picomaml.eval.leopard.TextEpisode`
-            (``support_*`` ``(T, N*K, ...)``, ``query_*`` ``(T, N*Q, ...)``; see
-            :func:`~picomaml.meta.objectives.episode_features`).
-        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`picomaml.pool_features`;
-            ``"last"`` and ``"mean"`` use only the real tokens of a padded text episode).
+        episode: A stacked [`Episode`][picomaml.meta.episode.Episode] or
+            [`TextEpisode`][picomaml.eval.leopard.TextEpisode] (``support_*`` ``(T, N*K, ...)``, ``query_*``
+            ``(T, N*Q, ...)``; see [`episode_features`][picomaml.meta.features.episode_features]).
+        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see
+            [`picomaml.pool_features`][picomaml.meta.features.pool_features]; ``"last"`` and ``"mean"`` use
+            only the real tokens of a padded text episode).
         n_way: Classes per task.
         head: Head adapted by the inner loop, or ``None`` for nearest-class-mean accuracy only.
         inner_loop: The inner loop (needed with ``head``).
-        feature_norm: Per-task feature normalisation (see :func:`picomaml.meta.objectives.normalize_task_features`).
-        adapt_layers: Top blocks adapted with the head for ``after`` (see :func:`fewshot_eval`).
-        features: The backbone's featuriser, if it gives no hidden states itself (see :func:`fewshot_eval`).
-        adapt: Backbone tensors adapted with the head for ``after`` (see :func:`fewshot_eval`).
+        feature_norm: Per-task feature normalisation (see
+            [`picomaml.meta.objectives.normalize_task_features`][picomaml.meta.features.normalize_task_features]).
+        adapt_layers: Top blocks adapted with the head for ``after`` (see
+            [`fewshot_eval`][picomaml.eval.fewshot.fewshot_eval]).
+        features: The backbone's featuriser, if it gives no hidden states itself (see
+            [`fewshot_eval`][picomaml.eval.fewshot.fewshot_eval]).
+        adapt: Backbone tensors adapted with the head for ``after`` (see
+            [`fewshot_eval`][picomaml.eval.fewshot.fewshot_eval]).
 
     Returns:
-        ``(before, after, probe)``: one accuracy per task each (see :func:`score_tasks`).
+        ``(before, after, probe)``: one accuracy per task each (see
+        [`score_tasks`][picomaml.eval.fewshot.score_tasks]).
     """
     param = next(head.parameters(), None) if head is not None else None
     with torch.no_grad():  # one backbone forward for the t episodes
@@ -315,7 +334,7 @@ def score_tasks(
     Returns:
         ``(before, after, probe)``: one float per task each (``after`` empty without a head); ``probe`` is
         the query accuracy of a linear probe fitted on the support features
-        (:func:`picomaml.eval.probe.linear_probe_accuracy`).
+        ([`picomaml.eval.probe.linear_probe_accuracy`][picomaml.eval.probe.linear_probe_accuracy]).
     """
     finite = (torch.isfinite(xs).flatten(1).all(1) & torch.isfinite(xq).flatten(1).all(1)).tolist()
     if all(finite):
@@ -340,7 +359,7 @@ def score_tasks(
 def _score_finite(
     xs: Tensor, ys: Tensor, xq: Tensor, yq: Tensor, n_way: int, head: nn.Module | None, inner_loop: nn.Module | None
 ) -> tuple[list[float], list[float], list[float]]:
-    """:func:`score_tasks` for features without NaN or Inf."""
+    """[`score_tasks`][picomaml.eval.fewshot.score_tasks] for features without NaN or Inf."""
     ncm = torch.stack([nearest_class_mean(xs[i], ys[i], xq[i], n_way) for i in range(xs.shape[0])])
     before = accuracy(ncm, yq, per_task=True).tolist()
     probe = linear_probe_accuracy(xs, ys, xq, yq, n_way)

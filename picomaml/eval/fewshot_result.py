@@ -1,8 +1,9 @@
-"""The result of a few-shot evaluation: :class:`FewShotResult`, built from per-episode accuracies by
-:func:`summarize_accuracies` and shown as a markdown table by :func:`format_fewshot_table`.
+"""The result of a few-shot evaluation: [`FewShotResult`][picomaml.eval.fewshot_result.FewShotResult], built
+from per-episode accuracies by [`summarize_accuracies`][picomaml.eval.fewshot_result.summarize_accuracies] and
+shown as a markdown table by [`format_fewshot_table`][picomaml.eval.fewshot_result.format_fewshot_table].
 
-:func:`picomaml.eval.fewshot.fewshot_eval` returns one per setting; ``picomaml.eval.fewshot`` re-exports
-the three names.
+[`picomaml.eval.fewshot.fewshot_eval`][picomaml.eval.fewshot.fewshot_eval] returns one per setting;
+``picomaml.eval.fewshot`` re-exports the three names.
 """
 
 from __future__ import annotations
@@ -86,8 +87,8 @@ def summarize_accuracies(
     *,
     probe: Sequence[float] = (),
 ) -> FewShotResult:
-    """A :class:`FewShotResult` (means, confidence half-widths, chance) from per-episode accuracies
-    (``after`` and ``probe`` may be empty: their means are then ``None``)."""
+    """A [`FewShotResult`][picomaml.eval.fewshot_result.FewShotResult] (means, confidence half-widths, chance)
+    from per-episode accuracies (``after`` and ``probe`` may be empty: their means are then ``None``)."""
     acc_ncm, ci_before = mean_ci(before, confidence)
     acc_after, ci_after = mean_ci(after, confidence) if after else (None, None)
     acc_probe, ci_probe = mean_ci(probe, confidence) if probe else (None, None)
@@ -119,11 +120,12 @@ def _fmt(value: float | None, ci: float | None) -> str:
 def format_fewshot_table(results: Sequence[FewShotResult] | FewShotResult) -> str:
     """A markdown table of few-shot results with chance beside each row.
 
-    Example output::
-
+    Examples:
+        ```markdown
         | setting | episodes | NCM before (95% CI) | linear probe (95% CI) | after inner loop (95% CI) | chance |
         |---|---|---|---|---|---|
         | 5-way 4-shot (4 query) | 100 | 0.412 ± 0.021 | 0.430 ± 0.022 | 0.455 ± 0.020 | 0.200 |
+        ```
     """
     if isinstance(results, FewShotResult):
         results = [results]

@@ -12,30 +12,36 @@ a few percent at most). Formulas, with ``d = d_model``, ``kv = n_kv_heads * head
 * Attention scores and values over a sequence of ``L`` tokens: ``2 * 2 * L * d`` forward FLOPs per
   token and layer (``Q K^T`` and ``A V``; the full ``L x L`` square is counted, as the math kernel and the
   usual accounting do, although a causal kernel may skip half of it).
-* **AR step**, ``B`` rows of ``L`` input tokens (``tokens = B L``)::
+* **AR step**, ``B`` rows of ``L`` input tokens (``tokens = B L``):
 
-      ar = 6 * tokens * (P_body + d V) + 12 * n_layers * L * d * tokens
+    ```text
+    ar = 6 * tokens * (P_body + d V) + 12 * n_layers * L * d * tokens
+    ```
 
 * **Meta step**: the backbone runs forward and backward once over ``M = T * N * (K + Q)`` windows of
-  ``W`` tokens, without the LM head (only hidden states are pooled)::
+  ``W`` tokens, without the LM head (only hidden states are pooled):
 
-      backbone = 6 * M * W * P_body + 12 * n_layers * W * d * M * W
+    ```text
+    backbone = 6 * M * W * P_body + 12 * n_layers * W * d * M * W
+    ```
 
-  plus, per task, the inner loop on the head. With ``P_h`` the matmul weights of the head (``D -> h_1 ->
-  ... -> N``, the output layer included also for prototype init) and ``P_1 = D h_1`` those of its first
-  layer, a forward over the ``N K`` support rows costs ``c = 2 P_h N K``, the first layer's share of it
-  ``c_1 = 2 P_1 N K``, and a forward over the ``N Q`` query rows ``q = 2 P_h N Q``::
+    plus, per task, the inner loop on the head. With ``P_h`` the matmul weights of the head (``D -> h_1 ->
+    ... -> N``, the output layer included also for prototype init) and ``P_1 = D h_1`` those of its first
+    layer, a forward over the ``N K`` support rows costs ``c = 2 P_h N K``, the first layer's share of it
+    ``c_1 = 2 P_1 N K``, and a forward over the ``N Q`` query rows ``q = 2 P_h N Q``:
 
-      inner step   s = 3 c - c_1                  (forward c; backward: weight gradients c, input
-                                                   gradients c - c_1, none for the first layer's input)
-      first order:   steps * s + 3 q              (no graph kept; query forward + backward)
-      second order:  steps * 3 s + 3 q            (the outer backward also runs through each inner step)
+    ```text
+    inner step   s = 3 c - c_1                  (forward c; backward: weight gradients c, input
+                                                 gradients c - c_1, none for the first layer's input)
+    first order:   steps * s + 3 q              (no graph kept; query forward + backward)
+    second order:  steps * 3 s + 3 q            (the outer backward also runs through each inner step)
+    ```
 
-  Model of the second-order cost: an inner step is a graph of matmuls costing ``s``; back-propagating
-  through it costs twice that graph again (``2 s``), so ``3 s`` per step, three times the first-order
-  step. This is exact for the autograd path (the tests compare it with ``FlopCounterMode``); the
-  closed-form path of linear heads and the prototype-init class means are not modelled. The head is
-  usually well under 1 % of a meta step.
+    Model of the second-order cost: an inner step is a graph of matmuls costing ``s``; back-propagating
+    through it costs twice that graph again (``2 s``), so ``3 s`` per step, three times the first-order
+    step. This is exact for the autograd path (the tests compare it with ``FlopCounterMode``); the
+    closed-form path of linear heads and the prototype-init class means are not modelled. The head is
+    usually well under 1 % of a meta step.
 
 * **Adapted blocks** (``adapt_layers = k``): the lower ``n_layers - k`` blocks run forward once over the
   ``M`` windows, per task and part; their backward runs over the query windows, and over the support
@@ -43,20 +49,23 @@ a few percent at most). Formulas, with ``d = d_model``, ``kv = n_kv_heads * head
   rows below the adapted blocks). With ``f_s`` / ``f_q`` the forward matmul FLOPs of the ``k`` adapted
   blocks over a task's ``N K`` support / ``N Q`` query rows (``2 r W k P + 4 k W^2 d r`` for ``r`` rows),
   an inner step is a forward and a backward (``3 f_s``: every input gradient is needed, the blocks' norm
-  gains adapt too), three times that second order, and per task::
+  gains adapt too), three times that second order, and per task:
 
-      first order:   f_s + steps * 3 f_s + 3 f_q + (f_q + f_s)
-      second order:  steps * 9 f_s + 3 f_q + (f_q + f_s)        (+ f_s when steps = 0)
+    ```text
+    first order:   f_s + steps * 3 f_s + 3 f_q + (f_q + f_s)
+    second order:  steps * 9 f_s + 3 f_q + (f_q + f_s)        (+ f_s when steps = 0)
+    ```
 
-  (the initial support forward is the first step's forward second order, an extra one first order; the
-  final query forward and backward is ``3 f_q``; ``f_q + f_s`` are the metric forwards of the query rows
-  before and of the support rows after adaptation). The head's inner step is then ``3 c`` (its input
-  gradient is needed: the features depend on the adapted blocks). Not modelled: the support rows'
-  backward that prototype init or ``feature_norm`` add first order, and ``feature_norm``'s backward over
-  the support rows after adaptation.
+    (the initial support forward is the first step's forward second order, an extra one first order; the
+    final query forward and backward is ``3 f_q``; ``f_q + f_s`` are the metric forwards of the query rows
+    before and of the support rows after adaptation). The head's inner step is then ``3 c`` (its input
+    gradient is needed: the features depend on the adapted blocks). Not modelled: the support rows'
+    backward that prototype init or ``feature_norm`` add first order, and ``feature_norm``'s backward over
+    the support rows after adaptation.
 
 ``tests/eval/test_flops.py`` checks these formulas against ``torch.utils.flop_counter.FlopCounterMode``
-for a real forward and backward of a tiny :class:`picomaml.PicoDecoder` (exact for the backbone).
+for a real forward and backward of a tiny [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder] (exact
+for the backbone).
 """
 
 from __future__ import annotations
@@ -101,7 +110,8 @@ def backbone_flops(model_config: Any, n_sequences: int, seq_len: int, lm_head: b
     """Forward + backward FLOPs of the backbone over ``n_sequences`` sequences of ``seq_len`` tokens.
 
     Args:
-        model_config: A :class:`picomaml.PicoDecoderConfig` (or a dict with its fields).
+        model_config: A [`picomaml.PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig] (or a dict
+            with its fields).
         n_sequences: Sequences in the batch.
         seq_len: Tokens per sequence (the model input length).
         lm_head: Count the vocabulary projection (AR steps) or not (meta steps pool hidden states).
@@ -125,7 +135,8 @@ def ar_step_flops(model_config: Any, batch_size: int, seq_len: int) -> int:
 
 
 def head_matmul_params(in_dim: int, n_way: int, head_hidden_dims: Sequence[int] = ()) -> int:
-    """Matmul weights of a :class:`picomaml.MetaHead` ``in_dim -> hidden... -> n_way`` (biases left out)."""
+    """Matmul weights of a [`picomaml.MetaHead`][picomaml.meta.head.MetaHead] ``in_dim -> hidden... -> n_way``
+    (biases left out)."""
     dims = [check_int("in_dim", in_dim, ge=1), *(check_int("head_hidden_dims", h, ge=1) for h in head_hidden_dims)]
     dims.append(check_int("n_way", n_way, ge=2))
     return sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
@@ -207,16 +218,19 @@ def meta_step_flops(
     """FLOPs of one meta step: the backbone over ``T N (K + Q)`` windows (no LM head) plus ``T`` inner loops.
 
     Args:
-        model_config: A :class:`picomaml.PicoDecoderConfig` (or a dict with its fields).
+        model_config: A [`picomaml.PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig] (or a dict
+            with its fields).
         n_way: Classes per task ``N``.
         k_shot: Support windows per class ``K``.
         n_query: Query windows per class ``Q``.
         window_len: Tokens per window ``W``.
         n_tasks: Tasks per meta step ``T``.
-        head_hidden_dims: Hidden sizes of the :class:`picomaml.MetaHead` (``()`` is linear).
+        head_hidden_dims: Hidden sizes of the [`picomaml.MetaHead`][picomaml.meta.head.MetaHead] (``()`` is
+            linear).
         inner_steps: Inner SGD steps.
         first_order: FOMAML (``s`` per inner step) instead of second order (``3 s``).
-        adapt_layers: Top blocks adapted with the head (see :func:`adapted_blocks_flops`).
+        adapt_layers: Top blocks adapted with the head (see
+            [`adapted_blocks_flops`][picomaml.eval.flops.adapted_blocks_flops]).
 
     Returns:
         FLOPs as an integer.
@@ -243,7 +257,7 @@ def meta_step_flops(
 
 
 def _with_layers(model_config: Any, n_layers: int) -> dict[str, int]:
-    """The dims of ``model_config`` with another number of blocks (a dict :func:`_model_dims` reads)."""
+    """The dims of ``model_config`` with another number of blocks (a dict `_model_dims` reads)."""
     d, kv, f, v, _ = _model_dims(model_config)
     get = model_config.get if isinstance(model_config, dict) else lambda k: getattr(model_config, k)
     return {"d_model": d, "n_heads": int(get("n_heads")), "n_kv_heads": int(get("n_kv_heads")), "ffn_dim": f,

@@ -9,19 +9,20 @@ object has
 * ``label``: a string or an integer (required; integers are read as their decimal text).
 
 Other keys are ignored. File names follow ``<task>_train_<k>_<seed>.jsonl`` for the k-shot training
-splits and ``<task>_<split>.jsonl`` (``eval``/``test``/``dev``) otherwise; :func:`parse_leopard_name`
-reads them. The original release writes ``<task>_train_<seed>_<k>.json``: when exactly one of the two
-numbers equals the per-label count of the file, that one is taken as ``k`` (see :func:`load_leopard_file`).
+splits and ``<task>_<split>.jsonl`` (``eval``/``test``/``dev``) otherwise;
+[`parse_leopard_name`][picomaml.eval.leopard.parse_leopard_name] reads them. The original release writes
+``<task>_train_<seed>_<k>.json``: when exactly one of the two numbers equals the per-label count of the file,
+that one is taken as ``k`` (see [`load_leopard_file`][picomaml.eval.leopard.load_leopard_file]).
 
-**Episodes.** :func:`to_episodes` tokenizes each example (``sentence1``, then EOS and ``sentence2`` for a
-pair), truncates to ``window_len`` tokens and right-pads with the tokenizer's pad id. Each episode picks
-``n_way`` labels uniformly among those with enough examples, gives them task-local labels ``[0, N)`` by a
-fresh random permutation, and draws ``k_shot`` support and ``n_query`` query examples per label without
-replacement (from ``query_dataset`` when one is given, e.g. the ``eval`` file beside a ``train_<k>``
-file). All random choices use one seeded ``torch.Generator``. The result is a :class:`TextEpisode`, whose
-fields mean what they mean on :class:`picomaml.Episode` (``*_valid`` marks the real tokens, ``*_mask``
-the masked class tokens, of which text has none, and ``class_ids`` the dataset label of each task-local
-label).
+**Episodes.** [`to_episodes`][picomaml.eval.leopard.to_episodes] tokenizes each example (``sentence1``, then
+EOS and ``sentence2`` for a pair), truncates to ``window_len`` tokens and right-pads with the tokenizer's pad
+id. Each episode picks ``n_way`` labels uniformly among those with enough examples, gives them task-local
+labels ``[0, N)`` by a fresh random permutation, and draws ``k_shot`` support and ``n_query`` query examples
+per label without replacement (from ``query_dataset`` when one is given, e.g. the ``eval`` file beside a
+``train_<k>`` file). All random choices use one seeded ``torch.Generator``. The result is a
+[`TextEpisode`][picomaml.eval.leopard.TextEpisode], whose fields mean what they mean on
+[`picomaml.Episode`][picomaml.meta.episode.Episode] (``*_valid`` marks the real tokens, ``*_mask`` the masked
+class tokens, of which text has none, and ``class_ids`` the dataset label of each task-local label).
 """
 
 from __future__ import annotations
@@ -105,12 +106,13 @@ class FewShotDataset:
 @dataclasses.dataclass
 class TextEpisode:
     """One N-way K-shot text task (or ``T`` stacked along a leading dimension), label-major like
-    :class:`picomaml.Episode`.
+    [`picomaml.Episode`][picomaml.meta.episode.Episode].
 
-    Its fields mean what the fields of the same name mean on :class:`picomaml.Episode` (the names in
-    :data:`picomaml.meta.episode.COMMON_FIELDS`), so one featuriser
-    (:func:`picomaml.meta.objectives.episode_features`) and one display (:func:`picomaml.format_episode`) serve
-    both. A text window masks no class token and may end in padding; an SMLMT window is the other way round.
+    Its fields mean what the fields of the same name mean on
+    [`picomaml.Episode`][picomaml.meta.episode.Episode] (the names in `picomaml.meta.episode.COMMON_FIELDS`),
+    so one featuriser ([`picomaml.meta.objectives.episode_features`][picomaml.meta.features.episode_features])
+    and one display ([`picomaml.format_episode`][picomaml.data.display.format_episode]) serve both. A text
+    window masks no class token and may end in padding; an SMLMT window is the other way round.
 
     Attributes:
         support_ids: ``([T,] N*K, W)`` long token ids, right-padded with the pad id.
@@ -121,8 +123,8 @@ class TextEpisode:
         query_labels: ``([T,] N*Q,)``; row ``j`` has label ``j // Q``.
         query_mask: ``([T,] N*Q, W)`` bool, all False.
         class_ids: ``([T,] N)`` long, what each task-local label stands for in the source: here the index
-            of the dataset label (into :attr:`FewShotDataset.label_names`); on an :class:`~picomaml.Episode`
-            the class token id.
+            of the dataset label (into `FewShotDataset.label_names`); on an
+            [`Episode`][picomaml.meta.episode.Episode] the class token id.
         support_valid: ``([T,] N*K, W)`` bool, True at real (non-pad) tokens, a prefix of each row.
         query_valid: ``([T,] N*Q, W)`` bool, as ``support_valid``.
     """
@@ -139,7 +141,7 @@ class TextEpisode:
 
     @property
     def padded(self) -> bool:
-        """True: rows may end in padding, so poolings read :attr:`support_valid` / :attr:`query_valid`."""
+        """True: rows may end in padding, so poolings read `support_valid` / `query_valid`."""
         return True
 
     def slice(self, start: int, stop: int) -> TextEpisode:
@@ -192,12 +194,14 @@ def load_leopard_file(path: str | os.PathLike[str], *, strict_name: bool = False
 
     Args:
         path: A ``.jsonl`` or ``.json`` file.
-        strict_name: Require the file name to follow :func:`parse_leopard_name` (otherwise task, split,
-            k and seed are simply left unknown when it does not).
+        strict_name: Require the file name to follow
+            [`parse_leopard_name`][picomaml.eval.leopard.parse_leopard_name] (otherwise task, split, k and
+            seed are simply left unknown when it does not).
 
     Returns:
-        A :class:`FewShotDataset` whose ``k_shot``/``seed`` come from the name of a ``train_<a>_<b>`` file:
-        the number equal to the per-label count of the file is ``k`` (when exactly one is), else ``a``.
+        A [`FewShotDataset`][picomaml.eval.leopard.FewShotDataset] whose ``k_shot``/``seed`` come from the
+        name of a ``train_<a>_<b>`` file: the number equal to the per-label count of the file is ``k`` (when
+        exactly one is), else ``a``.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
@@ -318,7 +322,7 @@ def to_episodes(
     Args:
         dataset: The labelled examples (the support pool; also the query pool without ``query_dataset``).
         tokenizer: Anything with ``encode``/``encode_batch`` and ``pad_token_id``/``eos_token_id`` (a
-            :class:`picomaml.data.tokenizer.TokenizerWrapper`).
+            [`picomaml.data.tokenizer.TokenizerWrapper`][picomaml.data.tokenizer.TokenizerWrapper]).
         n_way: Classes per episode (>= 2).
         k_shot: Support examples per class (>= 1).
         n_query: Query examples per class (>= 1).

@@ -98,7 +98,8 @@ def perplexity(
     Runs under ``torch.no_grad`` in eval mode and restores the model's previous train/eval mode.
 
     Args:
-        model: A causal LM: (B, L) ids -> (B, L, V) logits (a :class:`picomaml.PicoDecoder`).
+        model: A causal LM: (B, L) ids -> (B, L, V) logits (a
+            [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder]).
         rows: (N, L) token ids, or a list of 1-D rows of any lengths (right-padded per batch with
             ``pad_id``; the padding is never a target).
         batch_size: Rows per forward pass.

@@ -160,7 +160,8 @@ def linear_probe_accuracy(
     l2: float = 1e-3,
     tol: float = 1e-5,
 ) -> list[float]:
-    """Query accuracy of a linear probe fitted on each task's support set (see :func:`fit_linear_probe`).
+    """Query accuracy of a linear probe fitted on each task's support set (see
+    [`fit_linear_probe`][picomaml.eval.probe.fit_linear_probe]).
 
     Args:
         xs: ``(T, S, D)`` support features.
@@ -168,7 +169,7 @@ def linear_probe_accuracy(
         xq: ``(T, Q, D)`` query features.
         yq: ``(T, Q)`` query labels.
         n_way: Number of classes (>= 2).
-        steps: Most Newton steps (see :func:`fit_linear_probe`).
+        steps: Most Newton steps (see [`fit_linear_probe`][picomaml.eval.probe.fit_linear_probe]).
         l2: Penalty on the standardised weights and bias.
         tol: Gradient-norm threshold at which a task stops.
 

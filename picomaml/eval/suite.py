@@ -1,15 +1,18 @@
 """The few-shot evaluation suite: held-out SMLMT episodes and the downstream task, from a model or a checkpoint.
 
-:func:`run_suite` evaluates a backbone (with its meta-learned head and inner loop, if any) on
+[`run_suite`][picomaml.eval.suite.run_suite] evaluates a backbone (with its meta-learned head and inner loop,
+if any) on
 
-* held-out SMLMT episodes at each ``(n_way, k_shot)`` setting (:func:`picomaml.eval.fewshot.fewshot_eval`);
+* held-out SMLMT episodes at each ``(n_way, k_shot)`` setting
+  ([`picomaml.eval.fewshot.fewshot_eval`][picomaml.eval.fewshot.fewshot_eval]);
 * the downstream paragraph-classification task at the same settings
-  (:func:`picomaml.eval.downstream.downstream_eval`),
+  ([`picomaml.eval.downstream.downstream_eval`][picomaml.eval.downstream.downstream_eval]),
 
-and returns a JSON-ready dict; :func:`format_suite_table` renders it as markdown with chance beside every
-accuracy. :func:`picomaml.train.loading.load_for_eval` rebuilds what the suite needs
-from a trainer checkpoint or a Hugging Face export; ``picomaml eval`` (:func:`picomaml.cli.eval_main`) is
-the command line over them.
+and returns a JSON-ready dict; [`format_suite_table`][picomaml.eval.suite.format_suite_table] renders it as
+markdown with chance beside every accuracy.
+[`picomaml.train.loading.load_for_eval`][picomaml.train.loading.load_for_eval] rebuilds what the suite needs
+from a trainer checkpoint or a Hugging Face export; ``picomaml eval`` (`picomaml.cli.eval_main`) is the
+command line over them.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import logging
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -88,16 +91,18 @@ def run_suite(
     episodes_per_batch: int = 16,
     sampler_kwargs: dict[str, Any] | None = None,
     adapt_layers: int = 0,
+    progress: Callable[[int, str], None] | None = None,
 ) -> dict[str, Any]:
     """Run held-out SMLMT episodes and the downstream task at every setting.
 
     Args:
-        model: The backbone (a :class:`picomaml.PicoDecoder`).
+        model: The backbone (a [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder]).
         tokenizer: Its tokenizer (``mask_token_id``, ``special_token_ids``, ``encode_batch``).
         heldout_rows: ``(B, L)`` long held-out token rows for SMLMT episodes.
-        head: The meta-learned :class:`picomaml.MetaHead`, or ``None`` (nearest class mean only). A head
-            that cannot serve a setting's ``n_way`` (not prototype-init) gives "after" only at its own.
-        inner_loop: The :class:`picomaml.InnerLoop` (needed with ``head``).
+        head: The meta-learned [`picomaml.MetaHead`][picomaml.meta.head.MetaHead], or ``None`` (nearest class
+            mean only). A head that cannot serve a setting's ``n_way`` (not prototype-init) gives "after" only
+            at its own.
+        inner_loop: The [`picomaml.InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (needed with ``head``).
         settings: ``(n_way, k_shot)`` pairs.
         episodes: Episodes per setting and task.
         n_query: Queries per class.
@@ -111,23 +116,27 @@ def run_suite(
         downstream: Also run the downstream task.
         downstream_window_len: Tokens per paragraph window (capped at the model's ``max_seq_len``).
         downstream_pooling: ``"mean"`` over a paragraph window's real tokens or its ``"last"`` real token
-            (see :func:`picomaml.pool_features` with ``valid``).
-        downstream_dataset: The downstream :class:`~picomaml.eval.leopard.FewShotDataset` (default: the
-            held-out paragraphs of the embedded corpus).
+            (see [`picomaml.pool_features`][picomaml.meta.features.pool_features] with ``valid``).
+        downstream_dataset: The downstream [`FewShotDataset`][picomaml.eval.leopard.FewShotDataset] (default:
+            the held-out paragraphs of the embedded corpus).
         cache_dir: Cache root of the embedded corpus.
         confidence: Coverage of the intervals.
         episodes_per_batch: Episodes per backbone forward.
-        sampler_kwargs: Further :class:`picomaml.SMLMTSampler` arguments of the SMLMT episodes, e.g.
-            ``holdout_fraction``/``holdout_seed``/``class_split="heldout"`` so that evaluation classes are
-            never training classes (a checkpoint's :attr:`picomaml.train.loading.EvalBundle.suite_kwargs` sets them from its run).
+        sampler_kwargs: Further [`picomaml.SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] arguments of the
+            SMLMT episodes, e.g. ``holdout_fraction``/``holdout_seed``/``class_split="heldout"`` so that
+            evaluation classes are never training classes (a checkpoint's
+            `picomaml.train.loading.EvalBundle.suite_kwargs` sets them from its run).
         adapt_layers: Top blocks adapted with the head on SMLMT episodes, as in training (``meta.adapt_layers``);
             the downstream task adapts the head only.
+        progress: Called as ``progress(episodes_done, part)`` after each batch of episodes (``part`` such as
+            ``"smlmt 5w1s"``); the whole suite is ``len(settings) * episodes`` episodes, twice that with
+            ``downstream``. ``picomaml eval`` draws its progress bar and estimate from it.
 
     Returns:
         ``{"episodes", "seed", "confidence", "settings", "smlmt": [row, ...], "downstream": [row, ...],
         "skipped": [{"task", "setting", "reason"}, ...], "seconds"}``; a row holds the fields of
-        :class:`~picomaml.eval.fewshot.FewShotResult` plus ``task`` and ``setting`` (per-episode lists
-        included, so two models can be compared episode by episode).
+        [`FewShotResult`][picomaml.eval.fewshot_result.FewShotResult] plus ``task`` and ``setting``
+        (per-episode lists included, so two models can be compared episode by episode).
     """
     from picomaml.eval.downstream import downstream_eval, load_downstream_dataset
     from picomaml.meta.smlmt import SamplingError
@@ -151,6 +160,7 @@ def run_suite(
     text_window = min(downstream_window_len, max_len) if max_len else downstream_window_len
     for n_way, k_shot in settings:
         setting = f"{n_way}w{k_shot}s"
+        smlmt_done = _tick(progress, f"smlmt {setting}")
         h, why = _head_for(head, n_way)
         if why:
             out["skipped"].append({"task": "after inner loop", "setting": setting, "reason": why})
@@ -163,6 +173,7 @@ def run_suite(
                 feature_norm=feature_norm, seed=seed, min_freq=min_freq, max_freq=max_freq,
                 exclude_token_ids=exclude_token_ids, confidence=confidence,
                 episodes_per_batch=episodes_per_batch, sampler_kwargs=sampler_kwargs, adapt_layers=adapt_layers,
+                progress=smlmt_done,
             )  # fmt: skip
             out["smlmt"].append(_result_dict("smlmt", res))
         except (SamplingError, ValueError) as exc:
@@ -178,6 +189,7 @@ def run_suite(
                 episodes=episodes, head=h, inner_loop=inner_loop if h is not None else None,
                 pooling=downstream_pooling, seed=seed, feature_norm=feature_norm,
                 dataset=downstream_dataset, confidence=confidence, episodes_per_batch=episodes_per_batch,
+                progress=_tick(progress, f"downstream {setting}"),
             )  # fmt: skip
             out["downstream"].append(_result_dict("downstream", res))
         except ValueError as exc:
@@ -187,6 +199,13 @@ def run_suite(
     return out
 
 
+def _tick(progress: Callable[[int, str], None] | None, part: str) -> Callable[[int], None] | None:
+    """A per-part ``progress(n)`` that reports ``(n, part)`` to the suite's callback."""
+    if progress is None:
+        return None
+    return lambda n: progress(n, part)
+
+
 def _cell(value: float | None, ci: float | None) -> str:
     if value is None:
         return "n/a"
@@ -194,13 +213,15 @@ def _cell(value: float | None, ci: float | None) -> str:
 
 
 def format_suite_table(results: dict[str, Any]) -> str:
-    """Markdown table of a :func:`run_suite` result, chance beside every accuracy, skipped parts listed.
+    """Markdown table of a [`run_suite`][picomaml.eval.suite.run_suite] result, chance beside every accuracy,
+    skipped parts listed.
 
-    Example::
-
+    Examples:
+        ```markdown
         | task | setting | episodes | NCM before (95% CI) | linear probe (95% CI) | after inner loop (95% CI) | chance |
         |---|---|---|---|---|---|---|
         | SMLMT held-out | 5-way 1-shot (4 query) | 500 | 0.312 ± 0.012 | 0.305 ± 0.012 | 0.334 ± 0.013 | 0.200 |
+        ```
     """
     pct = f"{int(round(100 * results.get('confidence', 0.95)))}% CI"
     lines = [

@@ -1,21 +1,31 @@
 """Push each checkpoint's HF export and learning dynamics to a Hugging Face Hub branch, in the background.
 
 Layout, as pico-train's: one branch per run, with one commit per checkpoint that puts the step's files
-at the branch root, so the branch head is the latest checkpoint and the commit history holds every step::
+at the branch root, so the branch head is the latest checkpoint and the commit history holds every step:
 
-    <repo>@<branch>/
-      config.json, model.safetensors, tokenizer files ...   the step's hf/ export
-      learning_dynamics/{train,val}_{activations,weights,gradients}.pt
-      config.yaml                                           the step's picomaml config
-      training_config.yaml                                  the run's pico-analyze view
+```text
+<repo>@<branch>/
+  config.json, model.safetensors, tokenizer files ...   the step's hf/ export
+  learning_dynamics/{train,val}_{activations,weights,gradients}.pt
+  config.yaml                                           the step's picomaml config
+  training_config.yaml                                  the run's pico-analyze view
+```
 
 Commit titles carry pico-train's phrases (``Saving HF Model -- Step 20``, ``Saving Learning Dynamics Data
 (val) -- Step 20``), which pico-analyze's remote mode (``--repo_id --branch``) searches for to find a step.
 Files of an earlier step that a later step lacks stay on the branch head; the step's own commit is exact.
 
 Uploads run on one worker thread (commits in submission order) and are retried with exponential backoff;
-a step that still fails is logged as a warning and kept in :attr:`HubUploader.failures`. Local files are
-only read, never moved or deleted.
+a step that still fails is logged as a warning and kept in [`HubUploader.failures`][picomaml.interop.hub_upload.HubUploader.failures].
+Local files are only read, never moved or deleted.
+
+Why a worker thread of its own instead of `huggingface_hub`'s helpers: `CommitScheduler` commits a folder's
+state on a timer, not one commit per checkpoint under the titles pico-analyze searches for; and
+`HfApi.run_as_future` queues work on a `ThreadPoolExecutor`, whose threads Python joins at exit, so a
+stalled upload would keep a finished (or Ctrl-C'd) trainer from exiting. Here the thread is a daemon and
+`close` waits a bounded time. Neither helper retries a transient failure or keeps the pending and failed
+steps, which the trainer needs: the pruner keeps pending steps' folders and the end-of-run summary reports
+the failures.
 """
 
 from __future__ import annotations
@@ -141,7 +151,7 @@ def _retryable(exc: BaseException) -> bool:
 
 
 class HubUploader:
-    """Pushes checkpoints to ``repo_id@branch`` on a worker thread; :meth:`submit` never blocks or raises.
+    """Pushes checkpoints to ``repo_id@branch`` on a worker thread; [`submit`][picomaml.interop.hub_upload.HubUploader.submit] never blocks or raises.
 
     Args:
         repo_id: ``user/name``; created (private unless ``private=False``) if missing.
@@ -206,7 +216,7 @@ class HubUploader:
             return list(self._pending)
 
     def submit(self, step: int, folders: Mapping[str, str | os.PathLike[str]]) -> None:
-        """Queue one commit of ``folders``: repo path -> local folder or file (:func:`checkpoint_folders`).
+        """Queue one commit of ``folders``: repo path -> local folder or file ([`checkpoint_folders`][picomaml.interop.hub_upload.checkpoint_folders]).
 
         The file list is taken now; contents are read when the upload runs.
         """
@@ -291,13 +301,13 @@ class HubUploader:
 def uploader_from_config(
     checkpoint_cfg: Any, run_dir: str | os.PathLike[str], **kwargs: Any
 ) -> HubUploader | None:
-    """A :class:`HubUploader` for ``checkpoint.hub_repo`` (``None`` when unset) on ``checkpoint.hub_branch``
-    or, when that is null, the run directory's name made a branch name (:func:`branch_name`).
+    """A [`HubUploader`][picomaml.interop.hub_upload.HubUploader] for ``checkpoint.hub_repo`` (``None`` when unset) on ``checkpoint.hub_branch``
+    or, when that is null, the run directory's name made a branch name ([`branch_name`][picomaml.interop.hub_upload.branch_name]).
 
     Args:
         checkpoint_cfg: The ``checkpoint`` config section.
         run_dir: The run directory.
-        **kwargs: Passed on to :class:`HubUploader` (``token``, ``api``, ``retries``, ...).
+        **kwargs: Passed on to [`HubUploader`][picomaml.interop.hub_upload.HubUploader] (``token``, ``api``, ``retries``, ...).
     """
     if not checkpoint_cfg.hub_repo:
         return None

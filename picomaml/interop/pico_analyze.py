@@ -4,8 +4,10 @@ pico-analyze (github.com/pico-lm/pico-analyze) reads a run directory written by 
 ``training_config.yaml`` at its root (the OV-circuit component reads ``model.d_model``,
 ``model.attention_n_heads`` and ``model.attention_n_kv_heads``; an analysis without a name is named after
 ``checkpointing.run_name``) and ``checkpoints/step_{N}/learning_dynamics/{split}_{kind}.pt``. picomaml's
-own strict ``config.yaml`` stays the source of truth; :func:`training_config` derives the pico-train view of
-it, and the run directory writes both at every start (:func:`picomaml.train.run_dir.commit_start`).
+own strict ``config.yaml`` stays the source of truth;
+[`training_config`][picomaml.interop.pico_analyze.training_config] derives the pico-train view of it, and the
+run directory writes both at every start
+([`picomaml.train.run_dir.commit_start`][picomaml.train.run_dir.commit_start]).
 
 A picomaml decoder's module names are ``layers.{i}.attention.{q,k,v,o}_proj`` and
 ``layers.{i}.mlp.{gate,up,down}_proj`` (pico-train's ``swiglu.w_2`` is ``mlp.down_proj``); an analysis
@@ -29,7 +31,7 @@ def training_config(config: Any, run_name: str) -> dict[str, Any]:
     """The pico-train-style description of a run (the keys pico-analyze and pico-train's tools read).
 
     Args:
-        config: The run's :class:`~picomaml.ExperimentConfig`.
+        config: The run's [`ExperimentConfig`][picomaml.train.config.ExperimentConfig].
         run_name: The run's name (its directory's name).
 
     Returns:
@@ -79,6 +81,7 @@ def training_config(config: Any, run_name: str) -> dict[str, Any]:
 
 
 def training_config_yaml(config: Any, run_name: str) -> str:
-    """:func:`training_config` as YAML text (the contents of ``RUN/training_config.yaml``)."""
+    """[`training_config`][picomaml.interop.pico_analyze.training_config] as YAML text (the contents of
+    ``RUN/training_config.yaml``)."""
     header = "# written by picomaml for pico-analyze; the run's full config is config.yaml\n"
     return header + yaml.safe_dump(training_config(config, run_name), sort_keys=False)

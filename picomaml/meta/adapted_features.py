@@ -1,18 +1,19 @@
 """Backbone tensors that adapt with the head: ``meta_loss(..., adapt=...)`` and ``adapt_layers=k``.
 
 Any selection of a backbone's tensors (LoRA matrices of a peft model, norms, biases, named blocks) adapts
-together with the :class:`~picomaml.MetaHead` through the engine's one SGD step
-(:func:`picomaml.meta.engine.sgd_steps`). Each inner step needs the pooled support features under the
-task's current backbone tensors; they come from one of two featurisers:
+together with the [`MetaHead`][picomaml.meta.head.MetaHead] through the engine's one SGD step
+([`picomaml.meta.engine.sgd_steps`][picomaml.meta.engine.sgd_steps]). Each inner step needs the pooled support
+features under the task's current backbone tensors; they come from one of two featurisers:
 
-* **split** (:class:`SplitFeatures`): when every adapted tensor lies in the top blocks or the final norm
-  (:meth:`TopBlocks.covering <picomaml.meta.top_blocks.TopBlocks.covering>`) and re-running those blocks
-  reproduces the model's own hidden states at this call's window length, dtype and device
-  (:meth:`~picomaml.meta.top_blocks.TopBlocks.reproduces`), everything below the lowest adapted block runs once
-  and only the blocks from there up re-run per inner step;
-* **full** (:class:`FullFeatures`): otherwise the whole backbone re-runs per inner step under the adapted
-  tensors (``torch.func.functional_call`` of the caller's own featuriser, vectorised over tasks), which
-  is the model's own forward by construction. Never a silent difference.
+* **split** ([`SplitFeatures`][picomaml.meta.adapted_features.SplitFeatures]): when every adapted tensor lies
+  in the top blocks or the final norm ([`TopBlocks.covering`][picomaml.meta.top_blocks.TopBlocks.covering])
+  and re-running those blocks reproduces the model's own hidden states at this call's window length, dtype and
+  device ([`reproduces`][picomaml.meta.top_blocks.TopBlocks.reproduces]), everything below the lowest adapted
+  block runs once and only the blocks from there up re-run per inner step;
+* **full** ([`FullFeatures`][picomaml.meta.adapted_features.FullFeatures]): otherwise the whole backbone
+  re-runs per inner step under the adapted tensors (``torch.func.functional_call`` of the caller's own
+  featuriser, vectorised over tasks), which is the model's own forward by construction. Never a silent
+  difference.
 
 Nothing is mutated and no ``.grad`` is written; one ``loss.backward()`` by the caller is the meta-gradient,
 exact second order by default (first order with ``first_order=True``), learned inner LRs included.
@@ -94,7 +95,9 @@ class SplitFeatures(_Features):
     Args:
         top: The re-run blocks and the adapted names.
         captured: Per task, ``{"support": (BlockInput, (mask, valid)), "query": ...}``.
-        pooling, feature_norm, dtype: As in :func:`picomaml.meta_loss` (``dtype``: the head's).
+        pooling: As in [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss].
+        feature_norm: As in [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss].
+        dtype: The head's dtype; the pooled features are cast to it.
     """
 
     def __init__(self, top: TopBlocks, captured: list[dict], pooling: str, feature_norm: str, dtype: Any) -> None:
@@ -135,7 +138,9 @@ class FullFeatures(_Features):
         selection: The adapted backbone tensors.
         rows: The episode's rows (``(T*(N*K+N*Q), W)``, support then query rows of each task).
         features: The caller's ``features=`` callable, if any.
-        pooling, feature_norm, dtype: As in :func:`picomaml.meta_loss`.
+        pooling: As in [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss].
+        feature_norm: As in [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss].
+        dtype: The head's dtype; the pooled features are cast to it.
     """
 
     def __init__(
@@ -228,13 +233,13 @@ def adapted_inner_loop(
     Args:
         loop: Its ``steps``, ``lr`` (or learned LRs bound to the head and the selection), ``first_order``,
             ``grad_clip`` and ``multi_step_loss``.
-        head: The :class:`~picomaml.MetaHead`.
-        feats: The featuriser (:func:`adapted_features`).
+        head: The [`MetaHead`][picomaml.meta.head.MetaHead].
+        feats: The featuriser ([`adapted_features`][picomaml.meta.adapted_features.adapted_features]).
         ys: ``(T, N*K)`` support labels; yq: ``(T, N*Q)`` query labels.
 
     Returns:
-        :class:`~picomaml.InnerLoopOutput` with a task dim on ``params`` (head and backbone tensors, under
-        the model's names) and ``query_logits``.
+        [`InnerLoopOutput`][picomaml.meta.engine.InnerLoopOutput] with a task dim on ``params`` (head and
+        backbone tensors, under the model's names) and ``query_logits``.
     """
     head_names, bb_names = tuple(head.adapted_names), feats.names
     lr_fn = loop.lr_fn(head_names + bb_names)

@@ -5,18 +5,19 @@ for the meta objective. Three kinds are recognised, in this order:
 
 1. ``features=``: a callable ``ids (B, L) long -> hidden (B, L, D)`` passed by the caller (e.g. a method of
    the user's model that runs it without its output layer). Always wins.
-2. A :class:`~picomaml.PicoDecoder` (anything with a ``hidden_states(ids)`` method), or a module whose
-   ``forward`` takes ``return_hidden=True`` and returns ``(logits, hidden)``.
+2. A [`PicoDecoder`][picomaml.model.decoder.PicoDecoder] (anything with a ``hidden_states(ids)`` method), or a
+   module whose ``forward`` takes ``return_hidden=True`` and returns ``(logits, hidden)``.
 3. A ``transformers`` model: a causal LM is run through its base model (``model.base_model``, which returns
    ``last_hidden_state``) so the vocabulary projection is never computed; a bare base model is run as is.
 
-:func:`lm_logits` accepts any module whose output is logits ``(B, L, V)``: a tensor, a tuple whose first
-item they are, or an object with ``.logits`` (a ``transformers`` ``ModelOutput``). For ``transformers``
-models ``use_cache=False`` is passed, so no KV cache is built during training.
+[`lm_logits`][picomaml.meta.backbone.lm_logits] accepts any module whose output is logits ``(B, L, V)``: a
+tensor, a tuple whose first item they are, or an object with ``.logits`` (a ``transformers`` ``ModelOutput``).
+For ``transformers`` models ``use_cache=False`` is passed, so no KV cache is built during training.
 
-:func:`decoder_layout` finds the block list and final norm of a decoder for ``adapt_layers``
-(:mod:`picomaml.meta.top_blocks`): PicoDecoder, Llama-style (``model.layers``, ``model.norm``) and GPT-2-style
-(``transformer.h``, ``transformer.ln_f``) ``transformers`` models, and other families with the same names.
+[`decoder_layout`][picomaml.meta.backbone.decoder_layout] finds the block list and final norm of a decoder for
+``adapt_layers`` ([`picomaml.meta.top_blocks`][picomaml.meta.top_blocks]): PicoDecoder, Llama-style
+(``model.layers``, ``model.norm``) and GPT-2-style (``transformer.h``, ``transformer.ln_f``) ``transformers``
+models, and other families with the same names.
 """
 
 from __future__ import annotations
@@ -102,7 +103,7 @@ def unwrap_model(model: nn.Module) -> nn.Module:
     The meta objective runs the unwrapped module: it re-runs parts of it functionally (which a compiled
     graph cannot) and names its tensors without the wrappers' prefixes. A peft ``PeftModel`` unwraps to
     its base model, which holds the injected adapter tensors (``...q_proj.lora_A.default.weight``). A DDP
-    wrapper's gradient all-reduce is kept by :func:`ddp_step`.
+    wrapper's gradient all-reduce is kept by [`ddp_step`][picomaml.meta.backbone.ddp_step].
     """
     return _layers(model)[-1]
 
@@ -132,7 +133,8 @@ def ddp_step(ddp: nn.Module) -> Iterator[Callable[[Tensor], Tensor]]:
 
 
 def strip_wrapper_prefix(name: str) -> str:
-    """A parameter name of a wrapped model as the unwrapped model names it (see :func:`unwrap_model`)."""
+    """A parameter name of a wrapped model as the unwrapped model names it (see
+    [`unwrap_model`][picomaml.meta.backbone.unwrap_model])."""
     changed = True
     while changed:
         changed = False
@@ -243,14 +245,15 @@ _LOSS_CHUNK_BYTES, _LOSS_MAX_CHUNKS = 16 * 2**20, 16
 
 
 def next_token_loss(model: nn.Module, ids: Tensor, targets: Tensor, ignore_index: int = -100) -> Tensor:
-    """Mean cross-entropy of :func:`lm_logits` ``(B, L, V)`` of ``ids`` against ``targets`` ``(B, L)``.
+    """Mean cross-entropy of [`lm_logits`][picomaml.meta.backbone.lm_logits] ``(B, L, V)`` of ``ids`` against
+    ``targets`` ``(B, L)``.
 
-    No target checks (:func:`picomaml.lm_loss` makes them): the function that
-    :func:`picomaml.train.compile.compile_backbone` compiles whole, so the loss fuses with the vocabulary
-    projection. Half-precision logits are upcast to float32 first. For a PicoDecoder on CPU the
-    projection and the loss run over chunks of rows (at most 16 MiB of logits each), the same loss: the
-    model is called through ``hidden_states`` and ``lm_head`` (its own forward hooks do not run, the
-    head's run once per chunk).
+    No target checks ([`picomaml.lm_loss`][picomaml.meta.objectives.lm_loss] makes them): the function that
+    [`picomaml.train.compile.compile_backbone`][picomaml.train.compile.compile_backbone] compiles whole, so
+    the loss fuses with the vocabulary projection. Half-precision logits are upcast to float32 first. For a
+    PicoDecoder on CPU the projection and the loss run over chunks of rows (at most 16 MiB of logits each),
+    the same loss: the model is called through ``hidden_states`` and ``lm_head`` (its own forward hooks do not
+    run, the head's run once per chunk).
     """
     rows = _loss_chunk_rows(model, ids)
     if rows is None:
@@ -264,7 +267,8 @@ def next_token_loss(model: nn.Module, ids: Tensor, targets: Tensor, ignore_index
 
 
 def _loss_chunk_rows(model: nn.Module, ids: Tensor) -> int | None:
-    """Rows per chunk of :func:`next_token_loss` for a PicoDecoder on CPU; ``None``: one chunk."""
+    """Rows per chunk of [`next_token_loss`][picomaml.meta.backbone.next_token_loss] for a PicoDecoder on CPU;
+    ``None``: one chunk."""
     from picomaml.model.decoder import PicoDecoder
 
     if not isinstance(model, PicoDecoder) or ids.device.type != "cpu":
@@ -347,7 +351,7 @@ def decoder_layout(model: nn.Module) -> DecoderLayout:
     parameters anywhere in it (OPT's ``decoder.layers``, BERT's ``encoder.layer``, a nanoGPT-style
     ``transformer.h``); the final norm is an attribute named like ``norm``/``ln_f``/``final_layer_norm`` of
     the module that holds the blocks. Whether re-running them reproduces the model is checked separately
-    (:meth:`picomaml.meta.top_blocks.TopBlocks.reproduces`).
+    ([`picomaml.meta.top_blocks.TopBlocks.reproduces`][picomaml.meta.top_blocks.TopBlocks.reproduces]).
 
     Raises:
         TypeError: the model holds no ``nn.ModuleList``; the message names ``adapt_layers``.
@@ -386,20 +390,25 @@ LOSS_ATTR = "_picomaml_next_token_loss"  # instance attribute: the compiled forw
 
 
 def compiled_loss(model: nn.Module) -> Callable | None:
-    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by :func:`~picomaml.train.compile.compile_backbone`
-    (:func:`picomaml.meta.backbone.next_token_loss` as one graph), or ``None``: not compiled, a model whose
-    config gives no ``vocab_size``, or inside :func:`~picomaml.train.compile.eager_mode`. :func:`picomaml.lm_loss` uses it."""
+    """The compiled ``(ids, targets, ignore_index) -> loss`` of a model compiled by
+    [`compile_backbone`][picomaml.train.compile.compile_backbone]
+    ([`picomaml.meta.backbone.next_token_loss`][picomaml.meta.backbone.next_token_loss] as one graph), or
+    ``None``: not compiled, a model whose config gives no ``vocab_size``, or inside
+    [`eager_mode`][picomaml.train.compile.eager_mode]. [`picomaml.lm_loss`][picomaml.meta.objectives.lm_loss]
+    uses it."""
     fn = model.__dict__.get(LOSS_ATTR)
     return fn if callable(fn) else None
 
 
 def is_compiled(module: nn.Module) -> bool:
-    """True when :func:`~picomaml.train.compile.compile_backbone` has compiled ``module``'s forward."""
+    """True when [`compile_backbone`][picomaml.train.compile.compile_backbone] has compiled ``module``'s
+    forward."""
     return "forward" in module.__dict__.get(EAGER_ATTR, {})
 
 
 def eager_forward(module: nn.Module) -> Callable:
-    """The eager ``forward`` of a module compiled by :func:`~picomaml.train.compile.compile_backbone` (``module.forward`` otherwise).
+    """The eager ``forward`` of a module compiled by
+    [`compile_backbone`][picomaml.train.compile.compile_backbone] (``module.forward`` otherwise).
 
     Calling it skips the module's own hooks (not its submodules'), as calling ``forward`` always does.
     """

@@ -1,15 +1,16 @@
 """The functional core of the one inner-loop engine: SGD on task-stacked tensors, and the general form.
 
-Every adaptation in the library is :func:`sgd_steps`: a dict ``name -> (T, ...)`` of tensors with an
-explicit leading task dimension ``T``, a function that returns their gradients, and ``steps`` updates
-``p - lr * g`` that build new tensors (nothing is mutated, no ``.grad`` is written). The callers differ
-only in how they compute the gradient:
+Every adaptation in the library is [`sgd_steps`][picomaml.meta.engine.sgd_steps]: a dict ``name -> (T, ...)``
+of tensors with an explicit leading task dimension ``T``, a function that returns their gradients, and
+``steps`` updates ``p - lr * g`` that build new tensors (nothing is mutated, no ``.grad`` is written). The
+callers differ only in how they compute the gradient:
 
-* the head fast path (:mod:`picomaml.meta.inner_loop`): batched matrix products of a
-  :class:`~picomaml.MetaHead`, or the written-out gradient of a linear head;
-* the backbone path (:mod:`picomaml.meta.adapted_features`): pooled features of adapted backbone tensors;
-* the general form (:func:`general_losses`): any ``nn.Module`` under any loss, its forward vectorised
-  over tasks with ``torch.func.vmap`` of ``functional_call``.
+* the head fast path ([`picomaml.meta.inner_loop`][picomaml.meta.inner_loop]): batched matrix products of a
+  [`MetaHead`][picomaml.meta.head.MetaHead], or the written-out gradient of a linear head;
+* the backbone path ([`picomaml.meta.adapted_features`][picomaml.meta.adapted_features]): pooled features of
+  adapted backbone tensors;
+* the general form ([`general_losses`][picomaml.meta.engine.general_losses]): any ``nn.Module`` under any
+  loss, its forward vectorised over tasks with ``torch.func.vmap`` of ``functional_call``.
 
 Each step is one ``torch.autograd.grad`` over the task-stacked tensors: tasks are independent, so the
 gradient of the *sum* of the per-task losses is, slice by slice, each task's own gradient. The gradient
@@ -111,7 +112,7 @@ def make_leaves(params: dict[str, Tensor], create_graph: bool) -> dict[str, Tens
 
 
 def autograd_grads(loss_fn: Callable[[dict, int], Tensor], create_graph: bool) -> GradFn:
-    """A :data:`GradFn` from ``loss_fn(leaves, step) -> scalar`` (the sum of the per-task losses)."""
+    """A `GradFn` from ``loss_fn(leaves, step) -> scalar`` (the sum of the per-task losses)."""
 
     def grad_fn(leaves: dict[str, Tensor], step: int) -> list[Tensor]:
         loss = loss_fn(leaves, step)
@@ -135,7 +136,8 @@ def sgd_steps(
 
     Args:
         grad_fn: ``(leaves, step) -> [grad (T, ...)]`` in the order of ``params`` (leaves from
-            :func:`make_leaves`; :func:`autograd_grads` builds one from a loss).
+            [`make_leaves`][picomaml.meta.engine.make_leaves];
+            [`autograd_grads`][picomaml.meta.engine.autograd_grads] builds one from a loss).
         params: ``name -> (T, ...)`` initial tensors (their graph reaches the meta-parameters).
         steps: Number of SGD steps.
         lr_fn: ``(step, tensor_index) -> lr``: a float, a 0-dim tensor (a learned LR) or a tensor of the
@@ -261,7 +263,7 @@ def general_losses(
 
 @dataclasses.dataclass
 class InnerLoopOutput:
-    """What :class:`InnerLoop` returns.
+    """What [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop] returns.
 
     Attributes:
         loss: Scalar query loss after adaptation (mean over tasks; with ``multi_step_loss`` the mean over

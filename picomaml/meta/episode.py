@@ -1,15 +1,17 @@
 """The tensors of one N-way K-shot SMLMT episode (or of a stack of T independent episodes).
 
-An :class:`Episode` is plain data: it does not know how it was sampled (see
-:class:`picomaml.meta.sampler.SMLMTSampler`). Rows are laid out label-major: support row ``i`` has label
-``i // K`` and query row ``j`` has label ``j // Q``, and ``class_token_ids[l]`` is the original token id
-that label ``l`` stands for in this task. Optional provenance (``support_windows`` / ``query_windows``,
-the indices of the source windows in the sampler's buffer, and ``windows_per_row``) lets tests and
-displays map every row back to the tokens it came from.
+An [`Episode`][picomaml.meta.episode.Episode] is plain data: it does not know how it was sampled (see
+[`picomaml.meta.sampler.SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler]). Rows are laid out label-major:
+support row ``i`` has label ``i // K`` and query row ``j`` has label ``j // Q``, and ``class_token_ids[l]`` is
+the original token id that label ``l`` stands for in this task. Optional provenance (``support_windows`` /
+``query_windows``, the indices of the source windows in the sampler's buffer, and ``windows_per_row``) lets
+tests and displays map every row back to the tokens it came from.
 
-The text episodes of the downstream evaluation (:class:`picomaml.eval.leopard.TextEpisode`) carry the
-fields of :data:`COMMON_FIELDS` with the same meanings, so featurising
-(:func:`picomaml.meta.objectives.episode_features`) and display (:func:`picomaml.format_episode`) treat both
+The text episodes of the downstream evaluation
+([`picomaml.eval.leopard.TextEpisode`][picomaml.eval.leopard.TextEpisode]) carry the fields of `COMMON_FIELDS`
+with the same meanings, so featurising
+([`picomaml.meta.objectives.episode_features`][picomaml.meta.features.episode_features]) and display
+([`picomaml.format_episode`][picomaml.data.display.format_episode]) treat both
 alike: ``*_mask`` is True at masked class tokens (none in a text window), ``*_valid`` at real, non-pad
 tokens (every position of an SMLMT window), and ``class_ids`` says what each task-local label stands for
 (the class token id here, the dataset label index there).
@@ -53,7 +55,8 @@ COMMON_FIELDS = (
 
 
 class EpisodeError(ValueError):
-    """An :class:`Episode` breaks one of its invariants (shape, dtype, label range, class balance)."""
+    """An [`Episode`][picomaml.meta.episode.Episode] breaks one of its invariants (shape, dtype, label range,
+    class balance)."""
 
 
 @dataclasses.dataclass
@@ -77,9 +80,9 @@ class Episode:
         query_windows: ``(N*Q,)`` long or None, as ``support_windows``.
         windows_per_row: Windows cut from each buffer row (None when unknown).
 
-    Properties shared with :class:`picomaml.eval.leopard.TextEpisode` (see :data:`COMMON_FIELDS`):
-    ``support_valid`` / ``query_valid`` (all True: an SMLMT window has no padding), ``class_ids`` (the
-    same tensor as ``class_token_ids``) and ``padded`` (False).
+    Properties shared with [`picomaml.eval.leopard.TextEpisode`][picomaml.eval.leopard.TextEpisode] (see
+    `COMMON_FIELDS`): ``support_valid`` / ``query_valid`` (all True: an SMLMT window has no padding),
+    ``class_ids`` (the same tensor as ``class_token_ids``) and ``padded`` (False).
     """
 
     support_ids: Tensor
@@ -102,17 +105,19 @@ class Episode:
 
     @property
     def query_valid(self) -> Tensor:
-        """``([T,] N*Q, W)`` bool, all True (as :attr:`support_valid`)."""
+        """``([T,] N*Q, W)`` bool, all True (as
+        [`support_valid`][picomaml.meta.episode.Episode.support_valid])."""
         return torch.ones_like(self.query_mask)
 
     @property
     def class_ids(self) -> Tensor:
-        """``([T,] N)`` long, what each task-local label stands for: :attr:`class_token_ids` itself."""
+        """``([T,] N)`` long, what each task-local label stands for: `class_token_ids` itself."""
         return self.class_token_ids
 
     @property
     def padded(self) -> bool:
-        """False: every position is a real token, so poolings need not read :attr:`support_valid`."""
+        """False: every position is a real token, so poolings need not read
+        [`support_valid`][picomaml.meta.episode.Episode.support_valid]."""
         return False
 
     # ------------------------------------------------------------------ shape properties
@@ -192,7 +197,8 @@ class Episode:
         return Episode(**values, windows_per_row=wpr.pop() if len(wpr) == 1 else None)
 
     def task(self, i: int) -> Episode:
-        """Task ``i`` of a stacked episode, as a single-task :class:`Episode` (views, no copy)."""
+        """Task ``i`` of a stacked episode, as a single-task [`Episode`][picomaml.meta.episode.Episode]
+        (views, no copy)."""
         if self.n_tasks is None:
             raise EpisodeError("Episode.task: this episode is not stacked (n_tasks is None)")
         if not -self.n_tasks <= i < self.n_tasks:
@@ -227,7 +233,8 @@ class Episode:
     # ------------------------------------------------------------------ invariants
 
     def validate(self, mask_token_id: int | None = None) -> Episode:
-        """Check the invariants and return ``self``; raise :class:`EpisodeError` naming the broken one.
+        """Check the invariants and return ``self``; raise
+        [`EpisodeError`][picomaml.meta.episode.EpisodeError] naming the broken one.
 
         Checks: dtypes; consistent shapes (``N*K`` / ``N*Q`` rows, one ``W``, same leading ``T``); labels
         in ``[0, N)`` with exactly ``K`` support and ``Q`` query rows per label; distinct class tokens; no

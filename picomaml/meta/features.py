@@ -1,10 +1,13 @@
 """Featurising an episode: one backbone forward over its windows, one pooled vector per window.
 
-:func:`episode_features` runs the backbone exactly once over the support and query windows of every task
-together, pools one feature vector per window (:func:`pool_features`) and normalises them per task from
-support statistics (:func:`normalize_task_features`). Training (:func:`picomaml.meta_loss`) and every
-few-shot evaluation (:mod:`picomaml.eval.fewshot`, :mod:`picomaml.eval.downstream`) featurise their
-episodes with it. :mod:`picomaml.meta.objectives` re-exports every name here.
+[`episode_features`][picomaml.meta.features.episode_features] runs the backbone exactly once over the support
+and query windows of every task together, pools one feature vector per window
+([`pool_features`][picomaml.meta.features.pool_features]) and normalises them per task from support statistics
+([`normalize_task_features`][picomaml.meta.features.normalize_task_features]). Training
+([`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]) and every few-shot evaluation
+([`picomaml.eval.fewshot`][picomaml.eval.fewshot], [`picomaml.eval.downstream`][picomaml.eval.downstream])
+featurise their episodes with it. [`picomaml.meta.objectives`][picomaml.meta.objectives] re-exports every name
+here.
 """
 
 from __future__ import annotations
@@ -63,7 +66,8 @@ def pool_features(
             is valid. Used by ``"last"`` and ``"mean"``; every row needs at least one valid position.
             Masked positions are real tokens, so ``"mask"`` and ``"before_mask"`` ignore it.
         owner: Who pools (the backbone): the row checks read their result only until they passed once for
-            this owner and shape, then run without a host sync (:func:`picomaml.checks.check_values`).
+            this owner and shape, then run without a host sync
+            ([`picomaml.checks.check_values`][picomaml.checks.check_values]).
 
     Returns:
         ``(B, D)`` in the dtype of ``hidden`` (sums accumulate in float32 for low-precision input).
@@ -199,37 +203,46 @@ def episode_features(
     """Featurise an episode (one task or a stack of ``T``) with a single backbone forward.
 
     The support and query windows of all tasks are concatenated into one ``(T*(N*K + N*Q), W)`` batch,
-    run through the backbone once, pooled (:func:`pool_features`), cast to ``dtype``, split per task and
-    normalised per task from support statistics (:func:`normalize_task_features`). Training
-    (:func:`meta_loss`) and every evaluation path featurise episodes through this function. Gradients flow
-    unless the caller disables them (evaluation runs it under ``torch.no_grad()``).
+    run through the backbone once, pooled ([`pool_features`][picomaml.meta.features.pool_features]), cast to
+    ``dtype``, split per task and normalised per task from support statistics
+    ([`normalize_task_features`][picomaml.meta.features.normalize_task_features]). Training
+    ([`meta_loss`][picomaml.meta.objectives.meta_loss]) and every evaluation path featurise episodes through
+    this function. Gradients flow unless the caller disables them (evaluation runs it under
+    ``torch.no_grad()``).
 
     Args:
         model: The backbone: a PicoDecoder, a ``transformers`` model or a module whose forward takes
-            ``return_hidden=True`` (see :func:`picomaml.meta.backbone.backbone_hidden`). May be ``None`` when
-            ``features`` is given.
-        episode: An :class:`~picomaml.Episode` or a :class:`~picomaml.eval.leopard.TextEpisode` (or any
-            object with their fields): ``support_ids`` ``([T,] N*K, W)`` long, ``support_labels``
-            ``([T,] N*K)``, ``support_mask`` ``([T,] N*K, W)`` bool (True at masked class tokens; read for
-            ``"mask"``/``"before_mask"``), the ``query_*`` counterparts with ``N*Q`` rows, and optionally
-            ``support_valid``/``query_valid`` (True at real tokens; read for ``"last"``/``"mean"`` unless
-            ``episode.padded`` is False, as for SMLMT episodes whose every position is real).
-        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
-        feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` (see :func:`normalize_task_features`).
+            ``return_hidden=True`` (see
+            [`picomaml.meta.backbone.backbone_hidden`][picomaml.meta.backbone.backbone_hidden]). May be
+            ``None`` when ``features`` is given.
+        episode: An [`Episode`][picomaml.meta.episode.Episode] or a
+            [`TextEpisode`][picomaml.eval.leopard.TextEpisode] (or any object with their fields):
+            ``support_ids`` ``([T,] N*K, W)`` long, ``support_labels`` ``([T,] N*K)``, ``support_mask``
+            ``([T,] N*K, W)`` bool (True at masked class tokens; read for ``"mask"``/``"before_mask"``), the
+            ``query_*`` counterparts with ``N*Q`` rows, and optionally ``support_valid``/``query_valid`` (True
+            at real tokens; read for ``"last"``/``"mean"`` unless ``episode.padded`` is False, as for SMLMT
+            episodes whose every position is real).
+        pooling: ``"mask"``, ``"before_mask"``, ``"last"`` or ``"mean"`` (see
+            [`pool_features`][picomaml.meta.features.pool_features]).
+        feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` (see
+            [`normalize_task_features`][picomaml.meta.features.normalize_task_features]).
         dtype: Dtype of the returned features, normally the head's. ``None``: float32 for float16/bfloat16
             features (a small head keeps full precision), else the backbone's dtype.
-        features: ``ids (B, W) -> hidden (B, W, D)``, used instead of :func:`backbone_hidden` on ``model``
-            (e.g. the trunk of a module that is not a language model).
+        features: ``ids (B, W) -> hidden (B, W, D)``, used instead of
+            [`backbone_hidden`][picomaml.meta.backbone.backbone_hidden] on ``model`` (e.g. the trunk of a
+            module that is not a language model).
 
     Returns:
-        :class:`EpisodeFeatures` ``(support_feats (T, N*K, D), support_labels (T, N*K), query_feats
-        (T, N*Q, D), query_labels (T, N*Q))``, with ``T = 1`` for a single-task episode. The ids move to
-        the device of the backbone's (or ``features``') first parameter; the labels follow the features.
+        [`EpisodeFeatures`][picomaml.meta.features.EpisodeFeatures]
+        ``(support_feats (T, N*K, D), support_labels (T, N*K), query_feats (T, N*Q, D), query_labels (T, N*Q))``,
+        with ``T = 1`` for a single-task episode. The ids move to the device of the backbone's (or
+        ``features``') first parameter; the labels follow the features.
 
     Raises:
         TypeError: ``episode`` lacks a tensor field (``None``, a dict, ...) or its ids are not integers.
         ValueError: ids that are not ``(rows, W)`` or ``(T, rows, W)``, labels that do not match them,
-            hidden states of the wrong shape, or a pooling error (see :func:`pool_features`).
+            hidden states of the wrong shape, or a pooling error (see
+            [`pool_features`][picomaml.meta.features.pool_features]).
     """
     if model is None and features is None:
         raise ValueError("model: pass a backbone, or a features callable ids -> (B, L, D) as features=")
@@ -274,7 +287,7 @@ class EpisodeRows(NamedTuple):
 
 def episode_rows(episode: Any, pooling: str, device: torch.device | None = None) -> EpisodeRows:
     """The windows of an episode (one task or ``T``) as one batch of rows on ``device``; see
-    :func:`episode_features` for the fields read and the errors."""
+    [`episode_features`][picomaml.meta.features.episode_features] for the fields read and the errors."""
     check_episode(episode)
     s_ids, q_ids = episode.support_ids, episode.query_ids
     if s_ids.dim() not in (2, 3) or q_ids.dim() != s_ids.dim() or q_ids.shape[:-2] != s_ids.shape[:-2]:

@@ -1,5 +1,6 @@
 """Small functions of the inner loop: per-task losses and accuracy, inner-gradient norms and clipping, and
-the written-out gradient of a linear head. The SGD steps themselves are :func:`picomaml.meta.engine.sgd_steps`.
+the written-out gradient of a linear head. The SGD steps themselves are
+[`picomaml.meta.engine.sgd_steps`][picomaml.meta.engine.sgd_steps].
 
 Every tensor here carries a leading task dimension ``T``: parameters ``(T, ...)``, features ``(T, n, D)``,
 labels ``(T, n)``.

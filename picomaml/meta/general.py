@@ -1,9 +1,9 @@
 """The general form of the inner loop: any module, any loss, any selection of its tensors, all tasks at once.
 
 ``InnerLoop(...)(model, (xs, ys), (xq, yq), loss=..., adapt=...)`` lands here. The module's own tensors get
-an explicit task dim (:func:`~picomaml.meta.engine.task_stack`), its forward runs vectorised over tasks
-under them (:func:`~picomaml.meta.engine.general_losses`), and the one SGD implementation
-(:func:`~picomaml.meta.engine.sgd_steps`) adapts them. Metrics stay tensors (no host sync).
+an explicit task dim ([`task_stack`][picomaml.meta.engine.task_stack]), its forward runs vectorised over tasks
+under them ([`general_losses`][picomaml.meta.engine.general_losses]), and the one SGD implementation
+([`sgd_steps`][picomaml.meta.engine.sgd_steps]) adapts them. Metrics stay tensors (no host sync).
 """
 
 from __future__ import annotations
@@ -25,15 +25,15 @@ __all__ = ["general_form"]
 def general_form(
     loop: Any, module: nn.Module, support: Any, query: Any, loss: Callable | None, adapt: engine.Adapt
 ) -> tuple[InnerLoopOutput | None, dict[str, Tensor]]:
-    """The general form of :class:`~picomaml.InnerLoop`: ``(output, adapted tensors)``; ``query=None`` only
-    adapts.
+    """The general form of [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop]: ``(output, adapted tensors)``;
+    ``query=None`` only adapts.
 
     Args:
-        loop: The :class:`~picomaml.InnerLoop` (its ``steps``, ``first_order``, ``grad_clip``,
-            ``multi_step_loss``, learned LRs and metric helpers).
+        loop: The [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (its ``steps``, ``first_order``,
+            ``grad_clip``, ``multi_step_loss``, learned LRs and metric helpers).
         module: Any module; support / query: ``(inputs, targets)`` with a leading task dim ``T``.
         loss: ``loss(outputs, targets) -> scalar`` for one task; ``None``: cross-entropy.
-        adapt: The selection of ``module``'s tensors (:func:`~picomaml.meta.engine.select_names`).
+        adapt: The selection of ``module``'s tensors ([`select_names`][picomaml.meta.engine.select_names]).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"module: expected an nn.Module, got {type(module).__name__}")

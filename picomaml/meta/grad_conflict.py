@@ -1,14 +1,16 @@
 """How the next-token and the meta gradients relate on the shared backbone, and gradient surgery.
 
 Hybrid training sums two objectives whose gradients meet in the backbone. Whether meta steps *interfere*
-with next-token learning is measurable: :func:`gradient_conflict` gives the cosine between the AR gradient
-and the meta gradient on the parameters both reach (overall and per block) and their norm ratio, without
-touching ``.grad``. A negative cosine is a conflict: a meta step then undoes part of what an AR step does.
+with next-token learning is measurable: [`gradient_conflict`][picomaml.meta.grad_conflict.gradient_conflict]
+gives the cosine between the AR gradient and the meta gradient on the parameters both reach (overall and per
+block) and their norm ratio, without touching ``.grad``. A negative cosine is a conflict: a meta step then
+undoes part of what an AR step does.
 
-:func:`pcgrad_term` is PCGrad-style surgery (Yu et al., 2020) for weighted mode: when the two gradients
-conflict, the component of the meta gradient along the AR gradient is removed. It is an extra loss term,
-linear in the shared parameters, whose gradient is exactly that correction, so one ``backward()`` (and one
-DDP all-reduce) still gives the whole step; parameters only one objective reaches are unchanged.
+[`pcgrad_term`][picomaml.meta.grad_conflict.pcgrad_term] is PCGrad-style surgery (Yu et al., 2020) for
+weighted mode: when the two gradients conflict, the component of the meta gradient along the AR gradient is
+removed. It is an extra loss term, linear in the shared parameters, whose gradient is exactly that correction,
+so one ``backward()`` (and one DDP all-reduce) still gives the whole step; parameters only one objective
+reaches are unchanged.
 """
 
 from __future__ import annotations
@@ -60,7 +62,8 @@ def gradient_conflict(ar_loss: Tensor, meta_loss: Tensor, params: dict[str, Tens
     Args:
         ar_loss: The next-token loss (scalar, attached to its graph).
         meta_loss: The meta loss (scalar, attached to its graph).
-        params: Name -> parameter, e.g. :func:`shared_parameters` of the backbone.
+        params: Name -> parameter, e.g. [`shared_parameters`][picomaml.meta.grad_conflict.shared_parameters]
+            of the backbone.
 
     Returns:
         ``grad_cos`` (overall cosine), ``grad_cos/<block>`` per transformer block (``layers.3``, ...) and

@@ -1,10 +1,11 @@
 """MetaHead: the small N-way classifier that the inner loop adapts, used functionally on a parameter dict.
 
 The head is an MLP ``in_dim -> hidden_dims... -> n_way``. Its parameters live in the module (they are the
-meta-learned initial weights) but adaptation never touches them: :meth:`MetaHead.initial_params` returns a
-dict ``name -> tensor`` that the inner loop replaces step by step, and :meth:`MetaHead.functional` evaluates
-the head on any such dict. Every parameter may carry a leading task dimension ``T`` (one copy per task),
-so several tasks run as batched matrix products.
+meta-learned initial weights) but adaptation never touches them:
+[`MetaHead.initial_params`][picomaml.meta.head.MetaHead.initial_params] returns a dict ``name -> tensor`` that
+the inner loop replaces step by step, and [`MetaHead.functional`][picomaml.meta.head.MetaHead.functional]
+evaluates the head on any such dict. Every parameter may carry a leading task dimension ``T`` (one copy per
+task), so several tasks run as batched matrix products.
 
 ``init="prototype"`` (ProtoMAML) has no stored output layer: for each episode the last layer is built from
 the support class means ``c_k`` of its input (the features after the hidden layers, under the current
@@ -42,8 +43,8 @@ INITS = choices(HeadInit)
 
 @dataclasses.dataclass
 class HeadConfig(Params):
-    """Hyperparameters of :class:`MetaHead` (YAML section ``head``); ``in_dim``, ``n_way`` and ``seed``
-    come from the model, the sampler and the experiment."""
+    """Hyperparameters of [`MetaHead`][picomaml.meta.head.MetaHead] (YAML section ``head``); ``in_dim``,
+    ``n_way`` and ``seed`` come from the model, the sampler and the experiment."""
 
     hidden_dims: tuple[int, ...] = hparam((), ge=1, doc="sizes of the hidden layers; [] is a linear head")
     activation: Activation = hparam("relu", doc="non-linearity after each hidden layer")
@@ -89,7 +90,8 @@ class MetaHead(nn.Module):
         seed: Seed of the generator used for weight init and dropout masks.
 
     Parameter names are ``hidden.{i}.weight``/``hidden.{i}.bias`` and ``out.weight``/``out.bias``; these are
-    the keys of the dicts the inner loop adapts (see :attr:`adapted_names`).
+    the keys of the dicts the inner loop adapts (see
+    [`adapted_names`][picomaml.meta.head.MetaHead.adapted_names]).
     """
 
     def __init__(
@@ -124,7 +126,8 @@ class MetaHead(nn.Module):
 
     @property
     def adapted_shapes(self) -> tuple[tuple[int, ...], ...]:
-        """Shapes of the :attr:`adapted_names` tensors without a task dim (per-element learned LRs follow them)."""
+        """Shapes of the [`adapted_names`][picomaml.meta.head.MetaHead.adapted_names] tensors without a task
+        dim (per-element learned LRs follow them)."""
         dims = (self.in_dim, *self.hidden_dims)
         shapes = [s for a, b in zip(dims[:-1], dims[1:], strict=True) for s in ((b, a), (b,))]
         return (*shapes, (self.n_way, dims[-1]), (self.n_way,))
@@ -284,7 +287,8 @@ def _linear(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 def head_logits(head: nn.Module, params: dict[str, Tensor], x: Tensor, *, dropout: bool = False) -> Tensor:
     """``head.functional(params, x)``; with ``dropout``, fresh masks from ``head.dropout_masks`` when the head
-    has that method and it returns masks (a :class:`~picomaml.MetaHead` in training mode with dropout)."""
+    has that method and it returns masks (a [`MetaHead`][picomaml.meta.head.MetaHead] in training mode with
+    dropout)."""
     make = getattr(head, "dropout_masks", None) if dropout else None
     masks = make(x.shape, x.device, x.dtype) if callable(make) else None
     return head.functional(params, x) if masks is None else head.functional(params, x, masks)
@@ -321,7 +325,8 @@ def adapted_names(head: nn.Module) -> Sequence[str]:
 
 def check_labels(owner: Any, part: str, labels: Tensor, n_way: int) -> None:
     """``{part}_labels`` in ``[0, n_way)``, or a ``ValueError`` naming them (read until it passed once for
-    ``owner`` and this shape, then queued without a host sync: :func:`~picomaml.checks.check_values`)."""
+    ``owner`` and this shape, then queued without a host sync:
+    [`check_values`][picomaml.checks.check_values])."""
     check_values(
         owner, ("labels", part, tuple(labels.shape), str(labels.device), n_way), (labels >= 0) & (labels < n_way),
         lambda: f"{part}_labels must be in [0, {n_way}) (n_way of the head), got min {int(labels.min())} max "
@@ -336,7 +341,8 @@ def check_head_inputs(
     """Validate shapes, dtypes, label range and finiteness; return everything with a task dim.
 
     The value checks (finite features, labels in range) read their result on the first call with these
-    shapes for ``owner`` and are queued without a host sync afterwards (:func:`~picomaml.checks.check_values`).
+    shapes for ``owner`` and are queued without a host sync afterwards
+    ([`check_values`][picomaml.checks.check_values]).
     """
     for name in ("initial_params", "functional", "n_way", "in_dim"):
         if not hasattr(head, name):

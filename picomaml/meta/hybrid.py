@@ -12,23 +12,27 @@ counter-based generator (SplitMix64 of the seed and the step, the finaliser used
 Java's ``SplittableRandom``) maps each ``(seed, step)`` to an independent uniform number directly. It
 costs about a microsecond in pure Python, far below one forward pass, and needs no device or state.
 
-Modes:
-    ``"bernoulli"``: meta with probability ``ratio_at(step)`` (independently per step).
-    ``"interleave"``: a deterministic pattern; step ``s`` is meta iff
-        ``floor((s + 1) * r) > floor(s * r)``. Over any ``S`` steps from 0 at a constant ratio the meta
-        count is exactly ``floor(S * r)``, spread as evenly as possible (AR comes first).
-    ``"weighted"``: both objectives every step; the loss is ``w_ar * AR + w_meta * meta`` with
-        ``(w_ar, w_meta) = (1 - r, r)`` from :meth:`HybridScheduler.weights`. :meth:`choose` returns
-        ``"both"`` in this mode.
+The three modes (``mode``):
 
-Ratio schedules (:meth:`HybridScheduler.ratio_at`), shaped like a learning-rate schedule:
-    1. warm-up: for ``step < warmup_steps`` the ratio rises linearly from 0 to ``ratio`` (the first
-       steps are pure AR; meta-learning on an untrained backbone has little signal);
-    2. then ``"constant"`` keeps ``ratio``; ``"linear"`` and ``"cosine"`` move from ``ratio`` to
-       ``final_ratio`` between ``warmup_steps`` and ``total_steps`` and hold ``final_ratio`` afterwards.
+* ``"bernoulli"``: meta with probability ``ratio_at(step)`` (independently per step).
+* ``"interleave"``: a deterministic pattern; step ``s`` is meta iff ``floor((s + 1) * r) > floor(s * r)``.
+  Over any ``S`` steps from 0 at a constant ratio the meta count is exactly ``floor(S * r)``, spread as
+  evenly as possible (AR comes first).
+* ``"weighted"``: both objectives every step; the loss is ``w_ar * AR + w_meta * meta`` with
+  ``(w_ar, w_meta) = (1 - r, r)`` from [`HybridScheduler.weights`][picomaml.meta.hybrid.HybridScheduler.weights].
+  [`choose`][picomaml.meta.hybrid.HybridScheduler.choose] returns ``"both"`` in this mode.
+
+Ratio schedules, shaped like a learning-rate schedule
+([`HybridScheduler.ratio_at`][picomaml.meta.hybrid.HybridScheduler.ratio_at]):
+
+1. warm-up: for ``step < warmup_steps`` the ratio rises linearly from 0 to ``ratio`` (the first steps are
+   pure AR; meta-learning on an untrained backbone has little signal);
+2. then ``"constant"`` keeps ``ratio``; ``"linear"`` and ``"cosine"`` move from ``ratio`` to
+   ``final_ratio`` between ``warmup_steps`` and ``total_steps`` and hold ``final_ratio`` afterwards.
+
 With ``meta_start > 0`` every step before ``meta_start * total_steps`` has ratio 0 (late meta: the meta
-objective only in the last part of a run). The result is clipped to [0, 1], so ratio 0 never asks for meta and ratio 1 never asks for AR (after any
-warm-up).
+objective only in the last part of a run). The result is clipped to [0, 1], so ratio 0 never asks for meta
+and ratio 1 never asks for AR (after any warm-up).
 """
 
 from __future__ import annotations
@@ -48,7 +52,8 @@ Choice = Literal["ar", "meta", "both"]
 
 
 class StepPlan(NamedTuple):
-    """One optimizer step's objectives and loss weights (see :meth:`HybridScheduler.plan`)."""
+    """One optimizer step's objectives and loss weights (see
+    [`HybridScheduler.plan`][picomaml.meta.hybrid.HybridScheduler.plan])."""
 
     objectives: tuple[str, ...]
     w_ar: float
@@ -57,7 +62,8 @@ class StepPlan(NamedTuple):
 
 @dataclasses.dataclass
 class HybridConfig(Params):
-    """Hyperparameters of :class:`HybridScheduler` (YAML section ``hybrid``); its seed is the experiment's."""
+    """Hyperparameters of [`HybridScheduler`][picomaml.meta.hybrid.HybridScheduler] (YAML section ``hybrid``);
+    its seed is the experiment's."""
 
     ratio: float = hparam(0.5, ge=0, le=1, doc="meta fraction of steps (the meta loss weight in weighted mode)")
     mode: Mode = hparam("bernoulli", doc="bernoulli per step, a deterministic interleave, or both losses weighted")
@@ -101,8 +107,8 @@ class HybridScheduler:
     """Decides per optimizer step between the AR objective, the meta objective, or a weighted sum.
 
     The constructor arguments ``ratio``, ``mode``, ``schedule``, ``warmup_steps``, ``total_steps``,
-    ``final_ratio`` and ``meta_start`` are the fields of :class:`HybridConfig` (whose ``total_steps: null`` means
-    ``trainer.max_steps``); ``seed`` is the experiment seed.
+    ``final_ratio`` and ``meta_start`` are the fields of [`HybridConfig`][picomaml.meta.hybrid.HybridConfig]
+    (whose ``total_steps: null`` means ``trainer.max_steps``); ``seed`` is the experiment seed.
 
     Args:
         ratio: Meta fraction (or meta loss weight in ``"weighted"`` mode), in [0, 1].
@@ -115,7 +121,7 @@ class HybridScheduler:
         final_ratio: Ratio reached at ``total_steps`` by ``"linear"``/``"cosine"``, in [0, 1].
         meta_start: Fraction of ``total_steps`` before which the ratio is 0 (needs ``total_steps``).
 
-    Example:
+    Examples:
         >>> hs = HybridScheduler(ratio=0.5, mode="bernoulli", seed=0)
         >>> hs.choose(10) in ("ar", "meta")
         True
@@ -162,7 +168,8 @@ class HybridScheduler:
 
     @classmethod
     def from_config(cls, config: Any, seed: int = 0, total_steps: int | None = None) -> HybridScheduler:
-        """Build from a :class:`HybridConfig` (or its dict) and the experiment seed.
+        """Build from a [`HybridConfig`][picomaml.meta.hybrid.HybridConfig] (or its dict) and the experiment
+        seed.
 
         Args:
             config: The ``hybrid`` section; unknown keys raise.
@@ -225,8 +232,10 @@ class HybridScheduler:
         """Loss weights ``(w_ar, w_meta)`` at ``step``.
 
         ``"weighted"`` mode: ``(1 - r, r)`` with ``r = ratio_at(step)``. The other modes give the
-        one-hot weights of :meth:`choose` (``(1, 0)`` for AR, ``(0, 1)`` for meta), so a training loop
-        can always write ``loss = w_ar * ar_loss + w_meta * meta_loss`` over :meth:`objectives`.
+        one-hot weights of [`choose`][picomaml.meta.hybrid.HybridScheduler.choose] (``(1, 0)`` for AR,
+        ``(0, 1)`` for meta), so a training loop can always write
+        ``loss = w_ar * ar_loss + w_meta * meta_loss`` over
+        [`objectives`][picomaml.meta.hybrid.HybridScheduler.objectives].
         """
         if self.mode == "weighted":
             r = self.ratio_at(step)
@@ -258,7 +267,8 @@ class HybridScheduler:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore from :meth:`state_dict` (validated like the constructor; unknown keys raise)."""
+        """Restore from [`state_dict`][picomaml.meta.hybrid.HybridScheduler.state_dict] (validated like the
+        constructor; unknown keys raise)."""
         known = set(self.state_dict())
         unknown = sorted(set(state) - known)
         if unknown:

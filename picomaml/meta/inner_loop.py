@@ -1,14 +1,14 @@
 """InnerLoop: the one adaptation engine, as a module whose parameters are the learned inner learning rates.
 
-Two forms share one SGD implementation (:func:`picomaml.meta.engine.sgd_steps`):
+Two forms share one SGD implementation ([`picomaml.meta.engine.sgd_steps`][picomaml.meta.engine.sgd_steps]):
 
 * **The general form** ``loop(model, (xs, ys), (xq, yq), loss=..., adapt=...)``: any ``nn.Module``, any
   differentiable loss, any selection of its tensors. Inputs and targets carry a leading task dim ``T``;
   the module's forward is vectorised over tasks (``torch.func.vmap`` of ``functional_call``) and each inner
   step is one ``autograd.grad`` over the task-stacked adapted tensors.
 * **The head form** ``loop(head, support_feats, support_labels, query_feats, query_labels)``: the fast
-  path for a :class:`~picomaml.MetaHead` on pooled features (batched matrix products; a written-out
-  gradient for a linear head), with the same numbers as the general form on the same head.
+  path for a [`MetaHead`][picomaml.meta.head.MetaHead] on pooled features (batched matrix products; a
+  written-out gradient for a linear head), with the same numbers as the general form on the same head.
 
 The loop is functional: it reads the adapted tensors into a dict, builds new tensors ``p - lr * g`` for
 ``steps`` SGD steps and evaluates the query loss under the adapted dict. No module is mutated, no
@@ -53,7 +53,7 @@ _REMOVED_BACKEND = (
 
 @dataclasses.dataclass
 class InnerLoopConfig(Params):
-    """Hyperparameters of :class:`InnerLoop` (YAML section ``inner_loop``)."""
+    """Hyperparameters of [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (YAML section ``inner_loop``)."""
 
     steps: int = hparam(5, ge=0, doc="inner SGD steps on the support set (0 scores the initial head)")
     lr: float = hparam(0.1, gt=0, doc="inner learning rate (the initial value of learned ones)")
@@ -87,10 +87,12 @@ class InnerLoop(nn.Module):
             and tensor, MAML++) or ``"per_element"`` (one per element of every adapted tensor, Meta-SGD). Stored
             as raw LR values initialised at ``lr``: ``lrs`` of shape ``(n_tensors,)`` or ``(steps, n_tensors)``,
             or ``element_lrs``, one tensor per adapted tensor of its shape. They follow the adapted tensors'
-            layout, so bind the loop (``head=`` here, or :meth:`bind`) before building the outer optimizer.
+            layout, so bind the loop (``head=`` here, or [`bind`][picomaml.meta.inner_loop.InnerLoop.bind])
+            before building the outer optimizer.
         multi_step_loss: MAML++ multi-step loss: the mean of the query losses after each inner step.
         grad_clip: Clip each task's global inner-gradient norm to this value before each step.
-        head: The module whose layout the learned LRs follow (see ``learn_lr`` and :meth:`bind`).
+        head: The module whose layout the learned LRs follow (see ``learn_lr`` and
+            [`bind`][picomaml.meta.inner_loop.InnerLoop.bind]).
         closed_form: Head form only: ``None`` (use the written-out gradient of a linear head when it
             applies), ``False`` (always autograd) or ``True`` (require it).
     """
@@ -130,13 +132,16 @@ class InnerLoop(nn.Module):
         """Record the adapted tensors' layout and create the learned LRs (if any). Idempotent for one layout.
 
         Args:
-            module: A :class:`~picomaml.MetaHead` (its ``adapted_names`` adapt) or, for the general form, any
-                module (``adapt`` selects its tensors, as in :meth:`forward`).
+            module: A [`MetaHead`][picomaml.meta.head.MetaHead] (its ``adapted_names`` adapt) or, for the
+                general form, any module (``adapt`` selects its tensors, as in
+                [`forward`][picomaml.meta.inner_loop.InnerLoop.forward]).
             model: With a head and ``adapt_layers > 0`` or ``adapt``: the backbone whose tensors adapt too
                 (their learned LRs come after the head's).
-            adapt_layers: Top blocks of ``model`` that adapt with the head (see :func:`picomaml.meta_loss`).
+            adapt_layers: Top blocks of ``model`` that adapt with the head (see
+                [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
             adapt: General form: the selection of ``module``'s tensors; with a head and ``model``: the
-                selection of the backbone's tensors (see :func:`picomaml.meta_loss`).
+                selection of the backbone's tensors (see
+                [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
         """
         layout = self._layout(module, model, adapt_layers, adapt)
         names = tuple(n for n, _ in layout)
@@ -260,11 +265,14 @@ class InnerLoop(nn.Module):
         """Adapted tensors after ``steps`` SGD steps on the support set.
 
         Args:
-            module: A :class:`~picomaml.MetaHead` (head form) or any module (general form).
+            module: A [`MetaHead`][picomaml.meta.head.MetaHead] (head form) or any module (general form).
             support: Head form: features ``(n, D)`` or ``(T, n, D)``. General form: ``(inputs, targets)``
                 with a leading task dim ``T``.
             support_labels: Head form: ``(n,)`` or ``(T, n)`` long in ``[0, N)``.
-            loss, adapt: General form (see :meth:`forward`).
+            loss: General form: the per-task loss (see
+                [`forward`][picomaml.meta.inner_loop.InnerLoop.forward]).
+            adapt: General form: the tensors that adapt (see
+                [`forward`][picomaml.meta.inner_loop.InnerLoop.forward]).
 
         Returns:
             ``name -> tensor`` (head form: with a leading ``T`` dim iff the input had one; general form:
@@ -288,7 +296,8 @@ class InnerLoop(nn.Module):
         loss: Callable[[Any, Any], Tensor] | None = None,
         adapt: engine.Adapt = None,
     ) -> InnerLoopOutput:
-        """Adapt on the support set and return the query loss and metrics (see :class:`InnerLoopOutput`).
+        """Adapt on the support set and return the query loss and metrics (see
+        [`InnerLoopOutput`][picomaml.meta.engine.InnerLoopOutput]).
 
         General form ``loop(model, (xs, ys), (xq, yq), loss=..., adapt=...)``:
 
@@ -304,10 +313,11 @@ class InnerLoop(nn.Module):
                 stay shared by every task (their meta-gradient is the plain gradient through the loss).
 
         Head form ``loop(head, support_feats, support_labels, query_feats, query_labels)``: ``head`` is a
-        :class:`~picomaml.MetaHead`, or any module with its fast-path protocol: ``adapted_names``,
-        ``initial_params(xs, ys) -> {name: tensor}`` (its own parameters, or tensors with a task dim),
-        ``functional(params, x[, masks]) -> logits`` on ``(T, n, D)`` features, ``n_way``, ``in_dim`` and
-        optionally ``dropout_masks(shape, device, dtype)`` (see :func:`head_logits`); features ``(n, D)`` or ``(T, n, D)``, labels
+        [`MetaHead`][picomaml.meta.head.MetaHead], or any module with its fast-path protocol:
+        ``adapted_names``, ``initial_params(xs, ys) -> {name: tensor}`` (its own parameters, or tensors with a
+        task dim), ``functional(params, x[, masks]) -> logits`` on ``(T, n, D)`` features, ``n_way``,
+        ``in_dim`` and optionally ``dropout_masks(shape, device, dtype)`` (see
+        [`head_logits`][picomaml.meta.head.head_logits]); features ``(n, D)`` or ``(T, n, D)``, labels
         ``(n,)`` or ``(T, n)`` long in ``[0, N)``.
 
         Buffers: a BatchNorm in training mode normalises each task by its own batch statistics; its
@@ -361,9 +371,9 @@ class InnerLoop(nn.Module):
         loss: Tensor,
         norms: Tensor,
     ) -> dict[str, Tensor]:
-        """The head form's metrics (:class:`InnerLoopOutput`) from the logits ``(T, n, N)`` before and after
-        adaptation, the labels ``(T, n)``, the loss and the inner gradient norms ``(steps, T)``: 0-dim float
-        tensors on their device (no host sync)."""
+        """The head form's metrics ([`InnerLoopOutput`][picomaml.meta.engine.InnerLoopOutput]) from the logits
+        ``(T, n, N)`` before and after adaptation, the labels ``(T, n)``, the loss and the inner gradient
+        norms ``(steps, T)``: 0-dim float tensors on their device (no host sync)."""
         with torch.no_grad():
             pairs = {
                 "support_loss_before": task_cross_entropy(s_before, ys).mean(),

@@ -11,8 +11,9 @@ kept by wrapping the learner, not its parts:
   wrap time: they start equal on every rank even when each rank built them from another seed, and their
   gradients are all-reduced with the backbone's.
 * Every backbone call (``hidden_states``, a ``transformers`` base model, the ``features=`` callable, the
-  capture of lower blocks for ``adapt_layers``) happens inside :meth:`HybridLearner.forward`, so nothing
-  has to be registered with ``mark_forward_method``.
+  capture of lower blocks for ``adapt_layers``) happens inside
+  [`HybridLearner.forward`][picomaml.meta.learner.HybridLearner.forward], so nothing has to be registered with
+  ``mark_forward_method``.
 * A ``features=`` callable must be a method of (or a function over) ``model`` itself, not of a copy.
 """
 
@@ -45,7 +46,7 @@ __all__ = ["HybridLearner", "LearnerOutput"]
 
 @dataclass
 class LearnerOutput:
-    """What one :class:`HybridLearner` call computed.
+    """What one [`HybridLearner`][picomaml.meta.learner.HybridLearner] call computed.
 
     Attributes:
         loss: Scalar to back-propagate: ``w_ar * lm_loss + w_meta * meta_loss`` over the parts computed.
@@ -62,26 +63,32 @@ class HybridLearner(nn.Module):
     """The trainable parts of hybrid AR + SMLMT meta-training.
 
     Args:
-        model: The backbone: a :class:`picomaml.PicoDecoder`, a ``transformers`` causal LM, or any module
-            (with ``features=`` when it gives no hidden states itself; see :mod:`picomaml.meta.backbone`).
-        head: The :class:`picomaml.MetaHead` whose initial weights are meta-learned.
-        loop: The :class:`picomaml.InnerLoop` (its learned inner LRs, if any, are trained too).
+        model: The backbone: a [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder], a
+            ``transformers`` causal LM, or any module (with ``features=`` when it gives no hidden states
+            itself; see [`picomaml.meta.backbone`][picomaml.meta.backbone]).
+        head: The [`picomaml.MetaHead`][picomaml.meta.head.MetaHead] whose initial weights are meta-learned.
+        loop: The [`picomaml.InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (its learned inner LRs, if any,
+            are trained too).
         pooling: How window features are pooled for the head: ``"mask"``, ``"before_mask"``, ``"last"`` or
-            ``"mean"`` (see :func:`picomaml.meta.objectives.pool_features`).
-        feature_norm: Per-task feature normalisation before the inner loop (see :func:`picomaml.meta_loss`).
+            ``"mean"`` (see [`picomaml.meta.objectives.pool_features`][picomaml.meta.features.pool_features]).
+        feature_norm: Per-task feature normalisation before the inner loop (see
+            [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
         nonfinite: ``"propagate"`` (default): NaN/Inf backbone features give a NaN meta loss that still
             back-propagates (every DDP rank runs its backward; the trainer then skips the step on all
-            ranks), ``"raise"``: a ``ValueError`` (see :func:`picomaml.meta_loss`).
+            ranks), ``"raise"``: a ``ValueError`` (see
+            [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
         features: ``ids (B, W) -> hidden (B, W, D)`` for a backbone that gives no hidden states by itself
-            (see :func:`picomaml.meta_loss`).
+            (see [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]).
         adapt_layers: Top blocks of ``model`` that adapt with the head (``0``: the head only). With learned
             inner LRs the loop is bound here to the head and these blocks.
         adapt: Backbone tensors that adapt with the head (names, globs or a predicate; see
-            :func:`picomaml.meta_loss`). With learned inner LRs the loop is bound here to the head and them.
+            [`picomaml.meta_loss`][picomaml.meta.objectives.meta_loss]). With learned inner LRs the loop is
+            bound here to the head and them.
         grad_surgery: ``"pcgrad"``: when both losses are computed (weighted mode) and their gradients on the
             backbone conflict, the meta gradient loses its component along the AR gradient
-            (:func:`picomaml.meta.grad_conflict.pcgrad_term`; two extra gradient passes per step); the cosine
-            before surgery is ``out.meta.metrics["grad_cos"]``. ``"none"`` (default): the plain sum.
+            ([`picomaml.meta.grad_conflict.pcgrad_term`][picomaml.meta.grad_conflict.pcgrad_term]; two extra
+            gradient passes per step); the cosine before surgery is ``out.meta.metrics["grad_cos"]``.
+            ``"none"`` (default): the plain sum.
 
     Raises:
         ValueError: a bad ``pooling``, ``feature_norm``, ``nonfinite`` or ``adapt_layers`` (more than the

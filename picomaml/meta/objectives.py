@@ -1,15 +1,16 @@
 """The glue a training loop calls: the autoregressive loss and the meta loss of one episode.
 
-``meta_loss`` featurises the episode with :func:`~picomaml.meta.features.episode_features` (re-exported here
-with the rest of :mod:`picomaml.meta.features`), which runs the backbone exactly once over the support and
-query windows of every task together and pools one feature vector per window, and hands the features to
-the :class:`~picomaml.InnerLoop`. The inner loop adapts only the head, so the backbone is never re-run per
-inner step; ``out.loss.backward()`` reaches the backbone through the pooled features. With ``adapt=`` (or
-its shorthand ``adapt_layers=k``) backbone tensors adapt too: everything below the lowest adapted block runs
-once and only the part from there up re-runs per inner step, or the whole backbone where that split does
-not reproduce the model (:mod:`picomaml.meta.adapted_features`). Any backbone works as it is held: a
+``meta_loss`` featurises the episode with [`episode_features`][picomaml.meta.features.episode_features]
+(re-exported here with the rest of [`picomaml.meta.features`][picomaml.meta.features]), which runs the
+backbone exactly once over the support and query windows of every task together and pools one feature vector
+per window, and hands the features to the [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop]. The inner loop
+adapts only the head, so the backbone is never re-run per inner step; ``out.loss.backward()`` reaches the
+backbone through the pooled features. With ``adapt=`` (or its shorthand ``adapt_layers=k``) backbone tensors
+adapt too: everything below the lowest adapted block runs once and only the part from there up re-runs per
+inner step, or the whole backbone where that split does not reproduce the model
+([`picomaml.meta.adapted_features`][picomaml.meta.adapted_features]). Any backbone works as it is held: a
 PicoDecoder, a ``transformers`` causal LM, a peft, compiled or DDP-wrapped model, or any module through
-``features=`` (:mod:`picomaml.meta.backbone`).
+``features=`` ([`picomaml.meta.backbone`][picomaml.meta.backbone]).
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ GradSurgery = Literal["none", "pcgrad"]
 @dataclasses.dataclass
 class MetaConfig(Params):
     """How a meta step turns an episode into a loss (YAML section ``meta``): the keyword arguments of
-    :func:`meta_loss` and :class:`~picomaml.HybridLearner`, and the tasks per step."""
+    [`meta_loss`][picomaml.meta.objectives.meta_loss] and
+    [`HybridLearner`][picomaml.meta.learner.HybridLearner], and the tasks per step."""
 
     pooling: Pooling = hparam(
         "before_mask", doc="window feature: masked positions, the ones before them (learns in a causal LM), last, mean"
@@ -111,7 +113,7 @@ def lm_loss(
         model: Maps ``(B, L')`` token ids to ``(B, L', V)`` logits, or to a tuple whose first item they are
             (``(logits, hidden)``), or to an object with ``.logits`` (a ``transformers`` ``ModelOutput``; a
             ``transformers`` model is called with ``use_cache=False``). See
-            :func:`picomaml.meta.backbone.lm_logits`.
+            [`picomaml.meta.backbone.lm_logits`][picomaml.meta.backbone.lm_logits].
         tokens: ``(B, L)`` long, ``L >= 2``.
         pad_id: Targets equal to this id are ignored (``None``: none are).
         ignore_index: Targets equal to this value are ignored too.
@@ -176,7 +178,8 @@ def check_head_width(head: nn.Module, width: Any, what: str) -> None:
 
 
 def check_meta_options(pooling: str, feature_norm: str, nonfinite: str, adapt_layers: Any) -> None:
-    """Raise a ``ValueError`` naming the argument when a :func:`meta_loss` option is not an allowed value."""
+    """Raise a ``ValueError`` naming the argument when a [`meta_loss`][picomaml.meta.objectives.meta_loss]
+    option is not an allowed value."""
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {list(POOLINGS)}, got {pooling!r}")
     if feature_norm not in FEATURE_NORMS:
@@ -202,18 +205,22 @@ def meta_loss(
     """Meta loss of an episode (one task or a stack of ``T``) with a single backbone forward.
 
     Args:
-        model: The backbone: a :class:`~picomaml.PicoDecoder`, any ``transformers`` causal LM as it is (its
-            base model runs; the vocabulary projection never does), a module whose forward takes
-            ``return_hidden=True``, or any module with ``features=`` (see :mod:`picomaml.meta.backbone`).
-        head: The :class:`~picomaml.MetaHead`; the features are cast to the dtype of its parameters.
-        loop: The :class:`~picomaml.InnerLoop`.
-        episode: An :class:`~picomaml.Episode`: ``support_ids (.., N*K, W)``, ``support_labels``,
-            ``support_mask``, ``query_ids (.., N*Q, W)``, ``query_labels``, ``query_mask``, with an
-            optional leading task dim ``T`` on every tensor (see :func:`episode_features`).
+        model: The backbone: a [`PicoDecoder`][picomaml.model.decoder.PicoDecoder], any ``transformers``
+            causal LM as it is (its base model runs; the vocabulary projection never does), a module whose
+            forward takes ``return_hidden=True``, or any module with ``features=`` (see
+            [`picomaml.meta.backbone`][picomaml.meta.backbone]).
+        head: The [`MetaHead`][picomaml.meta.head.MetaHead]; the features are cast to the dtype of its
+            parameters.
+        loop: The [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop].
+        episode: An [`Episode`][picomaml.meta.episode.Episode]: ``support_ids (.., N*K, W)``,
+            ``support_labels``, ``support_mask``, ``query_ids (.., N*Q, W)``, ``query_labels``,
+            ``query_mask``, with an optional leading task dim ``T`` on every tensor (see
+            [`episode_features`][picomaml.meta.features.episode_features]).
         pooling: ``"before_mask"`` (default: the state that predicts the masked token in a causal LM),
-            ``"mask"``, ``"last"`` or ``"mean"`` (see :func:`pool_features`).
+            ``"mask"``, ``"last"`` or ``"mean"`` (see
+            [`pool_features`][picomaml.meta.features.pool_features]).
         feature_norm: ``"none"``, ``"center"`` or ``"standardize"`` per task, from support statistics
-            (see :func:`normalize_task_features`).
+            (see [`normalize_task_features`][picomaml.meta.features.normalize_task_features]).
         nonfinite: What a NaN/Inf in the features does. ``"propagate"`` (for training loops, no host sync):
             the metric ``nonfinite_features`` is 1; the inner loop runs on the features with those values set to zero and the loss is NaN, still
             attached to the graph, so ``loss.backward()`` runs as usual (under DDP every rank reaches the
@@ -224,27 +231,31 @@ def meta_loss(
             the user's model that runs it without its output layer).
         adapt_layers: The top ``k`` blocks and the final norm adapt in the inner loop together with the
             head (``0``, default: the head only); a shorthand for ``adapt`` naming their tensors. Needs a
-            model whose block list is found (:func:`picomaml.meta.backbone.decoder_layout`).
+            model whose block list is found
+            ([`picomaml.meta.backbone.decoder_layout`][picomaml.meta.backbone.decoder_layout]).
         adapt: Backbone tensors that adapt with the head: names or ``fnmatch`` globs of the model's
             parameters (``["*lora_A*", "*lora_B*"]``, ``["*norm*"]``; names of a wrapped model are
             accepted) or a predicate ``fn(name, tensor) -> bool``. Everything below the lowest adapted block
             runs once; the rest re-runs per inner step, or the whole backbone where that split does not
             reproduce the model's hidden states at this call's window length (checked per call shape; see
-            :mod:`picomaml.meta.adapted_features`). With learned inner LRs, bind the loop first:
-            ``loop.bind(head, model, adapt=...)`` / ``loop.bind(head, model, adapt_layers=k)``.
+            [`picomaml.meta.adapted_features`][picomaml.meta.adapted_features]). With learned inner
+            LRs, bind the loop first: ``loop.bind(head, model, adapt=...)`` /
+            ``loop.bind(head, model, adapt_layers=k)``.
 
     Returns:
-        The :class:`~picomaml.InnerLoopOutput` of the inner loop (``.loss``, ``.metrics``, ...); for a
-        single-task episode the loop sees ``(N*K, D)`` / ``(N*Q, D)`` features without a task dim. Its
-        metrics add ``nonfinite_features``: 1.0 when non-finite features were propagated, else 0.0.
-        With ``adapt_layers``, ``.params`` holds the adapted block tensors too, under the model's names.
+        The [`InnerLoopOutput`][picomaml.meta.engine.InnerLoopOutput] of the inner loop (``.loss``,
+        ``.metrics``, ...); for a single-task episode the loop sees ``(N*K, D)`` / ``(N*Q, D)`` features
+        without a task dim. Its metrics add ``nonfinite_features``: 1.0 when non-finite features were
+        propagated, else 0.0. With ``adapt_layers``, ``.params`` holds the adapted block tensors too, under
+        the model's names.
 
     Raises:
         TypeError: ``episode`` is not an episode; a model that gives no hidden states (the message states
             the ``features=`` contract); ``adapt_layers`` with a model that holds no block list.
         ValueError: features (or a ``model.config`` hidden size, checked before the forward) whose width is
             not ``head.in_dim``, ``adapt_layers`` outside ``[0, n_blocks]``, an ``adapt`` pattern that
-            matches nothing, or a bad episode (see :func:`episode_features`).
+            matches nothing, or a bad episode (see
+            [`episode_features`][picomaml.meta.features.episode_features]).
     """
     check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
     check_episode(episode)
@@ -294,7 +305,8 @@ def _meta_loss_adapted(
     model: Any, head: nn.Module, loop: Any, episode: Any, pooling: str, feature_norm: str, nonfinite: str,
     dtype: Any, features: Any, adapt_layers: int, adapt: Adapt,
 ) -> Any:  # fmt: skip
-    """:func:`meta_loss` with backbone tensors adapting (see :mod:`picomaml.meta.adapted_features`)."""
+    """[`meta_loss`][picomaml.meta.objectives.meta_loss] with backbone tensors adapting (see
+    [`picomaml.meta.adapted_features`][picomaml.meta.adapted_features])."""
     if model is None:
         raise ValueError("model: adapt / adapt_layers need the backbone whose tensors adapt, got None")
     selection = backbone_selection(model, adapt_layers, adapt, features)

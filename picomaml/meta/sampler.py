@@ -1,8 +1,9 @@
 """SMLMTSampler: N-way K-shot episodes from unlabelled token windows (Subset Masked LM Tasks).
 
-A thin stateful class over the functional core in :mod:`picomaml.meta.smlmt`: it validates its arguments,
-owns a seeded ``torch.Generator`` (with ``state_dict``), caches the token->window index of the last buffer
-and streams episodes from an iterable of rows. See ``docs/pages/episodes.md`` for the method and guarantees.
+A thin stateful class over the functional core in [`picomaml.meta.smlmt`][picomaml.meta.smlmt]: it validates
+its arguments, owns a seeded ``torch.Generator`` (with ``state_dict``), caches the token->window index of the
+last buffer and streams episodes from an iterable of rows. See ``docs/pages/episodes.md`` for the method and
+guarantees.
 """
 
 from __future__ import annotations
@@ -31,8 +32,9 @@ _log = logging.getLogger(__name__)
 
 @dataclasses.dataclass
 class SamplerConfig(Params):
-    """Hyperparameters of :class:`SMLMTSampler` (YAML section ``sampler``); ``mask_token_id`` comes from the
-    tokenizer and ``seed`` from the experiment. See :class:`SMLMTSampler` for the meaning of each."""
+    """Hyperparameters of [`SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] (YAML section ``sampler``);
+    ``mask_token_id`` comes from the tokenizer and ``seed`` from the experiment. See
+    [`SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] for the meaning of each."""
 
     n_way: int = hparam(8, ge=2, doc="classes per task N")
     k_shot: int = hparam(4, ge=1, doc="support windows per class K")
@@ -82,7 +84,8 @@ class SMLMTSampler:
         class_sampling: ``"uniform"`` or ``"count_power"``.
         power: Exponent of ``"count_power"`` sampling.
         holdout_fraction: Share of token types (chosen by a hash of the id, see
-            :func:`picomaml.meta.smlmt.heldout_token_mask`) set aside as evaluation classes, in ``[0, 1)``.
+            [`picomaml.meta.smlmt.heldout_token_mask`][picomaml.meta.smlmt.heldout_token_mask]) set aside as
+            evaluation classes, in ``[0, 1)``.
         holdout_seed: Chooses which types are held out.
         class_split: ``"train"``: classes come from the types *not* held out (all types when
             ``holdout_fraction`` is 0); ``"heldout"``: only from the held-out types. Training and evaluation
@@ -151,7 +154,8 @@ class SMLMTSampler:
         cls, config: SamplerConfig | Mapping[str, Any], mask_token_id: int, seed: int = 0,
         pad_token_id: int | None = None,
     ) -> SMLMTSampler:  # fmt: skip
-        """Build from a :class:`SamplerConfig` (or its dict) plus the tokenizer's mask (and pad) id."""
+        """Build from a [`SamplerConfig`][picomaml.meta.sampler.SamplerConfig] (or its dict) plus the
+        tokenizer's mask (and pad) id."""
         values = to_dict(config) if dataclasses.is_dataclass(config) else dict(config)
         return cls(**values, mask_token_id=mask_token_id, seed=seed, pad_token_id=pad_token_id)
 
@@ -163,7 +167,8 @@ class SMLMTSampler:
         return self.k_shot + self.n_query
 
     def index(self, tokens: Tensor) -> WindowIndex:
-        """The :class:`WindowIndex` of ``tokens`` ``(B, L)``, built once and cached for the same tensor.
+        """The [`WindowIndex`][picomaml.meta.smlmt.WindowIndex] of ``tokens`` ``(B, L)``, built once and
+        cached for the same tensor.
 
         The cache is keyed by the tensor's identity and its version counter, so in-place edits of the
         buffer (``tokens[...] = ...``) trigger a rebuild; a new tensor always does.
@@ -219,9 +224,10 @@ class SMLMTSampler:
         """Sample one episode, or ``n_tasks`` independent ones stacked along a leading dimension.
 
         Args:
-            tokens: ``(B, L)`` long buffer of token rows (or its :meth:`index`).
-            n_tasks: None for a single :class:`Episode` of shape ``(N*K, W)``...; an int ``T >= 1`` for a
-                stacked one of shape ``(T, N*K, W)``...
+            tokens: ``(B, L)`` long buffer of token rows (or its
+                [`index`][picomaml.meta.sampler.SMLMTSampler.index]).
+            n_tasks: None for a single [`Episode`][picomaml.meta.episode.Episode] of shape ``(N*K, W)``...; an
+                int ``T >= 1`` for a stacked one of shape ``(T, N*K, W)``...
 
         Returns:
             The episode, on the device of ``tokens`` (sampling itself runs on CPU).
@@ -229,7 +235,7 @@ class SMLMTSampler:
         Raises:
             TokensTypeError / ValueError: bad ``tokens`` (not 2-D long, negative ids, rows shorter than W).
             SamplingError: fewer eligible token types than ``n_way``, or no way to give every class
-                ``k_shot + n_query`` windows without reuse after :attr:`max_redraws` draws.
+                ``k_shot + n_query`` windows without reuse after `max_redraws` draws.
         """
         if n_tasks is not None:
             n_tasks = check_int("n_tasks", n_tasks, ge=1)
@@ -287,7 +293,7 @@ class SMLMTSampler:
         episodes from the current buffer and pulls the next item (a 1-D row ``(L,)`` or a batch ``(B, L)``)
         into it, dropping the oldest rows; the index is rebuilt whenever the buffer changes. Stops when the
         iterable is exhausted (after yielding from the last buffer). All rows must share one length.
-        The position in ``rows`` is not part of :meth:`state_dict`.
+        The position in ``rows`` is not part of [`state_dict`][picomaml.meta.sampler.SMLMTSampler.state_dict].
         """
         buffer_rows = check_int("buffer_rows", buffer_rows, ge=1)
         refresh = check_int("refresh", refresh, ge=1)
@@ -331,7 +337,8 @@ class SMLMTSampler:
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict`; the next episodes equal those the saved sampler would have drawn."""
+        """Restore [`state_dict`][picomaml.meta.sampler.SMLMTSampler.state_dict]; the next episodes equal
+        those the saved sampler would have drawn."""
         missing = {"generator", "seed", "episodes_sampled"} - set(state)
         if missing:
             raise KeyError(f"SMLMTSampler.load_state_dict: missing keys {sorted(missing)}")

@@ -1,10 +1,10 @@
 """Which backbone tensors adapt with the head: ``adapt=`` (names, globs, a predicate) or ``adapt_layers=k``.
 
-:func:`backbone_selection` resolves either against the unwrapped model (a compiled, peft, DDP or Fabric
-wrapper is looked through, and names of the wrapped model are accepted), and finds the top blocks that
-hold every adapted tensor, if there are such (:meth:`TopBlocks.covering
-<picomaml.meta.top_blocks.TopBlocks.covering>`). The inner loop binds learned LRs to the selection's layout;
-:mod:`picomaml.meta.adapted_features` runs it.
+[`backbone_selection`][picomaml.meta.selection.backbone_selection] resolves either against the unwrapped model
+(a compiled, peft, DDP or Fabric wrapper is looked through, and names of the wrapped model are accepted), and
+finds the top blocks that hold every adapted tensor, if there are such
+([`TopBlocks.covering`][picomaml.meta.top_blocks.TopBlocks.covering]). The inner loop binds learned LRs to the
+selection's layout; [`picomaml.meta.adapted_features`][picomaml.meta.adapted_features] runs it.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ class BackboneSelection(NamedTuple):
     """The backbone tensors that adapt with the head.
 
     Attributes:
-        model: The unwrapped backbone (:func:`~picomaml.meta.backbone.unwrap_model`).
+        model: The unwrapped backbone ([`unwrap_model`][picomaml.meta.backbone.unwrap_model]).
         names: The adapted tensors' names in ``model``, in its parameter order (``adapt_layers``: blocks
             bottom-up, then the final norm).
         layout: ``(name, shape)`` of each, the order of learned inner LRs after the head's.
@@ -41,7 +41,8 @@ def backbone_selection(
     model: nn.Module, adapt_layers: int = 0, adapt: engine.Adapt = None, features: Any = None
 ) -> BackboneSelection:
     """Resolve ``adapt_layers=k`` (the top ``k`` blocks and the final norm) or ``adapt`` (names, globs or a
-    predicate, see :func:`~picomaml.meta.engine.select_names`; names of the wrapped model are accepted).
+    predicate, see [`select_names`][picomaml.meta.engine.select_names]; names of the wrapped model are
+    accepted).
 
     Raises:
         ValueError: both given, a pattern that matches nothing, ``k`` above the number of blocks.

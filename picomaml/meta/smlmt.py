@@ -1,10 +1,10 @@
 """Functional core of SMLMT episode sampling: windows, the token->window index, eligibility, assignment.
 
 Everything here is a pure function of its inputs and an explicit ``torch.Generator``;
-:class:`picomaml.meta.sampler.SMLMTSampler` is a thin stateful wrapper (arguments, cache, RNG state,
-streaming). All work runs on CPU tensors: it is index manipulation over a few hundred thousand integers,
-done by NumPy's single-threaded kernels when NumPy is importable (see :func:`_incidence` for why), with
-a torch-only path that gives identical results.
+[`picomaml.meta.sampler.SMLMTSampler`][picomaml.meta.sampler.SMLMTSampler] is a thin stateful wrapper
+(arguments, cache, RNG state, streaming). All work runs on CPU tensors: it is index manipulation over a few
+hundred thousand integers, done by NumPy's single-threaded kernels when NumPy is importable (see `_incidence`
+for why), with a torch-only path that gives identical results.
 
 Vocabulary of this module: a buffer ``(B, L)`` is cut into ``n_windows = B * (L // W)`` windows; window
 ``w`` is row ``w // windows_per_row``, tokens ``[s, s + W)`` with ``s = (w % windows_per_row) * W``.
@@ -97,7 +97,7 @@ class WindowIndex:
         return int(self.token_ids[-1]) + 1 if self.token_ids.numel() else 0
 
     def positions(self, tokens: Tensor) -> Tensor:
-        """Where each of ``tokens`` ``(E,)`` sits in :attr:`token_ids` (``-1`` for an id not in the buffer)."""
+        """Where each of ``tokens`` ``(E,)`` sits in `token_ids` (``-1`` for an id not in the buffer)."""
         return _positions(self.token_ids, tokens)
 
     def count_of(self, token: int) -> int:
@@ -139,7 +139,7 @@ def check_tokens(tokens: object, name: str = "tokens") -> Tensor:
 def _extreme(tokens: Tensor, largest: bool) -> int:
     """The max (``largest``) or min of a non-empty tensor: by NumPy's single-threaded reduction for a CPU
     tensor when NumPy is importable (torch's parallel one stalls for milliseconds on a busy 2-core machine,
-    see :func:`_incidence`)."""
+    see `_incidence`)."""
     if tokens.device.type == "cpu" and _numpy_available():
         arr = tokens.detach().numpy()
         return int(arr.max() if largest else arr.min())
@@ -156,7 +156,7 @@ def build_index(tokens: Tensor, window_len: int, pad_token_id: int | None = None
             position of any episode window).
 
     Returns:
-        The :class:`WindowIndex` (on CPU).
+        The [`WindowIndex`][picomaml.meta.smlmt.WindowIndex] (on CPU).
 
     Raises:
         TokensTypeError / ValueError: ``tokens`` is not a 2-D long tensor of ids, or rows are shorter than ``W``.
@@ -204,7 +204,7 @@ def build_index(tokens: Tensor, window_len: int, pad_token_id: int | None = None
 
 def _cut_windows(tokens: Tensor, per_row: int, window_len: int) -> Tensor:
     """``(B * per_row, W)`` windows of ``tokens`` ``(B, L)``: a view when the rows hold no tail, else a copy
-    (made by NumPy when importable: torch's parallel copy stalls on a busy machine, see :func:`_incidence`)."""
+    (made by NumPy when importable: torch's parallel copy stalls on a busy machine, see `_incidence`)."""
     n_rows = tokens.shape[0]
     cut = tokens[:, : per_row * window_len]
     if _numpy_available() and not cut.is_contiguous():
@@ -292,7 +292,7 @@ def _incidence(
 
 def _positions(sorted_ids: Tensor, tokens: Tensor) -> Tensor:
     """Index of each of ``tokens`` in the ascending ``sorted_ids``, ``-1`` where absent (NumPy when importable:
-    a few microseconds instead of torch's per-op overhead, as in :func:`_incidence`)."""
+    a few microseconds instead of torch's per-op overhead, as in `_incidence`)."""
     if _numpy_available():
         import numpy as np
 
@@ -432,9 +432,10 @@ def assign_windows(
 def _assign_windows_numpy(
     index: WindowIndex, classes: Tensor, per_class: int, generator: torch.Generator
 ) -> Tensor | None:
-    """:func:`assign_windows` with NumPy arithmetic: the same random draws from ``generator`` (torch's, in the
-    same order and shapes) and the same sort keys, so the same result. Each NumPy call on these ~10^3
-    elements costs ~1-2 us against ~5-10 us for a torch op, and there are ~30 of them per draw."""
+    """[`assign_windows`][picomaml.meta.smlmt.assign_windows] with NumPy arithmetic: the same random draws
+    from ``generator`` (torch's, in the same order and shapes) and the same sort keys, so the same result.
+    Each NumPy call on these ~10^3 elements costs ~1-2 us against ~5-10 us for a torch op, and there are ~30
+    of them per draw."""
     import numpy as np
 
     n = classes.numel()

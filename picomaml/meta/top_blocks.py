@@ -1,17 +1,18 @@
 """The top ``k`` blocks of a decoder as a function of their parameters, for ``adapt_layers``.
 
-:meth:`TopBlocks.capture` runs the embeddings and the blocks below the top ``k`` once, and records the
-inputs of the first adapted block: the hidden states and the other arguments the decoder passes its blocks
-(rotary tables, masks, position ids). The forward stops there, so the adapted blocks are not run by it.
-:meth:`TopBlocks.run` then evaluates the top blocks and the final norm under *any* parameter dict with
-``torch.func.functional_call``: the inner loop calls it once per step with the adapted tensors, and the
-module's own parameters are never touched.
+[`TopBlocks.capture`][picomaml.meta.top_blocks.TopBlocks.capture] runs the embeddings and the blocks below the
+top ``k`` once, and records the inputs of the first adapted block: the hidden states and the other arguments
+the decoder passes its blocks (rotary tables, masks, position ids). The forward stops there, so the adapted
+blocks are not run by it. [`TopBlocks.run`][picomaml.meta.top_blocks.TopBlocks.run] then evaluates the top
+blocks and the final norm under *any* parameter dict with ``torch.func.functional_call``: the inner loop calls
+it once per step with the adapted tensors, and the module's own parameters are never touched.
 
 The recorded arguments belong to one batch of rows, so a batch of rows is captured per part (support or
 query) and task: every row still passes the lower blocks exactly once.
 
 Autograd of the fused attention kernels (flash, memory-efficient) has no double backward; while a graph
-of inner gradients is built, :func:`math_attention` selects the composite SDPA kernel, which has one.
+of inner gradients is built, [`math_attention`][picomaml.meta.top_blocks.math_attention] selects the composite
+SDPA kernel, which has one.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class TopBlocks:
     """The top ``k`` blocks (and the final norm) of a decoder, evaluated functionally.
 
     Args:
-        model: A :class:`~picomaml.PicoDecoder`, a ``transformers`` decoder or any module whose blocks
-            :func:`~picomaml.meta.backbone.decoder_layout` finds.
+        model: A [`PicoDecoder`][picomaml.model.decoder.PicoDecoder], a ``transformers`` decoder or any module
+            whose blocks [`decoder_layout`][picomaml.meta.backbone.decoder_layout] finds.
         k: Number of top blocks re-run per inner step, ``1 <= k <= n_blocks``.
         names: The tensors that adapt, a subset of those blocks' and the final norm's (default: all of
             them); the others keep the model's own values.
@@ -94,8 +95,8 @@ class TopBlocks:
 
     Attributes:
         names: The adapted tensors' names in the model (``"layers.3.attention.q_proj.weight"``, ...), blocks
-            bottom-up then the final norm; the order of :meth:`params`.
-        layout: The model's :class:`~picomaml.meta.backbone.DecoderLayout`.
+            bottom-up then the final norm; the order of [`params`][picomaml.meta.top_blocks.TopBlocks.params].
+        layout: The model's [`DecoderLayout`][picomaml.meta.backbone.DecoderLayout].
 
     Raises:
         TypeError: the model's blocks are not recognised.
@@ -186,7 +187,8 @@ class TopBlocks:
         return x
 
     def reproduces(self, ids: Tensor) -> bool:
-        """Whether :meth:`run` under the model's own tensors gives its hidden states for rows like ``ids``.
+        """Whether [`run`][picomaml.meta.top_blocks.TopBlocks.run] under the model's own tensors gives its
+        hidden states for rows like ``ids``.
 
         Checked on two rows in eval mode without gradients, once per model, first adapted block, window
         length, dtype and device (every call with a ``features=`` callable): a re-run that matched at one
@@ -212,7 +214,8 @@ class TopBlocks:
         return seen[key]
 
     def verify(self, ids: Tensor) -> None:
-        """:meth:`reproduces`, or a ``RuntimeError`` naming the model."""
+        """[`reproduces`][picomaml.meta.top_blocks.TopBlocks.reproduces], or a ``RuntimeError`` naming the
+        model."""
         if not self.reproduces(ids):
             raise RuntimeError(
                 f"adapt_layers: re-running the top {self.k} blocks of {type(self.model).__name__} does not reproduce "
@@ -230,8 +233,10 @@ def _run_base(model: nn.Module, layout: DecoderLayout, ids: Tensor, features: An
     """The final hidden states of the whole backbone (the capture hook may stop it early), as the caller's
     featuriser computes them.
 
-    A backbone compiled by :func:`picomaml.train.compile.compile_backbone` runs its eager original here: the
-    capture hook raises to stop the forward at the first adapted block, which a compiled graph cannot do.
+    A backbone compiled by
+    [`picomaml.train.compile.compile_backbone`][picomaml.train.compile.compile_backbone] runs its eager
+    original here: the capture hook raises to stop the forward at the first adapted block, which a compiled
+    graph cannot do.
     """
     if features is not None:
         return features(ids)

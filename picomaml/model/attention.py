@@ -1,9 +1,11 @@
-"""Grouped-query self-attention with rotary embeddings for :class:`~picomaml.PicoDecoder`, and its KV cache.
+"""Grouped-query self-attention with rotary embeddings for
+[`PicoDecoder`][picomaml.model.decoder.PicoDecoder], and its KV cache.
 
-:class:`KVCache` holds preallocated per-layer key/value buffers for incremental decoding;
-:class:`Attention` is the layer (q/k/v/o projections named as ``transformers``' Llama). On CPU, training
-attention over 64-512 positions runs through :func:`_chunked_causal_attention`, the same function as one
-causal ``scaled_dot_product_attention`` call, computed in query chunks.
+[`KVCache`][picomaml.model.attention.KVCache] holds preallocated per-layer key/value buffers for incremental
+decoding; [`Attention`][picomaml.model.attention.Attention] is the layer (q/k/v/o projections named as
+``transformers``' Llama). On CPU, training attention over 64-512 positions runs through
+`_chunked_causal_attention`, the same function as one causal ``scaled_dot_product_attention`` call, computed
+in query chunks.
 """
 
 from __future__ import annotations
@@ -116,7 +118,9 @@ class Attention(nn.Module):
     """Grouped-query self-attention with rotary embeddings, no biases.
 
     ``fused``: the children applied to this module's input inside one matmul, whose own forward (and
-    forward hooks) never run; :func:`picomaml.train.dynamics.capture_learning_dynamics` computes their outputs.
+    forward hooks) never run;
+    [`picomaml.train.dynamics.capture_learning_dynamics`][picomaml.train.dynamics.capture_learning_dynamics]
+    computes their outputs.
     """
 
     fused = ("q_proj", "k_proj", "v_proj")
@@ -140,9 +144,10 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """Self-attention over ``x`` (B, L, d_model) -> (B, L, d_model).
 
-        ``cos``/``sin`` are the (L, (n_heads + n_kv_heads) * head_dim) tables of :func:`rope_heads` for
-        the new positions. q/k/v run as one matmul over the concatenated weights (the modules stay
-        separate so their weights map one-to-one onto Llama; their forward hooks do not fire).
+        ``cos``/``sin`` are the (L, (n_heads + n_kv_heads) * head_dim) tables of
+        [`rope_heads`][picomaml.model.layers.rope_heads] for the new positions. q/k/v run as one matmul over
+        the concatenated weights (the modules stay separate so their weights map one-to-one onto Llama; their
+        forward hooks do not fire).
         """
         b, n, _ = x.shape
         hd = self.head_dim

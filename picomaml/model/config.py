@@ -1,7 +1,8 @@
-"""The architecture of a :class:`~picomaml.PicoDecoder`: sizes, presets and parameter count.
+"""The architecture of a [`PicoDecoder`][picomaml.model.decoder.PicoDecoder]: sizes, presets and parameter
+count.
 
 Kept apart from the model so that configs can be read, validated and compared without torch; it
-imports only :mod:`picomaml.params`, which imports no other picomaml module.
+imports only [`picomaml.params`][picomaml.params], which imports no other picomaml module.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ PRESET_WIDTHS = {"tiny": 96, "small": 384, "medium": 768, "large": 1536}
 
 @dataclasses.dataclass
 class PicoDecoderConfig(Params):
-    """Architecture of a :class:`~picomaml.PicoDecoder` (YAML section ``model``).
+    """Architecture of a [`PicoDecoder`][picomaml.model.decoder.PicoDecoder] (YAML section ``model``).
 
     Attributes:
         vocab_size: Number of token ids.

@@ -3,7 +3,7 @@
 Module names follow ``transformers``' Llama (``embed_tokens``, ``layers.{i}.attention.{q,k,v,o}_proj``,
 ``layers.{i}.mlp.{gate,up,down}_proj``, ``norm``, ``lm_head``) and rotary embeddings use the same
 rotate-half convention, so weights map one-to-one onto ``LlamaForCausalLM`` (see
-:mod:`picomaml.model.hf`).
+[`picomaml.model.hf`][picomaml.model.hf]).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ __all__ = ["PicoDecoder", "KVCache"]  # KVCache lives in picomaml.model.attentio
 
 class MLP(nn.Module):
     """SwiGLU feed-forward: ``down(silu(gate(x)) * up(x))``; ``gate_proj`` and ``up_proj`` run fused (see
-    :attr:`Attention.fused`)."""
+    `Attention.fused`)."""
 
     fused = ("gate_proj", "up_proj")
 
@@ -63,10 +63,10 @@ class PicoDecoder(nn.Module):
     """LLaMA-style decoder-only language model.
 
     Args:
-        config: Architecture; see :class:`PicoDecoderConfig`.
+        config: Architecture; see [`PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig].
         generator: Seeded ``torch.Generator`` for the weight init; ``None`` uses the global torch RNG.
 
-    Example:
+    Examples:
         >>> model = PicoDecoder(PicoDecoderConfig(vocab_size=100))
         >>> logits, hidden = model(torch.zeros(2, 8, dtype=torch.long), return_hidden=True)
     """
@@ -92,7 +92,8 @@ class PicoDecoder(nn.Module):
 
     def _rope(self, start: int, end: int, dtype: torch.dtype, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
         """``(cos, sin_signed)`` for positions ``[start, end)``, tiled over the q and k heads that
-        :func:`rope_heads` rotates together: ``(end - start, (n_heads + n_kv_heads) * head_dim)``."""
+        [`rope_heads`][picomaml.model.layers.rope_heads] rotates together:
+        ``(end - start, (n_heads + n_kv_heads) * head_dim)``."""
         cfg = self.config
         cos, sin = rope_tables(cfg.head_dim, end, cfg.rope_theta, dtype, start)
         half = cfg.head_dim // 2
@@ -195,7 +196,8 @@ class PicoDecoder(nn.Module):
         Args:
             input_ids: (B, L) long token ids in ``[0, vocab_size)``, ``L <= max_seq_len``.
             return_hidden: Also return the final-norm hidden states the LM head consumes.
-            kv_cache: Optional :class:`KVCache` for incremental decoding (advanced by ``L``).
+            kv_cache: Optional [`KVCache`][picomaml.model.attention.KVCache] for incremental decoding
+                (advanced by ``L``).
 
         Returns:
             logits (B, L, vocab_size), or ``(logits, hidden)`` with hidden (B, L, d_model).
@@ -205,7 +207,7 @@ class PicoDecoder(nn.Module):
         return (logits, hidden) if return_hidden else logits
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
-        """An empty :class:`KVCache` for this model."""
+        """An empty [`KVCache`][picomaml.model.attention.KVCache] for this model."""
         return KVCache.for_model(self, batch_size, max_len)
 
     @torch.no_grad()
@@ -219,7 +221,8 @@ class PicoDecoder(nn.Module):
         generator: torch.Generator | None = None,
         eos_token_id: int | None = None,
     ) -> torch.Tensor:
-        """Continue ``input_ids`` (B, L) with a KV cache; see :func:`picomaml.model.generate.generate`."""
+        """Continue ``input_ids`` (B, L) with a KV cache; see
+        [`picomaml.model.generate.generate`][picomaml.model.generate.generate]."""
         from picomaml.model.generate import generate
 
         return generate(
@@ -234,7 +237,8 @@ class PicoDecoder(nn.Module):
         )
 
     def to_hf(self, **config_overrides: Any) -> Any:
-        """Export to ``transformers.LlamaForCausalLM`` with equal weights (see :func:`picomaml.model.hf.to_hf`)."""
+        """Export to ``transformers.LlamaForCausalLM`` with equal weights (see
+        [`picomaml.model.hf.to_hf`][picomaml.model.hf.to_hf])."""
         from picomaml.model.hf import to_hf
 
         return to_hf(self, **config_overrides)
@@ -243,7 +247,8 @@ class PicoDecoder(nn.Module):
     def from_hf(cls, model_or_path: Any) -> PicoDecoder:
         """Import a ``LlamaForCausalLM`` or a saved Llama directory with equal logits.
 
-        The weights keep the source dtype and device; see :func:`picomaml.model.hf.state_from_hf`.
+        The weights keep the source dtype and device; see
+        [`picomaml.model.hf.state_from_hf`][picomaml.model.hf.state_from_hf].
         """
         from picomaml.model.hf import state_from_hf
 
@@ -262,13 +267,15 @@ class PicoDecoder(nn.Module):
         """Import a pico-train checkpoint (pico-lm/pico-train's ``PicoDecoder``) with equal logits.
 
         Nothing from the checkpoint is executed; the q/k rows are permuted from pico-train's
-        adjacent-pair RoPE to rotate-half. See :func:`picomaml.model.pico_train.state_from_pico_train`.
+        adjacent-pair RoPE to rotate-half. See
+        [`picomaml.model.pico_train.state_from_pico_train`][picomaml.model.pico_train.state_from_pico_train].
 
         Args:
             path_or_state_dict: A folder written by pico-train's ``convert_to_hf_model().save_pretrained``,
                 a weights file, or a raw pico-train state dict.
-            config: For a raw state dict: a :class:`PicoDecoderConfig` or a dict of pico-train's model
-                config keys; ``attention_n_heads`` is required, the sizes are inferred from the shapes.
+            config: For a raw state dict: a [`PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig] or
+                a dict of pico-train's model config keys; ``attention_n_heads`` is required, the sizes are
+                inferred from the shapes.
 
         Returns:
             A PicoDecoder with the source weights' dtype and device.

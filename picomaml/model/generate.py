@@ -45,7 +45,7 @@ def generate(
 ) -> torch.Tensor:
     """Continue ``input_ids`` for up to ``max_new_tokens`` tokens, one forward per new token.
 
-    The prompt is run once (prefill) into a :class:`~picomaml.model.decoder.KVCache`; every further step
+    The prompt is run once (prefill) into a [`KVCache`][picomaml.model.attention.KVCache]; every further step
     feeds only the newest token. A row that has produced ``eos_token_id`` keeps emitting it; generation
     stops early once every row has.
 

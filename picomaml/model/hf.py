@@ -1,19 +1,21 @@
-"""Export a :class:`~picomaml.model.decoder.PicoDecoder` to ``transformers``' Llama and import it back.
+"""Export a [`PicoDecoder`][picomaml.model.decoder.PicoDecoder] to ``transformers``' Llama and import it back.
 
 The two models share the architecture exactly (pre-norm RMSNorm, rotate-half RoPE, GQA, SwiGLU, no
 biases), so the conversion is a renaming of state-dict keys with no permutation. ``transformers`` is
 imported lazily (``pip install 'picomaml[hf]'``).
 
 Import reads a folder's ``config.json`` first: ``model_type`` ``"llama"`` loads with ``transformers``
-(never trusting remote code), a pico-train folder goes to :mod:`picomaml.model.pico_train` (read without
-executing its code), and anything else is refused, so no folder ever triggers a ``trust_remote_code``
-prompt.
+(never trusting remote code), a pico-train folder goes to
+[`picomaml.model.pico_train`][picomaml.model.pico_train] (read without executing its code), and anything else
+is refused, so no folder ever triggers a ``trust_remote_code`` prompt.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -123,7 +125,8 @@ def to_hf(model: Any, **config_overrides: Any) -> Any:
 
 
 def pico_config_from_hf(hf_cfg: Any) -> PicoDecoderConfig:
-    """The :class:`PicoDecoderConfig` of a ``LlamaConfig``; rejects features PicoDecoder lacks.
+    """The [`PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig] of a ``LlamaConfig``; rejects
+    features PicoDecoder lacks.
 
     Raises:
         ValueError: not a Llama config, biases, a non-SiLU activation, rope scaling, or a head_dim that
@@ -183,12 +186,12 @@ def state_from_hf(model_or_path: Any) -> tuple[PicoDecoderConfig, dict[str, torc
     """The config and PicoDecoder state dict of a ``LlamaForCausalLM``, a ``save_pretrained`` directory, or
     a pico-train checkpoint.
 
-    :meth:`picomaml.PicoDecoder.from_hf` builds the model from these; this module never imports the model
-    class, so the model and its converters import in one direction only. A directory's ``config.json`` is
-    read first: ``model_type`` ``"llama"`` loads with ``AutoModelForCausalLM.from_pretrained`` (remote code
-    never trusted), a pico-train folder (``model_type`` ``"pico_decoder"``, or ``architectures`` /
-    ``auto_map`` naming ``PicoDecoderHF``) goes to
-    :func:`~picomaml.model.pico_train.state_from_pico_train`, anything else is refused.
+    [`picomaml.PicoDecoder.from_hf`][picomaml.model.decoder.PicoDecoder.from_hf] builds the model from these;
+    this module never imports the model class, so the model and its converters import in one direction only. A
+    directory's ``config.json`` is read first: ``model_type`` ``"llama"`` loads with
+    ``AutoModelForCausalLM.from_pretrained`` (remote code never trusted), a pico-train folder (``model_type``
+    ``"pico_decoder"``, or ``architectures`` / ``auto_map`` naming ``PicoDecoderHF``) goes to
+    [`state_from_pico_train`][picomaml.model.pico_train.state_from_pico_train], anything else is refused.
 
     Args:
         model_or_path: A loaded Llama causal-LM model (or pico-train ``PicoDecoderHF``), or a directory.
@@ -239,7 +242,27 @@ def _pico_train_model_config(hf_cfg: Any) -> dict[str, Any]:
     return {k: getattr(hf_cfg, k) for k in PICO_TRAIN_CONFIG_KEYS if getattr(hf_cfg, k, None) is not None}
 
 
-def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -> Path:
+@contextlib.contextmanager
+def _progress_bars(enabled: bool) -> Iterator[None]:
+    """transformers' own progress bars on or off for a block, restored after.
+
+    ``save_pretrained`` shows a "Writing model shards" bar even for one shard; a trainer that exports at
+    every save would print it into its own progress bar each time.
+    """
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if was == enabled:
+        yield
+        return
+    (hf_logging.enable_progress_bar if enabled else hf_logging.disable_progress_bar)()
+    try:
+        yield
+    finally:
+        (hf_logging.enable_progress_bar if was else hf_logging.disable_progress_bar)()
+
+
+def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None, *, progress: bool = False) -> Path:
     """Save ``model.to_hf()`` with ``save_pretrained`` (and the tokenizer beside it, when given).
 
     The tokenizer's ``bos_token_id``, ``eos_token_id`` and ``pad_token_id`` (those it has) go into the
@@ -249,9 +272,11 @@ def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -
     ``save_checkpoint(..., writers={"hf": lambda d: export_hf(model, d, tokenizer)})``.
 
     Args:
-        model: A :class:`picomaml.PicoDecoder` (anything with ``to_hf()``).
+        model: A [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder] (anything with ``to_hf()``).
         path: Output directory (created).
         tokenizer: Optional object with ``save_pretrained(path)`` (a ``transformers`` tokenizer).
+        progress: Show transformers' "Writing model shards" progress bar (off: a save inside a training
+            loop would print one per checkpoint).
     """
     require("transformers", "hf", "Hugging Face export")
     if not callable(getattr(model, "to_hf", None)):
@@ -263,7 +288,8 @@ def export_hf(model: Any, path: str | os.PathLike[str], tokenizer: Any = None) -
         for role in ("bos", "eos", "pad")
         if isinstance(tid := getattr(tokenizer, f"{role}_token_id", None), int) and not isinstance(tid, bool)
     }
-    model.to_hf(**special).save_pretrained(path)
+    with _progress_bars(progress):
+        model.to_hf(**special).save_pretrained(path)
     if tokenizer is not None:
         if not callable(getattr(tokenizer, "save_pretrained", None)):
             raise TypeError(

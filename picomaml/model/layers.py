@@ -1,4 +1,4 @@
-"""Building blocks of :class:`~picomaml.model.decoder.PicoDecoder`: rotary embeddings and RMSNorm.
+"""Building blocks of [`PicoDecoder`][picomaml.model.decoder.PicoDecoder]: rotary embeddings and RMSNorm.
 
 Functional core (``rope_tables``, ``apply_rope``, ``rope_heads``, ``rms_norm``) with a thin module
 (``RMSNorm``) over it. Both follow ``transformers``' Llama conventions exactly (rotate-half RoPE, RMSNorm
@@ -39,7 +39,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def rope_heads(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """Rotate every head of ``x`` (B, L, n*head_dim) at once; equal to :func:`apply_rope` bit for bit.
+    """Rotate every head of ``x`` (B, L, n*head_dim) at once; equal to
+    [`apply_rope`][picomaml.model.layers.apply_rope] bit for bit.
 
     Args:
         x: Heads laid side by side in the last dimension.
@@ -111,7 +112,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
-    """Root-mean-square norm with a learned gain (see :func:`rms_norm`)."""
+    """Root-mean-square norm with a learned gain (see [`rms_norm`][picomaml.model.layers.rms_norm])."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()

@@ -1,20 +1,22 @@
 """Import pico-train checkpoints (pico-lm/pico-train's ``PicoDecoder``) into a picomaml PicoDecoder.
 
-pico-train's decoder is the same architecture as :class:`~picomaml.PicoDecoder` (pre-norm RMSNorm in
-float32 with the gain applied last, RoPE on q and k, GQA through SDPA with the default ``1/sqrt(head_dim)``
-scale, SwiGLU, no biases, untied embeddings), with two differences that the import handles:
+pico-train's decoder is the same architecture as [`PicoDecoder`][picomaml.model.decoder.PicoDecoder] (pre-norm
+RMSNorm in float32 with the gain applied last, RoPE on q and k, GQA through SDPA with the default
+``1/sqrt(head_dim)`` scale, SwiGLU, no biases, untied
+embeddings), with two differences that the import handles:
 
 * **names**: ``embedding_proj``, ``swiglu.w_0/w_1/w_2``, ``swiglu_norm``, ``output_norm``,
-  ``de_embedding_proj`` (see :data:`PICO_TRAIN_KEYS`); its Hugging Face folders prefix every key with
+  ``de_embedding_proj`` (see `PICO_TRAIN_KEYS`); its Hugging Face folders prefix every key with
   ``pico_decoder.`` (the attribute of its ``PicoDecoderHF`` wrapper).
 * **RoPE layout**: pico-train rotates adjacent pairs ``(x[2j], x[2j+1])`` of each head (complex-number
   style); picomaml rotates halves ``(x[j], x[j + head_dim/2])`` (Llama's rotate-half), both by the angle
   ``pos * theta**(-2j/head_dim)``. Reordering each head's q and k projection rows as ``0, 2, 4, ..., 1, 3,
-  5, ...`` (:func:`rope_pair_permutation`) turns one rotation into the other. The same orthogonal
-  permutation is applied to q and k, so every q.k score, and hence the attention output, is unchanged;
+  5, ...`` ([`rope_pair_permutation`][picomaml.model.pico_train.rope_pair_permutation]) turns one
+  rotation into the other. The same orthogonal permutation is applied to q and k, so every q.k score, and
+  hence the attention output, is unchanged;
   v and o are not touched.
 
-Nothing from the checkpoint is executed: ``config.json`` is read with :mod:`json` and the weights with
+Nothing from the checkpoint is executed: ``config.json`` is read with `json` and the weights with
 ``safetensors`` or ``torch.load(weights_only=True)``; the ``pico_decoder.py`` that pico-train's
 ``save_pretrained`` copies into the folder is never imported.
 """
@@ -346,16 +348,17 @@ def state_from_pico_train(
 ) -> tuple[PicoDecoderConfig, dict[str, torch.Tensor], torch.dtype]:
     """The config and PicoDecoder state dict of a pico-train checkpoint (RoPE permutation applied).
 
-    :meth:`picomaml.PicoDecoder.from_pico_train` builds the model from these.
+    [`picomaml.PicoDecoder.from_pico_train`][picomaml.model.decoder.PicoDecoder.from_pico_train] builds the
+    model from these.
 
     Args:
         path_or_state_dict: A pico-train Hugging Face folder (``config.json`` plus ``model.safetensors`` or
             ``pytorch_model.bin``, sharded or not), a weights file holding a raw state dict, or the raw
             state dict itself (``pico_decoder.state_dict()``; keys may carry the ``pico_decoder.`` prefix).
-        config: For a raw state dict only: a :class:`PicoDecoderConfig` or a dict (or dataclass) of
-            pico-train's model config keys. ``d_model``, ``n_layers``, ``vocab_size``,
-            ``activation_hidden_dim`` and ``attention_n_kv_heads`` are inferred from the shapes when left
-            out; ``attention_n_heads`` is required; ``max_seq_len``, ``norm_eps`` and
+        config: For a raw state dict only: a [`PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig] or
+            a dict (or dataclass) of pico-train's model config keys. ``d_model``, ``n_layers``,
+            ``vocab_size``, ``activation_hidden_dim`` and ``attention_n_kv_heads`` are inferred from the
+            shapes when left out; ``attention_n_heads`` is required; ``max_seq_len``, ``norm_eps`` and
             ``position_emb_theta`` default to pico-train's defaults (2048, 1e-6, 10000.0).
 
     Returns:

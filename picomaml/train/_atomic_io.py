@@ -1,11 +1,12 @@
 """Crash-safe file operations for checkpoints: hashed writes, fsync, rename, remove.
 
 A rename within one file system is atomic, and data reaches the disk only once the file *and* its
-directory entry are fsynced; :mod:`picomaml.train.checkpoint` builds its guarantees on these helpers.
+directory entry are fsynced; [`picomaml.train.checkpoint`][picomaml.train.checkpoint] builds its guarantees on
+these helpers.
 
 Every operation that changes the file system during a save goes through one function here
-(:func:`make_dir`, :func:`create_file`, :func:`write_out`, :func:`fsync_fd`, :func:`rename`,
-:func:`replace`, :func:`remove_file`, :func:`remove_dir`), so a test can make the N-th of them fail
+(`make_dir`, `create_file`, `write_out`, `fsync_fd`, `rename`,
+`replace`, `remove_file`, `remove_dir`), so a test can make the N-th of them fail
 or "crash" and check what a real crash at that point would leave behind.
 """
 
@@ -97,11 +98,11 @@ class HashingWriter:
     ``torch.save`` and text writers see an object with ``write`` and ``flush``. Small writes (torch
     writes a header per record) are gathered into 1 MiB before they go to the operating system; large
     ones go straight through. The digest is of the bytes handed to the operating system, so a later
-    change on disk is detectable. An ``OSError`` from the file is remembered in :attr:`error`, because
+    change on disk is detectable. An ``OSError`` from the file is remembered in `error`, because
     ``torch.save`` replaces it by its own message.
 
     Args:
-        file: An unbuffered binary file from :func:`create_file`.
+        file: An unbuffered binary file from `create_file`.
     """
 
     def __init__(self, file: BinaryIO) -> None:
@@ -194,7 +195,7 @@ def write_bytes(path: Path, write: Callable[[Any], None], fsync: bool) -> str:
 
 
 def write_text(path: Path, text: str, fsync: bool) -> str:
-    """:func:`write_bytes` of UTF-8 text; returns its SHA-256 (hex)."""
+    """`write_bytes` of UTF-8 text; returns its SHA-256 (hex)."""
     return write_bytes(path, lambda f: f.write(text.encode("utf-8")), fsync)
 
 
@@ -224,7 +225,7 @@ def remove_tree(path: Path) -> None:
 
 
 def remove_tree_quietly(path: Path) -> bool:
-    """:func:`remove_tree`, ignoring ``OSError`` (cleanup must not hide the error being handled).
+    """`remove_tree`, ignoring ``OSError`` (cleanup must not hide the error being handled).
 
     Returns:
         Whether ``path`` is gone.

@@ -1,8 +1,9 @@
 """The compute of a run: FLOPs per optimizer step and per run of an experiment config, for equal-FLOP
 comparisons between arms (e.g. a hybrid run that spends what an AR-only run spends).
 
-The per-step formulas are :mod:`picomaml.eval.flops` (pure functions of shapes); this module applies them
-to an :class:`~picomaml.ExperimentConfig` and to the objectives its hybrid schedule picks.
+The per-step formulas are [`picomaml.eval.flops`][picomaml.eval.flops] (pure functions of shapes); this module
+applies them to an [`ExperimentConfig`][picomaml.train.config.ExperimentConfig] and to the objectives its
+hybrid schedule picks.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
     counted.
 
     Args:
-        config: A :class:`picomaml.ExperimentConfig`.
+        config: A [`picomaml.ExperimentConfig`][picomaml.train.config.ExperimentConfig].
         objectives: What the step ran: ``{"ar"}``, ``{"meta"}`` or both (``HybridScheduler.objectives``).
     """
     kinds = set(objectives)
@@ -64,7 +65,7 @@ def run_flops(config: ExperimentConfig, steps: int | None = None) -> list[int]:
     compute of a whole run, is known before training; a run's ``trainer/flops`` equals this list.
 
     Args:
-        config: A :class:`picomaml.ExperimentConfig`.
+        config: A [`picomaml.ExperimentConfig`][picomaml.train.config.ExperimentConfig].
         steps: Run length (default ``config.trainer.max_steps``). A ratio schedule without its own
             ``hybrid.total_steps`` stretches over ``steps``, as it does in the trainer.
 
@@ -91,7 +92,7 @@ def steps_for_flops(config: ExperimentConfig, budget: int, max_steps: int = 1_00
     For a constant ratio that is exactly the shortest run.
 
     Args:
-        config: A :class:`picomaml.ExperimentConfig`.
+        config: A [`picomaml.ExperimentConfig`][picomaml.train.config.ExperimentConfig].
         budget: FLOPs to reach (>= 1).
         max_steps: Give up beyond this many steps.
 

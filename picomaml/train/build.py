@@ -1,4 +1,5 @@
-"""The one builder: from an :class:`~picomaml.ExperimentConfig` to the components of a run.
+"""The one builder: from an [`ExperimentConfig`][picomaml.train.config.ExperimentConfig] to the components of
+a run.
 
 The reference trainer, checkpoint loading for evaluation and the tests all build through these
 functions, so a checkpoint is always rebuilt exactly as training built it (same head seed, same inner-loop
@@ -82,7 +83,8 @@ def sampler_from_config(
     seed: int | None = None,
     **overrides: Any,
 ) -> SMLMTSampler:
-    """An SMLMT sampler from the ``sampler`` section (or a :class:`SamplerConfig` itself).
+    """An SMLMT sampler from the ``sampler`` section (or a
+    [`SamplerConfig`][picomaml.meta.sampler.SamplerConfig] itself).
 
     Args:
         cfg: The experiment config, or just its sampler section.
@@ -122,14 +124,15 @@ def optimizer_from_config(
 
 
 def lr_scheduler_from_config(cfg: ExperimentConfig, optimizer: torch.optim.Optimizer) -> Any:
-    """Warm-up and decay over ``trainer.max_steps`` (see :func:`picomaml.train.optim.build_lr_scheduler`)."""
+    """Warm-up and decay over ``trainer.max_steps`` (see
+    [`picomaml.train.optim.build_lr_scheduler`][picomaml.train.optim.build_lr_scheduler])."""
     o = cfg.optim
     return build_lr_scheduler(optimizer, o.warmup_steps, cfg.trainer.max_steps, o.decay, o.min_lr_ratio)
 
 
 @dataclasses.dataclass
 class RunComponents:
-    """What :func:`build_run` builds: every trainable and stateful piece of a run.
+    """What [`build_run`][picomaml.train.build.build_run] builds: every trainable and stateful piece of a run.
 
     Attributes:
         model: The backbone.
@@ -152,7 +155,9 @@ class RunComponents:
     lr_scheduler: Any = None
 
     def stateful(self) -> dict[str, Any]:
-        """``name -> component`` for :func:`picomaml.save_checkpoint` (those with a ``state_dict``)."""
+        """``name -> component`` for
+        [`picomaml.save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint] (those with a
+        ``state_dict``)."""
         parts = {
             "model": self.model, "head": self.head, "inner_loop": self.inner_loop, "optimizer": self.optimizer,
             "lr_scheduler": self.lr_scheduler, "sampler": self.sampler, "hybrid": self.hybrid,
@@ -178,8 +183,9 @@ def build_run(
         sampler_seed: The training sampler's seed (default ``cfg.seed``; a rank with its own data shard
             passes ``cfg.seed + rank``).
         optimizer: Also build the optimizer and LR schedule.
-        compile: ``torch.compile`` the backbone (:func:`picomaml.train.compile.compile_backbone`: AR steps and the
-            meta steps' backbone forward; the inner loop and adapted blocks stay eager); ``None``:
+        compile: ``torch.compile`` the backbone
+            ([`picomaml.train.compile.compile_backbone`][picomaml.train.compile.compile_backbone]: AR steps
+            and the meta steps' backbone forward; the inner loop and adapted blocks stay eager); ``None``:
             ``trainer.compile``.
     """
     model = model_from_config(cfg)
@@ -218,8 +224,8 @@ def eval_class_split(sampler: SamplerConfig) -> dict[str, Any]:
 def eval_episode_kwargs(
     cfg: ExperimentConfig, mask_token_id: int | None = None, special_ids: Sequence[int] = ()
 ) -> dict[str, Any]:
-    """Keyword arguments of :func:`~picomaml.eval.fewshot.fewshot_eval` and
-    :func:`~picomaml.eval.suite.run_suite` that follow a run's config, so evaluation episodes look like
+    """Keyword arguments of [`fewshot_eval`][picomaml.eval.fewshot.fewshot_eval] and
+    [`run_suite`][picomaml.eval.suite.run_suite] that follow a run's config, so evaluation episodes look like
     training episodes: the episode shape, window length, frequency band, pooling, feature normalisation,
     adapted blocks, seed, excluded ids (the config's plus ``special_ids``) and the held-out class split.
 

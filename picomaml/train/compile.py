@@ -1,13 +1,17 @@
 """``torch.compile`` for a backbone: compiled graphs for the AR step and the meta step's backbone forward.
 
-:func:`compile_backbone` replaces the model's ``forward`` (and a PicoDecoder's ``hidden_states``; a
-``transformers`` model's base-model ``forward``) with instance attributes that run compiled graphs, so
-everything that calls ``model(ids)`` or ``model.hidden_states(ids)`` (:func:`~picomaml.lm_loss`,
-:func:`~picomaml.meta_loss`, :class:`~picomaml.HybridLearner`) uses them without a change. The eager
-originals stay reachable (:func:`eager_forward`, :func:`eager_hidden_states`, :func:`eager_mode`). For a
-model whose config gives ``vocab_size`` it also compiles :func:`~picomaml.meta.backbone.next_token_loss`, the
-forward and the cross-entropy as one graph (:func:`compiled_loss`), which :func:`~picomaml.lm_loss` runs:
-the loss fuses with the vocabulary projection instead of reading the ``(B, L, V)`` logits back eagerly.
+[`compile_backbone`][picomaml.train.compile.compile_backbone] replaces the model's ``forward`` (and a
+PicoDecoder's ``hidden_states``; a ``transformers`` model's base-model ``forward``) with instance attributes
+that run compiled graphs, so everything that calls ``model(ids)`` or ``model.hidden_states(ids)``
+([`lm_loss`][picomaml.meta.objectives.lm_loss], [`meta_loss`][picomaml.meta.objectives.meta_loss],
+[`HybridLearner`][picomaml.meta.learner.HybridLearner]) uses them without a change. The eager originals stay
+reachable ([`eager_forward`][picomaml.meta.backbone.eager_forward],
+[`eager_hidden_states`][picomaml.meta.backbone.eager_hidden_states],
+[`eager_mode`][picomaml.train.compile.eager_mode]). For a model whose config gives ``vocab_size`` it also
+compiles [`next_token_loss`][picomaml.meta.backbone.next_token_loss], the forward and the cross-entropy as one
+graph ([`compiled_loss`][picomaml.meta.backbone.compiled_loss]), which
+[`lm_loss`][picomaml.meta.objectives.lm_loss] runs: the loss fuses with the vocabulary projection instead of
+reading the ``(B, L, V)`` logits back eagerly.
 
 What stays eager, and why:
 
@@ -15,17 +19,18 @@ What stays eager, and why:
   currently support double backward") when a ``create_graph=True`` gradient has to pass through one. The
   MAML inner loop therefore never differentiates through the compiled backbone: with ``adapt_layers=0``
   it adapts the head on the backbone's features (the compiled graph is differentiated once, by the outer
-  backward); with ``adapt_layers=k`` :class:`~picomaml.meta.top_blocks.TopBlocks` runs the lower blocks with
-  the *eager* ``hidden_states`` (its capture hook raises to stop the forward, which a compiled graph
+  backward); with ``adapt_layers=k`` [`TopBlocks`][picomaml.meta.top_blocks.TopBlocks] runs the lower blocks
+  with the *eager* ``hidden_states`` (its capture hook raises to stop the forward, which a compiled graph
   cannot do) and re-runs the adapted blocks eagerly, so a meta step with adapted blocks runs its backbone
   eagerly.
-- **Learning dynamics.** :func:`~picomaml.train.dynamics.capture_learning_dynamics` runs inside
-  :func:`eager_mode`: its forward hooks would otherwise compile a graph of their own.
-- **KV-cache decoding.** A call with a :class:`~picomaml.KVCache` (``generate``) runs eagerly: its
-  Python-int cache positions would recompile the graph for every length.
-- **Buffers.** :func:`compile_backbone` turns off AOTAutograd's donated buffers for the process
-  (``torch._functorch.config.donated_buffer = False``), so ``retain_graph=True`` works through a compiled
-  graph (PCGrad, gradient-conflict metrics); a double backward still raises.
+- **Learning dynamics.** [`capture_learning_dynamics`][picomaml.train.dynamics.capture_learning_dynamics] runs
+  inside [`eager_mode`][picomaml.train.compile.eager_mode]: its forward hooks would otherwise compile a graph
+  of their own.
+- **KV-cache decoding.** A call with a [`KVCache`][picomaml.model.attention.KVCache] (``generate``) runs
+  eagerly: its Python-int cache positions would recompile the graph for every length.
+- **Buffers.** [`compile_backbone`][picomaml.train.compile.compile_backbone] turns off AOTAutograd's donated
+  buffers for the process (``torch._functorch.config.donated_buffer = False``), so ``retain_graph=True`` works
+  through a compiled graph (PCGrad, gradient-conflict metrics); a double backward still raises.
 - **Input checks.** A PicoDecoder's eager ``_check_input`` runs before each compiled call
   (``check_inputs=True``, the default), so bad token ids raise the eager ``ValueError``; inside the graph
   the range check is an in-graph assert, which on CPU aborts the process when it fails.
@@ -133,9 +138,9 @@ def compile_backbone(model: nn.Module, *, check_inputs: bool = True, **compile_k
     """Compile ``model``'s forward passes in place with ``torch.compile``; returns ``model``.
 
     Args:
-        model: A :class:`~picomaml.PicoDecoder` (``forward`` and ``hidden_states`` are compiled), a
-            ``transformers`` model (its ``forward`` and its base model's ``forward``) or any module (its
-            ``forward``).
+        model: A [`PicoDecoder`][picomaml.model.decoder.PicoDecoder] (``forward`` and ``hidden_states`` are
+            compiled), a ``transformers`` model (its ``forward`` and its base model's ``forward``) or any
+            module (its ``forward``).
         check_inputs: Run a PicoDecoder's eager input checks before each compiled call, so bad token ids
             raise the eager ``ValueError`` (one host sync per call, as in eager mode). ``False`` leaves
             only the in-graph assert: no sync, but on CPU a failing assert inside a parallel kernel

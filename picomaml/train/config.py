@@ -1,14 +1,18 @@
-"""The experiment schema: one YAML file -> an :class:`ExperimentConfig` composed of the components' configs.
+"""The experiment schema: one YAML file -> an [`ExperimentConfig`][picomaml.train.config.ExperimentConfig]
+composed of the components' configs.
 
-Each section is the config its component declares (``model``: :class:`~picomaml.PicoDecoderConfig`,
-``sampler``: :class:`~picomaml.meta.sampler.SamplerConfig`, ``head``: :class:`~picomaml.meta.head.HeadConfig`,
-...), so a hyperparameter has one name, default, range and meaning, whether it is passed to a constructor,
-written in YAML or set with ``--set``. This module adds only the sections that belong to the reference
-trainer (``trainer``, ``checkpoint``) and the rules between sections. The strict loader itself is generic
-(:mod:`picomaml.params`, :mod:`picomaml.train.strict_yaml`).
+Each section is the config its component declares (``model``:
+[`PicoDecoderConfig`][picomaml.model.config.PicoDecoderConfig], ``sampler``:
+[`SamplerConfig`][picomaml.meta.sampler.SamplerConfig], ``head``:
+[`HeadConfig`][picomaml.meta.head.HeadConfig], ...), so a hyperparameter has one name, default, range and
+meaning, whether it is passed to a constructor, written in YAML or set with ``--set``. This module adds only
+the sections that belong to the reference trainer (``trainer``, ``checkpoint``) and the rules between
+sections. The strict loader itself is generic ([`picomaml.params`][picomaml.params],
+[`picomaml.train.strict_yaml`][picomaml.train.strict_yaml]).
 
 Keys renamed since earlier releases raise an error naming the new key; a run directory written by an
-earlier release is read through :func:`upgrade_config_dict`, which renames them and says so.
+earlier release is read through [`upgrade_config_dict`][picomaml.train.config.upgrade_config_dict], which
+renames them and says so.
 """
 
 from __future__ import annotations
@@ -117,7 +121,7 @@ def _default_model() -> PicoDecoderConfig:
 
 @dataclasses.dataclass
 class ExperimentConfig(Params):
-    """Everything a training run needs; the YAML files in ``examples/configs`` fill it."""
+    """Everything a training run needs; the shipped YAML files (``picomaml/train/configs``, ``picomaml cp NAME DEST``) fill it."""
 
     seed: int = hparam(
         0, ge=0, le=2**63 - 1, doc="seed of every random choice (init, data, episodes, schedule)"
@@ -159,11 +163,13 @@ class ExperimentConfig(Params):
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any] | None) -> ExperimentConfig:
-        """Strictly build from a nested mapping (see :func:`picomaml.params.from_dict`)."""
+        """Strictly build from a nested mapping (see
+        [`picomaml.params.from_dict`][picomaml.params.from_dict])."""
         return from_dict(cls, data)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (round-trips through :meth:`from_dict`)."""
+        """Plain nested dict (round-trips through
+        [`from_dict`][picomaml.train.config.ExperimentConfig.from_dict])."""
         return to_dict(self)
 
     def to_yaml(self) -> str:
@@ -221,10 +227,12 @@ def upgrade_config_dict(data: Mapping[str, Any]) -> tuple[dict[str, Any], list[s
 
 
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> ExperimentConfig:
-    """Load an :class:`ExperimentConfig` from YAML, apply dotted overrides, validate strictly.
+    """Load an [`ExperimentConfig`][picomaml.train.config.ExperimentConfig] from YAML, apply dotted overrides,
+    validate strictly.
 
     Args:
-        path: YAML file; ``None`` starts from the defaults.
+        path: YAML file, or the name of a shipped config (``"tiny-cpu"``, ``"pico-maml-small"``, ...: see
+            [`config_names`][picomaml.train.catalog.config_names]); ``None`` starts from the defaults.
         overrides: ``["model.d_model=128", "hybrid.ratio=0.25", ...]``.
 
     Raises:
@@ -232,6 +240,10 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
             keys or the new name), a wrong type or an out-of-range value; the message names the file or the
             override and the key.
     """
+    if path is not None:
+        from picomaml.train.catalog import resolve_config  # a shipped config's name works as a path
+
+        path = resolve_config(path)
     data = load_yaml_file(path) if path is not None else {}
     apply_overrides(data, overrides)
     try:
@@ -245,7 +257,8 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 
 def dump_config(config: ExperimentConfig, path: str | Path) -> None:
-    """Write the resolved config as YAML (what :func:`load_config` reads back to an equal config)."""
+    """Write the resolved config as YAML (what [`load_config`][picomaml.train.config.load_config] reads back
+    to an equal config)."""
     Path(path).write_text(config.to_yaml(), encoding="utf-8")
 
 

@@ -36,9 +36,10 @@ class ConfigChange:
 
     Attributes:
         key: The dotted key (``optim.lr``).
-        old: The checkpoint's value (:data:`ABSENT` when it had none).
-        new: The current value (:data:`ABSENT` when the current config has none).
-        architecture: Whether the change alters parameter shapes (see :func:`changes_shapes`).
+        old: The checkpoint's value (`ABSENT` when it had none).
+        new: The current value (`ABSENT` when the current config has none).
+        architecture: Whether the change alters parameter shapes (see
+            [`changes_shapes`][picomaml.train.config_diff.changes_shapes]).
     """
 
     key: str
@@ -75,7 +76,8 @@ def compare_configs(saved: Mapping[str, Any], current: Mapping[str, Any]) -> lis
         current: The current config as a nested dict (``ExperimentConfig.to_dict()``).
 
     Returns:
-        One :class:`ConfigChange` per differing dotted key (:data:`ABSENT` for a key one side lacks).
+        One [`ConfigChange`][picomaml.train.config_diff.ConfigChange] per differing dotted key (`ABSENT` for a
+        key one side lacks).
     """
     old, new = _flatten(_normalised(upgrade_config_dict(saved)[0])), _flatten(_normalised(current))
     per_step = "per_step" in (old.get("inner_loop.learn_lr"), new.get("inner_loop.learn_lr"))

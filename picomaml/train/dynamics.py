@@ -1,7 +1,8 @@
 """Learning-dynamics capture in the pico-analyze layout: activations, weights and gradients per layer.
 
 On a fixed batch, for every module whose name ends with one of the configured suffixes (for a
-:class:`picomaml.PicoDecoder`: ``"attention.o_proj"``, ``"mlp.down_proj"``, ``"attention.q_proj"``, ...):
+[`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder]: ``"attention.o_proj"``, ``"mlp.down_proj"``,
+``"attention.q_proj"``, ...):
 
 * activations: the module output at one sequence position, ``(B, out_features)``;
 * weights: a copy of ``module.weight``;
@@ -49,7 +50,8 @@ SUBDIR = "learning_dynamics"
 @dataclasses.dataclass
 class DynamicsConfig(Params):
     """What a learning-dynamics capture records (YAML section ``checkpoint.dynamics``): the keyword
-    arguments of :func:`capture_learning_dynamics` and the rows it runs on."""
+    arguments of [`capture_learning_dynamics`][picomaml.train.dynamics.capture_learning_dynamics] and the rows
+    it runs on."""
 
     layers: tuple[str, ...] = hparam(
         ("attention.v_proj", "attention.o_proj", "mlp.down_proj"),
@@ -63,9 +65,11 @@ class DynamicsConfig(Params):
 
 
 def next_token_loss(model: nn.Module, batch: Tensor) -> Tensor:
-    """The default ``loss_fn`` of :func:`capture_learning_dynamics`: :func:`picomaml.lm_loss` on ``batch``
-    ``(B, L)`` with ``full_sequence=True``, so the recorded forward covers all ``L`` positions (the
-    activations at ``seq_idx`` index ``batch`` itself)."""
+    """The default ``loss_fn`` of
+    [`capture_learning_dynamics`][picomaml.train.dynamics.capture_learning_dynamics]:
+    [`picomaml.lm_loss`][picomaml.meta.objectives.lm_loss] on ``batch`` ``(B, L)`` with
+    ``full_sequence=True``, so the recorded forward covers all ``L`` positions (the activations at ``seq_idx``
+    index ``batch`` itself)."""
     return lm_loss(model, batch, full_sequence=True)
 
 
@@ -103,15 +107,16 @@ def capture_learning_dynamics(
     """Activations, weights and LM-loss gradients of the selected layers on one batch.
 
     Args:
-        model: The backbone (e.g. a :class:`picomaml.PicoDecoder`, possibly wrapped by Fabric, DDP or
-            ``torch.compile``: it is unwrapped first, see :func:`unwrap_model`); its ``.grad`` fields,
-            parameters and train/eval mode are left as they were. Needs full (unsharded) weights, so
-            call it on one rank with a non-FSDP model.
+        model: The backbone (e.g. a [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder], possibly
+            wrapped by Fabric, DDP or ``torch.compile``: it is unwrapped first, see
+            [`unwrap_model`][picomaml.meta.backbone.unwrap_model]); its ``.grad`` fields, parameters and
+            train/eval mode are left as they were. Needs full (unsharded) weights, so call it on one rank with
+            a non-FSDP model.
         batch: (B, L) long token ids, on the model's device.
         layers: Module-name suffixes to capture.
         seq_idx: Sequence position of the recorded activations (negative counts from the end).
         loss_fn: ``loss_fn(model, batch) -> scalar`` whose gradient is recorded; default
-            :func:`next_token_loss`.
+            [`next_token_loss`][picomaml.train.dynamics.next_token_loss].
         eval_mode: Run the forward in eval mode (no dropout), then restore the previous mode.
 
     Returns:
@@ -211,9 +216,10 @@ def save_learning_dynamics(
     Args:
         directory: A checkpoint directory (or any directory).
         split: ``"train"``, ``"val"`` or another name (letters, digits, ``_-``).
-        data: What :func:`capture_learning_dynamics` returned.
+        data: What [`capture_learning_dynamics`][picomaml.train.dynamics.capture_learning_dynamics] returned.
         subdir: Subdirectory to write into (``None`` writes into ``directory`` itself, as a
-            :func:`picomaml.train.checkpoint.save_checkpoint` writer does).
+            [`picomaml.train.checkpoint.save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint]
+            writer does).
 
     Returns:
         The written files.
@@ -236,7 +242,8 @@ def save_learning_dynamics(
 def load_learning_dynamics(
     directory: str | os.PathLike[str], split: str, subdir: str | None = SUBDIR
 ) -> dict[str, dict[str, Tensor]]:
-    """Read back what :func:`save_learning_dynamics` wrote (the kinds present on disk)."""
+    """Read back what [`save_learning_dynamics`][picomaml.train.dynamics.save_learning_dynamics] wrote (the
+    kinds present on disk)."""
     base = Path(directory) if subdir is None else Path(directory) / subdir
     result = {}
     for kind in KINDS:
@@ -251,9 +258,10 @@ def load_learning_dynamics(
 def learning_dynamics_writer(
     splits: Mapping[str, Mapping[str, Mapping[str, Tensor]]],
 ) -> Callable[[Path], None]:
-    """A :func:`picomaml.train.checkpoint.save_checkpoint` writer for captured dynamics.
+    """A [`picomaml.train.checkpoint.save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint] writer
+    for captured dynamics.
 
-    Example:
+    Examples:
         >>> save_checkpoint(root, step, state, writers={  # doctest: +SKIP
         ...     "learning_dynamics": learning_dynamics_writer({"train": train_data, "val": val_data})})
     """
@@ -268,8 +276,9 @@ def learning_dynamics_writer(
 def capture_splits(
     model: nn.Module, rows: Mapping[str, Tensor], config: DynamicsConfig
 ) -> dict[str, dict[str, dict[str, Tensor]]]:
-    """:func:`capture_learning_dynamics` on each split's fixed rows (``{"train": (B, L), "val": ...}``) with
-    the layers and position of ``config``; a split without rows is left out."""
+    """[`capture_learning_dynamics`][picomaml.train.dynamics.capture_learning_dynamics] on each split's fixed
+    rows (``{"train": (B, L), "val": ...}``) with the layers and position of ``config``; a split without rows
+    is left out."""
     return {
         split: capture_learning_dynamics(model, batch, config.layers, config.seq_idx)
         for split, batch in rows.items()

@@ -1,9 +1,11 @@
 """Rebuild what few-shot evaluation needs from a trainer checkpoint or a Hugging Face export.
 
-:func:`load_for_eval` takes a step directory, a checkpoint root, a run directory or a directory written by
-``save_pretrained`` and returns an :class:`EvalBundle`: the backbone, the meta-learned head and inner loop
-(for a checkpoint), the tokenizer, the held-out rows, and the :func:`picomaml.eval.suite.run_suite`
-arguments that follow the run's config (window length, pooling, frequency band, held-out class split).
+[`load_for_eval`][picomaml.train.loading.load_for_eval] takes a step directory, a checkpoint root, a run
+directory or a directory written by ``save_pretrained`` and returns an
+[`EvalBundle`][picomaml.train.loading.EvalBundle]: the backbone, the meta-learned head and inner loop (for a
+checkpoint), the tokenizer, the held-out rows, and the
+[`picomaml.eval.suite.run_suite`][picomaml.eval.suite.run_suite] arguments that follow the run's config
+(window length, pooling, frequency band, held-out class split).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ class IncompatibleCheckpointError(ValueError):
 
 @dataclasses.dataclass
 class EvalBundle:
-    """What :func:`load_for_eval` rebuilds.
+    """What [`load_for_eval`][picomaml.train.loading.load_for_eval] rebuilds.
 
     Attributes:
         model: The backbone, in eval mode, on the CPU.
@@ -42,9 +44,11 @@ class EvalBundle:
         source: ``"checkpoint"`` or ``"hf"``.
         path: The directory the weights came from (the resolved step directory for a checkpoint).
         step: The checkpoint's optimizer step (``None`` for an HF export).
-        config: The resolved :class:`picomaml.ExperimentConfig` (``None`` for an HF export).
+        config: The resolved [`picomaml.ExperimentConfig`][picomaml.train.config.ExperimentConfig] (``None``
+            for an HF export).
         corpus: The embedded corpus when it was loaded (for the downstream task), else ``None``.
-        suite_kwargs: Keyword arguments of :func:`picomaml.eval.suite.run_suite` that follow the run's config.
+        suite_kwargs: Keyword arguments of [`picomaml.eval.suite.run_suite`][picomaml.eval.suite.run_suite]
+            that follow the run's config.
         train_setting: The run's ``(n_way, k_shot)`` (``None`` for an HF export).
     """
 

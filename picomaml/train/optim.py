@@ -26,7 +26,9 @@ Decay = Literal["cosine", "linear", "constant"]
 @dataclasses.dataclass
 class OptimConfig(Params):
     """Outer optimizer (AdamW) and learning-rate schedule (YAML section ``optim``): the keyword arguments of
-    :func:`build_optimizer` and :func:`build_lr_scheduler`, and the gradient clipping of a training step."""
+    [`build_optimizer`][picomaml.train.optim.build_optimizer] and
+    [`build_lr_scheduler`][picomaml.train.optim.build_lr_scheduler], and the gradient clipping of a training
+    step."""
 
     lr: float = hparam(3e-4, gt=0, doc="peak learning rate of the backbone")
     weight_decay: float = hparam(0.1, ge=0, doc="AdamW decay of linear-layer matrices (others: none)")
@@ -100,7 +102,7 @@ def build_optimizer(
     eps: float = OptimConfig.eps,
     lr_overrides: dict[str, float | None] | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over :func:`param_groups` of ``modules``."""
+    """AdamW over [`param_groups`][picomaml.train.optim.param_groups] of ``modules``."""
     groups = param_groups(modules, weight_decay, lr, lr_overrides)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
@@ -149,14 +151,15 @@ def build_lr_scheduler(
     decay: Decay = OptimConfig.decay,
     min_lr_ratio: float = OptimConfig.min_lr_ratio,
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    """A ``LambdaLR`` applying :func:`lr_multiplier` to every parameter group (step it once per update).
+    """A ``LambdaLR`` applying [`lr_multiplier`][picomaml.train.optim.lr_multiplier] to every parameter group
+    (step it once per update).
 
     Args:
         optimizer: The optimizer; each group's ``lr`` at construction is its base LR.
-        warmup_steps: See :func:`lr_multiplier`.
-        total_steps: See :func:`lr_multiplier`.
-        decay: See :func:`lr_multiplier`.
-        min_lr_ratio: See :func:`lr_multiplier`.
+        warmup_steps: See [`lr_multiplier`][picomaml.train.optim.lr_multiplier].
+        total_steps: See [`lr_multiplier`][picomaml.train.optim.lr_multiplier].
+        decay: See [`lr_multiplier`][picomaml.train.optim.lr_multiplier].
+        min_lr_ratio: See [`lr_multiplier`][picomaml.train.optim.lr_multiplier].
     """
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_multiplier(step, warmup_steps, total_steps, decay, min_lr_ratio)

@@ -45,7 +45,8 @@ def capture_rng_state() -> dict[str, Any]:
 
 
 def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` returned (missing parts are left alone)."""
+    """Restore what [`capture_rng_state`][picomaml.train.rng_state.capture_rng_state] returned (missing parts
+    are left alone)."""
     if "torch" in state:
         torch.set_rng_state(state["torch"])
     if "python" in state:

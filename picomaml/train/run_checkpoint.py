@@ -1,14 +1,15 @@
 """What the reference trainer writes at each checkpoint of a run, beside the training state.
 
-* :func:`dynamics_rows`: the fixed rows learning dynamics are captured on: by default ``2 * d_model`` per
-  split (pico-analyze's PWCCA needs more rows than the activations have features), train rows gathered
-  from as many batches as needed without moving the data position, held-out rows from the run's held-out
-  set, with a warning naming the key to raise when fewer are available.
-* :func:`checkpoint_writers`: the extras of a checkpoint (the ``transformers`` export, the learning
-  dynamics, optionally the rows' tokens as a ``datasets`` folder, as pico-train saves its batch).
-* :func:`save_run_checkpoint`: one checkpoint of a run: the state, the extras, pruning that keeps every
-  step's learning dynamics (pico-analyze reads each ``checkpoints/step_{N}/learning_dynamics``), and the
-  Hub upload of the new step when an uploader is given.
+* [`dynamics_rows`][picomaml.train.run_checkpoint.dynamics_rows]: the fixed rows learning dynamics are
+  captured on: by default ``2 * d_model`` per split (pico-analyze's PWCCA needs more rows than the activations
+  have features), train rows gathered from as many batches as needed without moving the data position,
+  held-out rows from the run's held-out set, with a warning naming the key to raise when fewer are available.
+* [`checkpoint_writers`][picomaml.train.run_checkpoint.checkpoint_writers]: the extras of a checkpoint (the
+  ``transformers`` export, the learning dynamics, optionally the rows' tokens as a ``datasets`` folder, as
+  pico-train saves its batch).
+* [`save_run_checkpoint`][picomaml.train.run_checkpoint.save_run_checkpoint]: one checkpoint of a run: the
+  state, the extras, pruning that keeps every step's learning dynamics (pico-analyze reads each
+  ``checkpoints/step_{N}/learning_dynamics``), and the Hub upload of the new step when an uploader is given.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def dynamics_rows(cfg: ExperimentConfig, train: Any, heldout_rows: Tensor) -> di
     """The fixed ``{"train": (n, L), "val": (n, L)}`` input rows of the learning dynamics.
 
     Args:
-        cfg: The experiment config (``n`` is :func:`dynamics_row_count`).
+        cfg: The experiment config (``n`` is
+            [`dynamics_row_count`][picomaml.train.run_checkpoint.dynamics_row_count]).
         train: The run's batch source (``next_batch``, ``local``, ``state_dict``); its position is restored.
         heldout_rows: ``(R, L + 1)`` held-out rows.
 
@@ -108,9 +110,10 @@ def _data_writer(rows: Mapping[str, Tensor]) -> Callable[[Path], None]:
 def checkpoint_writers(
     cfg: ExperimentConfig, model: nn.Module, tokenizer: Any, rows: Mapping[str, Tensor]
 ) -> dict[str, Callable[[Path], None]]:
-    """The extras of a checkpoint as :func:`~picomaml.train.checkpoint.save_checkpoint` writers: ``hf`` (the
-    ``transformers`` export, with ``checkpoint.hf_export``) and ``learning_dynamics`` (captured now on
-    ``rows``, with ``checkpoint.learning_dynamics``; the rows' tokens too with ``dynamics.save_data``)."""
+    """The extras of a checkpoint as [`save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint]
+    writers: ``hf`` (the ``transformers`` export, with ``checkpoint.hf_export``) and
+    ``learning_dynamics`` (captured now on ``rows``, with ``checkpoint.learning_dynamics``; the rows' tokens
+    too with ``dynamics.save_data``)."""
     writers: dict[str, Callable[[Path], None]] = {}
     c = cfg.checkpoint
     if c.hf_export:
@@ -140,7 +143,8 @@ def save_run_checkpoint(
 ) -> Path:
     """Save ``run_dir/checkpoints/step_{step}`` with the run's extras; prune keeping every step's dynamics;
     hand the new step's ``hf/`` and ``learning_dynamics/`` to ``uploader`` (a
-    :class:`~picomaml.interop.hub_upload.HubUploader`, or ``None``), which pushes them in the background."""
+    [`HubUploader`][picomaml.interop.hub_upload.HubUploader], or ``None``), which pushes them in the
+    background."""
     writers = checkpoint_writers(cfg, model, tokenizer, rows)
     path = save_checkpoint(
         run_dir / "checkpoints", step, state, config=cfg.to_dict(), counters=counters, writers=writers,
@@ -152,9 +156,9 @@ def save_run_checkpoint(
 
 
 def hub_uploader(cfg: ExperimentConfig, run_dir: Path, is_main: bool, stack: Any = None) -> HubUploader | None:
-    """The run's :class:`~picomaml.interop.hub_upload.HubUploader` on the main process (``None`` without
-    ``checkpoint.hub_repo``). Every process checks the settings and the token, so a bad one stops all of
-    them before training; only the main process keeps an uploader, closed (pending pushes waited for) by
+    """The run's [`HubUploader`][picomaml.interop.hub_upload.HubUploader] on the main process (``None``
+    without ``checkpoint.hub_repo``). Every process checks the settings and the token, so a bad one stops all
+    of them before training; only the main process keeps an uploader, closed (pending pushes waited for) by
     ``stack`` (a ``contextlib.ExitStack``) when one is given."""
     uploader = uploader_from_config(cfg.checkpoint, run_dir)
     if uploader is not None and not is_main:

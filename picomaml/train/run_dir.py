@@ -1,14 +1,15 @@
 """A trainer's start in its run directory: resume or start fresh without losing or mixing any history.
 
     RUN/
-      .lock                      the running trainer (see :mod:`picomaml.train.run_lock`)
+      .lock                      the running trainer (see picomaml.train.run_lock)
       config.yaml training_config.yaml metrics.csv curves.png checkpoints/ tensorboard/ wandb/
       config_changes.yaml        what changed on each resume (one YAML document per resume)
       previous/20250131T120000Z/ an earlier run moved aside (never deleted, never truncated)
 
-A start has two halves. :func:`plan_start` only reads: it resolves ``--resume``, compares the checkpoint's
-saved config with the current one and checks that ``metrics.csv`` can be continued, so every refusal comes
-before anything changes. :func:`commit_start` then writes: it moves what belongs to another run into
+A start has two halves. [`plan_start`][picomaml.train.run_dir.plan_start] only reads: it resolves
+``--resume``, compares the checkpoint's saved config with the current one and checks that ``metrics.csv`` can
+be continued, so every refusal comes before anything changes.
+[`commit_start`][picomaml.train.run_dir.commit_start] then writes: it moves what belongs to another run into
 ``previous/<UTC time>/``, records the config changes, and only then rewrites ``config.yaml``.
 
 ``--resume`` values: ``auto`` (the newest usable checkpoint of the run; a fresh start when the run has no
@@ -50,7 +51,7 @@ log = logging.getLogger(__name__)
 #: leaves nothing that a later ``--resume auto`` would continue
 RUN_FILES = (
     "checkpoints", "config.yaml", TRAINING_CONFIG, "metrics.csv", "curves.png", "config_changes.yaml", "tensorboard",
-    "wandb",
+    "wandb", "hf",
 )  # fmt: skip
 PREVIOUS = "previous"
 CONFIG_CHANGES = "config_changes.yaml"
@@ -94,7 +95,8 @@ def archive(run_dir: Path, move: Sequence[str], copy: Sequence[str] = ()) -> Pat
 
 @dataclasses.dataclass
 class StartPlan:
-    """What a start does in its run directory (made by :func:`plan_start`, done by :func:`commit_start`).
+    """What a start does in its run directory (made by [`plan_start`][picomaml.train.run_dir.plan_start], done
+    by [`commit_start`][picomaml.train.run_dir.commit_start]).
 
     Attributes:
         run_dir: The run directory.
@@ -174,7 +176,8 @@ def plan_start(run_dir: str | os.PathLike[str], resume: str, config: Any) -> Sta
     Args:
         run_dir: The run directory.
         resume: ``"auto"``, ``"fresh"`` / ``"none"``, or a checkpoint path (a step directory or a root).
-        config: The current config (an :class:`~picomaml.ExperimentConfig` or its nested dict).
+        config: The current config (an [`ExperimentConfig`][picomaml.train.config.ExperimentConfig] or its
+            nested dict).
 
     Raises:
         ConfigError: A ``--resume`` path that holds no checkpoint; a change of the architecture since the
@@ -210,7 +213,8 @@ def plan_start(run_dir: str | os.PathLike[str], resume: str, config: Any) -> Sta
 
 
 def commit_start(plan: StartPlan, config: ExperimentConfig) -> Path | None:
-    """Carry out a :func:`plan_start`: move aside, record the config changes, then write ``config.yaml``.
+    """Carry out a [`plan_start`][picomaml.train.run_dir.plan_start]: move aside, record the config changes,
+    then write ``config.yaml``.
 
     Returns:
         The ``previous/<UTC time>/`` folder things were moved to (``None`` when nothing was).
@@ -242,8 +246,8 @@ def commit_start(plan: StartPlan, config: ExperimentConfig) -> Path | None:
 
 
 class RunStart:
-    """A trainer's start in its run directory, made by :func:`open_run`: the plan, and on the main process
-    the held lock (a context manager: leaving it releases the lock)."""
+    """A trainer's start in its run directory, made by [`open_run`][picomaml.train.run_dir.open_run]: the
+    plan, and on the main process the held lock (a context manager: leaving it releases the lock)."""
 
     def __init__(self, plan: StartPlan, lock: RunLock | None = None) -> None:
         self.plan, self.lock = plan, lock
@@ -251,8 +255,8 @@ class RunStart:
 
     @property
     def resume_step(self) -> int | None:
-        """The step :meth:`restore` resumed from (for ``MetricsTracker(resume_step=...)``); ``None`` for a
-        fresh start."""
+        """The step [`restore`][picomaml.train.run_dir.RunStart.restore] resumed from (for
+        ``MetricsTracker(resume_step=...)``); ``None`` for a fresh start."""
         return self._step
 
     def restore(self, objects: Mapping[str, Any], rng: bool = True) -> ckpt.Checkpoint | None:
@@ -284,8 +288,8 @@ class RunStart:
         return state
 
     def tracker(self, config: ExperimentConfig) -> MetricsTracker:
-        """The run's :class:`~picomaml.train.tracking.MetricsTracker` (writing on the main process only), which
-        continues ``metrics.csv`` from the resumed step."""
+        """The run's [`MetricsTracker`][picomaml.train.tracking.MetricsTracker] (writing on the main process
+        only), which continues ``metrics.csv`` from the resumed step."""
         t = config.trainer
         return MetricsTracker(
             self.plan.run_dir, t.loggers, enabled=self.lock is not None, config=config.to_dict(),
@@ -293,7 +297,7 @@ class RunStart:
         )  # fmt: skip
 
     def commit(self, config: ExperimentConfig) -> Path | None:
-        """:func:`commit_start` on the main process (a no-op elsewhere)."""
+        """[`commit_start`][picomaml.train.run_dir.commit_start] on the main process (a no-op elsewhere)."""
         return commit_start(self.plan, config) if self.lock is not None else None
 
     def __enter__(self) -> RunStart:
@@ -316,16 +320,18 @@ def open_run(
 
     Args:
         run_dir: The run directory.
-        resume: See :func:`plan_start`.
+        resume: See [`plan_start`][picomaml.train.run_dir.plan_start].
         config: The current config.
         is_main: Whether this is the process that writes the run directory (rank 0).
         broadcast: ``obj -> rank 0's obj`` on every process (e.g. ``fabric.broadcast``); ``None``: one process.
 
     Returns:
-        The :class:`RunStart`, a context manager: leaving it releases the lock, on every exit path.
+        The [`RunStart`][picomaml.train.run_dir.RunStart], a context manager: leaving it releases the lock, on
+        every exit path.
 
     Raises:
-        RunLockedError, RunDirError, ConfigError, MetricsFileError: see :class:`RunLock` and :func:`plan_start`
+        RunLockedError, RunDirError, ConfigError, MetricsFileError: see
+            [`RunLock`][picomaml.train.run_lock.RunLock] and [`plan_start`][picomaml.train.run_dir.plan_start]
             (raised on every process; the lock is released first).
     """
     lock, outcome = None, None

@@ -8,9 +8,18 @@ and no longer runs (or whose pid now belongs to a younger process) is stale: it 
 over. A lock held on another host (or in another pid namespace, i.e. container) is never taken over:
 this process cannot tell whether its holder runs.
 
-Example:
-    >>> with RunLock("runs/a"):          # doctest: +SKIP
-    ...     train()                      # released on return, exception or Ctrl-C
+Why not [`filelock`](https://py-filelock.readthedocs.io) (installed with torch): its lock is a kernel
+lock (`flock`) on an empty file. That lock cannot say who holds it, which is what the refusal message
+needs ("locked by pid 4121 on node07 since 12:03"), and on the network file systems where cluster run
+directories live (NFS, Lustre) `flock` is, depending on the mount, local to one client or unsupported, so
+two trainers on two nodes would both "hold" it. An `O_EXCL` create is atomic there. What filelock gives
+for free, release when the holder dies, is covered by the stale check on the same host.
+
+Examples:
+    ```python
+    with RunLock("runs/a"):
+        train()  # released on return, exception or Ctrl-C
+    ```
 """
 
 from __future__ import annotations

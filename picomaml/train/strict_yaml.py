@@ -1,10 +1,10 @@
 """Strict YAML for configs: safe tags only, no duplicate keys, ``1e-3`` read as a number, clear errors.
 
 PyYAML's safe loader follows YAML 1.1, which reads ``1e-3`` as a string and lets a repeated key silently
-win; both are config mistakes that surface late. :func:`load_yaml` reads every YAML 1.2 float spelling as
-a float, refuses duplicate keys, and turns every parse error into a :class:`~picomaml.params.ConfigError`
-that names the source (a file or a ``--set`` override) and the line. Like this whole layer it imports no
-torch and nothing of the experiment schema.
+win; both are config mistakes that surface late. [`load_yaml`][picomaml.train.strict_yaml.load_yaml] reads
+every YAML 1.2 float spelling as a float, refuses duplicate keys, and turns every parse error into a
+[`ConfigError`][picomaml.params.ConfigError] that names the source (a file or a ``--set`` override) and the
+line. Like this whole layer it imports no torch and nothing of the experiment schema.
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def apply_overrides(data: dict[str, Any], overrides: Sequence[str]) -> dict[str,
     """Apply dotted ``key=value`` overrides (values parsed as strict YAML) to a nested dict, in place.
 
     Example: ``apply_overrides(d, ["model.d_model=128", "hybrid.ratio=0.25"])``. Unknown keys are not
-    rejected here; :func:`~picomaml.params.from_dict` rejects them afterwards with the full path.
+    rejected here; [`from_dict`][picomaml.params.from_dict] rejects them afterwards with the full path.
     """
     for item in overrides:
         if "=" not in item:

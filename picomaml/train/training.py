@@ -1,16 +1,16 @@
 """Pieces of a hybrid training loop that every trainer needs and none should rewrite.
 
-* :func:`meta_episode` / :func:`shard_tasks`: the step's episode for this rank. With an in-memory source
+* [`meta_episode`][picomaml.train.training.meta_episode] / [`shard_tasks`][picomaml.train.training.shard_tasks]: the step's episode for this rank. With an in-memory source
   every rank sees the same global batch, samples the same ``n_tasks`` tasks and keeps its share, so
   the tasks of a step do not depend on the number of devices; with a sharded stream each rank samples
   ``n_tasks / world`` tasks from its own rows.
-* :class:`MetricWindow`: per-step metrics averaged over a logging window, one name per metric: the inner
+* [`MetricWindow`][picomaml.train.training.MetricWindow]: per-step metrics averaged over a logging window, one name per metric: the inner
   loop's metrics go under ``meta/``, the loop's own under ``train/`` and ``trainer/``.
-* :func:`check_run`: every problem that can be seen before training (tokenizer vs. model vocabulary, tasks
-  vs. devices, impossible training or evaluation episodes), as a :class:`~picomaml.ConfigError`.
-* :func:`global_grad_norm`, :func:`group_lrs`: what a log line reports about the optimizer.
-* :class:`NonFiniteGuard`: counts the steps skipped for a non-finite loss or gradient, warns with the step
-  number, and stops the run (:class:`NonFiniteRunError`) after too many in a row.
+* [`check_run`][picomaml.train.training.check_run]: every problem that can be seen before training (tokenizer vs. model vocabulary, tasks
+  vs. devices, impossible training or evaluation episodes), as a [`ConfigError`][picomaml.params.ConfigError].
+* [`global_grad_norm`][picomaml.train.training.global_grad_norm], [`group_lrs`][picomaml.train.training.group_lrs]: what a log line reports about the optimizer.
+* [`NonFiniteGuard`][picomaml.train.training.NonFiniteGuard]: counts the steps skipped for a non-finite loss or gradient, warns with the step
+  number, and stops the run ([`NonFiniteRunError`][picomaml.train.training.NonFiniteRunError]) after too many in a row.
 """
 
 from __future__ import annotations
@@ -44,6 +44,8 @@ __all__ = [
     "global_grad_norm",
     "group_lrs",
     "NonFiniteGuard",
+    "StopRequested",
+    "raise_if_stopped",
     "NonFiniteRunError",
     "grad_conflict_metrics",
     "NonFiniteStepWarning",
@@ -58,7 +60,7 @@ COUNTERS = ("ar_steps", "meta_steps", "tokens", "flops", "nonfinite_skipped", "n
 
 
 def new_counters() -> dict[str, float]:
-    """Every counter of :data:`COUNTERS` at zero."""
+    """Every counter of `COUNTERS` at zero."""
     return dict.fromkeys(COUNTERS, 0)
 
 
@@ -92,9 +94,10 @@ def run_status(run_dir: Path, loggers: Sequence[str], step: int, hub: Any = None
         )
     lines += [
         "next:",
-        f"  extend:   python examples/train_smlmt.py --config {d / 'config.yaml'} --run-dir {d} --resume auto "
+        f"  extend:   picomaml train --config {d / 'config.yaml'} --run-dir {d} --resume auto "
         f"--max-steps {2 * max(step, 1)}",
         f"  evaluate: picomaml eval --checkpoint {d}",
+        f"  export:   picomaml export --checkpoint {d} --out {d / 'hf'}  (for transformers)",
         f"  load:     picomaml.train.checkpoint.load_checkpoint('{d}')  (the newest verified step)",
     ]
     return "\n".join(lines)
@@ -150,7 +153,13 @@ def meta_episode(
 class MetricWindow:
     """Per-step values averaged over a logging window.
 
-    Example:
+    Why not `torchmetrics.MeanMetric` per key: the keys are not known in advance (one per adapted tensor's
+    learned LR, per objective that ran), a window is read once per log step in a single device-to-host
+    transfer (one `MeanMetric.compute` per key would be one sync each), and the trainer logs rank 0's
+    values, so the cross-rank sync torchmetrics adds is not wanted; it would also be a core dependency for
+    ~40 lines.
+
+    Examples:
         >>> w = MetricWindow()
         >>> w.add({"train/lm_loss": 2.0}); w.add_inner_loop({"query_acc": 0.5})
         >>> w.means()
@@ -166,7 +175,7 @@ class MetricWindow:
 
     def add(self, metrics: Mapping[str, float | torch.Tensor]) -> None:
         """Record one value per named metric (names are kept as they are). Tensors (the inner loop's metrics)
-        stay on their device until :meth:`means` reads them all at once: no host sync per step."""
+        stay on their device until [`means`][picomaml.train.training.MetricWindow.means] reads them all at once: no host sync per step."""
         for key, value in metrics.items():
             value = value.detach().float().reshape(()) if isinstance(value, torch.Tensor) else float(value)
             self._values.setdefault(key, []).append(value)
@@ -180,7 +189,7 @@ class MetricWindow:
                 self._values[k][i] = f
 
     def add_inner_loop(self, metrics: Mapping[str, float | torch.Tensor]) -> None:
-        """Record an :class:`~picomaml.InnerLoopOutput`'s metrics under ``meta/``."""
+        """Record an [`InnerLoopOutput`][picomaml.meta.engine.InnerLoopOutput]'s metrics under ``meta/``."""
         self.add({self.INNER_PREFIX + key: value for key, value in metrics.items()})
 
     def last(self, key: str) -> float | None:
@@ -204,7 +213,8 @@ class ProgressBar:
 
     While the bar is shown, log records of the root logger's console handlers are written through
     ``tqdm.write`` (``tqdm.contrib.logging``), above the bar: a log line never splices into it. The shown
-    losses are read (a host sync) at most once a second, as the bar redraws.
+    losses are read (a host sync) at most once a second, as the bar redraws. The drawing is tqdm's; this
+    class only adds that redirect as a context manager and the rate limit on reading losses.
     """
 
     SHOWN = ("train/lm_loss", "train/meta_loss", "meta/query_acc")
@@ -264,7 +274,7 @@ def global_grad_norm(parameters: Iterable[nn.Parameter]) -> float:
 def group_lrs(optimizer: torch.optim.Optimizer, prefix: str = "trainer/lr/") -> dict[str, float]:
     """The current learning rate of every parameter group, keyed by the module that owns it.
 
-    Groups named ``"<module>/decay"`` and ``"<module>/no_decay"`` (see :func:`picomaml.train.optim.param_groups`)
+    Groups named ``"<module>/decay"`` and ``"<module>/no_decay"`` (see [`picomaml.train.optim.param_groups`][picomaml.train.optim.param_groups])
     share one LR and give one key ``{prefix}<module>``; unnamed groups are numbered.
     """
     out: dict[str, float] = {}
@@ -301,7 +311,7 @@ def check_run(
 
     Args:
         cfg: The experiment config.
-        data: The :class:`~picomaml.data.pipeline.TrainingData` of the run (its position is left as it was).
+        data: The [`TrainingData`][picomaml.data.pipeline.TrainingData] of the run (its position is left as it was).
         world: Number of processes.
         probe_tasks: Training tasks drawn from the first batch (several, so a shape that only sometimes
             fits fails here).
@@ -330,6 +340,17 @@ def check_run(
     )
 
 
+class StopRequested(Exception):
+    """Raised by [`raise_if_stopped`][picomaml.train.training.raise_if_stopped] to end long work early."""
+
+
+def raise_if_stopped(signal_name: str | None) -> None:
+    """Raise [`StopRequested`][picomaml.train.training.StopRequested] when a stop signal came in: the
+    ``progress`` callback of an evaluation, so SIGINT/SIGTERM end it after the batch in flight."""
+    if signal_name is not None:
+        raise StopRequested(signal_name)
+
+
 class NonFiniteRunError(RuntimeError):
     """Too many optimizer steps in a row had a non-finite loss or gradient: the run cannot recover alone."""
 
@@ -343,19 +364,19 @@ class NonFiniteGuard:
     """Counts optimizer steps skipped for a non-finite loss or gradient; stops a run that keeps skipping.
 
     The trainer decides whether a step is finite (on every rank together: an all-reduced flag over the
-    losses and the gradient norm) and reports it with :meth:`record`. A skipped step warns with its step
-    number; ``max_consecutive`` skipped steps in a row raise :class:`NonFiniteRunError`, on every rank
+    losses and the gradient norm) and reports it with [`record`][picomaml.train.training.NonFiniteGuard.record]. A skipped step warns with its step
+    number; ``max_consecutive`` skipped steps in a row raise [`NonFiniteRunError`][picomaml.train.training.NonFiniteRunError], on every rank
     alike, since the flag is the same everywhere.
 
-    The state is two counters whose names are those of :data:`COUNTERS`, so a trainer keeps them in its
+    The state is two counters whose names are those of `COUNTERS`, so a trainer keeps them in its
     counters dict (saved with every checkpoint): ``counters.update(guard.state_dict())`` after each step,
     ``NonFiniteGuard(n, state=counters)`` on resume (a streak of skipped steps continues across it).
 
     Args:
         max_consecutive: Skipped steps in a row that stop the run (>= 1; ``trainer.max_nonfinite_skips``).
-        state: Counters to start from (see :meth:`load_state_dict`), e.g. a resumed run's; default zeros.
+        state: Counters to start from (see [`load_state_dict`][picomaml.train.training.NonFiniteGuard.load_state_dict]), e.g. a resumed run's; default zeros.
 
-    Example:
+    Examples:
         >>> guard = NonFiniteGuard(max_consecutive=2)
         >>> guard.record(True, step=1), guard.record(False, step=2), guard.total, guard.consecutive
         (True, False, 1, 1)
@@ -410,7 +431,7 @@ class NonFiniteGuard:
         return {"nonfinite_skipped": self.total, "nonfinite_consecutive": self.consecutive}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Restore :meth:`state_dict` (other keys of ``state``, e.g. a trainer's other counters, are ignored).
+        """Restore [`state_dict`][picomaml.train.training.NonFiniteGuard.state_dict] (other keys of ``state``, e.g. a trainer's other counters, are ignored).
 
         A checkpoint written before ``nonfinite_consecutive`` existed resumes with 0 in a row.
         """
@@ -421,15 +442,15 @@ class NonFiniteGuard:
 
 
 def grad_conflict_metrics(run: Any, cfg: ExperimentConfig, data: Any, step: int) -> dict[str, float]:
-    """``diag/grad_cos*`` of :func:`picomaml.meta.grad_conflict.gradient_conflict` at ``step``: the AR gradient on
+    """``diag/grad_cos*`` of [`picomaml.meta.grad_conflict.gradient_conflict`][picomaml.meta.grad_conflict.gradient_conflict] at ``step``: the AR gradient on
     the next batch (the data position is left as it was) and the meta gradient on one episode from it,
     drawn by a sampler of its own (seeded by the step, so the training sampler never moves), on the
     backbone parameters both reach. Costs about one AR and one meta forward and backward.
 
     Args:
-        run: The :class:`~picomaml.train.build.RunComponents` (its unwrapped model, head and inner loop).
+        run: The [`RunComponents`][picomaml.train.build.RunComponents] (its unwrapped model, head and inner loop).
         cfg: The experiment config (pooling, feature norm, adapted blocks).
-        data: The run's :class:`~picomaml.data.pipeline.TrainingData`.
+        data: The run's [`TrainingData`][picomaml.data.pipeline.TrainingData].
         step: The optimizer step (the diagnostic sampler's seed).
     """
     from picomaml.meta.grad_conflict import gradient_conflict, shared_parameters

@@ -42,7 +42,7 @@ def test_quick_study_runs_matches_compute_and_reuses_finished_runs(tmp_path):
         )
         assert same_steps["steps"] == ar["steps"] == 3
         # equal FLOPs: the hybrid run is the first length that spends the AR run's FLOPs
-        cfg = pm.load_config(ROOT / "examples/configs/tiny-cpu.yaml", same_flops["overrides"])
+        cfg = pm.load_config("tiny-cpu", same_flops["overrides"])
         assert (
             run_flops(cfg)[-1]
             == same_flops["flops"]

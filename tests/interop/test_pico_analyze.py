@@ -8,7 +8,6 @@ activations) on simple and OV-circuit components named with picomaml's module na
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import os
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from picomaml.train import recipe
 from picomaml.train.dynamics import load_learning_dynamics
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -59,14 +59,6 @@ ANALYSIS = {
 }  # fmt: skip
 
 
-def _trainer():
-    spec = importlib.util.spec_from_file_location("train_smlmt_pa", ROOT / "examples" / "train_smlmt.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def analysed(tmp_path_factory) -> tuple[Path, Path]:
     base = tmp_path_factory.mktemp("pico-analyze")
@@ -86,7 +78,7 @@ def analysed(tmp_path_factory) -> tuple[Path, Path]:
     }  # fmt: skip
     (base / "config.yaml").write_text(yaml.safe_dump(config))
     run_dir = base / "run"
-    assert _trainer().main(["--config", str(base / "config.yaml"), "--run-dir", str(run_dir)]) == 0
+    assert recipe.main(["--config", str(base / "config.yaml"), "--run-dir", str(run_dir)]) == 0
     analysis = dict(ANALYSIS, monitoring={"output_dir": str(base / "out"), "save_to_wandb": False})
     (base / "analysis.yaml").write_text(yaml.safe_dump(analysis))
     env = {**os.environ, "PYTHONPATH": str(tool), "WANDB_MODE": "disabled"}

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from pathlib import Path
 
 import pytest
 
 import picomaml as pm
 from picomaml.eval.flops import ar_step_flops, meta_step_flops
 from picomaml.train.budget import experiment_step_flops, run_flops, steps_for_flops
+from picomaml.train.catalog import resolve_config
 from picomaml.train.config import ExperimentConfig
 
 
@@ -40,7 +40,7 @@ def test_experiment_step_flops():
     assert experiment_step_flops(surgery, ("meta",)) == meta  # surgery needs both losses
 
 
-TINY_CPU = Path(__file__).resolve().parents[2] / "examples" / "configs" / "tiny-cpu.yaml"
+TINY_CPU = resolve_config("tiny-cpu")
 
 
 def _experiment(**hybrid) -> ExperimentConfig:

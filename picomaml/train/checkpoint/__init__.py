@@ -1,6 +1,6 @@
 """Checkpoints: one directory per step, verified by checksums, written atomically, with a ``latest`` pointer.
 
-Layout under a checkpoint root (for the reference trainer, ``RUN_DIR/checkpoints``)::
+Layout under a checkpoint root (for the reference trainer, ``RUN_DIR/checkpoints``):
 
     root/
       latest                   text file holding the name of the newest complete step directory
@@ -15,14 +15,24 @@ Layout under a checkpoint root (for the reference trainer, ``RUN_DIR/checkpoints
 
 The pieces:
 
-- :mod:`~picomaml.train.checkpoint.layout`: names on disk, :class:`DamagedCheckpointError`,
-  :class:`NoUsableCheckpointError`, :class:`CheckpointWarning`.
-- :mod:`~picomaml.train.checkpoint.manifest`: the ``COMPLETE`` manifest; :func:`verify_checkpoint`, :func:`is_complete`.
-- :mod:`~picomaml.train.checkpoint.save`: :func:`save_checkpoint` (atomic, also when a step is saved again;
-  a full disk is a clear ``OSError`` that leaves earlier checkpoints as they were).
-- :mod:`~picomaml.train.checkpoint.discovery`: :func:`find_latest`, :func:`resolve_resume`, :func:`list_checkpoints`
-  (only verified checkpoints are chosen; the ones skipped are named, with the bad file, in a warning).
-- :mod:`~picomaml.train.checkpoint.load`: :func:`load_checkpoint`, :class:`Checkpoint`.
+- [`layout`][picomaml.train.checkpoint.layout]: names on disk,
+  [`DamagedCheckpointError`][picomaml.train.checkpoint.layout.DamagedCheckpointError],
+  [`NoUsableCheckpointError`][picomaml.train.checkpoint.layout.NoUsableCheckpointError],
+  [`CheckpointWarning`][picomaml.train.checkpoint.layout.CheckpointWarning].
+- [`manifest`][picomaml.train.checkpoint.manifest]: the ``COMPLETE`` manifest;
+  [`verify_checkpoint`][picomaml.train.checkpoint.manifest.verify_checkpoint],
+  [`is_complete`][picomaml.train.checkpoint.manifest.is_complete].
+- [`save`][picomaml.train.checkpoint.save]:
+  [`save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint] (atomic, also when a step is saved
+  again; a full disk is a clear ``OSError`` that leaves earlier checkpoints as they were).
+- [`discovery`][picomaml.train.checkpoint.discovery]:
+  [`find_latest`][picomaml.train.checkpoint.discovery.find_latest],
+  [`resolve_resume`][picomaml.train.checkpoint.discovery.resolve_resume],
+  [`list_checkpoints`][picomaml.train.checkpoint.discovery.list_checkpoints] (only verified checkpoints are
+  chosen; the ones skipped are named, with the bad file, in a warning).
+- [`load`][picomaml.train.checkpoint.load]:
+  [`load_checkpoint`][picomaml.train.checkpoint.load.load_checkpoint],
+  [`Checkpoint`][picomaml.train.checkpoint.load.Checkpoint].
 
 Only one process (rank 0) should write to a root, one save at a time; loading is safe from every rank.
 """

@@ -1,11 +1,13 @@
 """Finding the checkpoint to resume from: follow ``latest``, verify, fall back loudly, or refuse.
 
 A checkpoint is chosen only after it is *verified* (every file's size and SHA-256 match its manifest,
-see :mod:`picomaml.train.checkpoint.manifest`). The ``latest`` pointer is tried first; when it is missing,
-unreadable or names a checkpoint that does not verify, the step folders are tried newest first. Each
-one skipped is named with the file that is wrong in a :class:`~picomaml.train.checkpoint.layout.CheckpointWarning`.
-When step folders exist but none verifies, :func:`resolve_resume` raises
-:class:`~picomaml.train.checkpoint.layout.NoUsableCheckpointError` instead of quietly starting from step 0.
+see [`picomaml.train.checkpoint.manifest`][picomaml.train.checkpoint.manifest]). The ``latest`` pointer is
+tried first; when it is missing, unreadable or names a checkpoint that does not verify, the step folders are
+tried newest first. Each one skipped is named with the file that is wrong in a
+[`CheckpointWarning`][picomaml.train.checkpoint.layout.CheckpointWarning]. When step folders exist but none
+verifies, [`resolve_resume`][picomaml.train.checkpoint.discovery.resolve_resume] raises
+[`NoUsableCheckpointError`][picomaml.train.checkpoint.layout.NoUsableCheckpointError] instead of quietly
+starting from step 0.
 
 A re-save of an existing step moves the old copy to ``.tmp_delete_step_<N>_<pid>`` for the instant
 between its two renames; if the writer died there, that copy is used as step ``N`` (and the next save
@@ -44,7 +46,8 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     """Complete step directories under ``root`` as ``(step, path)``, oldest step first.
 
     "Complete" is by names and sizes only (cheap; what pruning needs): use
-    :func:`~picomaml.train.checkpoint.manifest.verify_checkpoint` before trusting one's contents.
+    [`verify_checkpoint`][picomaml.train.checkpoint.manifest.verify_checkpoint] before trusting one's
+    contents.
     """
     root = Path(root)
     if not root.is_dir():
@@ -62,8 +65,9 @@ def find_latest(root: str | os.PathLike[str]) -> Path | None:
 
     The ``latest`` pointer is followed when it names a checkpoint that verifies; otherwise (missing or
     garbled pointer, a crash between the rename and the pointer update, a damaged file) the verified
-    step directory with the highest step is returned, with a :class:`CheckpointWarning` naming every
-    checkpoint skipped and the file that is wrong. Temporary and incomplete directories are never returned.
+    step directory with the highest step is returned, with a
+    [`CheckpointWarning`][picomaml.train.checkpoint.layout.CheckpointWarning] naming every checkpoint skipped
+    and the file that is wrong. Temporary and incomplete directories are never returned.
     """
     found = _choose(Path(root))
     return found[0] if found else None
@@ -164,8 +168,8 @@ def _choose(root: Path, *, required: bool = False) -> tuple[Path, Manifest] | No
 
     Args:
         root: The checkpoint root.
-        required: Raise :class:`NoUsableCheckpointError` when step folders exist but none verifies
-            (otherwise that is a warning and ``None``).
+        required: Raise [`NoUsableCheckpointError`][picomaml.train.checkpoint.layout.NoUsableCheckpointError]
+            when step folders exist but none verifies (otherwise that is a warning and ``None``).
     """
     candidates = _candidates(root)
     pointed, pointer_problem = _read_pointer(root)

@@ -54,7 +54,8 @@ _MAX_LISTED = 12  # problems listed in one message; the rest are counted
 
 def step_dir_name(step: int) -> str:
     """``step_120``: pico-train's name, which pico-analyze reads. Runs written by earlier picomaml versions
-    have zero-padded ``step_000120`` folders; every reader takes both (:func:`step_of`)."""
+    have zero-padded ``step_000120`` folders; every reader takes both
+    ([`step_of`][picomaml.train.checkpoint.layout.step_of])."""
     return f"step_{step}"
 
 

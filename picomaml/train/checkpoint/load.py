@@ -1,10 +1,10 @@
 """Loading a checkpoint: verify it, then read every file with the safe unpickler and name any bad one.
 
 Every file is checked against the manifest's SHA-256 before it is read (see
-:mod:`picomaml.train.checkpoint.manifest`), so a damaged file is reported as damaged, by name, rather than
-surfacing as whatever torch, JSON or YAML make of the broken bytes. Checkpoints written before
-checksums existed are checked by size; for those, a file torch cannot read is diagnosed from its bytes
-(no zip header: damaged; a broken archive: truncated or damaged). ``weights_only=True`` and
+[`picomaml.train.checkpoint.manifest`][picomaml.train.checkpoint.manifest]), so a damaged file is reported as
+damaged, by name, rather than surfacing as whatever torch, JSON or YAML make of the broken bytes. Checkpoints
+written before checksums existed are checked by size; for those, a file torch cannot read is diagnosed from
+its bytes (no zip header: damaged; a broken archive: truncated or damaged). ``weights_only=True`` and
 ``yaml.safe_load`` throughout: no file of a checkpoint can run code.
 """
 
@@ -45,7 +45,7 @@ class Checkpoint:
         path: The step directory.
         step: The optimizer step it was saved at.
         states: Component name -> loaded state (what ``state_dict()`` returned, or the saved value).
-        counters: The counters given to :func:`~picomaml.train.checkpoint.save_checkpoint`.
+        counters: The counters given to [`save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint].
         config: The ``config.yaml`` contents as a dict (``None`` when none was saved).
         rng: The saved global RNG states (``None`` when ``rng=False`` at save time).
         trainer_state: The whole ``trainer_state.json`` (versions, time, extra fields).
@@ -97,7 +97,8 @@ def load_checkpoint(
     weights_only: bool = True,
     components: tuple[str, ...] | None = None,
 ) -> Checkpoint:
-    """Load a checkpoint written by :func:`~picomaml.train.checkpoint.save_checkpoint`, after verifying it.
+    """Load a checkpoint written by [`save_checkpoint`][picomaml.train.checkpoint.save.save_checkpoint], after
+    verifying it.
 
     Args:
         path: A step directory, or a checkpoint root (its newest verified checkpoint is loaded; damaged

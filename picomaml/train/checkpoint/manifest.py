@@ -5,7 +5,7 @@ Its presence says the save finished; its contents say what the files must be. A 
 in addition, every file's SHA-256 matches (reads every byte: what resuming and loading need). A zeroed
 block or one flipped bit leaves the size alone but never the hash.
 
-Format (JSON)::
+Format (JSON):
 
     {"step": 120, "format": 2,
      "files": {"model.pt": 18229, ...},            # sizes, also the whole format of earlier releases
@@ -179,7 +179,9 @@ def _kept(path: Path) -> str:
 
 
 def checkpoint_problem(path: Path, *, checksums: bool = True) -> str | None:
-    """Why ``path`` is not a usable checkpoint (the :class:`DamagedCheckpointError` reason), or ``None``."""
+    """Why ``path`` is not a usable checkpoint (the
+    [`DamagedCheckpointError`][picomaml.train.checkpoint.layout.DamagedCheckpointError] reason), or
+    ``None``."""
     try:
         verify_checkpoint(path, checksums=checksums)
     except DamagedCheckpointError as exc:

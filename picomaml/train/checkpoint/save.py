@@ -88,9 +88,10 @@ def save_checkpoint(
         counters: JSON-serialisable numbers (AR steps, meta steps, tokens, ...) for ``trainer_state.json``.
         extra: More JSON-serialisable fields for ``trainer_state.json``.
         writers: Subdirectory name -> callable that fills that (already created) directory, e.g.
-            ``{"hf": lambda d: export_hf(model, d, tokenizer)}`` (:func:`picomaml.model.hf.export_hf`) or
-            learning dynamics; they run inside the temporary directory, so their output is part of the
-            atomic checkpoint (and of its checksums).
+            ``{"hf": lambda d: export_hf(model, d, tokenizer)}``
+            ([`picomaml.model.hf.export_hf`][picomaml.model.hf.export_hf]) or learning dynamics; they run
+            inside the temporary directory, so their output is part of the atomic checkpoint (and of its
+            checksums).
         rng: Also save the global RNG states (``rng.pt``).
         keep_last: Keep this many complete step directories (the new one included); ``None`` keeps all.
         keep_on_prune: Writer subdirectories that survive pruning (e.g. ``("learning_dynamics",)``, so
@@ -251,8 +252,8 @@ def _publish(root: Path, tmp: Path, final: Path, fsync: bool) -> None:
 
     The old copy is renamed aside, the new one renamed in, and the old one deleted only after the
     directory is fsynced. If the process dies between the renames, readers use the copy aside and the
-    next save renames it back (:func:`recover_interrupted`); if the second rename raises, it is put
-    back here.
+    next save renames it back ([`recover_interrupted`][picomaml.train.checkpoint.save.recover_interrupted]);
+    if the second rename raises, it is put back here.
     """
     if not (final.exists() or final.is_symlink()):
         aio.rename(tmp, final)

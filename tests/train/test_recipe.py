@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import importlib.util
 import json
 import logging
 import os
@@ -20,24 +19,15 @@ import torch
 import yaml
 
 import picomaml as pm
+from picomaml.train import recipe as trainer
 from picomaml.train.budget import run_flops
 from picomaml.train.run_dir import CONFIG_CHANGES, PREVIOUS, RunDirError
 from picomaml.train.run_lock import LOCK_FILE
 from picomaml.train.tracking import MetricsFileError
 
 ROOT = Path(__file__).resolve().parents[2]
+# the example script runs the packaged recipe: subprocess tests go through it, in-process ones call the module
 SCRIPT = ROOT / "examples" / "train_smlmt.py"
-
-
-def _load_trainer():
-    spec = importlib.util.spec_from_file_location("train_smlmt", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses in the script look their module up
-    spec.loader.exec_module(module)
-    return module
-
-
-trainer = _load_trainer()
 
 
 @pytest.fixture(scope="session")
@@ -571,3 +561,61 @@ def test_grad_cos_diagnostic_and_pcgrad_recipe_log_finite_cosines(tmp_path, corp
     assert [int(r["step"]) for r in logged] == [2, 4]
     assert all(-1 <= float(r["diag/grad_cos"]) <= 1 and float(r["diag/grad_norm_ratio"]) > 0 for r in logged)
     assert "diag/grad_cos/layers.1" in rows[-1] and -1 <= float(rows[-1]["meta/grad_cos"]) <= 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_preemption_signal_saves_the_current_step_and_exits_75(tmp_path, corpus_cache, sig):
+    """What SLURM/Kubernetes send: the step finishes, a checkpoint is saved, the lock released, exit 75; a
+    second signal while stopping does not cut the save; --resume auto then continues bit-identically."""
+    config = tiny_config(
+        tmp_path, corpus_cache, trainer={"max_steps": 10_000, "save_every": 10_000, "log_every": 1}, hybrid={"ratio": 0.5}
+    )  # fmt: skip
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(trainer_cmd(config, run_dir), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 240
+        while proc.poll() is None and time.monotonic() < deadline:
+            if (run_dir / "metrics.csv").exists() and len(read_csv(run_dir / "metrics.csv")) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        proc.send_signal(sig)
+        time.sleep(0.05)
+        proc.send_signal(sig)  # a second one while the step and the save finish
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == trainer.PREEMPTED_EXIT == 75, err[-3000:]
+    assert "Traceback" not in err and f"interrupted by {sig.name}" in out
+    rows = read_csv(run_dir / "metrics.csv")
+    step = pm.load_checkpoint(run_dir / "checkpoints").step
+    assert step == int(rows[-1]["step"]) >= 2  # nothing trained is lost
+    assert not (run_dir / LOCK_FILE).exists()
+    assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(".tmp")]
+    resumed = run(config, run_dir, "--max-steps", str(step + 1))
+    straight = run(config, tmp_path / "straight", "--max-steps", str(step + 1))
+    assert [r["train/lm_loss"] for r in resumed] == [r["train/lm_loss"] for r in straight]
+
+
+def test_a_stop_signal_ends_an_evaluation_within_its_batch(tmp_path, corpus_cache, monkeypatch, caplog):
+    """A signal during a long evaluation stops it after the episode batch in flight, not at its end."""
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 3, "eval_every": 1}, eval={"episodes": 10_000})
+    from picomaml.eval import fewshot
+
+    scored = []
+    real = fewshot.score_episode_batch
+
+    def score_and_signal(*args, **kwargs):
+        scored.append(1)
+        if len(scored) == 2:
+            signal.raise_signal(signal.SIGTERM)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fewshot, "score_episode_batch", score_and_signal)
+    with caplog.at_level(logging.WARNING):
+        code = trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "run")])
+    assert code == trainer.PREEMPTED_EXIT
+    assert len(scored) == 2  # 10,000 episodes would be 625 batches
+    assert "evaluation at step 1 stopped" in caplog.text
+    assert pm.load_checkpoint(tmp_path / "run" / "checkpoints").step == 2  # stops after the next step

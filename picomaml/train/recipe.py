@@ -1,0 +1,357 @@
+#!/usr/bin/env python
+"""Meta-pretrain a PicoDecoder with hybrid next-token + SMLMT-MAML training on Lightning Fabric.
+
+    picomaml train                                             # tiny-cpu, embedded corpus
+    picomaml train --config pico-maml-tiny --devices 8         # a shipped config by name, or a YAML path
+    picomaml train --set hybrid.ratio=0.25 --max-steps 500 --resume auto --export-hf
+
+Each optimizer step the HybridScheduler plans the AR objective, the meta objective, or (weighted mode)
+both, for all micro-batches of the step. A meta step samples SMLMT episodes from the step's token rows,
+runs the backbone once over support and query windows, adapts the head in the inner loop and
+back-propagates the query loss. Outputs go to the run directory (see README.md, "Run directory").
+
+The reference recipe, to copy and edit: ``picomaml cp recipe my_run/`` writes this file as
+``my_run/train_smlmt.py``; it imports only the installed package, so the copy runs as
+``python my_run/train_smlmt.py``. Setup, then the loop (train step, log/evaluate, save), then a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import signal
+import sys
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning)
+
+import torch  # noqa: E402
+
+import picomaml as pm  # noqa: E402
+from picomaml._optional import require  # noqa: E402
+from picomaml.data.pipeline import TrainingData, build_training_data  # noqa: E402
+from picomaml.eval import evaluate_during_training  # noqa: E402
+from picomaml.train import training  # noqa: E402
+from picomaml.train.budget import experiment_step_flops  # noqa: E402
+from picomaml.train.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
+from picomaml.train.catalog import config_names, resolve_config  # noqa: E402
+from picomaml.train.run_checkpoint import (  # noqa: E402
+    check_dynamics_layers,
+    dynamics_rows,
+    heldout_rows_needed,
+    hub_uploader,
+    save_run_checkpoint,
+)  # fmt: skip
+from picomaml.train.run_dir import RESUME_HELP, USER_ERRORS, error_line, open_run  # noqa: E402
+from picomaml.train.tracking import MetricsTracker, plot_curves  # noqa: E402
+
+log = logging.getLogger("picomaml.train.recipe")
+DEFAULT_CONFIG = "tiny-cpu"  # a shipped config (picomaml/train/configs/) or a YAML path
+# what a log line shows (metrics.csv has everything)
+SHOWN = (
+    "train/lm_loss", "train/meta_loss", "meta/support_acc_after", "meta/query_acc", "eval/perplexity",
+    "eval/fewshot_acc", "eval/fewshot_acc_ci", "eval/fewshot_acc_ncm", "trainer/lr/model", "trainer/tokens_per_s",
+)  # fmt: skip
+FLAGS = ("max_steps", "log_every", "save_every", "eval_every", "devices", "strategy", "precision")
+# SIGTERM is what SLURM, Kubernetes and spot reclaims send; SIGUSR1 is SLURM's usual warning (--signal=USR1@90)
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; requeue with --resume auto
+
+
+def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
+    """The recipe's command line (every option says its default)."""
+    p = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG,
+        help=f"a YAML path or a shipped config: {', '.join(config_names())} (default: %(default)s)",
+    )  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override any config field, repeatable, e.g. hybrid.ratio=0.25 (default: none)")  # fmt: skip
+    p.add_argument("--run-dir", help="outputs: config, metrics, checkpoints, plots (default: runs/<config name>)")
+    p.add_argument("--resume", default="auto", help=f"{RESUME_HELP} (default: %(default)s)")
+    shipped = pm.load_config(resolve_config(DEFAULT_CONFIG)).trainer
+    for flag in FLAGS:  # shorthands for trainer.<flag>
+        p.add_argument(f"--{flag.replace('_', '-')}", dest=flag,
+                       help=f"trainer.{flag} (default: the config's; {DEFAULT_CONFIG}: {getattr(shipped, flag)})")  # fmt: skip
+    p.add_argument("--logger", action="append", choices=["csv", "tensorboard", "wandb"],
+                   help=f"repeatable; csv is always written (default: the config's trainer.loggers; {DEFAULT_CONFIG}: "
+                   f"{', '.join(shipped.loggers)})")  # fmt: skip
+    p.add_argument("--compile", action="store_true", help="trainer.compile=true: torch.compile the backbone (default: off)")
+    p.add_argument("--export-hf", action="store_true",
+                   help="at the end, save the model for transformers in RUN_DIR/hf (needs picomaml[hf]; default: off)")  # fmt: skip
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> argparse.Namespace:
+    """Parse the command line; ``--max-steps`` and the other shorthands become ``--set trainer.<flag>``."""
+    args = build_parser(prog).parse_args(argv)
+    args.set += [f"trainer.{k}={getattr(args, k)}" for k in FLAGS if getattr(args, k) is not None]
+    if args.logger:
+        args.set.append(f"trainer.loggers=[{', '.join(args.logger)}]")
+    if args.compile:
+        args.set.append("trainer.compile=true")
+    config = Path(args.config)
+    stem = config.name[: -len(".yaml")] if config.name.endswith(".yaml") else config.stem
+    args.run_dir = args.run_dir or str(Path("runs") / stem)
+    return args
+
+
+def make_fabric(cfg: pm.ExperimentConfig):
+    L, t = require("lightning", "fabric", "the reference trainer"), cfg.trainer
+    strategy = t.strategy
+    if strategy == "ddp" or (strategy == "auto" and t.devices > 1):
+        # AR steps leave the head unused and meta steps the LM head: DDP must allow unused parameters
+        strategy = L.fabric.strategies.DDPStrategy(find_unused_parameters=True)
+    try:
+        return L.Fabric(accelerator=t.accelerator, devices=t.devices, strategy=strategy, precision=t.precision)
+    except (RuntimeError, ValueError) as exc:  # a setting this machine cannot run, in Lightning's words
+        raise pm.ConfigError(f"trainer.accelerator={t.accelerator!r} devices={t.devices}: {exc}") from None
+
+
+@dataclass
+class Trainer:
+    """Everything the loop touches; built once by `setup`."""
+
+    cfg: pm.ExperimentConfig
+    fabric: Any
+    data: TrainingData
+    run: RunComponents
+    learner: Any  # run.learner wrapped by Fabric
+    optimizer: Any  # run.optimizer wrapped by Fabric
+    run_dir: Path
+    dynamics_rows: dict[str, torch.Tensor]
+    tracker: MetricsTracker | None = None
+    step: int = 0
+    counters: dict[str, float] = field(default_factory=training.new_counters)
+    guard: training.NonFiniteGuard | None = None
+    hub: Any = None  # the Hub uploader (checkpoint.hub_repo), main process only
+    signal: str | None = None  # the stop signal this process received (its handler only sets this)
+    interrupted: str | None = None  # why the loop stops: set on every rank at once, after a step (see update)
+
+    @property
+    def is_main(self) -> bool:
+        return self.fabric.global_rank == 0
+
+    def stateful(self) -> dict[str, Any]:
+        return self.run.stateful() | {"optimizer": self.optimizer, "data": self.data.train}
+
+
+def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
+    cfg = pm.load_config(resolve_config(args.config), args.set)  # every config error surfaces here, before any work
+    if args.export_hf:
+        require("transformers", "hf", "--export-hf")  # now, not after the run
+    fabric = make_fabric(cfg)
+    fabric.launch()
+    rank, world = fabric.global_rank, fabric.world_size
+    fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt)
+    run_dir = Path(args.run_dir)
+    # rank 0 locks the run directory and plans the start: every refusal (in use, no usable checkpoint,
+    # another architecture, a damaged metrics.csv) comes before any change; the stack releases the lock
+    start = stack.enter_context(open_run(run_dir, args.resume, cfg, is_main=rank == 0, broadcast=fabric.broadcast))
+    data = build_training_data(cfg.data, seed=cfg.seed, rank=rank, world_size=world, eval_rows=heldout_rows_needed(cfg))
+    training.check_run(cfg, data, world)  # vocabulary, tasks per device, training and evaluation episodes
+    tok = data.tokenizer
+    sampler_seed = cfg.seed + (0 if data.train.shared else rank)
+    run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed)
+    check_dynamics_layers(cfg, run.model)  # a misspelt dynamics layer fails now, not at the first save
+    learner, optimizer = fabric.setup(run.learner, run.optimizer)
+    dyn_rows = dynamics_rows(cfg, data.train, data.heldout_rows) if cfg.checkpoint.learning_dynamics else {}
+    t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows)
+    t.hub = hub_uploader(cfg, run_dir, t.is_main, stack)  # pushes each checkpoint in the background
+    # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
+    # run extended with a larger --max-steps follows the new schedule like the LR does
+    state = start.restore({k: v for k, v in t.stateful().items() if k != "hybrid"})  # RNG states too
+    if state is not None:
+        t.counters.update(state.counters)
+        t.step = state.step
+    t.guard = training.NonFiniteGuard(cfg.trainer.max_nonfinite_skips, state=t.counters)  # a streak continues
+    start.commit(cfg)  # rank 0: an earlier run moved aside, config changes recorded, then config.yaml
+    t.tracker = start.tracker(cfg)  # continues metrics.csv from the resumed step
+    return t
+
+
+def train_step(t: Trainer, window: training.MetricWindow) -> bool:
+    """One optimizer step over ``data.grad_accum`` micro-batches; False at the end of the data."""
+    cfg, fabric, run = t.cfg, t.fabric, t.run
+    plan, accum, world = run.hybrid.plan(t.step), cfg.data.grad_accum, fabric.world_size
+    losses = []
+    try:
+        for micro in range(accum):
+            batch = t.data.train.next_batch()
+            rows = t.data.train.local(batch).to(fabric.device)
+            episode = None
+            if "meta" in plan.objectives:
+                episode = training.meta_episode(
+                    run.sampler, batch, rows, cfg.meta.n_tasks, t.data.train.shared, fabric.global_rank, world
+                ).to(fabric.device)
+                t.counters["tokens"] += (episode.support_ids.numel() + episode.query_ids.numel()) * world
+            if "ar" in plan.objectives:
+                t.counters["tokens"] += rows.numel() * world
+            ar_rows = rows if "ar" in plan.objectives else None
+            with fabric.no_backward_sync(t.learner, enabled=micro < accum - 1):
+                out = t.learner(rows=ar_rows, episode=episode, w_ar=plan.w_ar, w_meta=plan.w_meta)
+                fabric.backward(out.loss / accum)
+            if out.lm_loss is not None:
+                losses.append(out.lm_loss.item())
+                window.add({"train/lm_loss": losses[-1]})
+            if out.meta is not None:
+                losses.append(out.meta.loss.item())
+                window.add({"train/meta_loss": losses[-1]})
+                window.add_inner_loop({k: v for k, v in out.meta.metrics.items() if k != "query_loss"})
+    except StopIteration:
+        t.optimizer.zero_grad(set_to_none=True)
+        return False
+    if "meta" in plan.objectives:
+        window.add({"meta/head_grad_norm": training.global_grad_norm(run.head.parameters())})
+    update(t, losses, window)
+    t.counters["ar_steps"] += "ar" in plan.objectives
+    t.counters["meta_steps"] += "meta" in plan.objectives
+    t.counters["flops"] += experiment_step_flops(cfg, plan.objectives)
+    t.step += 1
+    return True
+
+
+def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> None:
+    """Clip, then step the optimizer unless a loss or the gradient is non-finite on any rank."""
+    clip = t.cfg.optim.grad_clip
+    if clip is not None:
+        grad_norm = float(t.fabric.clip_gradients(t.learner, t.optimizer, max_norm=clip, error_if_nonfinite=False))
+    else:
+        grad_norm = training.global_grad_norm(t.learner.parameters())
+    window.add({"trainer/grad_norm": grad_norm})
+    finite = torch.isfinite(torch.tensor([grad_norm, *losses])).all().float()
+    running = torch.tensor(0.0 if t.signal else 1.0)
+    # the same flags on every rank: all skip together, all stop together (NonFiniteRunError) at the limit,
+    # and a signal to any rank stops every rank after this step
+    finite, running = t.fabric.all_reduce(torch.stack([finite, running]), reduce_op="min").tolist()
+    if running < 1 and t.interrupted is None:
+        t.interrupted = t.signal or "a signal to another rank"
+    if t.guard.record(finite >= 1, step=t.step + 1):
+        t.optimizer.step()
+    t.counters.update(t.guard.state_dict())
+    t.optimizer.zero_grad(set_to_none=True)
+    t.run.lr_scheduler.step()
+
+
+def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, tokens0: float, quiet: bool) -> None:
+    cfg, run = t.cfg, t.run
+    metrics = window.means() | {f"trainer/{k}": float(v) for k, v in t.counters.items()}
+    metrics |= training.group_lrs(t.optimizer)
+    metrics["trainer/tokens_per_s"] = (t.counters["tokens"] - tokens0) / max(elapsed, 1e-9)
+    metrics["meta/head_weight_norm"] = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in run.head.parameters()))
+    if cfg.eval.grad_cos_every and t.step % cfg.eval.grad_cos_every == 0 and t.is_main:  # AR vs meta gradients
+        metrics |= training.grad_conflict_metrics(run, cfg, t.data, t.step)
+    if t.step % cfg.trainer.eval_every == 0 or t.step == cfg.trainer.max_steps:
+        if t.is_main and t.signal is not None:
+            log.warning("%s: evaluation at step %d skipped (stopping)", t.signal, t.step)
+        elif t.is_main:
+            episode_args = eval_episode_kwargs(cfg, t.data.tokenizer.mask_token_id, t.data.special_ids)
+            try:  # a stop signal ends the evaluation after its current batch of episodes
+                metrics |= evaluate_during_training(
+                    run.model, run.head, run.inner_loop, t.data.heldout_rows, cfg.eval, episode_args,
+                    progress=lambda _: training.raise_if_stopped(t.signal),
+                )  # fmt: skip
+            except training.StopRequested:
+                log.warning("%s: evaluation at step %d stopped; its metrics are not logged", t.signal, t.step)
+        t.fabric.barrier()
+    t.tracker.log(t.step, metrics)
+    if t.is_main and not quiet:  # the progress bar shows the losses instead
+        shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
+        log.info("step %d/%d %s", t.step, cfg.trainer.max_steps, shown)
+
+
+def save(t: Trainer) -> None:
+    if t.is_main:  # state, HF export, learning dynamics (every step's kept), Hub upload in the background
+        save_run_checkpoint(
+            t.run_dir, t.step, t.stateful(), t.cfg, t.counters, t.run.model, t.data.tokenizer, t.dynamics_rows, t.hub,
+        )  # fmt: skip
+    t.fabric.barrier()
+
+
+def train(t: Trainer) -> str:
+    """The loop: train step, log (and evaluate) at ``training.is_log_step``, save every ``save_every``."""
+    trainer_cfg = t.cfg.trainer
+    with training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty()) as bar:
+        window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
+        end_reason = "max_steps"
+        if t.step == 0 and t.cfg.checkpoint.learning_dynamics:
+            save(t)  # step 0's dynamics: where every analysis starts
+        while t.step < trainer_cfg.max_steps:
+            if t.interrupted:
+                end_reason = f"interrupted by {t.interrupted}"
+                break
+            if not train_step(t, window):
+                end_reason = "end of data"
+                break
+            bar.update(window)
+            if training.is_log_step(t.cfg, t.step):
+                now = time.perf_counter()
+                log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
+                window.clear()
+                last_log, tokens_at_log = now, t.counters["tokens"]
+            if t.step % trainer_cfg.save_every == 0 and t.step < trainer_cfg.max_steps:
+                save(t)
+        save(t)  # always: max steps, end of data or Ctrl-C
+    return end_reason
+
+
+def summarize(t: Trainer, end_reason: str, seconds: float, export_hf: bool) -> None:
+    d = t.run_dir
+    png = plot_curves(d / "metrics.csv", d / "curves.png", title=f"{d.name} ({end_reason})")
+    last = t.tracker.rows[-1] if t.tracker.rows else {}
+    print(f"\n{training.run_summary(t.step, t.counters, end_reason, seconds, last)}\nconfig: {d / 'config.yaml'}")
+    print(f"metrics: {d / 'metrics.csv'}\ncheckpoints: {d / 'checkpoints'}\ncurves: {png}")
+    if export_hf:  # the final model, loadable with transformers' AutoModelForCausalLM.from_pretrained
+        print(f"transformers export: {pm.export_hf(t.run.model, d / 'hf', t.data.tokenizer)}")
+    print(training.run_status(d, t.cfg.trainer.loggers, t.step, t.hub))
+
+
+def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """Parse ``argv``, train, summarize; the exit status (exceptions propagate: see [`run`][picomaml.train.recipe.run])."""
+    t0 = time.perf_counter()
+    args = parse_args(argv, prog)
+    with contextlib.ExitStack() as stack:  # the run directory's lock is released on every exit path
+        t = setup(args, stack)
+
+        def on_signal(signum, frame):  # only a flag: the step, a save or an evaluation in flight is not cut
+            name = signal.Signals(signum).name
+            if t.signal is None:
+                t.signal = name
+                log.warning("%s: finishing this step, then saving a checkpoint", name)
+            else:
+                log.warning("%s again: still finishing the step and the save (a save is never cut)", name)
+
+        for sig in STOP_SIGNALS:
+            stack.callback(signal.signal, sig, signal.signal(sig, on_signal))
+        end_reason = train(t)
+        t.tracker.close()
+        if t.is_main:
+            summarize(t, end_reason, time.perf_counter() - t0, args.export_hf)
+    # a run that reached its end in the same step is finished, whatever signal came in meanwhile
+    preempted = end_reason.startswith("interrupted") and t.interrupted != "SIGINT"
+    return PREEMPTED_EXIT if preempted else 0
+
+
+def run(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
+    """[`main`][picomaml.train.recipe.main] for a command line: the user's errors (a config key, the run
+    directory, too many non-finite steps) are one line on stderr and exit status 2, not a traceback."""
+    try:
+        return main(argv, prog)
+    except (*USER_ERRORS, training.NonFiniteRunError, pm.MissingDependencyError) as exc:  # the user's to fix
+        print(error_line(exc), file=sys.stderr)  # one bounded line
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before training started
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(run())
