@@ -191,6 +191,29 @@ def check_episode(episode: Any) -> None:
             raise TypeError(f"episode: {name} must hold integer token ids, got {getattr(episode, name).dtype}")
 
 
+def check_head_n_way(head: Any, episode: Any) -> None:
+    """Raise ``ValueError`` unless ``head`` has as many outputs as ``episode`` has classes.
+
+    A 5-way head trained on 3-way episodes would learn two classes that never occur; a prototype head's
+    means of empty classes are undefined. The episode's classes are its ``class_ids`` (``([T,] N)``), which
+    must also divide its support rows into equal shares.
+    """
+    n_head, classes = getattr(head, "n_way", None), getattr(episode, "class_ids", None)
+    if not isinstance(n_head, int) or not isinstance(classes, Tensor) or classes.dim() == 0:
+        return
+    n_episode, rows = int(classes.shape[-1]), int(episode.support_ids.shape[-2])
+    if n_episode < 1 or rows % n_episode:
+        raise ValueError(
+            f"episode: class_token_ids names {n_episode} classes, but its {rows} support rows are not "
+            f"{n_episode} equal shares"
+        )
+    if n_head != n_episode:
+        raise ValueError(
+            f"head: a {n_head}-way head cannot score a {n_episode}-way episode; build the head with "
+            f"n_way={n_episode} (a prototype head: picomaml.eval.fewshot.head_for_n_way)"
+        )
+
+
 def episode_features(
     model: nn.Module | None,
     episode: Any,

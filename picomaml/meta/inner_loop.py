@@ -55,8 +55,9 @@ _REMOVED_BACKEND = (
 class InnerLoopConfig(Params):
     """Hyperparameters of [`InnerLoop`][picomaml.meta.inner_loop.InnerLoop] (YAML section ``inner_loop``)."""
 
-    steps: int = hparam(5, ge=0, doc="inner SGD steps on the support set (0 scores the initial head)")
-    lr: float = hparam(0.1, gt=0, doc="inner learning rate (the initial value of learned ones)")
+    # bounds far beyond any published setting: a typo (10**9 steps, lr 1e30) is an error, not a hang or NaN
+    steps: int = hparam(5, ge=0, le=10_000, doc="inner SGD steps on the support set (0 scores the initial head)")
+    lr: float = hparam(0.1, gt=0, le=1e4, doc="inner learning rate (the initial value of learned ones)")
     first_order: bool = hparam(False, doc="first-order MAML instead of the exact second-order gradient")
     backend: Backend = hparam(
         "torch", doc="the engine (higher / learn2learn are now the test suite's references)",

@@ -48,6 +48,7 @@ from picomaml.meta.features import (
     FeatureNorm,
     Pooling,
     check_episode,
+    check_head_n_way,
     episode_features,
     episode_rows,
     normalize_task_features,
@@ -137,6 +138,9 @@ def lm_loss(
         raise ValueError(f"tokens: must be (B, L) with B >= 1 and L >= 2, got shape {tuple(tokens.shape)}")
     if tokens.is_floating_point() or tokens.is_complex() or tokens.dtype == torch.bool:
         raise TypeError(f"tokens: expected integer token ids (torch.long), got dtype {tokens.dtype}")
+    if tokens.is_meta:
+        raise ValueError("tokens: on the meta device (shapes only, no values); move the model and tokens to a real device")
+    tokens = tokens.long()  # int32/int16/uint8 ids too (the loss needs long targets); a no-op for long
     targets = tokens[:, 1:]
     if pad_id is not None:
         targets = targets.masked_fill(targets == pad_id, ignore_index)
@@ -259,6 +263,7 @@ def meta_loss(
     """
     check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
     check_episode(episode)
+    check_head_n_way(head, episode)
     ddp = find_ddp(model) if model is not None and torch.is_grad_enabled() else None
     if ddp is not None:  # DDP's own forward would never run: frame the step as it does (see ddp_step)
         with ddp_step(ddp) as finish:

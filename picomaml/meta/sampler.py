@@ -39,7 +39,8 @@ class SamplerConfig(Params):
     n_way: int = hparam(8, ge=2, doc="classes per task N")
     k_shot: int = hparam(4, ge=1, doc="support windows per class K")
     n_query: int = hparam(4, ge=1, doc="query windows per class Q")
-    window_len: int = hparam(32, ge=1, doc="tokens per window W (rows are cut into L // W windows)")
+    # one token would be all mask: the backbone would see nothing of the context
+    window_len: int = hparam(32, ge=2, doc="tokens per window W (rows are cut into L // W windows)")
     min_freq: float = hparam(4.0, ge=0, doc="lower bound of the window-count band: fraction in (0, 1) or count")
     max_freq: float = hparam(0.5, gt=0, doc="upper bound of the window-count band: fraction in (0, 1) or count")
     exclude_token_ids: tuple[int, ...] = hparam((), ge=0, doc="ids never used as classes (besides the specials)")

@@ -24,6 +24,7 @@ import datetime as _dt
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,7 +43,7 @@ from picomaml.train.tracking import MetricsFileError, MetricsTracker, read_metri
 
 __all__ = [
     "RUN_FILES", "PREVIOUS", "CONFIG_CHANGES", "FRESH", "RESUME_HELP", "USER_ERRORS", "RunDirError", "RunLockedError",
-    "StartPlan", "RunStart", "archive", "plan_start", "commit_start", "open_run", "error_line",
+    "StartPlan", "RunStart", "archive", "plan_start", "commit_start", "open_run", "check_contained", "error_line",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -337,6 +338,7 @@ def open_run(
     lock, outcome = None, None
     if is_main:
         try:
+            check_contained(run_dir)  # before the lock: a run dir that is a file cannot hold one
             lock = RunLock(run_dir).acquire()
             outcome = plan_start(run_dir, resume, config)
         except BaseException as exc:
@@ -352,6 +354,46 @@ def open_run(
     if outcome is None:
         raise ValueError("open_run: a process other than the main one needs broadcast= (rank 0's plan)")
     return RunStart(outcome, lock)
+
+
+#: run-directory entries that are folders (the others are files)
+_FOLDERS = ("checkpoints", "tensorboard", "wandb", "hf", PREVIOUS)
+
+
+def check_contained(run_dir: str | os.PathLike[str]) -> None:
+    """Refuse a run directory whose own entries lead out of it or cannot be written as they should.
+
+    The trainer reads, writes, moves and deletes only inside its run directory: a ``checkpoints/`` (or any
+    entry of [`RUN_FILES`][picomaml.train.run_dir.RUN_FILES], or ``previous/``) that is a symbolic link could
+    make a resume continue another run, or a fresh start move that run's link into ``previous/``; a FIFO
+    or device blocks or never ends. The run directory itself may be reached through links (a scratch
+    mount): only its entries are checked.
+
+    Raises:
+        RunDirError: ``run_dir`` is not a directory, or one of its entries is a link or of the wrong kind;
+            the message names it and what to do.
+    """
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"--run-dir {run_dir}: is a file, not a directory; give a directory (created if missing)")
+    if not run_dir.exists():
+        return
+    for name in (*RUN_FILES, PREVIOUS):
+        entry = run_dir / name
+        try:
+            mode = entry.lstat().st_mode
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise RunDirError(f"{entry}: cannot be read ({one_line(exc, 120)})") from None
+        if stat.S_ISLNK(mode):
+            raise RunDirError(
+                f"{entry} is a symbolic link (to {os.readlink(entry)}); the trainer never reads, writes or moves "
+                f"anything outside {run_dir}: replace the link by a {'folder' if name in _FOLDERS else 'file'}"
+            )
+        folder = name in _FOLDERS
+        if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+            raise RunDirError(f"{entry}: expected a {'folder' if folder else 'regular file'}; move it away")
 
 
 def error_line(exc: BaseException, limit: int = 2000) -> str:

@@ -229,3 +229,29 @@ def test_tracker_refuses_to_overwrite_another_runs_rows(tmp_path):
         MetricsTracker(tmp_path / "run")
     assert (tmp_path / "run" / "metrics.csv").read_bytes() == before
     assert os.path.getsize(tmp_path / "run" / "metrics.csv") > 0
+
+
+@pytest.mark.parametrize("resume", ["auto", "fresh"])
+def test_a_run_dir_entry_that_leads_out_is_refused_before_anything_changes(tmp_path, resume):
+    other = tmp_path / "other"
+    before = make_run(other, config())
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "checkpoints").symlink_to(other / "checkpoints", target_is_directory=True)
+    with pytest.raises(RunDirError, match=r"run/checkpoints is a symbolic link .*replace the link by a folder"):
+        open_run(run_dir, resume, config())
+    assert snapshot(other) == before  # not resumed from, not moved into run/previous
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints"]  # no lock left, nothing moved
+
+
+@pytest.mark.timeout(60)
+def test_a_fifo_or_a_file_where_the_run_dir_needs_something_else_is_refused(tmp_path):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.mkfifo(run_dir / "metrics.csv")  # reading it would block forever
+    with pytest.raises(RunDirError, match="metrics.csv: expected a regular file"):
+        open_run(run_dir, "auto", config())
+    a_file = tmp_path / "file"
+    a_file.write_text("x")
+    with pytest.raises(RunDirError, match="--run-dir .*file: is a file, not a directory"):
+        open_run(a_file, "auto", config())

@@ -31,6 +31,7 @@ from picomaml.train.checkpoint.layout import (
     NoUsableCheckpointError,
     backup_step,
     describe_problems,
+    entry_problem,
     quote,
     step_dir_name,
     step_of,
@@ -55,7 +56,7 @@ def list_checkpoints(root: str | os.PathLike[str]) -> list[tuple[int, Path]]:
     found = []
     for p in root.iterdir():
         step = step_of(p.name)
-        if step is not None and p.is_dir() and is_complete(p):
+        if step is not None and entry_problem(p, "dir") is None and is_complete(p):  # never through a link
             found.append((step, p))
     return sorted(found)
 
@@ -126,14 +127,21 @@ def locate(path: str | os.PathLike[str]) -> tuple[Path, Manifest]:
     )
 
 
-def _candidates(root: Path) -> dict[int, Path]:
-    """Step -> folder: ``step_<N>`` entries, and the saved-aside copy of a step whose folder is missing."""
+def _candidates(root: Path, refused: list[tuple[Path, str]] | None = None) -> dict[int, Path]:
+    """Step -> folder: ``step_<N>`` entries, and the saved-aside copy of a step whose folder is missing.
+
+    A step entry that is a link or not a directory is left out, with its reason appended to ``refused``.
+    """
     found: dict[int, Path] = {}
     aside: dict[int, Path] = {}
     if not root.is_dir():
         return found
     for p in sorted(root.iterdir()):
         step = step_of(p.name)
+        if (step is not None or backup_step(p.name)) and (problem := entry_problem(p, "dir")) is not None:
+            if refused is not None:
+                refused.append((p, f"the step folder {problem}"))
+            continue
         if step is not None and not (p / PRUNED).exists():  # a pruned folder keeps dynamics, no state
             if step not in found or p.name == step_dir_name(step):  # step_20 over an older step_000020
                 found[step] = p
@@ -147,8 +155,14 @@ def _candidates(root: Path) -> dict[int, Path]:
 def _read_pointer(root: Path) -> tuple[int | None, str]:
     """``(step named by latest, problem)``; ``(None, "")`` when there is no pointer."""
     pointer = root / LATEST
+    problem = entry_problem(pointer, "file")
+    if problem == "missing":
+        return None, ""
+    if problem is not None:
+        return None, f"{LATEST}: {problem}"
     try:
-        raw = pointer.read_bytes()[:_MAX_POINTER_BYTES]
+        with open(pointer, "rb") as f:
+            raw = f.read(_MAX_POINTER_BYTES)
     except FileNotFoundError:
         return None, ""
     except OSError as exc:
@@ -171,9 +185,9 @@ def _choose(root: Path, *, required: bool = False) -> tuple[Path, Manifest] | No
         required: Raise [`NoUsableCheckpointError`][picomaml.train.checkpoint.layout.NoUsableCheckpointError]
             when step folders exist but none verifies (otherwise that is a warning and ``None``).
     """
-    candidates = _candidates(root)
-    pointed, pointer_problem = _read_pointer(root)
     problems: list[tuple[Path, str]] = []
+    candidates = _candidates(root, problems)
+    pointed, pointer_problem = _read_pointer(root)
     notes = [pointer_problem] if pointer_problem else []
     order = sorted(candidates, reverse=True)
     if pointed is not None:

@@ -12,14 +12,21 @@ one was killed), hidden ``.tmp_*`` entries whose last ``_<digits>`` is the write
 
 A step folder pruned by ``keep_last`` may keep some of its subfolders (the learning dynamics, for
 pico-analyze): it then holds a ``PRUNED`` file and no ``COMPLETE`` manifest, and is never resumed from.
+
+Nothing under a checkpoint root is read, moved or deleted through a symbolic link, and only regular files
+are read: a step folder linked to another run's (which pruning would otherwise empty), or a ``latest`` or
+``COMPLETE`` that is a link to ``/dev/zero`` or a FIFO (a read that never ends), is skipped with its reason
+([`entry_problem`][picomaml.train.checkpoint.layout.entry_problem]).
 """
 
 from __future__ import annotations
 
+import os
 import re
+import stat
 from pathlib import Path
 
-from picomaml.params import short_repr
+from picomaml.params import one_line, short_repr
 
 __all__ = [
     "CONFIG",
@@ -33,6 +40,7 @@ __all__ = [
     "NoUsableCheckpointError",
     "backup_step",
     "describe_problems",
+    "entry_problem",
     "quote",
     "step_dir_name",
     "step_of",
@@ -122,6 +130,32 @@ def describe_problems(problems: list[tuple[Path, str]]) -> str:
     if len(problems) > _MAX_LISTED:
         lines.append(f"  ... and {len(problems) - _MAX_LISTED} more")
     return "\n".join(lines)
+
+
+def entry_problem(path: Path, kind: str) -> str | None:
+    """Why ``path`` may not be used as a checkpoint ``kind`` (``"file"`` or ``"dir"``), or ``None``.
+
+    Returns:
+        ``"missing"``; a symbolic link (checkpoint code never follows one: it could lead out of the run
+        directory); not a regular file or directory (a FIFO or a device blocks or never ends); or an
+        ``lstat`` error. The text reads after the entry's name.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, ValueError) as exc:  # ValueError: an embedded NUL byte
+        return f"cannot be read ({one_line(exc, 120)})"
+    if stat.S_ISLNK(mode):
+        try:
+            target = os.readlink(path)
+        except OSError:
+            target = "?"
+        return f"is a symbolic link (to {quote(target)}); checkpoints are never read or changed through links"
+    if not (stat.S_ISDIR(mode) if kind == "dir" else stat.S_ISREG(mode)):
+        what = "directory" if kind == "dir" else "regular file"
+        return f"is not a {what} (a FIFO, device or socket is never read)"
+    return None
 
 
 def quote(value: object) -> str:

@@ -32,6 +32,7 @@ from picomaml.train.checkpoint.layout import (
     TRAINER_STATE,
     DamagedCheckpointError,
     backup_step,
+    entry_problem,
     quote,
     step_of,
 )
@@ -92,6 +93,9 @@ def read_manifest(path: Path) -> Manifest:
     marker = path / MARKER
     if not path.is_dir():
         raise DamagedCheckpointError(path, "not a directory")
+    problem = entry_problem(marker, "file")
+    if problem not in (None, "missing"):
+        raise DamagedCheckpointError(path, f"{MARKER}: {problem}", marker)
     try:
         size = marker.stat().st_size
         if size > _MAX_MANIFEST_BYTES:
@@ -138,14 +142,13 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
     manifest = read_manifest(path)
     for name, size in manifest.sizes.items():  # every size first: cheap, and catches truncation
         f = path / name
+        _check_inside(path, name)
         try:
             st = f.stat()
         except FileNotFoundError:
             raise DamagedCheckpointError(path, f"{name}: missing (listed in {MARKER})", f) from None
         except OSError as exc:
             raise DamagedCheckpointError(path, f"{name}: cannot be read ({one_line(exc, 120)})", f) from exc
-        if not f.is_file():
-            raise DamagedCheckpointError(path, f"{name}: not a regular file", f)
         if st.st_size != size:
             raise DamagedCheckpointError(
                 path, f"{name}: {st.st_size} bytes, but {MARKER} says {size} (truncated or overwritten)", f
@@ -171,6 +174,19 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
                 f,
             )
     return manifest
+
+
+def _check_inside(path: Path, name: str) -> None:
+    """Every component of ``path/name`` is a real folder and the last a regular file: no link, no FIFO."""
+    parts = PurePosixPath(name).parts
+    for i in range(len(parts)):
+        entry = path.joinpath(*parts[: i + 1])
+        problem = entry_problem(entry, "file" if i == len(parts) - 1 else "dir")
+        if problem == "missing":
+            raise DamagedCheckpointError(path, f"{name}: missing (listed in {MARKER})", entry)
+        if problem is not None:
+            where = name if i == len(parts) - 1 else f"{name}: its folder {'/'.join(parts[: i + 1])}"
+            raise DamagedCheckpointError(path, f"{where}: {problem}", entry)
 
 
 def _kept(path: Path) -> str:
@@ -225,7 +241,8 @@ def _parse(data: object) -> Manifest:
 def _check_name(name: object) -> None:
     """Manifest names stay inside the step directory (a hand-edited or hostile manifest reads nothing else)."""
     parts = PurePosixPath(name).parts if isinstance(name, str) else ()
-    if not parts or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
+    bad_char = isinstance(name, str) and any(ord(c) < 32 for c in name)  # NUL, newlines: never a real name
+    if not parts or bad_char or name.startswith("/") or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise ValueError(f"file name {quote(name)} is not a relative path inside the checkpoint")
 
 

@@ -157,6 +157,9 @@ def recover_interrupted(root: Path) -> None:
         m = TMP_ENTRY.match(p.name) or TMP_POINTER.match(p.name)
         if not m or (int(m.group(1)) != me and aio.pid_alive(int(m.group(1)))):
             continue
+        if p.is_symlink():  # never put back, and never delete through, a link (it may lead to another run)
+            logger.warning("leaving %s alone: a temporary checkpoint entry that is a symbolic link", p)
+            continue
         backup = backup_step(p.name)
         target = root / backup[0] if backup else None
         if target is not None and not target.exists() and not target.is_symlink() and is_complete(p):

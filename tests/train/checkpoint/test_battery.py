@@ -270,7 +270,7 @@ def test_the_battery_sees_a_loss(tmp_path, monkeypatch):
     monkeypatch.setattr(
         discovery,
         "_candidates",
-        lambda root: {s: p for p in root.iterdir() if (s := ckpt.layout.step_of(p.name)) is not None},
+        lambda root, refused=None: {s: p for p in root.iterdir() if (s := ckpt.layout.step_of(p.name)) is not None},
     )
     tally = run_battery(tmp_path, [SCENARIOS[1]], ("crash",))
     assert tally.lost >= 1 and tally.failures >= 1, tally
