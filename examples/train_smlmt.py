@@ -11,7 +11,7 @@ from a plain `pip install`, and this script runs exactly the same recipe. To cha
 
     picomaml cp recipe my_run/          # -> my_run/train_smlmt.py, a standalone script to edit
     picomaml cp tiny-cpu my_run/        # -> my_run/tiny-cpu.yaml
-    python my_run/train_smlmt.py --config my_run/tiny-cpu.yaml
+    python my_run/train_smlmt.py --config my_run/tiny-cpu.yaml --run-dir runs/mine
 
 Shipped configs: tiny-cpu (the default), lm-only, meta-only, pico-maml-{tiny,small,medium,large}
 (`picomaml/train/configs/`); `--config` takes one of these names or any YAML path.

@@ -406,9 +406,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args) or 0)
-    except (ValueError, MissingDependencyError) as exc:
-        # a bad argument (ConfigError), an impossible episode (SamplingError) or a missing extra says so in
-        # one line; any other ValueError is a bug and keeps its traceback
+    except (ValueError, MissingDependencyError, OSError) as exc:
+        # a bad argument (ConfigError), an impossible episode (SamplingError), a missing extra or a path that
+        # cannot be written (OSError names it) says so in one line; any other ValueError is a bug
         if isinstance(exc, ValueError) and not isinstance(exc, ConfigError) and type(exc).__name__ != "SamplingError":
             raise
         print(f"picomaml {args.command}: {exc}", file=sys.stderr)

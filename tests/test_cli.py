@@ -76,17 +76,18 @@ def two_step_run(tmp_path_factory) -> Path:
 def test_a_copied_recipe_runs_on_its_own_from_any_folder(tmp_path, capsys):
     """``picomaml cp recipe DIR`` gives a script that trains from the installed package alone."""
     assert main(["cp", "recipe", str(tmp_path / "mine")]) == 0
-    assert main(["cp", "tiny-cpu", str(tmp_path / "mine")]) == 2  # no such folder: a file named mine exists
-    assert "exists" in capsys.readouterr().err
+    assert main(["cp", "recipe", str(tmp_path / "mine")]) == 2  # never overwritten without --force
+    assert "mine/train_smlmt.py exists (pass --force" in capsys.readouterr().err
     config, env = _tiny_config(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     proc = subprocess.run(
-        [sys.executable, str(tmp_path / "mine"), "--config", str(config), "--max-steps", "1"],
+        [sys.executable, str(tmp_path / "mine" / "train_smlmt.py"), "--config", str(config), "--max-steps", "1"],
         capture_output=True, text=True, timeout=300, env=env, cwd=elsewhere,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert (elsewhere / "runs" / "config" / "checkpoints" / "step_1").is_dir()  # default: runs/<config name>
+    # default run dir: runs/<the config's folder> for a config.yaml (a run's own config extends that run)
+    assert (elsewhere / "runs" / tmp_path.name / "checkpoints" / "step_1").is_dir()
 
 
 def test_eval_on_a_real_two_step_trainer_run(two_step_run, tmp_path, capsys):

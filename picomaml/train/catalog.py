@@ -7,7 +7,7 @@ a script that imports only the installed package, so a copy of it runs from anyw
 
     picomaml cp recipe my_run/            # my_run/train_smlmt.py, edit the loop
     picomaml cp pico-maml-tiny my_run/    # my_run/pico-maml-tiny.yaml, edit the settings
-    python my_run/train_smlmt.py --config my_run/pico-maml-tiny.yaml
+    python my_run/train_smlmt.py --config my_run/pico-maml-tiny.yaml --run-dir runs/mine
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ def resolve_config(name_or_path: str | Path) -> Path:
     if path.parent == Path(".") and stem in config_names():
         return CONFIG_DIR / f"{stem}.yaml"
     if path.exists():
-        raise ConfigError(f"--config {str(name_or_path)!r}: not a file (a directory?)")
+        raise ConfigError(f"config {str(name_or_path)!r}: is a directory, not a YAML config file")
     raise ConfigError(
-        f"--config {str(name_or_path)!r}: no such file and no shipped config of that name "
+        f"config {str(name_or_path)!r}: no such file and no shipped config of that name "
         f"(shipped: {', '.join(config_names())})"
     )
 
@@ -66,8 +66,9 @@ def copy_item(name: str, dest: str | Path, *, overwrite: bool = False) -> Path:
 
     Args:
         name: ``"recipe"`` or a config name from [`config_names`][picomaml.train.catalog.config_names].
-        dest: A directory (existing, or ending in ``/``: created) or a file path. Into a directory the
-            recipe is written as ``train_smlmt.py`` and a config as ``<name>.yaml``.
+        dest: A directory (existing, or new: ending in ``/`` or without a file suffix) or a file path
+            (``mine.yaml``). Into a directory the recipe is written as ``train_smlmt.py`` and a config as
+            ``<name>.yaml``.
         overwrite: Replace an existing file; without it an existing file is an error.
 
     Returns:
@@ -81,6 +82,7 @@ def copy_item(name: str, dest: str | Path, *, overwrite: bool = False) -> Path:
         raise ConfigError(f"picomaml cp {name!r}: unknown; choose one of {', '.join(sources)}")
     source, as_dir = sources[name], str(dest).endswith(("/", "\\"))  # Path() drops a trailing slash
     dest = Path(dest)
+    as_dir = as_dir or (not dest.exists() and not dest.suffix)  # `cp recipe my_run`: a new folder, not a file
     if dest.is_dir() or as_dir:
         dest = dest / (RECIPE_FILE if name == RECIPE else source.name)
     if dest.exists() and not overwrite:

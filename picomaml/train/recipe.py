@@ -21,7 +21,6 @@ import argparse
 import contextlib
 import logging
 import math
-import signal
 import sys
 import time
 import warnings
@@ -42,6 +41,7 @@ from picomaml.train import training  # noqa: E402
 from picomaml.train.budget import experiment_step_flops  # noqa: E402
 from picomaml.train.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.train.catalog import config_names, resolve_config  # noqa: E402
+from picomaml.train.preemption import PREEMPTED_EXIT, Preempted, StopRequested, StopSignals  # noqa: E402
 from picomaml.train.run_checkpoint import (  # noqa: E402
     check_dynamics_layers,
     dynamics_rows,
@@ -60,9 +60,6 @@ SHOWN = (
     "eval/fewshot_acc", "eval/fewshot_acc_ci", "eval/fewshot_acc_ncm", "trainer/lr/model", "trainer/tokens_per_s",
 )  # fmt: skip
 FLAGS = ("max_steps", "log_every", "save_every", "eval_every", "devices", "strategy", "precision")
-# SIGTERM is what SLURM, Kubernetes and spot reclaims send; SIGUSR1 is SLURM's usual warning (--signal=USR1@90)
-STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGUSR1") if hasattr(signal, name))
-PREEMPTED_EXIT = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; requeue with --resume auto
 
 
 def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
@@ -74,7 +71,8 @@ def build_parser(prog: str | None = None) -> argparse.ArgumentParser:
     )  # fmt: skip
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any config field, repeatable, e.g. hybrid.ratio=0.25 (default: none)")  # fmt: skip
-    p.add_argument("--run-dir", help="outputs: config, metrics, checkpoints, plots (default: runs/<config name>)")
+    p.add_argument("--run-dir", help="outputs: config, metrics, checkpoints, plots (default: runs/<config name>; "
+                   "for RUN/config.yaml, runs/<RUN's name>)")  # fmt: skip
     p.add_argument("--resume", default="auto", help=f"{RESUME_HELP} (default: %(default)s)")
     shipped = pm.load_config(resolve_config(DEFAULT_CONFIG)).trainer
     for flag in FLAGS:  # shorthands for trainer.<flag>
@@ -97,10 +95,17 @@ def parse_args(argv: Sequence[str] | None = None, prog: str | None = None) -> ar
         args.set.append(f"trainer.loggers=[{', '.join(args.logger)}]")
     if args.compile:
         args.set.append("trainer.compile=true")
-    config = Path(args.config)
-    stem = config.name[: -len(".yaml")] if config.name.endswith(".yaml") else config.stem
-    args.run_dir = args.run_dir or str(Path("runs") / stem)
+    args.run_dir = args.run_dir or str(Path("runs") / default_run_name(args.config))
     return args
+
+
+def default_run_name(config: str) -> str:
+    """``runs/<this>`` when ``--run-dir`` is not given: a shipped config's name, a YAML file's stem, or for a
+    run's own ``config.yaml`` (``--config runs/a/config.yaml``) its folder's name, so it extends that run."""
+    path = Path(config)
+    if path.name == "config.yaml" and path.parent.name:
+        return path.parent.name
+    return path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.stem
 
 
 def make_fabric(cfg: pm.ExperimentConfig):
@@ -132,8 +137,9 @@ class Trainer:
     counters: dict[str, float] = field(default_factory=training.new_counters)
     guard: training.NonFiniteGuard | None = None
     hub: Any = None  # the Hub uploader (checkpoint.hub_repo), main process only
-    signal: str | None = None  # the stop signal this process received (its handler only sets this)
-    interrupted: str | None = None  # why the loop stops: set on every rank at once, after a step (see update)
+    stop: StopSignals = field(default_factory=StopSignals)  # Ctrl-C, SIGTERM, SIGUSR1: a flag in the loop
+    interrupted: str | None = None  # why the loop stops: set on every rank at once (see sync)
+    saved_step: int | None = None  # the step of the newest checkpoint this process wrote
 
     @property
     def is_main(self) -> bool:
@@ -143,7 +149,7 @@ class Trainer:
         return self.run.stateful() | {"optimizer": self.optimizer, "data": self.data.train}
 
 
-def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
+def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSignals) -> Trainer:
     cfg = pm.load_config(resolve_config(args.config), args.set)  # every config error surfaces here, before any work
     if args.export_hf:
         require("transformers", "hf", "--export-hf")  # now, not after the run
@@ -164,7 +170,7 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack) -> Trainer:
     check_dynamics_layers(cfg, run.model)  # a misspelt dynamics layer fails now, not at the first save
     learner, optimizer = fabric.setup(run.learner, run.optimizer)
     dyn_rows = dynamics_rows(cfg, data.train, data.heldout_rows) if cfg.checkpoint.learning_dynamics else {}
-    t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows)
+    t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows, stop=stop)
     t.hub = hub_uploader(cfg, run_dir, t.is_main, stack)  # pushes each checkpoint in the background
     # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
     # run extended with a larger --max-steps follows the new schedule like the LR does
@@ -227,18 +233,24 @@ def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> No
     else:
         grad_norm = training.global_grad_norm(t.learner.parameters())
     window.add({"trainer/grad_norm": grad_norm})
-    finite = torch.isfinite(torch.tensor([grad_norm, *losses])).all().float()
-    running = torch.tensor(0.0 if t.signal else 1.0)
-    # the same flags on every rank: all skip together, all stop together (NonFiniteRunError) at the limit,
-    # and a signal to any rank stops every rank after this step
-    finite, running = t.fabric.all_reduce(torch.stack([finite, running]), reduce_op="min").tolist()
-    if running < 1 and t.interrupted is None:
-        t.interrupted = t.signal or "a signal to another rank"
-    if t.guard.record(finite >= 1, step=t.step + 1):
+    finite = bool(torch.isfinite(torch.tensor([grad_norm, *losses])).all())
+    # the same flag on every rank: all skip together, and all stop together (NonFiniteRunError) at the limit
+    if t.guard.record(not sync(t, nonfinite=not finite), step=t.step + 1):
         t.optimizer.step()
     t.counters.update(t.guard.state_dict())
     t.optimizer.zero_grad(set_to_none=True)
     t.run.lr_scheduler.step()
+
+
+def sync(t: Trainer, nonfinite: bool = False) -> bool:
+    """Max over ranks of [this step non-finite, stop-signal code]: a signal to any rank stops every rank after
+    the same step. Returns whether any rank's step was non-finite."""
+    flags = torch.tensor([float(nonfinite), float(t.stop.code)], device=t.fabric.device)
+    any_nonfinite, code = t.fabric.all_reduce(flags, reduce_op="max").tolist()
+    if code and t.interrupted is None:
+        t.interrupted = t.stop.received if t.stop.code == code else StopSignals.name_of(int(code))
+        log.warning("%s: stopping after step %d: saving a checkpoint, then exiting", t.interrupted, t.step)
+    return any_nonfinite > 0
 
 
 def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, tokens0: float, quiet: bool) -> None:
@@ -250,18 +262,18 @@ def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, 
     if cfg.eval.grad_cos_every and t.step % cfg.eval.grad_cos_every == 0 and t.is_main:  # AR vs meta gradients
         metrics |= training.grad_conflict_metrics(run, cfg, t.data, t.step)
     if t.step % cfg.trainer.eval_every == 0 or t.step == cfg.trainer.max_steps:
-        if t.is_main and t.signal is not None:
-            log.warning("%s: evaluation at step %d skipped (stopping)", t.signal, t.step)
+        if t.is_main and t.stop.received is not None:
+            log.warning("%s: evaluation at step %d skipped (stopping)", t.stop.received, t.step)
         elif t.is_main:
             episode_args = eval_episode_kwargs(cfg, t.data.tokenizer.mask_token_id, t.data.special_ids)
             try:  # a stop signal ends the evaluation after its current batch of episodes
                 metrics |= evaluate_during_training(
                     run.model, run.head, run.inner_loop, t.data.heldout_rows, cfg.eval, episode_args,
-                    progress=lambda _: training.raise_if_stopped(t.signal),
+                    progress=t.stop.raise_if_stopped,
                 )  # fmt: skip
-            except training.StopRequested:
-                log.warning("%s: evaluation at step %d stopped; its metrics are not logged", t.signal, t.step)
-        t.fabric.barrier()
+            except StopRequested:
+                log.warning("%s: evaluation at step %d stopped; its metrics are not logged", t.stop.received, t.step)
+        sync(t)  # every rank waits for the evaluation, and learns of a signal that came during it
     t.tracker.log(t.step, metrics)
     if t.is_main and not quiet:  # the progress bar shows the losses instead
         shown = " ".join(f"{k}={metrics[k]:.4g}" for k in SHOWN if k in metrics)
@@ -269,16 +281,18 @@ def log_and_evaluate(t: Trainer, window: training.MetricWindow, elapsed: float, 
 
 
 def save(t: Trainer) -> None:
-    if t.is_main:  # state, HF export, learning dynamics (every step's kept), Hub upload in the background
+    if t.is_main and t.saved_step != t.step:  # state, HF export, dynamics (every step's kept), Hub upload
         save_run_checkpoint(
             t.run_dir, t.step, t.stateful(), t.cfg, t.counters, t.run.model, t.data.tokenizer, t.dynamics_rows, t.hub,
         )  # fmt: skip
-    t.fabric.barrier()
+    t.saved_step = t.step
+    sync(t)  # every rank waits for the save, and learns of a signal that came during it
 
 
 def train(t: Trainer) -> str:
     """The loop: train step, log (and evaluate) at ``training.is_log_step``, save every ``save_every``."""
     trainer_cfg = t.cfg.trainer
+    t.stop.enter_loop()  # from here a signal only sets a flag: no step, save or evaluation is cut
     with training.ProgressBar(trainer_cfg.max_steps, t.step, enabled=t.is_main and sys.stderr.isatty()) as bar:
         window, last_log, tokens_at_log = training.MetricWindow(), time.perf_counter(), t.counters["tokens"]
         end_reason = "max_steps"
@@ -299,45 +313,41 @@ def train(t: Trainer) -> str:
                 last_log, tokens_at_log = now, t.counters["tokens"]
             if t.step % trainer_cfg.save_every == 0 and t.step < trainer_cfg.max_steps:
                 save(t)
-        save(t)  # always: max steps, end of data or Ctrl-C
+        save(t)  # always: max steps, end of data or a stop signal (unless this step is saved already)
+    if t.stop.count > 1:
+        log.warning("%d more stop signals came while stopping; the checkpoint was finished first", t.stop.count - 1)
     return end_reason
 
 
-def summarize(t: Trainer, end_reason: str, seconds: float, export_hf: bool) -> None:
+def summarize(t: Trainer, end_reason: str, seconds: float, export_hf: bool, preempted: bool) -> None:
     d = t.run_dir
     png = plot_curves(d / "metrics.csv", d / "curves.png", title=f"{d.name} ({end_reason})")
     last = t.tracker.rows[-1] if t.tracker.rows else {}
     print(f"\n{training.run_summary(t.step, t.counters, end_reason, seconds, last)}\nconfig: {d / 'config.yaml'}")
     print(f"metrics: {d / 'metrics.csv'}\ncheckpoints: {d / 'checkpoints'}\ncurves: {png}")
-    if export_hf:  # the final model, loadable with transformers' AutoModelForCausalLM.from_pretrained
+    if export_hf and preempted:  # the grace period is for the checkpoint; the export can be made from it
+        print("transformers export: skipped (preempted); `picomaml export` makes it from the checkpoint")
+    elif export_hf:  # the final model, loadable with transformers' AutoModelForCausalLM.from_pretrained
         print(f"transformers export: {pm.export_hf(t.run.model, d / 'hf', t.data.tokenizer)}")
-    print(training.run_status(d, t.cfg.trainer.loggers, t.step, t.hub))
+    print(training.run_status(d, t.cfg.trainer.loggers, t.step, t.hub, finished=not end_reason.startswith("interrupted")))
 
 
 def main(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     """Parse ``argv``, train, summarize; the exit status (exceptions propagate: see [`run`][picomaml.train.recipe.run])."""
     t0 = time.perf_counter()
     args = parse_args(argv, prog)
-    with contextlib.ExitStack() as stack:  # the run directory's lock is released on every exit path
-        t = setup(args, stack)
-
-        def on_signal(signum, frame):  # only a flag: the step, a save or an evaluation in flight is not cut
-            name = signal.Signals(signum).name
-            if t.signal is None:
-                t.signal = name
-                log.warning("%s: finishing this step, then saving a checkpoint", name)
-            else:
-                log.warning("%s again: still finishing the step and the save (a save is never cut)", name)
-
-        for sig in STOP_SIGNALS:
-            stack.callback(signal.signal, sig, signal.signal(sig, on_signal))
+    # the signal handlers are entered first, so they are restored last: after the lock is released
+    with StopSignals() as stop, contextlib.ExitStack() as stack:  # the lock is released on every exit path
+        t = setup(args, stack, stop)  # a stop signal in here raises Preempted (see run)
         end_reason = train(t)
+        # a run that reached its end in the same step is finished, whatever signal came in meanwhile
+        preempted = end_reason.startswith("interrupted") and t.interrupted != "SIGINT"
         t.tracker.close()
         if t.is_main:
-            summarize(t, end_reason, time.perf_counter() - t0, args.export_hf)
-    # a run that reached its end in the same step is finished, whatever signal came in meanwhile
-    preempted = end_reason.startswith("interrupted") and t.interrupted != "SIGINT"
-    return PREEMPTED_EXIT if preempted else 0
+            summarize(t, end_reason, time.perf_counter() - t0, args.export_hf, preempted)
+    # rank 0 alone reports the preemption: launchers (Lightning's, torchrun) treat a worker's non-zero
+    # exit as a crash and kill the others, rank 0 included, before it has finished
+    return PREEMPTED_EXIT if preempted and t.is_main else 0
 
 
 def run(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
@@ -348,7 +358,10 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except (*USER_ERRORS, training.NonFiniteRunError, pm.MissingDependencyError) as exc:  # the user's to fix
         print(error_line(exc), file=sys.stderr)  # one bounded line
         return 2
-    except KeyboardInterrupt:  # Ctrl-C before training started
+    except Preempted as exc:  # a stop signal before training began: nothing trained, the lock released
+        print(f"{exc}; nothing was trained", file=sys.stderr)
+        return exc.exit_status
+    except KeyboardInterrupt:  # Ctrl-C outside the handlers (before they are installed)
         print("interrupted", file=sys.stderr)
         return 130
 

@@ -44,8 +44,7 @@ __all__ = [
     "global_grad_norm",
     "group_lrs",
     "NonFiniteGuard",
-    "StopRequested",
-    "raise_if_stopped",
+
     "NonFiniteRunError",
     "grad_conflict_metrics",
     "NonFiniteStepWarning",
@@ -77,9 +76,9 @@ def run_summary(
     return "\n".join(lines)
 
 
-def run_status(run_dir: Path, loggers: Sequence[str], step: int, hub: Any = None) -> str:
-    """What a finished run leaves and what to do next: where each logger wrote, the Hub uploads, and the
-    commands that resume or extend, evaluate and read the run (paths quoted as given)."""
+def run_status(run_dir: Path, loggers: Sequence[str], step: int, hub: Any = None, *, finished: bool = True) -> str:
+    """What a run leaves and what to do next: where each logger wrote, the Hub uploads, and the commands
+    that extend (``finished``) or resume (stopped early), evaluate and read the run (paths as given)."""
     d = Path(run_dir)
     lines = ["logged to: metrics.csv"]
     if "tensorboard" in loggers:
@@ -92,10 +91,14 @@ def run_status(run_dir: Path, loggers: Sequence[str], step: int, hub: Any = None
             f"hub: {hub.repo_id}@{hub.branch}: {len(hub.uploaded)} checkpoints pushed, {len(failed)} failed"
             f"{f' (steps {failed})' if failed else ''}, {len(hub.pending)} pending (waited for on exit)"
         )
+    go_on = (
+        f"  extend:   picomaml train --config {d / 'config.yaml'} --run-dir {d} --resume auto --max-steps {2 * max(step, 1)}"
+        if finished  # a stopped run resumes with its own command: a new --max-steps would change its schedule
+        else f"  resume:   run the same command again (--resume auto continues from step {step})"
+    )
     lines += [
         "next:",
-        f"  extend:   picomaml train --config {d / 'config.yaml'} --run-dir {d} --resume auto "
-        f"--max-steps {2 * max(step, 1)}",
+        go_on,
         f"  evaluate: picomaml eval --checkpoint {d}",
         f"  export:   picomaml export --checkpoint {d} --out {d / 'hf'}  (for transformers)",
         f"  load:     picomaml.train.checkpoint.load_checkpoint('{d}')  (the newest verified step)",
@@ -338,17 +341,6 @@ def check_run(
     check_eval_episodes(
         data.heldout_rows, cfg.eval, eval_episode_kwargs(cfg, mask_id, special), head=head_from_config(cfg)
     )
-
-
-class StopRequested(Exception):
-    """Raised by [`raise_if_stopped`][picomaml.train.training.raise_if_stopped] to end long work early."""
-
-
-def raise_if_stopped(signal_name: str | None) -> None:
-    """Raise [`StopRequested`][picomaml.train.training.StopRequested] when a stop signal came in: the
-    ``progress`` callback of an evaluation, so SIGINT/SIGTERM end it after the batch in flight."""
-    if signal_name is not None:
-        raise StopRequested(signal_name)
 
 
 class NonFiniteRunError(RuntimeError):

@@ -3,6 +3,8 @@ difference."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from backbones import V, W, hf_model  # noqa: F401
@@ -415,5 +417,8 @@ def test_a_features_callable_is_checked_at_every_call():
 
 def test_labels_outside_the_head_are_named_on_the_adapted_path_too():
     model, ep = pico(), episode()
-    with pytest.raises(ValueError, match=r"support_labels must be in \[0, 2\)"):
+    with pytest.raises(ValueError, match=r"head: a 2-way head cannot score a 3-way episode"):
         pm.meta_loss(model, pm.MetaHead(16, 2).double(), pm.InnerLoop(steps=1), ep, adapt_layers=1)
+    bad = dataclasses.replace(ep, support_labels=ep.support_labels + N)  # the head fits, the labels do not
+    with pytest.raises(ValueError, match=rf"support_labels must be in \[0, {N}\)"):
+        pm.meta_loss(model, pm.MetaHead(16, N).double(), pm.InnerLoop(steps=1), bad, adapt_layers=1)

@@ -28,7 +28,7 @@ def test_a_local_file_wins_over_a_shipped_name(tmp_path, monkeypatch):
 def test_an_unknown_config_lists_the_shipped_ones(tmp_path):
     with pytest.raises(pm.ConfigError, match="tiny-cpuu.*no such file.*shipped: lm-only, .*tiny-cpu"):
         pm.load_config("tiny-cpuu")
-    with pytest.raises(pm.ConfigError, match="not a file"):
+    with pytest.raises(pm.ConfigError, match="is a directory, not a YAML config file"):
         resolve_config(tmp_path)
     with pytest.raises(pm.ConfigError, match="no such file"):  # a path with folders is never a shipped name
         resolve_config(tmp_path / "tiny-cpu")
@@ -41,6 +41,7 @@ def test_copy_into_a_folder_a_file_and_a_new_folder(tmp_path):
     assert pm.load_config(tmp_path / "tiny-cpu.yaml") == pm.load_config("tiny-cpu")
     assert copy_item("lm-only", tmp_path / "mine.yaml") == tmp_path / "mine.yaml"
     assert copy_item("recipe", f"{tmp_path / 'new'}/") == tmp_path / "new" / RECIPE_FILE
+    assert copy_item("recipe", tmp_path / "my_run") == tmp_path / "my_run" / RECIPE_FILE  # no suffix: a folder
 
 
 def test_copy_never_overwrites_without_force(tmp_path):

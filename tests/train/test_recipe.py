@@ -565,8 +565,8 @@ def test_grad_cos_diagnostic_and_pcgrad_recipe_log_finite_cosines(tmp_path, corp
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_preemption_signal_saves_the_current_step_and_exits_75(tmp_path, corpus_cache, sig):
-    """What SLURM/Kubernetes send: the step finishes, a checkpoint is saved, the lock released, exit 75; a
-    second signal while stopping does not cut the save; --resume auto then continues bit-identically."""
+    """What SLURM/Kubernetes send: the step finishes, a checkpoint is saved, the lock released, exit 75;
+    --resume auto then continues bit-identically."""
     config = tiny_config(
         tmp_path, corpus_cache, trainer={"max_steps": 10_000, "save_every": 10_000, "log_every": 1}, hybrid={"ratio": 0.5}
     )  # fmt: skip
@@ -580,14 +580,13 @@ def test_preemption_signal_saves_the_current_step_and_exits_75(tmp_path, corpus_
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read()[-3000:]
         proc.send_signal(sig)
-        time.sleep(0.05)
-        proc.send_signal(sig)  # a second one while the step and the save finish
         out, err = proc.communicate(timeout=120)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == trainer.PREEMPTED_EXIT == 75, err[-3000:]
     assert "Traceback" not in err and f"interrupted by {sig.name}" in out
+    assert f"{sig.name}: stopping after step" in err and "resume:   run the same command again" in out
     rows = read_csv(run_dir / "metrics.csv")
     step = pm.load_checkpoint(run_dir / "checkpoints").step
     assert step == int(rows[-1]["step"]) >= 2  # nothing trained is lost
@@ -596,6 +595,49 @@ def test_preemption_signal_saves_the_current_step_and_exits_75(tmp_path, corpus_
     resumed = run(config, run_dir, "--max-steps", str(step + 1))
     straight = run(config, tmp_path / "straight", "--max-steps", str(step + 1))
     assert [r["train/lm_loss"] for r in resumed] == [r["train/lm_loss"] for r in straight]
+
+
+def raise_signal(sig: signal.Signals) -> None:
+    """Send ``sig`` to this process, but only while the trainer's handler holds it (else pytest would die)."""
+    assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN, None), f"no handler for {sig.name}"
+    signal.raise_signal(sig)
+
+
+def test_signals_during_the_save_never_cut_it(tmp_path, corpus_cache, monkeypatch, caplog):
+    """A signal at a save step stops the run there (one save, not two); more signals while it is written
+    are counted and wait for it."""
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 100, "save_every": 2})
+    real, saved = trainer.save_run_checkpoint, []
+
+    def save_under_fire(run_dir, step, *args, **kwargs):
+        if step == 2:
+            raise_signal(signal.SIGTERM)  # the first stops the run after this step
+            raise_signal(signal.SIGUSR1)  # ... the next ones only wait
+        saved.append(step)
+        return real(run_dir, step, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "save_run_checkpoint", save_under_fire)
+    with caplog.at_level(logging.WARNING):
+        assert trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "run")]) == trainer.PREEMPTED_EXIT
+    assert saved == [2]  # stopped at the step being saved: not saved twice, no further step
+    assert pm.load_checkpoint(tmp_path / "run" / "checkpoints").step == 2
+    assert "1 more stop signals came while stopping" in caplog.text
+
+
+def test_a_signal_before_training_begins_unwinds_and_releases_the_lock(tmp_path, corpus_cache, monkeypatch, capsys):
+    config = tiny_config(tmp_path, corpus_cache)
+    real = trainer.build_run
+
+    def build_then_signal(*args, **kwargs):
+        components = real(*args, **kwargs)
+        raise_signal(signal.SIGTERM)  # during setup: the run directory is locked already
+        return components
+
+    monkeypatch.setattr(trainer, "build_run", build_then_signal)
+    assert trainer.run(["--config", str(config), "--run-dir", str(tmp_path / "run")]) == trainer.PREEMPTED_EXIT
+    assert "stopped by SIGTERM before training began; nothing was trained" in capsys.readouterr().err
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the handlers are restored
 
 
 def test_a_stop_signal_ends_an_evaluation_within_its_batch(tmp_path, corpus_cache, monkeypatch, caplog):
@@ -609,7 +651,7 @@ def test_a_stop_signal_ends_an_evaluation_within_its_batch(tmp_path, corpus_cach
     def score_and_signal(*args, **kwargs):
         scored.append(1)
         if len(scored) == 2:
-            signal.raise_signal(signal.SIGTERM)
+            raise_signal(signal.SIGTERM)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(fewshot, "score_episode_batch", score_and_signal)
@@ -618,4 +660,4 @@ def test_a_stop_signal_ends_an_evaluation_within_its_batch(tmp_path, corpus_cach
     assert code == trainer.PREEMPTED_EXIT
     assert len(scored) == 2  # 10,000 episodes would be 625 batches
     assert "evaluation at step 1 stopped" in caplog.text
-    assert pm.load_checkpoint(tmp_path / "run" / "checkpoints").step == 2  # stops after the next step
+    assert pm.load_checkpoint(tmp_path / "run" / "checkpoints").step == 1  # the stop is seen right after it
