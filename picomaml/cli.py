@@ -107,6 +107,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from picomaml.data.display import format_episode
     from picomaml.meta.sampler import SMLMTSampler
 
+    if args.window_len > args.seq_len:  # before the corpus is built: a window is cut from one row
+        raise ConfigError(f"--window-len {args.window_len} is longer than --seq-len {args.seq_len}: no window fits a row")
     corpus = load_default_corpus(seq_len=args.seq_len)
     tok = corpus.tokenizer
     sampler = SMLMTSampler(
@@ -127,6 +129,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         )
         print(format_episode(episode, tok, max_windows_per_class=args.show))
     return 0
+
+
+def _count(low: int):
+    """An argparse type: an integer >= ``low`` (anything else is argparse's one-line usage error)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+        return value
+
+    return parse
 
 
 def _setting(text: str) -> tuple[int, int]:
@@ -364,7 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("sample", help="print decoded SMLMT episodes from the embedded corpus")
-    p.add_argument("--n", type=int, default=2, help="number of episodes (default: %(default)s)")
+    p.add_argument("--n", type=_count(1), default=2, help="number of episodes (default: %(default)s)")
     p.add_argument("--n-way", type=int, default=4, help="classes per episode, >= 2 (default: %(default)s)")
     p.add_argument("--k-shot", type=int, default=2, help="support windows per class (default: %(default)s)")
     p.add_argument("--n-query", type=int, default=1, help="query windows per class (default: %(default)s)")
@@ -373,7 +390,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-freq", type=float, default=8, help="fewest windows a class token is in (default: %(default)s)")
     p.add_argument("--max-freq", type=float, default=0.05,
                    help="most windows a class token is in, a fraction or a count (default: %(default)s)")  # fmt: skip
-    p.add_argument("--show", type=int, default=2, help="windows shown per class (default: %(default)s)")
+    p.add_argument("--show", type=_count(0), default=2, help="windows shown per class (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
     p.set_defaults(func=cmd_sample)
 

@@ -172,6 +172,26 @@ def test_a_bad_sample_argument_is_one_line_not_a_traceback(capsys):
     assert err.strip().splitlines() == ["picomaml sample: n_way: must be an integer >= 2, got 1"]
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+        (["--show", "-1"], "argument --show: expected an integer >= 0, got -1"),
+        (["--k-shot", "0"], "k_shot: must be an integer >= 1, got 0"),
+        (["--window-len", "1"], "window_len: must be an integer >= 2, got 1"),
+        (["--window-len", "100000"], "--window-len 100000 is longer than --seq-len 256"),
+        (["--max-freq", "0"], "max_freq: must be a number > 0"),
+    ],
+)
+def test_bad_sample_arguments_are_one_line_errors(args, message, capsys):
+    try:
+        code = main(["sample", *args])
+    except SystemExit as exc:  # argparse's own usage error
+        code = exc.code
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and "Traceback" not in err, err
+
+
 def test_every_option_with_a_default_says_it_in_its_help():
     import argparse
 

@@ -32,7 +32,8 @@ class EvalConfig(Params):
 
     rows: int = hparam(64, ge=1, doc="held-out rows (perplexity and the episodes' windows)")
     batch_size: int = hparam(8, ge=1, doc="rows per perplexity forward")
-    episodes: int = hparam(100, ge=0, doc="few-shot episodes per setting (0: perplexity only)")
+    # a bound far beyond any useful evaluation: 10**9 episodes would never finish
+    episodes: int = hparam(100, ge=0, le=1_000_000, doc="few-shot episodes per setting (0: perplexity only)")
     settings: tuple[tuple[int, int], ...] = hparam(((5, 4),), ge=1, doc="(n_way, k_shot) few-shot settings")
     grad_cos_every: int = hparam(
         0, ge=0, doc="steps between AR-vs-meta gradient cosines (diag/grad_cos*); 0: off"

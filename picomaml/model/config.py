@@ -36,13 +36,15 @@ class PicoDecoderConfig(Params):
         init_std: Std of the normal init of every linear and embedding weight.
     """
 
-    vocab_size: int = hparam(50304, ge=1, doc="number of token ids (the tokenizer's, padded)")
-    d_model: int = hparam(64, ge=1, doc="residual stream width")
-    n_layers: int = hparam(2, ge=1, doc="transformer blocks")
+    # upper bounds far beyond any trained model (a typo such as n_layers=100000 is an error, not minutes of
+    # allocation until the machine runs out of memory)
+    vocab_size: int = hparam(50304, ge=1, le=2**24, doc="number of token ids (the tokenizer's, padded)")
+    d_model: int = hparam(64, ge=1, le=2**16, doc="residual stream width")
+    n_layers: int = hparam(2, ge=1, le=1024, doc="transformer blocks")
     n_heads: int = hparam(4, ge=1, doc="query heads")
     n_kv_heads: int = hparam(2, ge=1, doc="key/value heads (grouped-query attention); divides n_heads")
-    ffn_dim: int = hparam(256, ge=1, doc="hidden width of the SwiGLU MLP")
-    max_seq_len: int = hparam(128, ge=1, doc="longest sequence the model accepts (prompt + generated)")
+    ffn_dim: int = hparam(256, ge=1, le=2**18, doc="hidden width of the SwiGLU MLP")
+    max_seq_len: int = hparam(128, ge=1, le=2**22, doc="longest sequence the model accepts (prompt + generated)")
     rope_theta: float = hparam(10000.0, gt=0, doc="base of the rotary embedding frequencies")
     norm_eps: float = hparam(1e-6, gt=0, doc="epsilon of every RMSNorm")
     tie_embeddings: bool = hparam(False, doc="share the LM head weight with the token embedding")

@@ -1,5 +1,6 @@
-"""The compute of a run: FLOPs per optimizer step and per run of an experiment config, for equal-FLOP
-comparisons between arms (e.g. a hybrid run that spends what an AR-only run spends).
+"""The compute and memory of a run: FLOPs per optimizer step and per run of an experiment config, for
+equal-FLOP comparisons between arms (e.g. a hybrid run that spends what an AR-only run spends), and a memory
+estimate that refuses a config that cannot fit before anything is allocated.
 
 The per-step formulas are [`picomaml.eval.flops`][picomaml.eval.flops] (pure functions of shapes); this module
 applies them to an [`ExperimentConfig`][picomaml.train.config.ExperimentConfig] and to the objectives its
@@ -8,14 +9,15 @@ hybrid schedule picks.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
 
-from picomaml.eval.flops import ar_step_flops, meta_step_flops
-from picomaml.params import check_int
+from picomaml.eval.flops import _model_dims, ar_step_flops, body_matmul_params, meta_step_flops
+from picomaml.params import ConfigError, check_int
 from picomaml.train.build import hybrid_from_config
 from picomaml.train.config import ExperimentConfig
 
-__all__ = ["experiment_step_flops", "run_flops", "steps_for_flops"]
+__all__ = ["experiment_step_flops", "run_flops", "steps_for_flops", "memory_estimate", "device_memory", "check_memory"]
 
 
 def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -> int:
@@ -110,3 +112,85 @@ def steps_for_flops(config: ExperimentConfig, budget: int, max_steps: int = 1_00
         # the missing FLOPs need at least this many more steps, even if every one were the dearest
         steps += max(1, (budget - spent) // dearest)
     raise ValueError(f"budget: {budget:.3e} FLOPs are not reached within max_steps={max_steps} steps")
+
+
+# float32 bytes kept per parameter while training: weights, gradients and AdamW's two moments
+_STATE_BYTES = 16
+# float32 activations a block keeps per token for its backward, in units of d_model and ffn_dim (norms,
+# q/k/v/o, residuals; the SwiGLU's three ffn-wide tensors): a generous round figure, not a measurement
+_ACT_D, _ACT_F = 12, 4
+
+
+def memory_estimate(config: ExperimentConfig) -> dict[str, int]:
+    """Bytes a training step of ``config`` needs, by part (float32; a rough upper-leaning estimate).
+
+    Returns:
+        ``{"state": weights + gradients + AdamW moments, "ar": one AR micro-batch's activations and logits,
+        "meta": one meta micro-batch's activations}``.
+    """
+    m, d_cfg, s = config.model, config.data, config.sampler
+    d, kv, f, v, n_layers = _model_dims(m)
+    params = body_matmul_params(m) + v * d * (1 if m.tie_embeddings else 2) + (2 * n_layers + 1) * d
+    rope = 2 * m.max_seq_len * (d // m.n_heads)  # the cos/sin tables, counted with the state
+    per_token = 4 * n_layers * (_ACT_D * d + _ACT_F * f)
+    attention = 4 * n_layers * m.n_heads  # scores kept per (query, key) pair, per row
+    rows, length = d_cfg.batch_size, d_cfg.seq_len
+    ar = rows * length * per_token + rows * attention * length * length + 3 * 4 * rows * length * v
+    windows = config.meta.n_tasks * s.n_way * (s.k_shot + s.n_query)
+    meta = windows * s.window_len * per_token + windows * attention * s.window_len**2
+    return {"state": _STATE_BYTES * params + 4 * rope, "ar": ar, "meta": meta}
+
+
+def device_memory(device: str = "cpu") -> int | None:
+    """Memory of ``device`` in bytes: a GPU's total, or for ``"cpu"`` the memory available now (Linux's
+    ``MemAvailable``, else the machine's RAM); ``None`` when unknown."""
+    if device.startswith("cuda"):
+        import torch
+
+        index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+        return int(torch.cuda.get_device_properties(index).total_memory)
+    try:  # what the kernel can give now (other processes' memory is not ours), else the machine's RAM
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not a POSIX system
+        return None
+
+
+def check_memory(config: ExperimentConfig, available: int | None, devices: int = 1) -> None:
+    """Refuse a config whose training cannot fit in ``available`` bytes per device, before any allocation.
+
+    Refused when the training state alone (weights, gradients, AdamW moments: close to exact) exceeds
+    ``available``, or when the rough activation estimate of one micro-batch (its rows divided over
+    ``devices``) exceeds it sixteenfold. The margin is wide on purpose: mixed precision, fused attention and
+    activation checkpointing need far less than the estimate, and a config near the limit should meet the
+    allocator rather than a guess; what is refused is the config that cannot fit on any device (a typo in
+    ``model.n_layers``, ``meta.n_tasks``, ``data.batch_size``, ...).
+
+    Raises:
+        ConfigError: Naming the keys that drive the largest part, the estimate and ``available``.
+    """
+    if not available:
+        return
+    parts = memory_estimate(config)
+    ar = parts["ar"] if config.hybrid.ratio < 1 or config.hybrid.mode == "weighted" else 0
+    step = max(ar // max(devices, 1), parts["meta"])
+    if parts["state"] <= available and step <= 16 * available:
+        return
+    keys = {
+        "state": "model.n_layers / d_model / ffn_dim / vocab_size / max_seq_len",
+        "ar": "data.batch_size / data.seq_len (or model.vocab_size: the logits)",
+        "meta": "meta.n_tasks / sampler.n_way, k_shot, n_query / sampler.window_len",
+    }
+    worst = "state" if parts["state"] > available else ("meta" if parts["meta"] >= ar // max(devices, 1) else "ar")
+    gb = lambda n: f"{n / 2**30:,.1f} GiB"  # noqa: E731
+    raise ConfigError(
+        f"{keys[worst]}: training needs about {gb(parts['state'])} for weights, gradients and AdamW moments "
+        f"and about {gb(step)} of activations per micro-batch, but a device has {gb(available)}; make "
+        f"{'the model' if worst == 'state' else 'the micro-batch'} smaller"
+    )

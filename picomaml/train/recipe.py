@@ -38,10 +38,11 @@ from picomaml._optional import require  # noqa: E402
 from picomaml.data.pipeline import TrainingData, build_training_data  # noqa: E402
 from picomaml.eval import evaluate_during_training  # noqa: E402
 from picomaml.train import training  # noqa: E402
-from picomaml.train.budget import experiment_step_flops  # noqa: E402
+from picomaml.train.budget import check_memory, device_memory, experiment_step_flops  # noqa: E402
 from picomaml.train.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.train.catalog import config_names, resolve_config  # noqa: E402
 from picomaml.train.preemption import PREEMPTED_EXIT, Preempted, StopRequested, StopSignals  # noqa: E402
+from picomaml.train.rng_state import capture_rng_state, restore_rng_state  # noqa: E402
 from picomaml.train.run_checkpoint import (  # noqa: E402
     check_dynamics_layers,
     dynamics_rows,
@@ -49,7 +50,7 @@ from picomaml.train.run_checkpoint import (  # noqa: E402
     hub_uploader,
     save_run_checkpoint,
 )  # fmt: skip
-from picomaml.train.run_dir import RESUME_HELP, USER_ERRORS, error_line, open_run  # noqa: E402
+from picomaml.train.run_dir import RESUME_HELP, USER_ERRORS, RunDirError, check_writable, error_line, open_run  # noqa: E402
 from picomaml.train.tracking import MetricsTracker, plot_curves  # noqa: E402
 
 log = logging.getLogger("picomaml.train.recipe")
@@ -140,6 +141,7 @@ class Trainer:
     stop: StopSignals = field(default_factory=StopSignals)  # Ctrl-C, SIGTERM, SIGUSR1: a flag in the loop
     interrupted: str | None = None  # why the loop stops: set on every rank at once (see sync)
     saved_step: int | None = None  # the step of the newest checkpoint this process wrote
+    updating: bool = False  # inside the optimizer update: no consistent state to save until the step ends
 
     @property
     def is_main(self) -> bool:
@@ -156,6 +158,7 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSigna
     fabric = make_fabric(cfg)
     fabric.launch()
     rank, world = fabric.global_rank, fabric.world_size
+    check_memory(cfg, device_memory(str(fabric.device)), world)  # a config that cannot fit: refused now
     fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, format=fmt)
     run_dir = Path(args.run_dir)
@@ -168,6 +171,16 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSigna
     sampler_seed = cfg.seed + (0 if data.train.shared else rank)
     run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=data.special_ids, sampler_seed=sampler_seed)
     check_dynamics_layers(cfg, run.model)  # a misspelt dynamics layer fails now, not at the first save
+    # a read-only or full run directory fails now, not at the first save (rank 0 checks, every rank learns)
+    weights = sum(p.numel() * p.element_size() for p in (*run.model.parameters(), *run.head.parameters()))
+    problem = None
+    if rank == 0:
+        try:
+            check_writable(run_dir, need_bytes=3 * weights)  # weights and AdamW's two moments
+        except RunDirError as exc:
+            problem = str(exc)
+    if (problem := fabric.broadcast(problem)) is not None:
+        raise RunDirError(problem)
     learner, optimizer = fabric.setup(run.learner, run.optimizer)
     dyn_rows = dynamics_rows(cfg, data.train, data.heldout_rows) if cfg.checkpoint.learning_dynamics else {}
     t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows, stop=stop)
@@ -222,6 +235,7 @@ def train_step(t: Trainer, window: training.MetricWindow) -> bool:
     t.counters["meta_steps"] += "meta" in plan.objectives
     t.counters["flops"] += experiment_step_flops(cfg, plan.objectives)
     t.step += 1
+    t.updating = False
     return True
 
 
@@ -236,6 +250,7 @@ def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> No
     finite = bool(torch.isfinite(torch.tensor([grad_norm, *losses])).all())
     # the same flag on every rank: all skip together, and all stop together (NonFiniteRunError) at the limit
     if t.guard.record(not sync(t, nonfinite=not finite), step=t.step + 1):
+        t.updating = True  # from here to the step's end the weights are ahead of t.step
         t.optimizer.step()
     t.counters.update(t.guard.state_dict())
     t.optimizer.zero_grad(set_to_none=True)
@@ -302,15 +317,20 @@ def train(t: Trainer) -> str:
             if t.interrupted:
                 end_reason = f"interrupted by {t.interrupted}"
                 break
-            if not train_step(t, window):
-                end_reason = "end of data"
-                break
-            bar.update(window)
-            if training.is_log_step(t.cfg, t.step):
-                now = time.perf_counter()
-                log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
-                window.clear()
-                last_log, tokens_at_log = now, t.counters["tokens"]
+            before = step_start(t)
+            try:
+                if not train_step(t, window):
+                    end_reason = "end of data"
+                    break
+                bar.update(window)
+                if training.is_log_step(t.cfg, t.step):
+                    now = time.perf_counter()
+                    log_and_evaluate(t, window, now - last_log, tokens_at_log, quiet=bar.active)
+                    window.clear()
+                    last_log, tokens_at_log = now, t.counters["tokens"]
+            except Exception as exc:  # the trained steps are saved (when consistent), then the error goes on
+                emergency_save(t, before, exc)
+                raise
             if t.step % trainer_cfg.save_every == 0 and t.step < trainer_cfg.max_steps:
                 save(t)
         save(t)  # always: max steps, end of data or a stop signal (unless this step is saved already)
@@ -319,9 +339,56 @@ def train(t: Trainer) -> str:
     return end_reason
 
 
+def step_start(t: Trainer) -> dict[str, Any]:
+    """What a step changes besides the weights (cheap to copy): data position, sampler, RNGs, counters."""
+    return {
+        "step": t.step, "data": t.data.train.state_dict(), "sampler": t.run.sampler.state_dict(),
+        "rng": capture_rng_state(), "counters": dict(t.counters),
+    }  # fmt: skip
+
+
+def emergency_save(t: Trainer, before: dict[str, Any], exc: BaseException) -> None:
+    """After an error, save the last completed step if that state is consistent, or say why not.
+
+    A step that failed before its optimizer update left the weights, optimizer and schedule of the last
+    completed step; its data position, sampler, RNG and counters go back to the step's start, so the
+    checkpoint is the one a save at that step would have written, and a resume repeats the failed step.
+    An error in the logging or evaluation after a step saves that step as it is. One process only: with
+    several ranks the others are inside a collective and cannot join a save.
+    """
+    what = f"{type(exc).__name__} in step {t.step + 1}"
+    why = None
+    if t.fabric.world_size > 1:
+        why = "the other ranks cannot join a save after an error on one rank"
+    elif t.updating:
+        why = "it came during the optimizer update, so the weights may be half-updated"
+    elif t.step == 0 or t.saved_step == t.step:
+        why = f"step {t.step} is {'saved already' if t.step else 'the start: nothing trained yet'}"
+    if why is not None:
+        log.error("%s: no emergency checkpoint (%s)", what, why)
+        return
+    if t.step == before["step"]:  # the step failed (not its logging or evaluation): undo its side effects
+        t.data.train.load_state_dict(before["data"])
+        t.run.sampler.load_state_dict(before["sampler"])
+        restore_rng_state(before["rng"])
+        t.counters.clear()
+        t.counters.update(before["counters"])
+    t.optimizer.zero_grad(set_to_none=True)
+    try:
+        save(t)
+    except Exception as save_exc:  # noqa: BLE001 - the original error is the one that goes on
+        log.error("%s: the emergency checkpoint of step %d failed too: %s", what, t.step, save_exc)
+        return
+    log.error("%s: saved an emergency checkpoint of step %d (the last completed one); fix the cause, then "
+              "resume with --resume auto", what, t.step)  # fmt: skip
+
+
 def summarize(t: Trainer, end_reason: str, seconds: float, export_hf: bool, preempted: bool) -> None:
     d = t.run_dir
-    png = plot_curves(d / "metrics.csv", d / "curves.png", title=f"{d.name} ({end_reason})")
+    try:  # a plot that cannot be written (full disk) does not turn a finished run into a failed one
+        png = plot_curves(d / "metrics.csv", d / "curves.png", title=f"{d.name} ({end_reason})")
+    except OSError as exc:
+        png = f"not written ({exc})"
     last = t.tracker.rows[-1] if t.tracker.rows else {}
     print(f"\n{training.run_summary(t.step, t.counters, end_reason, seconds, last)}\nconfig: {d / 'config.yaml'}")
     print(f"metrics: {d / 'metrics.csv'}\ncheckpoints: {d / 'checkpoints'}\ncurves: {png}")

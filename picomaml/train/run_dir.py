@@ -34,7 +34,7 @@ import yaml
 from picomaml.interop.pico_analyze import TRAINING_CONFIG, training_config_yaml
 from picomaml.params import ConfigError, one_line, short_repr
 from picomaml.train import checkpoint as ckpt
-from picomaml.train._atomic_io import fsync_dir, write_text
+from picomaml.train._atomic_io import describe_os_error, fsync_dir, write_text
 from picomaml.train.checkpoint.layout import backup_step, step_of
 from picomaml.train.config import ExperimentConfig
 from picomaml.train.config_diff import ConfigChange, compare_configs
@@ -43,7 +43,7 @@ from picomaml.train.tracking import MetricsFileError, MetricsTracker, read_metri
 
 __all__ = [
     "RUN_FILES", "PREVIOUS", "CONFIG_CHANGES", "FRESH", "RESUME_HELP", "USER_ERRORS", "RunDirError", "RunLockedError",
-    "StartPlan", "RunStart", "archive", "plan_start", "commit_start", "open_run", "check_contained", "error_line",
+    "StartPlan", "RunStart", "archive", "plan_start", "commit_start", "open_run", "check_contained", "check_writable", "error_line",
 ]  # fmt: skip
 
 log = logging.getLogger(__name__)
@@ -354,6 +354,33 @@ def open_run(
     if outcome is None:
         raise ValueError("open_run: a process other than the main one needs broadcast= (rank 0's plan)")
     return RunStart(outcome, lock)
+
+
+def check_writable(run_dir: str | os.PathLike[str], need_bytes: int = 0) -> None:
+    """Fail now, not at the first save: ``run_dir`` (and its ``checkpoints/``) must take a file, and its file
+    system must have ``need_bytes`` free (about one checkpoint).
+
+    Raises:
+        RunDirError: A folder that cannot be written (read-only, immutable, permissions) or too little free
+            space; the message names the folder, the reason and the figures.
+    """
+    run_dir = Path(run_dir)
+    for folder in (run_dir, run_dir / "checkpoints"):
+        if not folder.is_dir():
+            continue
+        probe = folder / f".write_probe_{os.getpid()}"
+        try:
+            write_text(probe, "picomaml write probe\n", fsync=True)
+        except OSError as exc:
+            raise RunDirError(f"{folder}: cannot be written ({describe_os_error(exc)}); choose another --run-dir") from None
+        finally:
+            probe.unlink(missing_ok=True)
+    free = shutil.disk_usage(run_dir if run_dir.exists() else run_dir.parent).free
+    if free < need_bytes:
+        raise RunDirError(
+            f"{run_dir}: {free / 1e9:.2f} GB free, but a checkpoint takes about {need_bytes / 1e9:.2f} GB (weights "
+            "and optimizer state); free some space or choose another --run-dir"
+        )
 
 
 #: run-directory entries that are folders (the others are files)

@@ -31,6 +31,7 @@ import logging
 import os
 import secrets
 import socket
+import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -101,7 +102,8 @@ def read_lock(path: str | os.PathLike[str]) -> dict[str, Any] | None:
     if not isinstance(holder, dict) or not isinstance(holder.get("host"), str):
         return None
     pid = holder.get("pid")
-    return holder if isinstance(pid, int) and not isinstance(pid, bool) and pid > 0 else None
+    # a pid beyond any OS's range (10**20) names no process: os.kill would raise OverflowError
+    return holder if isinstance(pid, int) and not isinstance(pid, bool) and 0 < pid < 2**31 else None
 
 
 def _stale_reason(holder: dict[str, Any]) -> str | None:
@@ -197,6 +199,16 @@ class RunLock:
 
     def _check_holder(self) -> None:
         """The lock exists: raise naming its holder, or remove it when stale (the caller retries)."""
+        try:
+            mode = self.path.lstat().st_mode
+        except FileNotFoundError:
+            return  # removed meanwhile: try again
+        if not stat.S_ISREG(mode):  # never read (a FIFO blocks) nor removed (a folder, a link elsewhere)
+            kind = "a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else "a FIFO, device or socket"
+            raise RunDirError(
+                f"{self.path} is {kind}, not a lock file, so this trainer cannot lock {self.run_dir}; move it away "
+                "(a lock is a small JSON file that a trainer writes and removes)"
+            )
         text = _read_text(self.path)
         holder = read_lock(self.path)
         if holder is None:

@@ -78,3 +78,31 @@ def test_steps_for_flops_is_the_first_length_that_reaches_the_budget():
         steps_for_flops(_experiment(ratio=0.5), budget, max_steps=10)
     with pytest.raises(ValueError, match="budget"):
         steps_for_flops(_experiment(ratio=0.5), 0)
+
+
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("model.vocab_size=16000000", "vocab_size"),
+        ("model.d_model=24576", "d_model"),
+        ("meta.n_tasks=1000000", "meta.n_tasks"),
+        ("data.batch_size=100000", "data.batch_size"),
+    ],
+)
+def test_a_config_that_cannot_fit_is_refused_naming_the_key(override, key):
+    from picomaml.train.budget import check_memory
+
+    cfg = pm.load_config("tiny-cpu", [override])
+    with pytest.raises(pm.ConfigError, match=rf"{key}.*training needs about .* GiB.*a device has 24.0 GiB"):
+        check_memory(cfg, 24 * 2**30)
+
+
+def test_every_shipped_config_fits_where_it_is_meant_to_run():
+    from picomaml.train.budget import check_memory, memory_estimate
+
+    for name in ("tiny-cpu", "lm-only", "meta-only"):  # two CPU cores, 24 GiB
+        check_memory(pm.load_config(name), 24 * 2**30)
+    for name in ("pico-maml-tiny", "pico-maml-small", "pico-maml-medium", "pico-maml-large"):  # 8 x 80 GiB
+        check_memory(pm.load_config(name), 80 * 2**30, devices=8)
+    tiny, large = memory_estimate(pm.load_config("pico-maml-tiny")), memory_estimate(pm.load_config("pico-maml-large"))
+    assert large["state"] > 40 * tiny["state"] and large["meta"] > tiny["meta"]  # grows with the model

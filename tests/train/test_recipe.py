@@ -174,6 +174,9 @@ def assert_identical(x, y, where: str) -> None:
         ("hybrid.ratio=1.5", "hybrid.ratio"),
         ("sampler.n_way=400", "eligible"),
         ("eval.settings=[[40, 4]]", "eval.settings: no 40-way 4-shot episode"),
+        ("model.n_layers=100000", "model.n_layers: must be an integer >= 1 and <= 1024"),
+        ("data.batch_size=1000000", "training needs about"),  # refused before anything is allocated
+        ("eval.episodes=1000000000", "eval.episodes: must be an integer >= 0 and <= 1000000"),
         pytest.param(
             "trainer.accelerator=mps", "trainer.accelerator='mps'",
             marks=pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS"),
@@ -661,3 +664,81 @@ def test_a_stop_signal_ends_an_evaluation_within_its_batch(tmp_path, corpus_cach
     assert len(scored) == 2  # 10,000 episodes would be 625 batches
     assert "evaluation at step 1 stopped" in caplog.text
     assert pm.load_checkpoint(tmp_path / "run" / "checkpoints").step == 1  # the stop is seen right after it
+
+
+def fail_on_call(monkeypatch, module, name: str, call: int) -> None:
+    """``module.name`` raises ``RuntimeError`` on its ``call``-th call (1-based) and works otherwise."""
+    real, calls = getattr(module, name), []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == call:
+            raise RuntimeError(f"injected failure in {name}")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, flaky)
+
+
+def test_an_error_inside_a_step_saves_the_last_completed_one_and_resume_repeats_it(
+    tmp_path, corpus_cache, monkeypatch, caplog
+):
+    """The failed step's data, sampler, RNG and counters are rolled back, so the emergency checkpoint is
+    the one a save at step 2 would have written: a resume trains exactly what an unbroken run trains."""
+    import picomaml.meta.learner
+
+    config = tiny_config(tmp_path, corpus_cache, hybrid={"ratio": 0.5}, trainer={"max_steps": 5, "save_every": 100})
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, picomaml.meta.learner, "meta_loss", 2)  # inside a later meta step, before its update
+        with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError, match="injected failure"):
+            trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "run")])
+    saved = pm.load_checkpoint(tmp_path / "run" / "checkpoints")
+    assert saved.step >= 1 and f"saved an emergency checkpoint of step {saved.step}" in caplog.text
+    assert not (tmp_path / "run" / LOCK_FILE).exists()
+    resumed = run(config, tmp_path / "run")
+    straight = run(config, tmp_path / "straight")
+    assert [r["train/lm_loss"] for r in resumed] == [r["train/lm_loss"] for r in straight]
+    assert [r["train/meta_loss"] for r in resumed] == [r["train/meta_loss"] for r in straight]
+    a = pm.load_checkpoint(tmp_path / "straight" / "checkpoints").states
+    b = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states
+    for part in ("model", "head", "optimizer", "data", "sampler"):
+        assert_identical(b[part], a[part], part)
+
+
+def test_an_error_in_an_evaluation_saves_its_step_and_one_in_the_update_saves_nothing(
+    tmp_path, corpus_cache, monkeypatch, caplog
+):
+    config = tiny_config(tmp_path, corpus_cache, trainer={"max_steps": 4, "eval_every": 2})
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, trainer, "evaluate_during_training", 1)  # at step 2, after the step completed
+        with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError):
+            trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "eval")])
+    assert pm.load_checkpoint(tmp_path / "eval" / "checkpoints").step == 2
+    with monkeypatch.context() as patch:
+        fail_on_call(patch, trainer, "experiment_step_flops", 3)  # after the optimizer stepped, before step 3 ends
+        with caplog.at_level(logging.ERROR), pytest.raises(RuntimeError):
+            trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "update")])
+    assert "in step 3: no emergency checkpoint (it came during the optimizer update" in caplog.text
+    assert not (tmp_path / "update" / "checkpoints").exists() or pm.find_latest(tmp_path / "update" / "checkpoints") is None
+
+
+def test_a_run_dir_without_room_or_write_access_fails_before_training(tmp_path, corpus_cache, monkeypatch, capsys):
+    import errno
+    import shutil
+
+    from picomaml.train import run_dir as run_dir_module
+
+    config = tiny_config(tmp_path, corpus_cache)
+    full = shutil.disk_usage(tmp_path)._replace(free=1000)
+    monkeypatch.setattr(run_dir_module.shutil, "disk_usage", lambda path: full)
+    assert trainer.run(["--config", str(config), "--run-dir", str(tmp_path / "full")]) == 2
+    err = capsys.readouterr().err
+    assert "0.00 GB free, but a checkpoint takes about" in err and "Traceback" not in err
+    monkeypatch.undo()
+
+    def read_only(path, *args, **kwargs):
+        raise OSError(errno.EROFS, "Read-only file system", str(path))
+
+    monkeypatch.setattr(run_dir_module, "write_text", read_only)
+    assert trainer.run(["--config", str(config), "--run-dir", str(tmp_path / "ro")]) == 2
+    assert "cannot be written (Read-only file system); choose another --run-dir" in capsys.readouterr().err
+    assert not (tmp_path / "ro" / "metrics.csv").exists()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from picomaml.train.run_lock import LOCK_FILE, RunLock, RunLockedError, read_lock
+from picomaml.train.run_lock import LOCK_FILE, RunDirError, RunLock, RunLockedError, read_lock
 
 # a holder process: takes the lock, says so, then waits for stdin to close (or a signal)
 HOLDER = """
@@ -172,3 +172,28 @@ def test_racing_starters_admit_exactly_one(tmp_path, stale):
         results.append(outcomes)
         assert sorted(outcomes) == ["refused"] * 3 + ["won"] and holder["pid"] == winners[0], outcomes
     assert len(results) == 3
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link"])
+def test_a_lock_that_is_no_file_is_refused_and_left_alone(tmp_path, kind):
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    lock = run_dir / LOCK_FILE
+    if kind == "folder":
+        lock.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(lock)  # reading it would block forever
+    else:
+        lock.symlink_to(tmp_path / "elsewhere")
+    expected = {"folder": "a folder", "fifo": "a FIFO, device or socket", "link": "a symbolic link"}[kind]
+    with pytest.raises(RunDirError, match=f"{LOCK_FILE} is {expected}, not a lock file.*move it away"):
+        RunLock(run_dir).acquire()
+    assert os.path.lexists(lock) and not (tmp_path / "elsewhere").exists()
+
+
+def test_a_pid_no_process_can_have_names_no_holder(tmp_path):
+    write_lock(tmp_path, pid=10**20, host=socket.gethostname())
+    assert read_lock(tmp_path / LOCK_FILE) is None  # os.kill(10**20, 0) would raise OverflowError
+    with pytest.raises(RunLockedError, match="names no holder"):
+        RunLock(tmp_path).acquire()
