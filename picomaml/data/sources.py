@@ -25,6 +25,8 @@ from picomaml._optional import require
 from picomaml.params import check_int
 
 __all__ = [
+    "DataError",
+    "MissingFieldError",
     "SUPPORTED_EXTENSIONS",
     "TokenRows",
     "iter_sequences",
@@ -35,6 +37,39 @@ __all__ = [
 
 SUPPORTED_EXTENSIONS = (".parquet", ".jsonl", ".txt")
 PathLike = str | os.PathLike[str]
+
+
+class DataError(ValueError):
+    """A data file cannot be used as it is; the message names the file (and line or row) and what is wrong."""
+
+
+class MissingFieldError(DataError, KeyError):
+    """A record or file without the ids or text field (a ``KeyError`` too, as before)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def _token_ids(value: Any, where: str) -> list[int]:
+    """``value`` as token ids, or a [`DataError`][picomaml.data.sources.DataError]: a list of integers >= 0
+    (a float such as 3.7 is refused, not truncated; so is a bool)."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        raise DataError(f"{where}: token ids must be a list of integers, got {type(value).__name__}")
+    ids = list(value)
+    for i, v in enumerate(ids):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise DataError(f"{where}: token id #{i} is {v!r}, not an integer >= 0")
+    return ids
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{where}: not UTF-8 text (byte {exc.start}: {raw[exc.start:exc.start + 4]!r}); a binary file, or "
+            "text in another encoding (convert it to UTF-8)"
+        ) from None
 
 
 def resolve_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
@@ -70,6 +105,8 @@ def resolve_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
 
 
 def _text_ids(text: str, tokenizer: Any, where: str) -> list[int]:
+    if not isinstance(text, str):
+        raise DataError(f"{where}: text must be a string, got {type(text).__name__}")
     if tokenizer is None:
         raise ValueError(
             f"{where} holds text; pass tokenizer= (e.g. picomaml.data.load_tokenizer(...)) to read it"
@@ -82,42 +119,49 @@ def _text_ids(text: str, tokenizer: Any, where: str) -> list[int]:
 
 def _iter_parquet(path: Path, tokenizer: Any, ids_key: str, text_key: str) -> Iterator[list[int]]:
     pq = require("pyarrow.parquet", "data", "reading parquet files")
-    handle = pq.ParquetFile(str(path))
+    try:
+        handle = pq.ParquetFile(str(path))
+    except Exception as exc:  # noqa: BLE001 - pyarrow's ArrowInvalid and OSError: not a parquet file
+        raise DataError(f"{path}: not a readable parquet file ({str(exc).splitlines()[0][:160]})") from None
     columns = handle.schema_arrow.names
     if ids_key in columns:
         key = ids_key
     elif text_key in columns:
         key = text_key
     else:
-        raise KeyError(
+        raise MissingFieldError(
             f"parquet file {str(path)!r} has neither an {ids_key!r} nor a {text_key!r} column; "
             f"columns found: {columns}"
         )
+    row = 0
     for batch in handle.iter_batches(columns=[key], batch_size=1024):
         for value in batch.column(0).to_pylist():
+            row += 1
             if value is None:
                 continue
-            yield _text_ids(value, tokenizer, str(path)) if key == text_key else [int(v) for v in value]
+            where = f"{path} row {row}"
+            yield _text_ids(value, tokenizer, where) if key == text_key else _token_ids(value, where)
 
 
 def _iter_jsonl(path: Path, tokenizer: Any, ids_key: str, text_key: str) -> Iterator[list[int]]:
-    with path.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with path.open("rb") as handle:
+        for lineno, raw in enumerate(handle, start=1):
+            where = f"{path}:{lineno}"
+            line = _decode(raw, where)
             if not line.strip():
                 continue
-            where = f"{path}:{lineno}"
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: not valid JSON ({exc.msg})") from exc
+                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
             if not isinstance(record, dict):
-                raise ValueError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+                raise DataError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
             if ids_key in record:
-                yield [int(v) for v in record[ids_key]]
+                yield _token_ids(record[ids_key], f"{where} {ids_key}")
             elif text_key in record:
                 yield _text_ids(record[text_key], tokenizer, where)
             else:
-                raise KeyError(
+                raise MissingFieldError(
                     f"{where}: record has neither an {ids_key!r} nor a {text_key!r} field; "
                     f"fields found: {sorted(record)}"
                 )
@@ -147,7 +191,7 @@ def iter_sequences(
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path, tokenizer, ids_key, text_key)
         else:  # .txt: the whole file is one document
-            yield _text_ids(path.read_text(encoding="utf-8"), tokenizer, str(path))
+            yield _text_ids(_decode(path.read_bytes(), str(path)), tokenizer, str(path))
 
 
 def _pack(sequences: Iterable[list[int]], seq_len: int) -> Iterator[torch.Tensor]:
@@ -235,7 +279,8 @@ def load_token_rows(
         if max_rows is not None and len(rows) >= max_rows:
             break
     if not rows:
-        raise ValueError(f"load_token_rows: the files hold fewer than seq_len={seq_len} tokens; no row made")
+        names = ", ".join(str(p) for p in resolve_files(paths))[:300]
+        raise DataError(f"{names}: fewer than seq_len={seq_len} tokens in all (empty?); no row can be made")
     return torch.stack(rows)
 
 

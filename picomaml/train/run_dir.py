@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from picomaml.data.sources import DataError
 from picomaml.interop.pico_analyze import TRAINING_CONFIG, training_config_yaml
 from picomaml.params import ConfigError, one_line, short_repr
 from picomaml.train import checkpoint as ckpt
@@ -63,7 +64,7 @@ RESUME_HELP = (
     "none): step 0, an earlier run moved to RUN_DIR/previous/<UTC time>/ | PATH: a checkpoint directory"
 )
 #: errors a trainer prints as one line without a traceback (exit code 2): the user's to fix
-USER_ERRORS = (ConfigError, RunDirError, MetricsFileError)
+USER_ERRORS = (ConfigError, RunDirError, MetricsFileError, DataError)
 _MAX_LISTED = 8
 
 def archive(run_dir: Path, move: Sequence[str], copy: Sequence[str] = ()) -> Path:

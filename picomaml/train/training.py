@@ -296,6 +296,23 @@ def peek_batch(source: Any) -> Tensor:
         source.load_state_dict(position)
 
 
+def _check_token_range(cfg: ExperimentConfig, data: Any) -> None:
+    """Every token id of the in-memory rows (else of the first batch) and of the held-out rows lies in
+    ``[0, model.vocab_size)``: found now, not inside the first step that meets one."""
+    rows = getattr(getattr(data.train, "batcher", None), "rows", None)
+    parts = (("training", rows if rows is not None else peek_batch(data.train)), ("held-out", data.heldout_rows))
+    for name, ids in parts:
+        if ids.numel() == 0:
+            continue
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= cfg.model.vocab_size:
+            bad = low if low < 0 else high
+            raise ConfigError(
+                f"model.vocab_size: the {name} data holds token id {bad}, outside [0, {cfg.model.vocab_size}); "
+                "the data was made with another tokenizer (data.tokenizer) or model.vocab_size is too small"
+            )
+
+
 def is_log_step(cfg: ExperimentConfig, step: int) -> bool:
     """Whether the trainer writes a metric row after ``step``: every ``trainer.log_every`` steps, at every
     evaluation (``trainer.eval_every``) and gradient diagnostic (``eval.grad_cos_every``) even when they
@@ -329,9 +346,15 @@ def check_run(
         )
     if cfg.meta.n_tasks % world:
         raise ConfigError(f"meta.n_tasks: {cfg.meta.n_tasks} must be divisible by the {world} devices")
+    _check_token_range(cfg, data)
     mask_id, special = tok.mask_token_id, data.special_ids
     if max(cfg.hybrid.ratio, cfg.hybrid.final_ratio) > 0:
         batch = peek_batch(data.train)
+        if cfg.sampler.window_len > batch.shape[-1]:
+            raise ConfigError(
+                f"sampler.window_len: {cfg.sampler.window_len} tokens do not fit a training row of "
+                f"{batch.shape[-1]} (data.seq_len + 1); lower sampler.window_len or raise data.seq_len"
+            )
         try:
             sampler_from_config(cfg, mask_id, special).sample(
                 batch, n_tasks=max(probe_tasks, cfg.meta.n_tasks)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import types
 
 import pytest
 import torch
@@ -103,3 +104,26 @@ def test_parquet_missing_column_lists_columns(tmp_path):
     with pytest.raises(KeyError, match=r"columns found: \['tokens', 'score'\]"):
         load_token_rows(tmp_path / "p.parquet", 2)
     assert load_token_rows(tmp_path / "p.parquet", 2, ids_key="tokens").tolist() == [[1, 2]]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("float.jsonl", b'{"input_ids": [1, 2.7, 3]}\n', r"float.jsonl:1 input_ids: token id #1 is 2.7, not an integer >= 0"),
+        ("neg.jsonl", b'{"input_ids": [1, -2]}\n', r"token id #1 is -2"),
+        ("str.jsonl", b'{"input_ids": "1 2 3"}\n', r"token ids must be a list of integers, got str"),
+        ("num.jsonl", b'{"text": 12}\n', r"num.jsonl:1: text must be a string, got int"),
+        ("latin1.jsonl", b'{"text": "ok"}\n{"text": "caf\xe9"}\n', r"latin1.jsonl:2: not UTF-8 text \(byte 13"),
+        ("binary.txt", b"\xff\xfe\x00\x01", r"binary.txt: not UTF-8 text \(byte 0"),
+        ("empty.txt", b"", r"empty.txt: fewer than seq_len=4 tokens in all"),
+        ("junk.parquet", b"not parquet", r"junk.parquet: not a readable parquet file"),
+    ],
+)
+def test_a_bad_data_file_is_a_data_error_naming_file_and_place(tmp_path, name, content, message):
+    from picomaml.data.sources import DataError
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    tokenizer = types.SimpleNamespace(encode=lambda text: [ord(c) % 50 for c in text], eos_token_id=0)
+    with pytest.raises(DataError, match=message):
+        load_token_rows(path, seq_len=4, tokenizer=tokenizer)

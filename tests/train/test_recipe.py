@@ -742,3 +742,25 @@ def test_a_run_dir_without_room_or_write_access_fails_before_training(tmp_path, 
     assert trainer.run(["--config", str(config), "--run-dir", str(tmp_path / "ro")]) == 2
     assert "cannot be written (Read-only file system); choose another --run-dir" in capsys.readouterr().err
     assert not (tmp_path / "ro" / "metrics.csv").exists()
+
+
+@pytest.mark.parametrize(
+    ("ids", "message"),
+    [
+        ([*range(5, 100), 99_999, *range(100)], "model.vocab_size: the training data holds token id 99999, outside [0, 8192)"),
+        ([*range(5, 100), 2.7, *range(100)], "input_ids: token id #95 is 2.7, not an integer >= 0"),
+    ],
+)
+def test_bad_token_data_is_one_line_before_training(tmp_path, corpus_cache, ids, message):
+    tokenizer = next(Path(corpus_cache).glob("corpus-*/tokenizer.json"))
+    data = tmp_path / "rows.jsonl"
+    data.write_text(json.dumps({"input_ids": ids}) + "\n")
+    config = tiny_config(
+        tmp_path, corpus_cache, data={"source": "local", "paths": [str(data)], "tokenizer": str(tokenizer),
+                                      "seq_len": 16, "batch_size": 2},
+        sampler={"window_len": 8}, hybrid={"ratio": 0.0}, eval={"rows": 2, "episodes": 0},
+    )  # fmt: skip
+    result = subprocess.run(trainer_cmd(config, tmp_path / "run"), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1]  # one line, naming the file or the key
+    assert not (tmp_path / "run" / "checkpoints").exists()
