@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import stat
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -23,6 +24,7 @@ __all__ = [
     "HashingWriter",
     "create_file",
     "describe_os_error",
+    "entry_kind",
     "fsync_dir",
     "fsync_fd",
     "fsync_tree",
@@ -243,6 +245,25 @@ def rmtree_atomic(path: Path, prefix: str = ".tmp_prune_") -> None:
     trash = path.with_name(f"{prefix}{path.name}_{os.getpid()}")
     rename(path, trash)
     remove_tree_quietly(trash)
+
+
+def entry_kind(path: Path) -> str:
+    """What ``path`` itself is, links not followed: ``"missing"``, ``"link"``, ``"dir"``, ``"file"`` (regular)
+    or ``"special"`` (a FIFO, device or socket: a read blocks or never ends).
+
+    Raises:
+        OSError: ``lstat`` fails for another reason than a missing entry (permissions, I/O).
+        ValueError: ``path`` holds a NUL byte.
+    """
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    if stat.S_ISLNK(mode):
+        return "link"
+    if stat.S_ISDIR(mode):
+        return "dir"
+    return "file" if stat.S_ISREG(mode) else "special"
 
 
 def pid_alive(pid: int) -> bool:

@@ -24,7 +24,6 @@ import datetime as _dt
 import logging
 import os
 import shutil
-import stat
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -35,7 +34,7 @@ from picomaml.data.sources import DataError
 from picomaml.interop.pico_analyze import TRAINING_CONFIG, training_config_yaml
 from picomaml.params import ConfigError, one_line, short_repr
 from picomaml.train import checkpoint as ckpt
-from picomaml.train._atomic_io import describe_os_error, fsync_dir, write_text
+from picomaml.train._atomic_io import describe_os_error, entry_kind, fsync_dir, write_text
 from picomaml.train.checkpoint.layout import backup_step, step_of
 from picomaml.train.config import ExperimentConfig
 from picomaml.train.config_diff import ConfigChange, compare_configs
@@ -407,20 +406,17 @@ def check_contained(run_dir: str | os.PathLike[str]) -> None:
     if not run_dir.exists():
         return
     for name in (*RUN_FILES, PREVIOUS):
-        entry = run_dir / name
+        entry, folder = run_dir / name, name in _FOLDERS
         try:
-            mode = entry.lstat().st_mode
-        except FileNotFoundError:
-            continue
+            found = entry_kind(entry)
         except OSError as exc:
             raise RunDirError(f"{entry}: cannot be read ({one_line(exc, 120)})") from None
-        if stat.S_ISLNK(mode):
+        if found == "link":
             raise RunDirError(
                 f"{entry} is a symbolic link (to {os.readlink(entry)}); the trainer never reads, writes or moves "
-                f"anything outside {run_dir}: replace the link by a {'folder' if name in _FOLDERS else 'file'}"
+                f"anything outside {run_dir}: replace the link by a {'folder' if folder else 'file'}"
             )
-        folder = name in _FOLDERS
-        if not (stat.S_ISDIR(mode) if folder else stat.S_ISREG(mode)):
+        if found not in ("missing", "dir" if folder else "file"):
             raise RunDirError(f"{entry}: expected a {'folder' if folder else 'regular file'}; move it away")
 
 

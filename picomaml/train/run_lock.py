@@ -31,7 +31,6 @@ import logging
 import os
 import secrets
 import socket
-import stat
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,7 +38,7 @@ from types import TracebackType
 from typing import Any
 
 from picomaml.params import short_repr
-from picomaml.train._atomic_io import fsync_dir, pid_alive
+from picomaml.train._atomic_io import entry_kind, fsync_dir, pid_alive
 
 __all__ = ["LOCK_FILE", "RunDirError", "RunLockedError", "RunLock", "read_lock"]
 
@@ -199,12 +198,11 @@ class RunLock:
 
     def _check_holder(self) -> None:
         """The lock exists: raise naming its holder, or remove it when stale (the caller retries)."""
-        try:
-            mode = self.path.lstat().st_mode
-        except FileNotFoundError:
+        found = entry_kind(self.path)
+        if found == "missing":
             return  # removed meanwhile: try again
-        if not stat.S_ISREG(mode):  # never read (a FIFO blocks) nor removed (a folder, a link elsewhere)
-            kind = "a folder" if stat.S_ISDIR(mode) else "a symbolic link" if stat.S_ISLNK(mode) else "a FIFO, device or socket"
+        if found != "file":  # never read (a FIFO blocks) nor removed (a folder, a link elsewhere)
+            kind = {"dir": "a folder", "link": "a symbolic link"}.get(found, "a FIFO, device or socket")
             raise RunDirError(
                 f"{self.path} is {kind}, not a lock file, so this trainer cannot lock {self.run_dir}; move it away "
                 "(a lock is a small JSON file that a trainer writes and removes)"

@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from pathlib import Path
 
 from picomaml.params import one_line, short_repr
+from picomaml.train._atomic_io import entry_kind
 
 __all__ = [
     "CONFIG",
@@ -141,18 +141,18 @@ def entry_problem(path: Path, kind: str) -> str | None:
         ``lstat`` error. The text reads after the entry's name.
     """
     try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        return "missing"
+        found = entry_kind(path)
     except (OSError, ValueError) as exc:  # ValueError: an embedded NUL byte
         return f"cannot be read ({one_line(exc, 120)})"
-    if stat.S_ISLNK(mode):
+    if found == "link":
         try:
             target = os.readlink(path)
         except OSError:
             target = "?"
         return f"is a symbolic link (to {quote(target)}); checkpoints are never read or changed through links"
-    if not (stat.S_ISDIR(mode) if kind == "dir" else stat.S_ISREG(mode)):
+    if found == "missing":
+        return found
+    if found != kind:
         what = "directory" if kind == "dir" else "regular file"
         return f"is not a {what} (a FIFO, device or socket is never read)"
     return None
