@@ -50,6 +50,7 @@ import torch  # noqa: E402
 import picomaml as pm  # noqa: E402
 from picomaml.eval import load_downstream_dataset, mean_ci, run_suite  # noqa: E402
 from picomaml.train.budget import run_flops, steps_for_flops  # noqa: E402
+from picomaml.train.flop_count import counted_run_flops  # noqa: E402
 from picomaml.train.loading import load_for_eval  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,6 +73,11 @@ ARMS: dict[str, list[str]] = {
     "deep-ar": ["hybrid.ratio=0.0", "model.n_layers=12"],
     "deep-weighted-0.1": ["hybrid.mode=weighted", "hybrid.ratio=0.1", "model.n_layers=12"],
     "deep-late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "model.n_layers=12"],
+    # round 3 candidates (--arms): the papers' recipe, and ProtoNet-style episodes without an inner loop
+    "paper-faithful": ["hybrid.mode=weighted", "hybrid.ratio=0.5", "inner_loop.first_order=true", "sampler.n_way=32",
+                       "head.hidden_dims=[128,128,128,128]", "inner_loop.steps=10", "inner_loop.lr=0.01",
+                       "optim.grad_clip=null"],  # fmt: skip
+    "protonet-0.2": ["hybrid.ratio=0.2", "head.init=prototype", "inner_loop.steps=0"],
 }
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
 ROUND2_ARMS = ["ar", "weighted-0.1", "weighted-0.3", "pcgrad-0.3", "fomaml-0.2", "adapt2-0.2", "late-0.5"]
@@ -155,6 +161,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 cfg = pm.load_config(args.config, overrides)
                 steps = cfg.trainer.max_steps
                 spent = run_flops(cfg)[-1]
+                counted = counted_run_flops(cfg)  # torch's FlopCounterMode on one step of each kind
                 if kind == "flops" and not budget <= spent <= 1.05 * budget:  # the study's equal-FLOP contract
                     msg = f"{arm}: {steps} steps spend {spent:.3e} FLOPs, not AR's {budget:.3e} + <= 5 %"
                     if not args.quick:
@@ -165,10 +172,20 @@ def plan(args: argparse.Namespace) -> list[dict]:
                 runs.append(
                     {
                         "arm": arm, "budget": kind, "seed": seed, "steps": steps,
-                        "flops": spent, "overrides": overrides,
+                        "flops": spent, "flops_counted": counted, "overrides": overrides,
                         "name": f"{kind}-{arm}-seed{seed}",
                     }
                 )  # fmt: skip
+    # equal FLOPs by the formulas must also be equal by torch's count (within 5 % of the seed's AR run)
+    ar_counted = {r["seed"]: r["flops_counted"] for r in runs if r["arm"] == "ar"}
+    for r in runs:
+        ratio = r["flops_counted"] / ar_counted[r["seed"]]
+        r["flops_counted_vs_ar"] = round(ratio, 4)
+        if r["budget"] == "flops" and not 0.95 <= ratio <= 1.05:
+            msg = f"{r['name']}: FlopCounterMode counts {ratio:.3f}x the AR run's FLOPs (the formulas matched them)"
+            if not args.quick:
+                raise RuntimeError(msg)
+            log.warning("%s (--quick)", msg)
     # the AR run stands in both budgets
     for r in [r for r in runs if r["arm"] == "ar"]:
         runs.append(r | {"budget": "flops", "alias": True})
@@ -453,6 +470,19 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     return paths
 
 
+def git_commit() -> str:
+    """The checkout's commit, with ``+dirty`` when tracked files differ from it ("unknown" outside git)."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT, capture_output=True,
+                               text=True, check=True).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -478,7 +508,7 @@ def main(argv=None) -> int:
         "seeds": args.seeds, "steps": args.steps, "episodes": args.episodes, "arms": args.arms,
         "config": str(Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config),
         "overrides": {"common": COMMON + (QUICK if args.quick else []) + args.set, "arms": ARMS},
-        "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
+        "commit": git_commit(), "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
         "wall_seconds_this_invocation": round(wall, 1), "summary": summary, "reach_ar_perplexity": reach,
         "diagnostic": diagnostic_summary([r for r in results if not r.get("alias")]),
         "runs": results,

@@ -131,19 +131,26 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(low: int):
-    """An argparse type: an integer >= ``low`` (anything else is argparse's one-line usage error)."""
+def _count(low: int, high: int | None = None):
+    """An argparse type: an integer in ``[low, high]`` (anything else is argparse's one-line usage error,
+    which names the option)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high:,}]"
 
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"expected an integer >= {low}, got {value}")
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {value}")
         return value
 
     return parse
+
+
+#: most episodes one ``picomaml eval`` row runs (``eval.episodes`` has the same bound), shares in one forward,
+#: and ``picomaml sample`` prints
+MAX_EVAL_EPISODES, MAX_EPISODES_PER_BATCH, MAX_SAMPLE_EPISODES = 10**6, 4096, 10**4
 
 
 def _setting(text: str) -> tuple[int, int]:
@@ -162,7 +169,9 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
         prog="picomaml eval", description="Run the few-shot evaluation suite."
     )
     p.add_argument("--checkpoint", required=True, help="step dir, checkpoint root, run dir, or HF export dir")
-    p.add_argument("--episodes", type=int, default=500, help="episodes per setting and task (default 500)")
+    p.add_argument(
+        "--episodes", type=_count(1, MAX_EVAL_EPISODES), default=500, help="episodes per setting and task (default 500)"
+    )
     p.add_argument("--json", help="write all numbers (per-episode accuracies included) to this JSON file")
     p.add_argument(
         "--setting", action="append", type=_setting, metavar="N,K",
@@ -171,14 +180,15 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     p.add_argument("--seed", type=int, help="episode seed (default: the run's seed, else 0)")
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task")
     p.add_argument(
-        "--downstream-window-len", type=int, default=64, help="tokens per window of the downstream task (default: 64)"
+        "--downstream-window-len", type=_count(2), default=64,
+        help="tokens per window of the downstream task (default: 64)",
     )
     p.add_argument(
         "--tokenizer", help="tokenizer of an HF export (default: its own files, else the corpus one)"
     )
     p.add_argument("--cache-dir", help="cache root of the embedded corpus")
     p.add_argument(
-        "--episodes-per-batch", type=int, default=16,
+        "--episodes-per-batch", type=_count(1, MAX_EPISODES_PER_BATCH), default=16,
         help="episodes that share one backbone forward (memory against speed; same results) (default: 16)",
     )  # fmt: skip
     return p
@@ -241,12 +251,12 @@ def eval_main(
 
     out, err = stdout or sys.stdout, stderr or sys.stderr
     args = build_eval_parser().parse_args(argv) if not isinstance(argv, argparse.Namespace) else argv
-    if args.episodes < 1:
-        print(f"picomaml eval: error: --episodes must be >= 1, got {args.episodes}", file=err)
-        return 2
-    if args.episodes_per_batch < 1:
-        print(f"picomaml eval: error: --episodes-per-batch must be >= 1, got {args.episodes_per_batch}", file=err)
-        return 2
+    bounds = (("--episodes", args.episodes, 1, MAX_EVAL_EPISODES), ("--episodes-per-batch", args.episodes_per_batch, 1, MAX_EPISODES_PER_BATCH),
+              ("--downstream-window-len", args.downstream_window_len, 2, 2**22))  # a Namespace skips argparse's types
+    for flag, value, low, high in bounds:
+        if not low <= value <= high:
+            print(f"picomaml eval: error: {flag} must be in [{low}, {high:,}], got {value}", file=err)
+            return 2
     if args.json and Path(args.json).is_dir():  # found now, not after the whole evaluation
         print(f"picomaml eval: error: --json {args.json}: is a directory; give a file path", file=err)
         return 2
@@ -381,12 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("sample", help="print decoded SMLMT episodes from the embedded corpus")
-    p.add_argument("--n", type=_count(1), default=2, help="number of episodes (default: %(default)s)")
-    p.add_argument("--n-way", type=int, default=4, help="classes per episode, >= 2 (default: %(default)s)")
-    p.add_argument("--k-shot", type=int, default=2, help="support windows per class (default: %(default)s)")
-    p.add_argument("--n-query", type=int, default=1, help="query windows per class (default: %(default)s)")
-    p.add_argument("--window-len", type=int, default=24, help="tokens per window (default: %(default)s)")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per corpus row (default: %(default)s)")
+    p.add_argument("--n", type=_count(1, MAX_SAMPLE_EPISODES), default=2, help="number of episodes (default: %(default)s)")
+    p.add_argument("--n-way", type=_count(2), default=4, help="classes per episode, >= 2 (default: %(default)s)")
+    p.add_argument("--k-shot", type=_count(1), default=2, help="support windows per class (default: %(default)s)")
+    p.add_argument("--n-query", type=_count(1), default=1, help="query windows per class (default: %(default)s)")
+    p.add_argument("--window-len", type=_count(2), default=24, help="tokens per window (default: %(default)s)")
+    p.add_argument("--seq-len", type=_count(2), default=256, help="tokens per corpus row (default: %(default)s)")
     p.add_argument("--min-freq", type=float, default=8, help="fewest windows a class token is in (default: %(default)s)")
     p.add_argument("--max-freq", type=float, default=0.05,
                    help="most windows a class token is in, a fraction or a count (default: %(default)s)")  # fmt: skip
@@ -407,6 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="few-shot evaluation suite of a checkpoint or HF export (table + JSON)")
     build_eval_parser(p)
     p.set_defaults(func=eval_main)
+
+    from picomaml.train.finetune_cmd import build_finetune_parser, finetune_main
+
+    p = sub.add_parser("finetune", help="fine-tuned tagging F1 or k-shot classification of a checkpoint on labelled files")
+    build_finetune_parser(p)
+    p.set_defaults(func=finetune_main)
     return parser
 
 

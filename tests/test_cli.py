@@ -1,7 +1,9 @@
-"""The console script: `info`, `sample`, `cp`, and `train`, `eval`, `export` on a real 2-step trainer run."""
+"""The console script: `info`, `sample`, `cp`, and `train`, `eval`, `finetune`, `export` on a real 2-step trainer
+run."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -12,7 +14,7 @@ import pytest
 import yaml
 
 import picomaml as pm
-from picomaml.cli import main
+from picomaml.cli import build_eval_parser, eval_main, main
 
 
 def test_info_lists_versions_and_backends(capsys):
@@ -124,8 +126,19 @@ def test_export_writes_a_transformers_model_that_stops_at_eos(two_step_run, tmp_
 
 
 def test_eval_refuses_bad_batch_and_json_before_evaluating(tmp_path, capsys):
-    assert main(["eval", "--checkpoint", str(tmp_path), "--episodes-per-batch", "0"]) == 2
-    assert "--episodes-per-batch must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:  # argparse's own usage error, naming the option
+        main(["eval", "--checkpoint", str(tmp_path), "--episodes-per-batch", "0"])
+    assert stop.value.code == 2
+    assert "argument --episodes-per-batch: expected an integer in [1, 4,096], got 0" in capsys.readouterr().err
+    args = build_eval_parser().parse_args(["--checkpoint", str(tmp_path)])
+    args.episodes = 10**9  # a Namespace from code skips argparse's types: eval_main checks the bounds too
+    assert eval_main(args) == 2
+    assert "--episodes must be in [1, 1,000,000], got 1000000000" in capsys.readouterr().err
+    for flag in ("--tokenizer", "--episodes"):
+        value = "/nonexistent" if flag == "--tokenizer" else "1000000000"
+        with contextlib.suppress(SystemExit):
+            assert main(["eval", "--checkpoint", str(tmp_path), flag, value]) == 2
+        assert value in capsys.readouterr().err
     assert main(["eval", "--checkpoint", str(tmp_path), "--json", str(tmp_path)]) == 2
     assert "is a directory" in capsys.readouterr().err
 
@@ -167,18 +180,21 @@ def test_eval_subcommand_errors_name_the_path(tmp_path, capsys):
 def test_a_bad_sample_argument_is_one_line_not_a_traceback(capsys):
     from picomaml.cli import main
 
-    assert main(["sample", "--n-way", "1"]) == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["sample", "--n-way", "1"])
+    assert stop.value.code == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["picomaml sample: n_way: must be an integer >= 2, got 1"]
+    assert err.strip().splitlines()[-1].endswith("argument --n-way: expected an integer >= 2, got 1")
 
 
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--n", "0"], "argument --n: expected an integer >= 1, got 0"),
+        (["--n", "0"], "argument --n: expected an integer in [1, 10,000], got 0"),
         (["--show", "-1"], "argument --show: expected an integer >= 0, got -1"),
-        (["--k-shot", "0"], "k_shot: must be an integer >= 1, got 0"),
-        (["--window-len", "1"], "window_len: must be an integer >= 2, got 1"),
+        (["--n", "1000000000"], "argument --n: expected an integer in [1, 10,000], got 1000000000"),
+        (["--k-shot", "0"], "argument --k-shot: expected an integer >= 1, got 0"),
+        (["--window-len", "1"], "argument --window-len: expected an integer >= 2, got 1"),
         (["--window-len", "100000"], "--window-len 100000 is longer than --seq-len 256"),
         (["--max-freq", "0"], "max_freq: must be a number > 0"),
     ],
@@ -217,9 +233,64 @@ def test_help_names_every_subcommand_and_train_shows_the_recipe_options(capsys):
     with pytest.raises(SystemExit):
         main(["--help"])
     out = capsys.readouterr().out
-    for name in ("train", "cp", "eval", "export", "sample", "config", "info"):
+    for name in ("train", "cp", "eval", "finetune", "export", "sample", "config", "info"):
         assert f"    {name} " in out, name
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert out.startswith("usage: picomaml train") and "--export-hf" in out and "(default: tiny-cpu)" in out
+
+
+def _tagging_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A CoNLL file whose tag is learnable from the word: B-NUM for digits, O otherwise."""
+    words = ["the", "cat", "sat", "on", "a", "mat", "one", "two", "3", "4", "5", "7"]
+    lines = []
+    for i in range(24):
+        for j in range(6):
+            w = words[(i * 5 + j * 7) % len(words)]
+            lines.append(f"{w} {'B-NUM' if w.isdigit() else 'O'}")
+        lines.append("")
+    train, test = tmp_path / "train.conll", tmp_path / "test.conll"
+    train.write_text("\n".join(lines[: 7 * 16]) + "\n")
+    test.write_text("\n".join(lines[7 * 16 :]) + "\n")
+    return train, test
+
+
+def test_finetune_tags_and_classifies_with_a_real_run(two_step_run, tmp_path, capsys):
+    train, test = _tagging_files(tmp_path)
+    out_json = tmp_path / "out" / "tagging.json"
+    argv = ["finetune", "--checkpoint", str(two_step_run), "--train", str(train), "--test", str(test),
+            "--seeds", "0,1", "--epochs", "3", "--json", str(out_json)]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tagging (head), 2 seeds, 95% CI" in out and "entity_f1" in out
+    data = json.loads(out_json.read_text())
+    assert data["task"] == "tagging" and data["seeds"] == [0, 1] and data["n_train"] == 16 and data["step"] == 2
+    assert [r["seed"] for r in data["runs"]] == [0, 1] and 0.0 <= data["metrics"]["token_accuracy"]["mean"] <= 1.0
+    texts = tmp_path / "texts.csv"
+    rows = [f"{'good fine great' if i % 2 else 'bad poor awful'} {i},{'pos' if i % 2 else 'neg'}" for i in range(20)]
+    texts.write_text("text,label\n" + "\n".join(rows) + "\n")
+    argv = ["finetune", "--checkpoint", str(two_step_run), "--train", str(texts), "--test", str(texts),
+            "--seeds", "0", "--k-per-class", "4", "--epochs", "2"]  # fmt: skip
+    assert main(argv) == 0
+    assert "classification (head), 1 seeds" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--k-per-class", "2"], "--k-per-class: applies to classification files"),
+        (["--test", "TEXTS"], "hold different kinds of labelled data"),
+        (["--train", "notes.md"], "unknown suffix '.md'"),
+        (["--column", "colour", "--train", "x.conllu"], "unknown CoNLL-U column 'colour'; allowed:"),
+    ],
+)
+def test_finetune_bad_arguments_are_one_line(two_step_run, tmp_path, capsys, extra, message):
+    train, test = _tagging_files(tmp_path)
+    (tmp_path / "texts.csv").write_text("text,label\na,b\nc,d\n")
+    (tmp_path / "notes.md").write_text("# notes\n")
+    extra = [str(tmp_path / "texts.csv") if e == "TEXTS" else str(tmp_path / e) if e in ("notes.md", "x.conllu") else e for e in extra]
+    argv = ["finetune", "--checkpoint", str(two_step_run), "--train", str(train), "--test", str(test), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("picomaml finetune: error:") and message in err and "\n" not in err, err

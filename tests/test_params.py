@@ -101,7 +101,7 @@ def test_non_finite_numbers_are_refused(value):
 
 
 def test_ranges_apply_to_every_item_of_a_sequence():
-    with pytest.raises(ConfigError, match=r"hidden_dims\[1\]: must be an integer >= 1, got 0"):
+    with pytest.raises(ConfigError, match=r"hidden_dims\[1\]: must be an integer >= 1 and <= 262144, got 0"):
         HeadConfig(hidden_dims=(4, 0))
     assert HeadConfig(hidden_dims=[8, 8]).hidden_dims == (8, 8)  # lists become the declared tuple
 

@@ -20,6 +20,7 @@ from typing import Any, Literal, Protocol
 import torch
 
 from picomaml.data.row_batcher import RowBatcher
+from picomaml.data.sources import DataError
 from picomaml.params import ConfigError, Params, check, hparam
 
 __all__ = ["DataConfig", "BatchSource", "InMemoryBatches", "StreamBatches", "TrainingData", "build_training_data"]
@@ -101,9 +102,19 @@ class StreamBatches:
         self._it: Any = None
 
     def next_batch(self) -> torch.Tensor:
-        if self._it is None:
+        fresh = self._it is None
+        if fresh:
             self._it = iter(self.stream)
-        return next(self._it)
+        try:
+            return next(self._it)
+        except StopIteration:
+            start = self.stream.rows_consumed
+            if fresh and start:  # a restored position past the end: say so rather than end at once
+                raise DataError(
+                    f"data position: rows_consumed={start} is at or beyond the end of this rank's rows of "
+                    f"{self.stream.name or self.stream.data_files}: nothing is left to train on"
+                ) from None
+            raise
 
     def local(self, batch: torch.Tensor) -> torch.Tensor:
         return batch

@@ -12,7 +12,11 @@ from typing import Any
 
 import torch
 
+from picomaml.params import check_int
+
 __all__ = ["RowBatcher"]
+
+_MAX_SEED = 2**63 - 1  # seed + epoch seeds a torch.Generator
 
 
 class RowBatcher:
@@ -83,10 +87,20 @@ class RowBatcher:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Continue from a [`state_dict`][picomaml.data.row_batcher.RowBatcher.state_dict]."""
+        """Continue from a [`state_dict`][picomaml.data.row_batcher.RowBatcher.state_dict].
+
+        Raises:
+            KeyError: A key is missing.
+            ValueError: The batch size differs, or a position is outside the rows (names the key and the
+                allowed range): a position beyond the epoch would silently start the next one.
+        """
+        missing = {"epoch", "position", "seed", "batch_size"} - set(state)
+        if missing:
+            raise KeyError(f"RowBatcher.load_state_dict: missing keys {sorted(missing)}")
         if state["batch_size"] != self.batch_size:
             raise ValueError(f"checkpoint batch_size {state['batch_size']} != current {self.batch_size}")
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
+        seed = check_int("data position 'seed'", state["seed"], ge=0, le=_MAX_SEED)
+        epoch = check_int("data position 'epoch'", state["epoch"], ge=0, le=_MAX_SEED - seed)
+        position = check_int("data position 'position'", state["position"], ge=0, le=self.batches_per_epoch)
+        self.seed, self.epoch, self.position = seed, epoch, position
         self._order = self._permutation(self.epoch)

@@ -97,7 +97,7 @@ def resolve_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
         elif path.suffix in SUPPORTED_EXTENSIONS:
             files.append(path)
         else:
-            raise ValueError(
+            raise DataError(
                 f"unsupported data file extension {path.suffix!r} for {str(path)!r}; "
                 f"allowed: {list(SUPPORTED_EXTENSIONS)}"
             )

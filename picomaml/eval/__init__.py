@@ -1,4 +1,5 @@
-"""Evaluation: perplexity, few-shot episode accuracy, a downstream task, LEOPARD files, FLOP formulas, the suite.
+"""Evaluation: perplexity, few-shot episode accuracy, fine-tuned tagging and k-shot classification, a downstream
+task, LEOPARD files, FLOP formulas, the suite.
 
 The compute of a whole run (``run_flops``, ``steps_for_flops``) is in
 [`picomaml.train.budget`][picomaml.train.budget], and loading a run (or an exported model) for evaluation,
@@ -15,12 +16,32 @@ from picomaml.eval.fewshot import (
     head_for_n_way,
     nearest_class_mean,
 )
+from picomaml.eval.finetune import (
+    FINETUNE_MODES,
+    ClassificationResult,
+    FinetuneSummary,
+    TaggingResult,
+    finetune_classifier,
+    finetune_eval,
+    finetune_tagger,
+)
 from picomaml.eval.flops import ar_step_flops, meta_step_flops
 from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
 from picomaml.eval.perplexity import perplexity, token_nll
 from picomaml.eval.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_predict
 from picomaml.eval.stats import binomial_ci, mean_ci, normal_quantile, t_quantile
 from picomaml.eval.suite import format_suite_table, run_suite
+from picomaml.eval.tagging import (
+    IGNORE_INDEX,
+    AlignedSentence,
+    EntityScores,
+    align_subwords,
+    entity_chunks,
+    entity_scores,
+    is_bio,
+    macro_f1,
+    token_accuracy,
+)
 
 __all__ = [
     "perplexity",
@@ -51,4 +72,20 @@ __all__ = [
     "to_episodes",
     "run_suite",
     "format_suite_table",
+    "FINETUNE_MODES",
+    "finetune_tagger",
+    "finetune_classifier",
+    "finetune_eval",
+    "TaggingResult",
+    "ClassificationResult",
+    "FinetuneSummary",
+    "IGNORE_INDEX",
+    "AlignedSentence",
+    "EntityScores",
+    "align_subwords",
+    "entity_chunks",
+    "entity_scores",
+    "is_bio",
+    "macro_f1",
+    "token_accuracy",
 ]

@@ -208,6 +208,13 @@ def check_head_n_way(head: Any, episode: Any) -> None:
             f"{n_episode} equal shares"
         )
     if n_head != n_episode:
+        labels = getattr(episode, "support_labels", None)
+        top = int(labels.max()) + 1 if isinstance(labels, Tensor) and labels.numel() else 0  # read on the error path only
+        if top > n_episode:  # the episode itself is inconsistent: say so rather than blame the head
+            raise ValueError(
+                f"episode: class_token_ids names {n_episode} classes, but support_labels go up to {top - 1}; "
+                "class_token_ids needs one token per class (Episode.validate() checks every invariant)"
+            )
         raise ValueError(
             f"head: a {n_head}-way head cannot score a {n_episode}-way episode; build the head with "
             f"n_way={n_episode} (a prototype head: picomaml.eval.fewshot.head_for_n_way)"

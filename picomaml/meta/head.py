@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from picomaml.checks import check_values
-from picomaml.params import Params, check_int, choices, hparam
+from picomaml.params import Params, check_int, choices, hparam, short_repr
 
 __all__ = [
     "MetaHead", "HeadConfig", "Activation", "HeadInit", "ACTIVATIONS", "INITS", "prototype_layer", "head_logits",
@@ -46,7 +46,7 @@ class HeadConfig(Params):
     """Hyperparameters of [`MetaHead`][picomaml.meta.head.MetaHead] (YAML section ``head``); ``in_dim``,
     ``n_way`` and ``seed`` come from the model, the sampler and the experiment."""
 
-    hidden_dims: tuple[int, ...] = hparam((), ge=1, doc="sizes of the hidden layers; [] is a linear head")
+    hidden_dims: tuple[int, ...] = hparam((), ge=1, le=2**18, doc="sizes of the hidden layers; [] is a linear head")
     activation: Activation = hparam("relu", doc="non-linearity after each hidden layer")
     dropout: float = hparam(0.0, ge=0.0, lt=1.0, doc="dropout on hidden activations")
     init: HeadInit = hparam(
@@ -266,7 +266,14 @@ class MetaHead(nn.Module):
         return {"generator": self._generator.get_state()}
 
     def set_extra_state(self, state: dict) -> None:
-        self._generator.set_state(state["generator"])
+        own = self._generator.get_state()
+        gen = state.get("generator") if isinstance(state, dict) else None
+        if not isinstance(gen, torch.Tensor) or gen.dtype != own.dtype or gen.shape != own.shape:
+            raise ValueError(
+                f"MetaHead: saved '_extra_state' holds {short_repr(gen)}, not a {own.dtype} generator state of "
+                f"shape {tuple(own.shape)}"
+            )
+        self._generator.set_state(gen)
 
     def extra_repr(self) -> str:
         return (

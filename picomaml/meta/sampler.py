@@ -21,7 +21,7 @@ from torch import Tensor
 from picomaml.meta import smlmt
 from picomaml.meta.episode import Episode
 from picomaml.meta.smlmt import SamplingError, TokensTypeError, WindowIndex
-from picomaml.params import ConfigError, Params, check, check_int, hparam, to_dict
+from picomaml.params import ConfigError, Params, check, check_int, hparam, short_repr, to_dict
 
 __all__ = ["SMLMTSampler", "SamplerConfig", "ClassSampling", "ClassSplit", "SamplingError", "TokensTypeError", "WindowIndex"]
 
@@ -343,9 +343,16 @@ class SMLMTSampler:
         missing = {"generator", "seed", "episodes_sampled"} - set(state)
         if missing:
             raise KeyError(f"SMLMTSampler.load_state_dict: missing keys {sorted(missing)}")
-        self.generator.set_state(state["generator"])
-        self.seed = int(state["seed"])
-        self.episodes_sampled = int(state["episodes_sampled"])
+        gen, own = state["generator"], self.generator.get_state()
+        if not isinstance(gen, torch.Tensor) or gen.dtype != own.dtype or gen.shape != own.shape:
+            raise ValueError(
+                f"SMLMTSampler.load_state_dict: 'generator' is {short_repr(gen)}, not a {own.dtype} generator "
+                f"state of shape {tuple(own.shape)}"
+            )
+        seed = check_int("SMLMTSampler.load_state_dict: 'seed'", state["seed"])
+        episodes = check_int("SMLMTSampler.load_state_dict: 'episodes_sampled'", state["episodes_sampled"], ge=0)
+        self.generator.set_state(gen)
+        self.seed, self.episodes_sampled = seed, episodes
 
     def __repr__(self) -> str:
         return (

@@ -137,7 +137,7 @@ def _load_hf(path: Path, tokenizer: Any, cache_dir: Any) -> EvalBundle:
 
 
 def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
-    from picomaml.params import ConfigError
+    from picomaml.params import ConfigError, one_line
     from picomaml.train import checkpoint as ckpt
     from picomaml.train.build import build_run, eval_episode_kwargs
     from picomaml.train.config import ExperimentConfig, upgrade_config_dict
@@ -180,13 +180,12 @@ def _load_checkpoint_dir(path: Path, cache_dir: Any) -> EvalBundle:
         raise IncompatibleCheckpointError(f"{where}: the run's data has no held-out rows to evaluate on")
     # exactly what training built (same head seed, inner-loop backend and learned-LR layout)
     run = build_run(cfg, mask_token_id=tok.mask_token_id, special_ids=special, optimizer=False, compile=False)
-    for name, module in (("model", run.model), ("head", run.head), ("inner_loop", run.inner_loop)):
-        try:
-            module.load_state_dict(loaded.states[name])
-        except (RuntimeError, KeyError, TypeError) as exc:
-            raise IncompatibleCheckpointError(
-                f"{where}: the saved {name!r} state does not fit the module its config.yaml describes: {exc}"
-            ) from exc
+    try:  # every state is checked (shapes, dtypes, finite values) before any is loaded
+        loaded.load_into({"model": run.model, "head": run.head, "inner_loop": run.inner_loop})
+    except (RuntimeError, ValueError, KeyError, TypeError) as exc:
+        raise IncompatibleCheckpointError(
+            f"{where}: a saved state does not fit the modules its config.yaml describes: {one_line(exc, 400)}"
+        ) from exc
     s = cfg.sampler
     return EvalBundle(
         model=run.model.eval(), head=run.head.eval(), inner_loop=run.inner_loop.eval(), tokenizer=tok,
@@ -210,14 +209,29 @@ def load_for_eval(
             tokenizer files, else the embedded corpus tokenizer.
 
     Raises:
-        FileNotFoundError: ``path`` does not exist or holds no complete checkpoint or model.
-        IncompatibleCheckpointError: the checkpoint cannot be rebuilt (see the class).
+        FileNotFoundError: ``path`` does not exist or holds no complete checkpoint or model, or ``tokenizer``
+            is a local path (absolute, ``./``, ``~``) that does not exist.
+        IncompatibleCheckpointError: the checkpoint cannot be rebuilt (see the class), or ``tokenizer`` is
+            given for a trainer checkpoint (its rows come from its run's tokenizer).
     """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--checkpoint {path}: no such file or directory")
     if not path.is_dir():
         raise FileNotFoundError(f"--checkpoint {path}: expected a directory, got a file")
+    if isinstance(tokenizer, (str, os.PathLike)) and _is_local_path(str(tokenizer)) and not Path(tokenizer).expanduser().exists():
+        raise FileNotFoundError(f"--tokenizer {tokenizer}: no such file or directory")
     if _is_hf_dir(path):
         return _load_hf(path, tokenizer, cache_dir)
+    if tokenizer is not None:  # a trainer checkpoint's rows and token ids come from its own run's tokenizer
+        raise IncompatibleCheckpointError(
+            f"--tokenizer {tokenizer}: applies to a Hugging Face export only; {path} is a trainer checkpoint, "
+            "which is evaluated with its run's tokenizer (leave --tokenizer out)"
+        )
     return _load_checkpoint_dir(path, cache_dir)
+
+
+def _is_local_path(name: str) -> bool:
+    """A tokenizer given as a path, not a Hub id (``org/name``): absolute, ``./``, ``../``, ``~``, or with
+    more than one ``/``."""
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1

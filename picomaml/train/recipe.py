@@ -187,7 +187,8 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSigna
     t.hub = hub_uploader(cfg, run_dir, t.is_main, stack)  # pushes each checkpoint in the background
     # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
     # run extended with a larger --max-steps follows the new schedule like the LR does
-    state = start.restore({k: v for k, v in t.stateful().items() if k != "hybrid"})  # RNG states too
+    # RNG states too; every state and counter is checked against the built run before anything is loaded
+    state = start.restore({k: v for k, v in t.stateful().items() if k != "hybrid"}, counters=training.COUNTERS)
     if state is not None:
         t.counters.update(state.counters)
         t.step = state.step
@@ -425,6 +426,9 @@ def run(argv: Sequence[str] | None = None, prog: str | None = None) -> int:
     except (*USER_ERRORS, training.NonFiniteRunError, pm.MissingDependencyError) as exc:  # the user's to fix
         print(error_line(exc), file=sys.stderr)  # one bounded line
         return 2
+    except OSError as exc:  # a missing file, a full disk, a file that cannot be written: the message names it
+        print(error_line(exc), file=sys.stderr)
+        return 2 if isinstance(exc, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)) else 1
     except Preempted as exc:  # a stop signal before training began: nothing trained, the lock released
         print(f"{exc}; nothing was trained", file=sys.stderr)
         return exc.exit_status

@@ -39,6 +39,7 @@ from picomaml.train.checkpoint.layout import backup_step, step_of
 from picomaml.train.config import ExperimentConfig
 from picomaml.train.config_diff import ConfigChange, compare_configs
 from picomaml.train.run_lock import RunDirError, RunLock, RunLockedError
+from picomaml.train.state_check import StateMismatchError, check_counters
 from picomaml.train.tracking import MetricsFileError, MetricsTracker, read_metrics_csv
 
 __all__ = [
@@ -260,12 +261,19 @@ class RunStart:
         ``MetricsTracker(resume_step=...)``); ``None`` for a fresh start."""
         return self._step
 
-    def restore(self, objects: Mapping[str, Any], rng: bool = True) -> ckpt.Checkpoint | None:
+    def restore(
+        self, objects: Mapping[str, Any], rng: bool = True, counters: Sequence[str] | None = None
+    ) -> ckpt.Checkpoint | None:
         """Load the plan's checkpoint into ``objects`` (``name -> object with load_state_dict``) and, with
         ``rng``, the global RNG states; ``None`` for a fresh start.
 
+        Every saved state is checked first ([`check_states`][picomaml.train.state_check.check_states]:
+        shapes, dtypes, finite values, the LR schedule's step), and with ``counters`` (the known names) the
+        saved counters too, so nothing is loaded from a checkpoint that does not fit.
+
         Raises:
-            RunDirError: The checkpoint's states do not fit the objects built from the current config.
+            RunDirError: The checkpoint's states do not fit the objects built from the current config (names
+                the component, the key and what was expected).
         """
         if self.plan.checkpoint is None:
             return None
@@ -274,7 +282,11 @@ class RunStart:
         except FileNotFoundError as exc:  # damaged since it was chosen
             raise RunDirError(one_line(str(exc), 600)) from None
         try:
-            state.load_into(objects)
+            if counters is not None:
+                check_counters(state.counters, tuple(counters), state.step)
+            state.load_into(objects)  # checks every state before loading any
+        except StateMismatchError as exc:
+            raise RunDirError(f"{state.path} cannot be resumed: {exc}{_earlier(state.path)}") from None
         except (RuntimeError, ValueError, KeyError, TypeError) as exc:
             first = (str(exc).strip() or type(exc).__name__).splitlines()[0]
             changed = "; ".join(map(str, self.plan.changes[:_MAX_LISTED])) or "none"
@@ -307,6 +319,15 @@ class RunStart:
     def __exit__(self, *exc: object) -> None:  # releases the lock (main process)
         if self.lock is not None:
             self.lock.release()
+
+
+def _earlier(step_dir: Path) -> str:
+    """Advice naming the newest other checkpoint of ``step_dir``'s root, if any."""
+    step = step_of(step_dir.name)
+    others = [p for s, p in ckpt.list_checkpoints(step_dir.parent) if step is None or s < step]
+    if not others:
+        return ""
+    return f"; to resume from the newest earlier checkpoint instead: --resume {others[-1]}"
 
 
 def open_run(
@@ -404,6 +425,9 @@ def check_contained(run_dir: str | os.PathLike[str]) -> None:
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"--run-dir {run_dir}: is a file, not a directory; give a directory (created if missing)")
     if not run_dir.exists():
+        above = next((p for p in run_dir.absolute().parents if p.exists()), None)
+        if above is not None and not above.is_dir():
+            raise RunDirError(f"--run-dir {run_dir}: {above} is a file, so the directory cannot be created there")
         return
     for name in (*RUN_FILES, PREVIOUS):
         entry, folder = run_dir / name, name in _FOLDERS

@@ -166,7 +166,10 @@ class RunLock:
         """
         if self.held:
             return self
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunDirError(f"--run-dir {self.run_dir}: cannot be created ({exc.strerror or exc})") from None
         for _ in range(200):  # a race with another starter ends in a few rounds; a lock being written, in 5 s
             try:
                 fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -58,6 +59,10 @@ def test_quick_study_runs_matches_compute_and_reuses_finished_runs(tmp_path):
             assert final["perplexity"] > 1
             for key in ("smlmt_5w4s_after", "smlmt_5w4s_probe", "smlmt_5w4s_ncm", "downstream_5w4s_after"):
                 assert 0 <= final[key] <= 1, key
+        # torch's FlopCounterMode count of every run, against its seed's AR run
+        assert ar["flops_counted_vs_ar"] == 1.0 and same_flops["flops_counted"] > 0
+        assert abs(same_flops["flops_counted"] / same_flops["flops"] - 1) < 0.05  # formula and count agree
+    assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?|unknown", report["commit"]), report["commit"]
     summary = report["summary"]
     for budget in ("steps", "flops"):
         mean, ci = summary[budget]["hybrid-0.5"]["perplexity_diff_vs_ar"]

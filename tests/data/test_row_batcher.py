@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -110,3 +112,21 @@ def test_bad_arguments_name_the_argument(kwargs, message):
     args = {"rows": make_rows(), "batch_size": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         RowBatcher(**args)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        ("position", -5, "data position 'position': must be an integer >= 0 and <= 5, got -5"),
+        ("position", 10**12, "data position 'position': must be an integer >= 0 and <= 5, got 1000000000000"),
+        ("epoch", -1, "data position 'epoch'"),
+        ("seed", "x", "data position 'seed'"),
+    ],
+)
+def test_a_saved_position_outside_the_rows_is_refused(key, value, message):
+    batcher = RowBatcher(torch.arange(40).reshape(20, 2), batch_size=4)
+    state = batcher.state_dict() | {key: value}
+    with pytest.raises(ValueError, match=re.escape(message)):
+        batcher.load_state_dict(state)
+    with pytest.raises(KeyError, match="missing keys"):
+        batcher.load_state_dict({"batch_size": 4})

@@ -171,7 +171,7 @@ def test_incompatible_checkpoints(tmp_path, cache, saved):
     manifest["files"]["config.yaml"] = (bad / "config.yaml").stat().st_size
     manifest["sha256"]["config.yaml"] = hashlib.sha256((bad / "config.yaml").read_bytes()).hexdigest()
     (bad / "COMPLETE").write_text(json.dumps(manifest))
-    with pytest.raises(IncompatibleCheckpointError, match="'model' state does not fit"):
+    with pytest.raises(IncompatibleCheckpointError, match="a saved state does not fit the modules its config.yaml describes: model: 'embed_tokens.weight' is \\(8192, 32\\)"):
         load_for_eval(bad)
     # an unknown config key
     cfg["model"]["d_model"] = 32

@@ -28,6 +28,7 @@ from picomaml.train.checkpoint.discovery import locate
 from picomaml.train.checkpoint.layout import CONFIG, RNG, TRAINER_STATE, DamagedCheckpointError, quote
 from picomaml.train.checkpoint.manifest import Manifest
 from picomaml.train.rng_state import restore_rng_state
+from picomaml.train.state_check import check_states
 
 __all__ = ["Checkpoint", "load_checkpoint"]
 
@@ -60,7 +61,9 @@ class Checkpoint:
     trainer_state: dict[str, Any] = field(default_factory=dict)
 
     def load_into(self, objects: Mapping[str, Any], strict: bool = True) -> list[str]:
-        """Call ``obj.load_state_dict(states[name])`` for each ``name -> obj``.
+        """Call ``obj.load_state_dict(states[name])`` for each ``name -> obj``, after checking every state
+        against its object ([`check_states`][picomaml.train.state_check.check_states]: shapes, dtypes,
+        finite values, optimizer moments, the LR schedule's step), so nothing is loaded when one does not fit.
 
         Args:
             objects: Name -> object with ``load_state_dict`` (same names as at save time).
@@ -68,7 +71,12 @@ class Checkpoint:
 
         Returns:
             The names that were restored.
+
+        Raises:
+            StateMismatchError: A saved state does not fit its object (a ``ValueError`` naming the component,
+                the key and what was expected).
         """
+        check_states(objects, self.states, self.step)
         done = []
         for name, obj in objects.items():
             if name not in self.states:

@@ -153,14 +153,11 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
             raise DamagedCheckpointError(
                 path, f"{name}: {st.st_size} bytes, but {MARKER} says {size} (truncated or overwritten)", f
             )
-    if not checksums:
-        return manifest
-    if not manifest.sha256:
+    if checksums and not manifest.sha256:
         logger.debug(
             "%s was written without checksums (an earlier picomaml): checked by file size only", path
         )
-        return manifest
-    for name, digest in manifest.sha256.items():
+    for name, digest in manifest.sha256.items() if checksums else ():
         f = path / name
         try:
             actual = hash_file(f)
@@ -173,7 +170,28 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
                 "damaged on disk or in a copy)",
                 f,
             )
+    _check_state_step(path, manifest)  # after the checksums: a changed file is reported as changed
     return manifest
+
+
+def _check_state_step(path: Path, manifest: Manifest) -> None:
+    """``trainer_state.json`` is for the folder's step: a resume takes its step from there, so a mismatch
+    would carry on from one step with another step's weights."""
+    expected = manifest.step if manifest.step is not None else _step_of_dir(path)
+    f = path / TRAINER_STATE
+    try:
+        if f.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise ValueError(f"{f.stat().st_size} bytes, far larger than a trainer state")
+        data = json.loads(f.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        raise DamagedCheckpointError(path, f"{TRAINER_STATE}: not valid JSON ({one_line(exc, 120)})", f) from None
+    if not isinstance(data, dict):
+        raise DamagedCheckpointError(path, f"{TRAINER_STATE}: expected a JSON object, got {type(data).__name__}", f)
+    step = data.get("step")
+    if expected is not None and step != expected:
+        raise DamagedCheckpointError(
+            path, f"{TRAINER_STATE}: says step {quote(step)}, but the checkpoint is for step {expected}", f
+        )
 
 
 def _check_inside(path: Path, name: str) -> None:
