@@ -78,7 +78,15 @@ ARMS: dict[str, list[str]] = {
                        "head.hidden_dims=[128,128,128,128]", "inner_loop.steps=10", "inner_loop.lr=0.01",
                        "optim.grad_clip=null"],  # fmt: skip
     "protonet-0.2": ["hybrid.ratio=0.2", "head.init=prototype", "inner_loop.steps=0"],
+    # the controls of late-0.5: its step indices, data order and LR schedule with the meta steps as no-ops
+    # (its length is late-0.5's, see LENGTH_OF), and late-0.5 itself on another data order (SEED_OVERRIDES)
+    "schedule-control": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "trainer.meta_noop=true"],
+    "late-0.5-neworder": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667"],
 }
+#: arms whose length is another arm's at equal FLOPs (a control spends less by design: not held to AR's FLOPs)
+LENGTH_OF = {"schedule-control": "late-0.5"}
+#: overrides that depend on the run's seed
+SEED_OVERRIDES = {"late-0.5-neworder": lambda seed: [f"data.seed={1000 + seed}"]}
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
 ROUND2_ARMS = ["ar", "weighted-0.1", "weighted-0.3", "pcgrad-0.3", "fomaml-0.2", "adapt2-0.2", "late-0.5"]
 ROUND2 = ["eval.grad_cos_every=20"]  # the AR-vs-meta gradient diagnostic at every other logged step
@@ -150,19 +158,20 @@ def plan(args: argparse.Namespace) -> list[dict]:
         budget = run_flops(ar_cfg)[-1]
         for arm in args.arms:
             for kind in ("steps", "flops"):
-                overrides = ARMS[arm] + base
+                overrides = ARMS[arm] + SEED_OVERRIDES.get(arm, lambda s: [])(seed) + base
                 if kind == "steps" and "steps" not in args.budgets and arm != "ar":
                     continue  # round 2: equal FLOPs only (the AR run is the budget)
                 if kind == "flops":
                     if arm == "ar":
                         continue  # the AR run is its own budget: the same run serves both comparisons
-                    n = steps_for_flops(pm.load_config(args.config, overrides), budget)
+                    source = ARMS[LENGTH_OF[arm]] + base if arm in LENGTH_OF else overrides
+                    n = steps_for_flops(pm.load_config(args.config, source), budget)
                     overrides = overrides + [f"trainer.max_steps={n}"]
                 cfg = pm.load_config(args.config, overrides)
                 steps = cfg.trainer.max_steps
                 spent = run_flops(cfg)[-1]
                 counted = counted_run_flops(cfg)  # torch's FlopCounterMode on one step of each kind
-                if kind == "flops" and not budget <= spent <= 1.05 * budget:  # the study's equal-FLOP contract
+                if kind == "flops" and arm not in LENGTH_OF and not budget <= spent <= 1.05 * budget:  # equal FLOPs
                     msg = f"{arm}: {steps} steps spend {spent:.3e} FLOPs, not AR's {budget:.3e} + <= 5 %"
                     if not args.quick:
                         raise RuntimeError(msg)
@@ -181,7 +190,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     for r in runs:
         ratio = r["flops_counted"] / ar_counted[r["seed"]]
         r["flops_counted_vs_ar"] = round(ratio, 4)
-        if r["budget"] == "flops" and not 0.95 <= ratio <= 1.05:
+        if r["budget"] == "flops" and r["arm"] not in LENGTH_OF and not 0.95 <= ratio <= 1.05:
             msg = f"{r['name']}: FlopCounterMode counts {ratio:.3f}x the AR run's FLOPs (the formulas matched them)"
             if not args.quick:
                 raise RuntimeError(msg)

@@ -14,14 +14,13 @@ the line and what is allowed.
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from picomaml.data.sources import DataError
+from picomaml.data.sources import DataError, json_object
 
 __all__ = [
     "CONLLU_COLUMNS",
@@ -251,12 +250,7 @@ def _read_jsonl(p: Path, text_field: str, label_field: str) -> list[LabelledText
         if not line.strip():
             continue
         where = f"{p}:{lineno}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+        record = json_object(line, where)
         for field in (text_field, label_field):
             if field not in record:
                 raise DataError(f"{where}: record has no {field!r} field; fields found: {sorted(record)}")

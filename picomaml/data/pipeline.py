@@ -46,6 +46,9 @@ class DataConfig(Params):
     batch_size: int = hparam(8, ge=1, doc="rows per micro-batch (the global batch on in-memory sources)")
     grad_accum: int = hparam(1, ge=1, doc="micro-batches per optimizer step")
     cache_dir: str | None = hparam(None, doc="cache of the embedded corpus and downloads; null: the default")
+    seed: int | None = hparam(
+        None, ge=0, doc="shuffling seed of in-memory training rows (the data order); null: the experiment's seed"
+    )
 
     def validate(self) -> None:
         check(self.source != "local" or bool(self.paths), "paths", "source 'local' needs at least one path")
@@ -158,7 +161,7 @@ def build_training_data(
 
     Args:
         cfg: The data section of the experiment config.
-        seed: Shuffling seed of in-memory sources.
+        seed: Shuffling seed of in-memory sources (``cfg.seed`` takes precedence when set).
         rank: This process's data-parallel rank.
         world_size: Number of data-parallel processes (must divide ``cfg.batch_size``).
         eval_rows: Held-out rows to keep for evaluation (0: none).
@@ -225,5 +228,6 @@ def build_training_data(
             f"data.batch_size: {cfg.batch_size} exceeds the {train_rows.shape[0]} training rows of "
             f"{row_len} tokens; lower data.batch_size or data.seq_len"
         )
+    seed = seed if cfg.seed is None else cfg.seed  # a data order of its own (e.g. the same run on new data order)
     batcher = RowBatcher(train_rows, cfg.batch_size, seed=seed, rank=rank, world_size=world_size)
     return TrainingData(InMemoryBatches(batcher), heldout[:eval_rows], tokenizer, _special_ids(tokenizer))

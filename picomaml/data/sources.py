@@ -26,6 +26,7 @@ from picomaml.params import check_int
 
 __all__ = [
     "DataError",
+    "json_object",
     "MissingFieldError",
     "SUPPORTED_EXTENSIONS",
     "TokenRows",
@@ -104,6 +105,21 @@ def resolve_files(paths: PathLike | Sequence[PathLike]) -> list[Path]:
     return files
 
 
+def json_object(line: str, where: str) -> dict[str, Any]:
+    """One JSON-lines record, which must be an object.
+
+    Raises:
+        DataError: Not JSON, or not an object; the message starts with ``where`` (``file:line``).
+    """
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+    return record
+
+
 def _text_ids(text: str, tokenizer: Any, where: str) -> list[int]:
     if not isinstance(text, str):
         raise DataError(f"{where}: text must be a string, got {type(text).__name__}")
@@ -150,12 +166,7 @@ def _iter_jsonl(path: Path, tokenizer: Any, ids_key: str, text_key: str) -> Iter
             line = _decode(raw, where)
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: not valid JSON ({exc.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: each line must be a JSON object, got {type(record).__name__}")
+            record = json_object(line, where)
             if ids_key in record:
                 yield _token_ids(record[ids_key], f"{where} {ids_key}")
             elif text_key in record:

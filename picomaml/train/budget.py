@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 from picomaml.eval.flops import _model_dims, ar_step_flops, body_matmul_params, meta_step_flops
 from picomaml.params import ConfigError, check_int
@@ -27,14 +28,15 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
     ``data.seq_len`` inputs and/or the meta objective on ``meta.n_tasks`` episodes of the sampler's shape.
     PCGrad surgery (``meta.grad_surgery``) adds one backward of each loss to the backbone's parameters when
     both run (2/3 of its step, less the LM head's weight gradient; it was counted as a full 2/3, which gave
-    PCGrad arms about 10 % less compute than AR at "equal" FLOPs). The gradient diagnostic
+    PCGrad arms about 9 % less compute than AR at "equal" FLOPs). The gradient diagnostic
     (``eval.grad_cos_every``) is measurement, not training, and is not counted.
     [`measure_step_flops`][picomaml.train.flop_count.measure_step_flops] counts a real step with torch's
     ``FlopCounterMode``; the two agree within 3 % for every recipe the tests try.
 
     Args:
         config: A [`picomaml.ExperimentConfig`][picomaml.train.config.ExperimentConfig].
-        objectives: What the step ran: ``{"ar"}``, ``{"meta"}`` or both (``HybridScheduler.objectives``).
+        objectives: What the step ran: ``{"ar"}``, ``{"meta"}`` or both (``HybridScheduler.objectives``); ``()``
+            for a no-op step (``trainer.meta_noop``), which costs nothing.
     """
     kinds = set(objectives)
     unknown = kinds - {"ar", "meta"}
@@ -83,12 +85,19 @@ def run_flops(config: ExperimentConfig, steps: int | None = None) -> list[int]:
     """
     steps = config.trainer.max_steps if steps is None else check_int("steps", steps, ge=1)
     scheduler = hybrid_from_config(config, max_steps=steps)
-    cost = {kinds: experiment_step_flops(config, kinds) for kinds in (("ar",), ("meta",), ("ar", "meta"))}
+    cost = {kinds: experiment_step_flops(config, kinds) for kinds in ((), ("ar",), ("meta",), ("ar", "meta"))}
     out, total = [], 0
     for step in range(steps):
-        total += cost[tuple(sorted(scheduler.objectives(step)))]
+        total += cost[step_objectives(config, scheduler, step)]
         out.append(total)
     return out
+
+
+def step_objectives(config: ExperimentConfig, scheduler: Any, step: int) -> tuple[str, ...]:
+    """What the reference trainer computes at ``step``: the scheduler's objectives, without the meta
+    objective under ``trainer.meta_noop`` (``()``: a no-op step)."""
+    kinds = scheduler.objectives(step)
+    return tuple(sorted(k for k in kinds if not (config.trainer.meta_noop and k == "meta")))
 
 
 def steps_for_flops(config: ExperimentConfig, budget: int, max_steps: int = 1_000_000) -> int:

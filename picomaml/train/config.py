@@ -78,6 +78,12 @@ class TrainerConfig(Params):
     loggers: tuple[Literal["csv", "tensorboard", "wandb"], ...] = hparam(("csv",), doc="metric sinks")
     wandb_project: str = hparam("picomaml", doc="Weights & Biases project")
     wandb_offline: bool = hparam(True, doc="Weights & Biases offline mode (sync later)")
+    meta_noop: bool = hparam(
+        False,
+        doc="the schedule control: the meta part of every step is skipped (a meta-only step draws its batches, "
+        "advances the LR schedule and updates nothing), so a run keeps another run's step indices, data "
+        "order and LR schedule without its meta steps",
+    )
     compile: bool = hparam(
         False,
         doc="torch.compile the backbone for AR steps and the meta steps' backbone forward (inner loop and "

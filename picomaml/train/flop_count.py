@@ -100,12 +100,13 @@ def counted_run_flops(config: ExperimentConfig, steps: int | None = None) -> int
     given "equal FLOPs" by the formulas spend equal FLOPs by torch's count.
     """
     from picomaml.params import check_int
+    from picomaml.train.budget import step_objectives
     from picomaml.train.build import hybrid_from_config
 
     steps = config.trainer.max_steps if steps is None else check_int("steps", steps, ge=1)
     scheduler = hybrid_from_config(config, max_steps=steps)
     taken: dict[tuple[str, ...], int] = {}
     for step in range(steps):
-        kinds = tuple(sorted(scheduler.objectives(step)))
+        kinds = step_objectives(config, scheduler, step)
         taken[kinds] = taken.get(kinds, 0) + 1
-    return sum(n * measure_step_flops(config, kinds) for kinds, n in taken.items())
+    return sum(n * measure_step_flops(config, kinds) for kinds, n in taken.items() if kinds)  # a no-op step: 0

@@ -202,6 +202,10 @@ def train_step(t: Trainer, window: training.MetricWindow) -> bool:
     """One optimizer step over ``data.grad_accum`` micro-batches; False at the end of the data."""
     cfg, fabric, run = t.cfg, t.fabric, t.run
     plan, accum, world = run.hybrid.plan(t.step), cfg.data.grad_accum, fabric.world_size
+    if cfg.trainer.meta_noop and "meta" in plan.objectives:  # the schedule control: the meta part is skipped
+        plan = plan._replace(objectives=tuple(k for k in plan.objectives if k != "meta"))
+        if not plan.objectives:
+            return noop_step(t)
     losses = []
     try:
         for micro in range(accum):
@@ -237,6 +241,20 @@ def train_step(t: Trainer, window: training.MetricWindow) -> bool:
     t.counters["flops"] += experiment_step_flops(cfg, plan.objectives)
     t.step += 1
     t.updating = False
+    return True
+
+
+def noop_step(t: Trainer) -> bool:
+    """A meta-only step under ``trainer.meta_noop``: its batches are drawn (the data order stays that of the
+    run it controls), the LR schedule advances, nothing is computed or updated; False at the end of the data."""
+    try:
+        for _ in range(t.cfg.data.grad_accum):
+            t.data.train.next_batch()
+    except StopIteration:
+        return False
+    t.run.lr_scheduler.step()
+    t.counters["noop_steps"] += 1
+    t.step += 1
     return True
 
 

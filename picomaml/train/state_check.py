@@ -159,7 +159,7 @@ def check_counters(counters: Mapping[str, Any], known: tuple[str, ...], step: in
             raise StateMismatchError(
                 f"trainer_state.json: counter {key!r} is {short_repr(value)}, not a finite number in [0, 2**62]"
             )
-        if key in ("ar_steps", "meta_steps", "nonfinite_skipped", "nonfinite_consecutive") and value > step:
+        if key in ("ar_steps", "meta_steps", "noop_steps", "nonfinite_skipped", "nonfinite_consecutive") and value > step:
             raise StateMismatchError(
                 f"trainer_state.json: counter {key!r} is {value:g}, more than the checkpoint's step {step}"
             )

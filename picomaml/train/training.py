@@ -55,7 +55,7 @@ PROBE_TASKS = 4
 
 
 #: what a run counts (saved in every checkpoint, logged as ``trainer/<name>``)
-COUNTERS = ("ar_steps", "meta_steps", "tokens", "flops", "nonfinite_skipped", "nonfinite_consecutive")
+COUNTERS = ("ar_steps", "meta_steps", "noop_steps", "tokens", "flops", "nonfinite_skipped", "nonfinite_consecutive")
 
 
 def new_counters() -> dict[str, float]:

@@ -60,6 +60,14 @@ def test_embedded_seed_changes_the_order_only(embedded):
     assert not torch.equal(first[0], c.next_batch())
 
 
+def test_data_seed_sets_the_order_whatever_the_experiment_seed(embedded):
+    """``data.seed``: a run with its own data order (the rest of the run keeps the experiment's seed)."""
+    own = build_training_data(embedded(seed=7), seed=0).train.next_batch()
+    assert torch.equal(own, build_training_data(embedded(), seed=7).train.next_batch())
+    assert torch.equal(own, build_training_data(embedded(seed=7), seed=3).train.next_batch())
+    assert not torch.equal(own, build_training_data(embedded(), seed=0).train.next_batch())
+
+
 def test_embedded_ranks_share_the_global_batch_and_take_disjoint_rows(embedded):
     sources = [build_training_data(embedded(), rank=r, world_size=2).train for r in range(2)]
     for _ in range(3):

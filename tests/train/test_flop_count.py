@@ -64,3 +64,16 @@ def test_counted_run_flops_follows_the_schedule():
     assert abs(modelled / counted - 1) < 0.03
     ar = pm.load_config("tiny-cpu", SMALL + ["hybrid.ratio=0.0", "trainer.max_steps=6"])
     assert counted_run_flops(ar) == 6 * measure_step_flops(ar, {"ar"})
+
+
+def test_no_op_steps_of_the_schedule_control_cost_nothing():
+    from picomaml.train.budget import run_flops, step_objectives
+    from picomaml.train.build import hybrid_from_config
+    from picomaml.train.flop_count import counted_run_flops
+
+    cfg = pm.load_config("tiny-cpu", SMALL + ["hybrid.ratio=0.5", "trainer.max_steps=8", "trainer.meta_noop=true"])
+    kinds = [step_objectives(cfg, hybrid_from_config(cfg), s) for s in range(8)]
+    assert set(kinds) == {(), ("ar",)}
+    ar_step = measure_step_flops(cfg, {"ar"})
+    assert counted_run_flops(cfg) == kinds.count(("ar",)) * ar_step
+    assert run_flops(cfg)[-1] == kinds.count(("ar",)) * experiment_step_flops(cfg, {"ar"})

@@ -764,3 +764,22 @@ def test_bad_token_data_is_one_line_before_training(tmp_path, corpus_cache, ids,
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1]  # one line, naming the file or the key
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_meta_noop_keeps_the_schedule_and_data_order_without_the_meta_steps(tmp_path, corpus_cache):
+    """The schedule control: the same step indices, LR schedule and batches, meta-only steps doing nothing."""
+    sections = {"hybrid": {"ratio": 0.5}, "trainer": {"max_steps": 8}, "optim": {"decay": "cosine", "warmup_steps": 2}}
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    hybrid = run(tiny_config(tmp_path / "a", corpus_cache, **sections), tmp_path / "a" / "run")
+    control_cfg = tiny_config(tmp_path / "b", corpus_cache, **sections | {"trainer": {"max_steps": 8, "meta_noop": True}})
+    control = run(control_cfg, tmp_path / "b" / "run")
+    h, c = hybrid[-1], control[-1]
+    assert float(c["trainer/noop_steps"]) == float(h["trainer/meta_steps"]) > 0 and float(c["trainer/meta_steps"]) == 0
+    assert float(c["trainer/ar_steps"]) == float(h["trainer/ar_steps"])
+    assert [r["trainer/lr/model"] for r in control] == [r["trainer/lr/model"] for r in hybrid]  # the LR schedule
+    assert float(c["trainer/flops"]) == run_flops(pm.load_config(str(control_cfg)))[-1] < float(h["trainer/flops"])
+    # a no-op step draws its batch too: both runs end at the same data position, so every AR step saw the
+    # batch it sees in the hybrid run
+    positions = [pm.load_checkpoint(tmp_path / x / "run" / "checkpoints").states["data"] for x in ("a", "b")]
+    assert positions[0] == positions[1] and positions[0]["position"] == 8

@@ -1,0 +1,27 @@
+"""The audited figures of docs/pages/study.md recompute from the studies' JSON (benchmarks/study_audit.py)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_study_page_states_what_its_json_gives():
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "study_audit.py"), "--no-count"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out, page = proc.stdout, (ROOT / "docs" / "pages" / "study.md").read_text()
+    # each figure as the script prints it, and as the page states it
+    for printed, stated in [
+        ("7 of 52 intervals include zero", "7 of the 52 intervals"),
+        ("negative cosines, all 10 arms: 89 of 365", "89 of 365"),
+        ("negative cosines, 7 main arms: 68 of 283", "68 of 283"),
+        ("ar better in 156 of 156", "156 of 156"),
+    ]:
+        assert printed in out, printed
+        assert stated in page, stated
