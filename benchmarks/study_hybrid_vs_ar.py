@@ -78,6 +78,7 @@ ARMS: dict[str, list[str]] = {
                        "head.hidden_dims=[128,128,128,128]", "inner_loop.steps=10", "inner_loop.lr=0.01",
                        "optim.grad_clip=null"],  # fmt: skip
     "protonet-0.2": ["hybrid.ratio=0.2", "head.init=prototype", "inner_loop.steps=0"],
+    "top2-0.5": ["hybrid.ratio=0.5", "meta.grad_blocks=2"],  # the meta gradient reaches the top 2 blocks only
     # the controls of late-0.5: its step indices, data order and LR schedule with the meta steps as no-ops
     # (its length is late-0.5's, see LENGTH_OF), and late-0.5 itself on another data order (SEED_OVERRIDES)
     "schedule-control": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "trainer.meta_noop=true"],

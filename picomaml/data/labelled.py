@@ -13,12 +13,18 @@ the line and what is allowed.
 
 from __future__ import annotations
 
+import bz2
+import contextlib
 import csv
+import gzip
 import logging
+import lzma
 import os
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from picomaml.data.sources import DataError, json_object
 
@@ -26,6 +32,8 @@ __all__ = [
     "CONLLU_COLUMNS",
     "LabelledText",
     "TaggedSentence",
+    "format_suffix",
+    "open_data",
     "read_conll",
     "read_conllu",
     "read_text_labels",
@@ -76,7 +84,7 @@ class LabelledText:
 def _lines(path: Path, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     """``(line number, line)`` of a UTF-8 file, without the line break unless ``keep_ends``; a byte-order mark
     is dropped."""
-    with path.open("rb") as handle:
+    with open_data(path) as handle, _unreadable(path):
         for lineno, raw in enumerate(handle, start=1):
             try:
                 line = raw.decode("utf-8")
@@ -88,6 +96,33 @@ def _lines(path: Path, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             yield lineno, line if keep_ends else line.rstrip("\r\n")
+
+
+#: compressed files are read as they are (``train.csv.gz``, ``rotten_tomatoes.csv.bz2``)
+_COMPRESSED: dict[str, Callable[..., IO[bytes]]] = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
+
+
+def open_data(path: Path) -> IO[bytes]:
+    """``path`` opened for reading bytes, decompressed when its suffix is ``.gz``, ``.bz2`` or ``.xz``."""
+    opener = _COMPRESSED.get(path.suffix.lower())
+    return opener(path, "rb") if opener is not None else path.open("rb")
+
+
+def format_suffix(path: str | Path) -> str:
+    """The suffix that names a file's format, under a compression suffix: ``.csv`` for ``a.csv.gz``."""
+    suffixes = [s.lower() for s in Path(path).suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSED:
+        suffixes.pop()
+    return suffixes[-1] if suffixes else ""
+
+
+@contextlib.contextmanager
+def _unreadable(path: Path) -> Iterator[None]:
+    """A broken compressed stream (or an unreadable file) as a ``DataError`` naming the file."""
+    try:
+        yield
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as exc:
+        raise DataError(f"{path}: cannot be read as {path.suffix or 'a'} file ({exc})") from None
 
 
 def _existing(path: PathLike) -> Path:
@@ -308,8 +343,8 @@ def read_text_labels(
     """Labelled texts from a CSV or TSV file with a header row, or from JSON lines.
 
     The format follows the suffix: ``.csv`` (comma-separated, standard quoting), ``.tsv`` (tab-separated, no
-    quoting) or ``.jsonl`` (one JSON object per line). Blank lines are skipped. Integer labels of JSON lines
-    become strings (``1`` -> ``"1"``).
+    quoting) or ``.jsonl`` (one JSON object per line), each also compressed (``.csv.gz``, ``.csv.bz2``,
+    ``.jsonl.xz``, ...). Blank lines are skipped. Integer labels of JSON lines become strings (``1`` -> ``"1"``).
 
     Args:
         path: The file (UTF-8).
@@ -326,7 +361,7 @@ def read_text_labels(
         FileNotFoundError: ``path`` is not a file.
     """
     p = _existing(path)
-    suffix = p.suffix.lower()
+    suffix = format_suffix(p)
     if suffix not in _TEXT_SUFFIXES:
         raise DataError(
             f"{p}: unsupported suffix {p.suffix!r} for labelled texts; allowed: {list(_TEXT_SUFFIXES)}"

@@ -214,6 +214,7 @@ def meta_step_flops(
     inner_steps: int = 5,
     first_order: bool = False,
     adapt_layers: int = 0,
+    grad_blocks: int | None = None,
 ) -> int:
     """FLOPs of one meta step: the backbone over ``T N (K + Q)`` windows (no LM head) plus ``T`` inner loops.
 
@@ -231,6 +232,8 @@ def meta_step_flops(
         first_order: FOMAML (``s`` per inner step) instead of second order (``3 s``).
         adapt_layers: Top blocks adapted with the head (see
             [`adapted_blocks_flops`][picomaml.eval.flops.adapted_blocks_flops]).
+        grad_blocks: Top blocks the meta gradient reaches (``meta.grad_blocks``): the backbone's backward
+            runs through those only (without ``adapt_layers``); ``None``: every block.
 
     Returns:
         FLOPs as an integer.
@@ -241,7 +244,11 @@ def meta_step_flops(
     k = check_int("adapt_layers", adapt_layers, ge=0, le=n_layers)
     windows = n_tasks * n_way * (check_int("k_shot", k_shot, ge=1) + check_int("n_query", n_query, ge=1))
     w = check_int("window_len", window_len, ge=1)
-    if k == 0:
+    if k == 0 and grad_blocks is not None and grad_blocks < n_layers:  # forward everywhere, backward on top
+        g = check_int("grad_blocks", grad_blocks, ge=0)
+        body = backbone_flops(model_config, windows, w, lm_head=False) // 3
+        body += 2 * backbone_flops(_with_layers(model_config, g), windows, w, lm_head=False) // 3 if g else 0
+    elif k == 0:
         body = backbone_flops(model_config, windows, w, lm_head=False)
     elif k == n_layers:
         body = 0

@@ -28,6 +28,7 @@ from torch import nn
 from picomaml.meta.backbone import hidden_size
 from picomaml.meta.engine import Adapt
 from picomaml.meta.episode import Episode
+from picomaml.meta.grad_blocks import check_grad_blocks, stop_gradient_below
 from picomaml.meta.grad_conflict import pcgrad_term, shared_parameters
 from picomaml.meta.inner_loop import InnerLoopOutput
 from picomaml.meta.objectives import (
@@ -89,6 +90,10 @@ class HybridLearner(nn.Module):
             ([`picomaml.meta.grad_conflict.pcgrad_term`][picomaml.meta.grad_conflict.pcgrad_term]; two extra
             gradient passes per step); the cosine before surgery is ``out.meta.metrics["grad_cos"]``.
             ``"none"`` (default): the plain sum.
+        meta_grad_blocks: The meta loss's gradient reaches only the top ``k`` blocks of ``model`` (and its
+            final norm): the hidden states entering block ``n - k`` are detached during the meta forward,
+            so the lower blocks and the embedding learn from the AR loss alone (``0``: the head and inner
+            loop only). ``None`` (default): every block.
 
     Raises:
         ValueError: a bad ``pooling``, ``feature_norm``, ``nonfinite`` or ``adapt_layers`` (more than the
@@ -109,6 +114,7 @@ class HybridLearner(nn.Module):
         adapt_layers: int = MetaConfig.adapt_layers,
         grad_surgery: GradSurgery = MetaConfig.grad_surgery,
         adapt: Adapt = None,
+        meta_grad_blocks: int | None = MetaConfig.grad_blocks,
     ) -> None:
         super().__init__()
         check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
@@ -130,6 +136,7 @@ class HybridLearner(nn.Module):
         self.adapt_layers = int(adapt_layers)
         self.adapt = adapt
         self.grad_surgery = grad_surgery
+        self.meta_grad_blocks = None if meta_grad_blocks is None else check_grad_blocks(model, meta_grad_blocks)
 
     def forward(
         self,
@@ -154,18 +161,19 @@ class HybridLearner(nn.Module):
             ar = lm_loss(self.model, rows)
             total = w_ar * ar
         if episode is not None:
-            meta = meta_loss(
-                self.model,
-                self.head,
-                self.loop,
-                episode,
-                pooling=self.pooling,
-                feature_norm=self.feature_norm,
-                nonfinite=self.nonfinite,
-                features=self.features,
-                adapt_layers=self.adapt_layers,
-                adapt=self.adapt,
-            )
+            with stop_gradient_below(self.model, self.meta_grad_blocks):
+                meta = meta_loss(
+                    self.model,
+                    self.head,
+                    self.loop,
+                    episode,
+                    pooling=self.pooling,
+                    feature_norm=self.feature_norm,
+                    nonfinite=self.nonfinite,
+                    features=self.features,
+                    adapt_layers=self.adapt_layers,
+                    adapt=self.adapt,
+                )
             total = w_meta * meta.loss if total is None else total + w_meta * meta.loss
             if self.grad_surgery == "pcgrad" and ar is not None and w_ar > 0 and w_meta > 0:
                 term, cosine = pcgrad_term(ar, meta.loss, list(shared_parameters(self.model).values()))

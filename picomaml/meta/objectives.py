@@ -95,6 +95,10 @@ class MetaConfig(Params):
     grad_surgery: GradSurgery = hparam(
         "none", doc="weighted mode: pcgrad removes the meta gradient's component against the AR gradient"
     )
+    grad_blocks: int | None = hparam(
+        None, ge=0, doc="top backbone blocks the meta loss trains (its gradient stops below them; 0: the head "
+        "only); null: every block"
+    )
     nonfinite: NonFinite = hparam(
         "propagate", doc="NaN/Inf features: propagate (a NaN loss: the step is skipped) or raise"
     )

