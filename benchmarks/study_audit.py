@@ -25,7 +25,8 @@ from pathlib import Path
 warnings.filterwarnings("ignore", category=FutureWarning)
 
 from picomaml import load_config  # noqa: E402
-from picomaml.eval import mean_ci  # noqa: E402
+from picomaml.eval import holm, mean_ci  # noqa: E402
+from picomaml.eval import t_test_p as p_value  # noqa: E402
 from picomaml.train.budget import experiment_step_flops, run_flops, steps_for_flops  # noqa: E402
 from picomaml.train.build import hybrid_from_config  # noqa: E402
 from picomaml.train.optim import lr_multiplier  # noqa: E402
@@ -58,23 +59,6 @@ def diffs(runs: list[dict], arm: str, metric: str, budget: str = "flops", ref: s
 def fmt(values: list[float], digits: int = 3) -> str:
     mean, half = mean_ci(values)
     return f"{mean:+.{digits}f} ± {half:.{digits}f}"
-
-
-def p_value(values: list[float]) -> float:
-    """Two-sided one-sample t-test p-value: the confidence at which mean_ci's interval just reaches zero."""
-    mean, lo, hi = abs(mean_ci(values)[0]), 0.0, 1.0 - 1e-12
-    for _ in range(60):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_ci(values, confidence=mid)[1] < mean else (lo, mid)
-    return 1.0 - lo
-
-
-def holm(ps: list[float]) -> list[float]:
-    order, out, running = sorted(range(len(ps)), key=ps.__getitem__), [0.0] * len(ps), 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
-        out[i] = running
-    return out
 
 
 def schedule(run: dict) -> tuple[int, int, float]:

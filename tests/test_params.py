@@ -37,7 +37,7 @@ DECLARATIONS = [
     (pm.SMLMTSampler, SamplerConfig, set(), {"mask_token_id", "seed", "pad_token_id"}),  # ids of the tokenizer
     (pm.HybridScheduler, HybridConfig, set(), {"seed"}),
     # adapt takes names, globs or a predicate of the Python API (the YAML config has adapt_layers)
-    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery"}, {"model", "head", "loop", "episode", "features", "adapt"}),
+    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery", "grad_blocks"}, {"model", "head", "loop", "episode", "features", "adapt"}),
     (HybridLearner, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "features", "adapt"}),
     (build_optimizer, OptimConfig, {"warmup_steps", "decay", "min_lr_ratio", "grad_clip", "meta_lr"},
      {"modules", "lr_overrides"}),

@@ -29,7 +29,7 @@ from picomaml.eval.flops import ar_step_flops, meta_step_flops
 from picomaml.eval.leopard import FewShotDataset, LeopardFormatError, load_leopard_file, to_episodes
 from picomaml.eval.perplexity import perplexity, token_nll
 from picomaml.eval.probe import fit_linear_probe, linear_probe_accuracy, linear_probe_predict
-from picomaml.eval.stats import binomial_ci, mean_ci, normal_quantile, t_quantile
+from picomaml.eval.stats import binomial_ci, holm, mean_ci, normal_quantile, t_quantile, t_test_p
 from picomaml.eval.suite import format_suite_table, run_suite
 from picomaml.eval.tagging import (
     IGNORE_INDEX,
@@ -61,6 +61,8 @@ __all__ = [
     "binomial_ci",
     "t_quantile",
     "normal_quantile",
+    "t_test_p",
+    "holm",
     "downstream_eval",
     "load_downstream_dataset",
     "documents_dataset",

@@ -10,13 +10,13 @@ the Cornish-Fisher expansion (A&S 26.7.5, error well below 1e-6 there) beyond.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from statistics import NormalDist
 from typing import Literal
 
 from picomaml.params import check_int
 
-__all__ = ["mean_ci", "binomial_ci", "t_quantile", "normal_quantile"]
+__all__ = ["mean_ci", "binomial_ci", "t_quantile", "normal_quantile", "t_test_p", "holm"]
 
 _EXACT_DF = 100
 
@@ -127,6 +127,48 @@ def mean_ci(
     p = 0.5 + confidence / 2.0
     q = t_quantile(p, n - 1) if method == "t" else normal_quantile(p)
     return mean, q * math.sqrt(var / n)
+
+
+def t_test_p(values: Iterable[float]) -> float:
+    """Two-sided p-value of the one-sample t-test of mean zero (e.g. paired differences between two arms).
+
+    It is the ``1 - confidence`` at which [`mean_ci`][picomaml.eval.stats.mean_ci]'s t interval just
+    reaches zero: ``P(|T| >= |mean| / (s / sqrt(n)))`` with ``n - 1`` degrees of freedom.
+
+    Args:
+        values: At least two numbers.
+
+    Returns:
+        The p-value in ``[0, 1]`` (0 when every value is the same non-zero number, 1 when all are zero).
+    """
+    xs = [float(v) for v in values]
+    n = len(xs)
+    if n < 2:
+        raise ValueError(f"values: a t-test needs at least 2 values, got {n}")
+    mean = math.fsum(xs) / n
+    sd = math.sqrt(math.fsum((x - mean) ** 2 for x in xs) / (n - 1))
+    if sd == 0.0:
+        return 1.0 if mean == 0.0 else 0.0
+    t = abs(mean) / (sd / math.sqrt(n))
+    if n - 1 > _EXACT_DF:
+        return 2.0 * (1.0 - NormalDist().cdf(t))
+    return max(0.0, 1.0 - _t_two_sided_mass(t, n - 1))
+
+
+def holm(p_values: Sequence[float]) -> list[float]:
+    """Holm's step-down adjustment of ``p_values`` for multiple comparisons (family-wise error rate).
+
+    The ``i``-th smallest p-value is multiplied by ``m - i`` (``m`` tests, ``i`` from 0), made monotone and
+    capped at 1; the adjusted values come back in the input order.
+    """
+    ps = [float(p) for p in p_values]
+    if any(not 0.0 <= p <= 1.0 for p in ps):
+        raise ValueError(f"p_values: each must be in [0, 1], got {ps}")
+    order, out, running = sorted(range(len(ps)), key=ps.__getitem__), [0.0] * len(ps), 0.0
+    for rank, i in enumerate(order):
+        running = max(running, min(1.0, (len(ps) - rank) * ps[i]))
+        out[i] = running
+    return out
 
 
 def binomial_ci(

@@ -90,7 +90,7 @@ class HybridLearner(nn.Module):
             ([`picomaml.meta.grad_conflict.pcgrad_term`][picomaml.meta.grad_conflict.pcgrad_term]; two extra
             gradient passes per step); the cosine before surgery is ``out.meta.metrics["grad_cos"]``.
             ``"none"`` (default): the plain sum.
-        meta_grad_blocks: The meta loss's gradient reaches only the top ``k`` blocks of ``model`` (and its
+        grad_blocks: The meta loss's gradient reaches only the top ``k`` blocks of ``model`` (and its
             final norm): the hidden states entering block ``n - k`` are detached during the meta forward,
             so the lower blocks and the embedding learn from the AR loss alone (``0``: the head and inner
             loop only). ``None`` (default): every block.
@@ -114,7 +114,7 @@ class HybridLearner(nn.Module):
         adapt_layers: int = MetaConfig.adapt_layers,
         grad_surgery: GradSurgery = MetaConfig.grad_surgery,
         adapt: Adapt = None,
-        meta_grad_blocks: int | None = MetaConfig.grad_blocks,
+        grad_blocks: int | None = MetaConfig.grad_blocks,
     ) -> None:
         super().__init__()
         check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
@@ -136,7 +136,7 @@ class HybridLearner(nn.Module):
         self.adapt_layers = int(adapt_layers)
         self.adapt = adapt
         self.grad_surgery = grad_surgery
-        self.meta_grad_blocks = None if meta_grad_blocks is None else check_grad_blocks(model, meta_grad_blocks)
+        self.grad_blocks = None if grad_blocks is None else check_grad_blocks(model, grad_blocks)
 
     def forward(
         self,
@@ -161,7 +161,7 @@ class HybridLearner(nn.Module):
             ar = lm_loss(self.model, rows)
             total = w_ar * ar
         if episode is not None:
-            with stop_gradient_below(self.model, self.meta_grad_blocks):
+            with stop_gradient_below(self.model, self.grad_blocks):
                 meta = meta_loss(
                     self.model,
                     self.head,

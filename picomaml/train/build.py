@@ -72,7 +72,7 @@ def learner_from_config(
     m = cfg.meta
     return HybridLearner(
         model, head, loop, pooling=m.pooling, feature_norm=m.feature_norm, nonfinite=m.nonfinite,
-        adapt_layers=m.adapt_layers, grad_surgery=m.grad_surgery, meta_grad_blocks=m.grad_blocks,
+        adapt_layers=m.adapt_layers, grad_surgery=m.grad_surgery, grad_blocks=m.grad_blocks,
     )  # fmt: skip
 
 

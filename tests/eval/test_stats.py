@@ -103,3 +103,26 @@ def test_binomial_wilson_known_values():
         binomial_ci(11, 10)
     with pytest.raises(ValueError, match="n: must"):
         binomial_ci(0, 0)
+
+
+def test_t_test_p_is_where_the_interval_reaches_zero():
+    from picomaml.eval.stats import t_test_p
+
+    values = [0.8, 1.5, 0.3, 1.1, 0.9]
+    p = t_test_p(values)
+    mean = sum(values) / len(values)
+    assert mean_ci(values, confidence=1 - p)[1] == pytest.approx(mean, rel=1e-6)
+    assert t_test_p([1.0, -1.0]) == pytest.approx(1.0) and t_test_p([2.0, 2.0]) == 0.0
+    scipy_stats = pytest.importorskip("scipy.stats")
+    assert p == pytest.approx(scipy_stats.ttest_1samp(values, 0.0).pvalue, rel=1e-9)
+    with pytest.raises(ValueError, match="at least 2"):
+        t_test_p([1.0])
+
+
+def test_holm_adjusts_step_down_in_input_order():
+    from picomaml.eval.stats import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([]) == []
+    with pytest.raises(ValueError, match="p_values"):
+        holm([1.5])

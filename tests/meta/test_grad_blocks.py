@@ -46,7 +46,7 @@ def reached(learner: HybridLearner, ep: pm.Episode) -> tuple[float, set[str]]:
 def test_the_meta_gradient_reaches_the_top_k_blocks_only(k):
     ep = episode()
     full_loss, full = reached(HybridLearner(*parts()), ep)
-    loss, hit = reached(HybridLearner(*parts(), meta_grad_blocks=k), ep)
+    loss, hit = reached(HybridLearner(*parts(), grad_blocks=k), ep)
     assert loss == pytest.approx(full_loss, rel=1e-6)  # the forward is unchanged
     kept = {f"layers.{i}." for i in range(3 - (3 if k is None else k), 3)}
     expected = {n for n in full if any(n.startswith(p) for p in kept) or n.startswith("norm.")}
@@ -58,7 +58,7 @@ def test_the_meta_gradient_reaches_the_top_k_blocks_only(k):
 
 def test_the_ar_loss_still_trains_every_block():
     model, head, loop = parts()
-    learner = HybridLearner(model, head, loop, meta_grad_blocks=0)
+    learner = HybridLearner(model, head, loop, grad_blocks=0)
     rows = torch.randint(0, V, (2, 9), generator=torch.Generator().manual_seed(1))
     learner(rows=rows, episode=episode(), w_ar=1.0, w_meta=1.0).loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "lm_head" not in n)
@@ -72,7 +72,7 @@ def test_hooks_are_removed_and_bad_values_are_named():
     with pytest.raises(ConfigError, match=r"meta.grad_blocks \(the model has 3 blocks\): must be an integer >= 0 and <= 3, got 4"):
         check_grad_blocks(model, 4)
     with pytest.raises(ConfigError, match="meta.grad_blocks"):
-        HybridLearner(*parts(), meta_grad_blocks=-1)
+        HybridLearner(*parts(), grad_blocks=-1)
 
 
 def test_a_transformers_llama_keeps_its_gradient_in_the_top_block():
@@ -82,7 +82,7 @@ def test_a_transformers_llama_keeps_its_gradient_in_the_top_block():
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     head = pm.MetaHead(in_dim=32, n_way=N, init="xavier")
-    learner = HybridLearner(model, head, pm.InnerLoop(steps=1, lr=0.1, head=head), meta_grad_blocks=1)
+    learner = HybridLearner(model, head, pm.InnerLoop(steps=1, lr=0.1, head=head), grad_blocks=1)
     learner(episode=episode()).loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".layers.0." in n or "embed" in n)
