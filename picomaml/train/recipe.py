@@ -252,6 +252,7 @@ def noop_step(t: Trainer) -> bool:
             t.data.train.next_batch()
     except StopIteration:
         return False
+    sync(t)  # a stop signal ends the run after this step, as after any other
     t.run.lr_scheduler.step()
     t.counters["noop_steps"] += 1
     t.step += 1

@@ -47,7 +47,10 @@ def _check_tensor(where: str, saved: Any, expected: Tensor, what: str) -> None:
             f"{where} is {_shape(saved)} in the checkpoint, {what} has {_shape(expected)}"
         )
     if saved.dtype != expected.dtype:
-        raise StateMismatchError(f"{where} is {saved.dtype} in the checkpoint, {what} has {expected.dtype}")
+        hint = ""
+        if saved.is_floating_point() and expected.is_floating_point():
+            hint = " (a change of trainer.precision? resume in the precision the checkpoint was saved in)"
+        raise StateMismatchError(f"{where} is {saved.dtype} in the checkpoint, {what} has {expected.dtype}{hint}")
     if saved.is_floating_point() or saved.is_complex():
         bad = int((~torch.isfinite(saved)).sum())
         if bad:

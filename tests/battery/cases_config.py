@@ -31,14 +31,16 @@ SIZES = {
 }
 
 
-def _size_case(name: str, override: str, key: str) -> None:
+def _refusal_case(name: str, override: str, key: str) -> None:
+    """A case: ``--set override`` must be refused, naming ``key``."""
+
     @case(name)
     def _(tmp):
         return refused(with_set(tmp, override), key)
 
 
 for _name, (_override, _key) in SIZES.items():
-    _size_case(_name, _override, _key)
+    _refusal_case(_name, _override, _key)
 
 
 VALUES = {
@@ -57,14 +59,8 @@ VALUES = {
 }
 
 
-def _value_case(name: str, override: str, key: str) -> None:
-    @case(name)
-    def _(tmp):
-        return refused(with_set(tmp, override), key)
-
-
 for _name, (_override, _key) in VALUES.items():
-    _value_case(_name, _override, _key)
+    _refusal_case(_name, _override, _key)
 
 
 @case("config-file-missing")

@@ -87,3 +87,19 @@ def test_a_transformers_llama_keeps_its_gradient_in_the_top_block():
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is None or g.abs().sum() == 0 for n, g in grads.items() if ".layers.0." in n or "embed" in n)
     assert any(g is not None and g.abs().sum() > 0 for n, g in grads.items() if ".layers.1." in n)
+
+
+@pytest.mark.parametrize(("adapt_layers", "k"), [(1, 2), (2, 1)])
+def test_the_stop_holds_on_the_adapted_path_too(adapt_layers, k):
+    """With top blocks adapting in the inner loop (the split path), the gradient still stops below block n - k."""
+    model, head, loop = parts()
+    learner = HybridLearner(model, head, loop, adapt_layers=adapt_layers, grad_blocks=k)
+    learner(episode=episode()).loss.backward()
+    lowest = 3 - k
+    for name, p in model.named_parameters():
+        block = int(name.split(".")[1]) if name.startswith("layers.") else None
+        has = p.grad is not None and p.grad.abs().sum() > 0
+        if block is not None and block < lowest or name.startswith("embed"):
+            assert not has, name
+        elif block is not None:
+            assert has, name
