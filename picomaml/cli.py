@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TextIO
 
 from picomaml._version import __version__
-from picomaml.params import ConfigError
+from picomaml.params import ConfigError, count_arg
 
 __all__ = ["main", "build_parser", "build_eval_parser", "eval_main"]
 
@@ -131,23 +131,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _count(low: int, high: int | None = None):
-    """An argparse type: an integer in ``[low, high]`` (anything else is argparse's one-line usage error,
-    which names the option)."""
-    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high:,}]"
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
-        if value < low or (high is not None and value > high):
-            raise argparse.ArgumentTypeError(f"expected {allowed}, got {value}")
-        return value
-
-    return parse
-
-
 #: most episodes one ``picomaml eval`` row runs (``eval.episodes`` has the same bound), shares in one forward,
 #: and ``picomaml sample`` prints
 MAX_EVAL_EPISODES, MAX_EPISODES_PER_BATCH, MAX_SAMPLE_EPISODES = 10**6, 4096, 10**4
@@ -170,7 +153,7 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     )
     p.add_argument("--checkpoint", required=True, help="step dir, checkpoint root, run dir, or HF export dir")
     p.add_argument(
-        "--episodes", type=_count(1, MAX_EVAL_EPISODES), default=500, help="episodes per setting and task (default 500)"
+        "--episodes", type=count_arg(1, MAX_EVAL_EPISODES), default=500, help="episodes per setting and task (default 500)"
     )
     p.add_argument("--json", help="write all numbers (per-episode accuracies included) to this JSON file")
     p.add_argument(
@@ -180,7 +163,7 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     p.add_argument("--seed", type=int, help="episode seed (default: the run's seed, else 0)")
     p.add_argument("--no-downstream", action="store_true", help="skip the downstream task")
     p.add_argument(
-        "--downstream-window-len", type=_count(2), default=64,
+        "--downstream-window-len", type=count_arg(2), default=64,
         help="tokens per window of the downstream task (default: 64)",
     )
     p.add_argument(
@@ -188,7 +171,7 @@ def build_eval_parser(parser: argparse.ArgumentParser | None = None) -> argparse
     )
     p.add_argument("--cache-dir", help="cache root of the embedded corpus")
     p.add_argument(
-        "--episodes-per-batch", type=_count(1, MAX_EPISODES_PER_BATCH), default=16,
+        "--episodes-per-batch", type=count_arg(1, MAX_EPISODES_PER_BATCH), default=16,
         help="episodes that share one backbone forward (memory against speed; same results) (default: 16)",
     )  # fmt: skip
     return p
@@ -391,16 +374,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("sample", help="print decoded SMLMT episodes from the embedded corpus")
-    p.add_argument("--n", type=_count(1, MAX_SAMPLE_EPISODES), default=2, help="number of episodes (default: %(default)s)")
-    p.add_argument("--n-way", type=_count(2), default=4, help="classes per episode, >= 2 (default: %(default)s)")
-    p.add_argument("--k-shot", type=_count(1), default=2, help="support windows per class (default: %(default)s)")
-    p.add_argument("--n-query", type=_count(1), default=1, help="query windows per class (default: %(default)s)")
-    p.add_argument("--window-len", type=_count(2), default=24, help="tokens per window (default: %(default)s)")
-    p.add_argument("--seq-len", type=_count(2), default=256, help="tokens per corpus row (default: %(default)s)")
+    p.add_argument("--n", type=count_arg(1, MAX_SAMPLE_EPISODES), default=2, help="number of episodes (default: %(default)s)")
+    p.add_argument("--n-way", type=count_arg(2), default=4, help="classes per episode, >= 2 (default: %(default)s)")
+    p.add_argument("--k-shot", type=count_arg(1), default=2, help="support windows per class (default: %(default)s)")
+    p.add_argument("--n-query", type=count_arg(1), default=1, help="query windows per class (default: %(default)s)")
+    p.add_argument("--window-len", type=count_arg(2), default=24, help="tokens per window (default: %(default)s)")
+    p.add_argument("--seq-len", type=count_arg(2), default=256, help="tokens per corpus row (default: %(default)s)")
     p.add_argument("--min-freq", type=float, default=8, help="fewest windows a class token is in (default: %(default)s)")
     p.add_argument("--max-freq", type=float, default=0.05,
                    help="most windows a class token is in, a fraction or a count (default: %(default)s)")  # fmt: skip
-    p.add_argument("--show", type=_count(0), default=2, help="windows shown per class (default: %(default)s)")
+    p.add_argument("--show", type=count_arg(0), default=2, help="windows shown per class (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (default: %(default)s)")
     p.set_defaults(func=cmd_sample)
 

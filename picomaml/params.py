@@ -17,6 +17,7 @@ with the argument's name (a dotted path inside a config) and says what is allowe
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import math
@@ -24,7 +25,7 @@ import numbers
 import reprlib
 import types
 import typing
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, TypeVar, Union
 
 __all__ = [
@@ -107,6 +108,23 @@ def check_int(name: str, value: Any, ge: int | None = None, le: int | None = Non
             f"{name}: must be an integer{' ' + bounds if bounds else ''}, got {short_repr(value)}"
         )
     return int(value)
+
+
+def count_arg(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An ``argparse`` type: an integer in ``[low, high]``; anything else is argparse's one-line usage error,
+    which names the option (``argument --n: expected an integer in [1, 10,000], got 0``)."""
+    allowed = f"an integer >= {low}" if high is None else f"an integer in [{low}, {high:,}]"
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            raise argparse.ArgumentTypeError(f"expected {allowed}, got {value}")
+        return value
+
+    return parse
 
 
 def check_number(

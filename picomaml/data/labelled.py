@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
-from picomaml.data.sources import DataError, json_object
+from picomaml.data.sources import DataError, decode_utf8, json_object
 
 __all__ = [
     "CONLLU_COLUMNS",
@@ -86,13 +86,7 @@ def _lines(path: Path, keep_ends: bool = False) -> Iterator[tuple[int, str]]:
     is dropped."""
     with open_data(path) as handle, _unreadable(path):
         for lineno, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise DataError(
-                    f"{path}:{lineno}: not UTF-8 text (byte {exc.start} of the line: "
-                    f"{raw[exc.start : exc.start + 4]!r}); convert the file to UTF-8"
-                ) from None
+            line = decode_utf8(raw, f"{path}:{lineno}")
             if lineno == 1:
                 line = line.removeprefix("\ufeff")
             yield lineno, line if keep_ends else line.rstrip("\r\n")

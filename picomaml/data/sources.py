@@ -26,6 +26,7 @@ from picomaml.params import check_int
 
 __all__ = [
     "DataError",
+    "decode_utf8",
     "json_object",
     "MissingFieldError",
     "SUPPORTED_EXTENSIONS",
@@ -63,7 +64,12 @@ def _token_ids(value: Any, where: str) -> list[int]:
     return ids
 
 
-def _decode(raw: bytes, where: str) -> str:
+def decode_utf8(raw: bytes, where: str) -> str:
+    """``raw`` as UTF-8 text.
+
+    Raises:
+        DataError: Not UTF-8; the message starts with ``where`` (``file:line``) and shows the bad bytes.
+    """
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -163,7 +169,7 @@ def _iter_jsonl(path: Path, tokenizer: Any, ids_key: str, text_key: str) -> Iter
     with path.open("rb") as handle:
         for lineno, raw in enumerate(handle, start=1):
             where = f"{path}:{lineno}"
-            line = _decode(raw, where)
+            line = decode_utf8(raw, where)
             if not line.strip():
                 continue
             record = json_object(line, where)
@@ -202,7 +208,7 @@ def iter_sequences(
         elif path.suffix == ".jsonl":
             yield from _iter_jsonl(path, tokenizer, ids_key, text_key)
         else:  # .txt: the whole file is one document
-            yield _text_ids(_decode(path.read_bytes(), str(path)), tokenizer, str(path))
+            yield _text_ids(decode_utf8(path.read_bytes(), str(path)), tokenizer, str(path))
 
 
 def _pack(sequences: Iterable[list[int]], seq_len: int) -> Iterator[torch.Tensor]:

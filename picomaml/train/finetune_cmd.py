@@ -29,6 +29,7 @@ from picomaml.data.labelled import (
     read_conllu,
     read_text_labels,
 )
+from picomaml.params import count_arg
 
 __all__ = ["TAGGING_SUFFIXES", "TEXT_SUFFIXES", "build_finetune_parser", "finetune_main", "read_labelled"]
 
@@ -67,17 +68,14 @@ def _seeds(text: str) -> list[int]:
     return seeds
 
 
-def _positive(kind: type, high: float):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} > 0, got {text!r}") from None
-        if not 0 < value <= high:
-            raise argparse.ArgumentTypeError(f"expected a {kind.__name__} in (0, {high:g}], got {text!r}")
-        return value
-
-    return parse
+def _learning_rate(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 10], got {text!r}") from None
+    if not 0 < value <= 10.0:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"expected a learning rate in (0, 10], got {text!r}")
+    return value
 
 
 def build_finetune_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
@@ -93,13 +91,13 @@ def build_finetune_parser(parser: argparse.ArgumentParser | None = None) -> argp
                    help="head: train a linear head on frozen features; full: fine-tune a copy of the backbone too "
                         "(default: %(default)s)")  # fmt: skip
     p.add_argument("--seeds", type=_seeds, default=[0, 1, 2], help="fine-tuning seeds (default: 0,1,2)")
-    p.add_argument("--epochs", type=_positive(int, 1000), help="passes over the training data (default: 5 tagging, 10 classification)")
-    p.add_argument("--lr", type=_positive(float, 10.0), help="AdamW learning rate (default: 1e-3 head, 1e-4 full)")
-    p.add_argument("--batch-size", type=_positive(int, 4096), default=16, help="examples per step (default: %(default)s)")
-    p.add_argument("--k-per-class", type=_positive(int, 10**6),
+    p.add_argument("--epochs", type=count_arg(1, 1000), help="passes over the training data (default: 5 tagging, 10 classification)")
+    p.add_argument("--lr", type=_learning_rate, help="AdamW learning rate (default: 1e-3 head, 1e-4 full)")
+    p.add_argument("--batch-size", type=count_arg(1, 4096), default=16, help="examples per step (default: %(default)s)")
+    p.add_argument("--k-per-class", type=count_arg(1, 10**6),
                    help="classification: training examples per class, drawn per seed (default: all)")  # fmt: skip
-    p.add_argument("--max-train", type=_positive(int, 10**7), help="use only the first N training items")
-    p.add_argument("--max-test", type=_positive(int, 10**7), help="score only the first N test items")
+    p.add_argument("--max-train", type=count_arg(1, 10**7), help="use only the first N training items")
+    p.add_argument("--max-test", type=count_arg(1, 10**7), help="score only the first N test items")
     p.add_argument("--json", help="write the settings, the summary and every run's scores to this file")
     p.add_argument("--tokenizer", help="tokenizer of an HF export (default: its own files)")
     p.add_argument("--cache-dir", help="cache root of the embedded corpus")

@@ -10,7 +10,6 @@ its bytes (no zip header: damaged; a broken archive: truncated or damaged). ``we
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -25,8 +24,8 @@ import yaml
 
 from picomaml.params import one_line
 from picomaml.train.checkpoint.discovery import locate
-from picomaml.train.checkpoint.layout import CONFIG, RNG, TRAINER_STATE, DamagedCheckpointError, quote
-from picomaml.train.checkpoint.manifest import Manifest
+from picomaml.train.checkpoint.layout import CONFIG, RNG, TRAINER_STATE, DamagedCheckpointError
+from picomaml.train.checkpoint.manifest import Manifest, read_trainer_state
 from picomaml.train.rng_state import restore_rng_state
 from picomaml.train.state_check import check_states
 
@@ -122,7 +121,7 @@ def load_checkpoint(
         KeyError: ``components`` names one the checkpoint does not have.
     """
     ckpt_dir, manifest = locate(path)
-    trainer_state = _trainer_state(ckpt_dir)
+    trainer_state = read_trainer_state(ckpt_dir)
     names = trainer_state["components"]
     if components is not None:
         missing = sorted(set(components) - set(names))
@@ -144,32 +143,6 @@ def load_checkpoint(
         rng=rng_state,
         trainer_state=trainer_state,
     )
-
-
-def _trainer_state(ckpt_dir: Path) -> dict[str, Any]:
-    """``trainer_state.json``, checked for the fields loading relies on."""
-    f = ckpt_dir / TRAINER_STATE
-    try:
-        data = json.loads(f.read_bytes().decode("utf-8"))
-    except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise DamagedCheckpointError(
-            ckpt_dir, f"{TRAINER_STATE}: not valid JSON ({one_line(exc, 120)})", f
-        ) from exc
-    problem = ""
-    if not isinstance(data, dict):
-        problem = f"expected a JSON object, got {type(data).__name__}"
-    elif not isinstance(data.get("step"), int) or isinstance(data["step"], bool) or data["step"] < 0:
-        problem = f"'step' is {quote(data.get('step'))}, not a step number"
-    elif not isinstance(data.get("components", []), list) or not all(
-        isinstance(n, str) for n in data.get("components", [])
-    ):
-        problem = f"'components' is {quote(data.get('components'))}, not a list of names"
-    elif not isinstance(data.get("counters", {}), dict):
-        problem = f"'counters' is {quote(data.get('counters'))}, not a table"
-    if problem:
-        raise DamagedCheckpointError(ckpt_dir, f"{TRAINER_STATE}: {problem}", f)
-    data.setdefault("components", [])
-    return data
 
 
 def _config(ckpt_dir: Path) -> dict[str, Any] | None:

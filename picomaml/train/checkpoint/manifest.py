@@ -23,6 +23,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from picomaml.params import one_line
 from picomaml.train._atomic_io import hash_file
@@ -174,23 +175,49 @@ def verify_checkpoint(path: str | os.PathLike[str], *, checksums: bool = True) -
     return manifest
 
 
-def _check_state_step(path: Path, manifest: Manifest) -> None:
-    """``trainer_state.json`` is for the folder's step: a resume takes its step from there, so a mismatch
-    would carry on from one step with another step's weights."""
-    expected = manifest.step if manifest.step is not None else _step_of_dir(path)
-    f = path / TRAINER_STATE
+def read_trainer_state(ckpt_dir: Path) -> dict[str, Any]:
+    """``trainer_state.json`` of a step directory, checked for the fields loading relies on (``step``,
+    ``components``, ``counters``).
+
+    Raises:
+        DamagedCheckpointError: The file is unreadable, too large, not JSON, or a field has the wrong type.
+    """
+    f = ckpt_dir / TRAINER_STATE
     try:
-        if f.stat().st_size > _MAX_MANIFEST_BYTES:
-            raise ValueError(f"{f.stat().st_size} bytes, far larger than a trainer state")
+        size = f.stat().st_size
+        if size > _MAX_MANIFEST_BYTES:
+            raise ValueError(f"{size} bytes, far larger than a trainer state")
         data = json.loads(f.read_bytes().decode("utf-8"))
     except (OSError, ValueError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        raise DamagedCheckpointError(path, f"{TRAINER_STATE}: not valid JSON ({one_line(exc, 120)})", f) from None
+        raise DamagedCheckpointError(
+            ckpt_dir, f"{TRAINER_STATE}: not valid JSON ({one_line(exc, 120)})", f
+        ) from exc
+    problem = ""
     if not isinstance(data, dict):
-        raise DamagedCheckpointError(path, f"{TRAINER_STATE}: expected a JSON object, got {type(data).__name__}", f)
-    step = data.get("step")
+        problem = f"expected a JSON object, got {type(data).__name__}"
+    elif not isinstance(data.get("step"), int) or isinstance(data["step"], bool) or data["step"] < 0:
+        problem = f"'step' is {quote(data.get('step'))}, not a step number"
+    elif not isinstance(data.get("components", []), list) or not all(
+        isinstance(n, str) for n in data.get("components", [])
+    ):
+        problem = f"'components' is {quote(data.get('components'))}, not a list of names"
+    elif not isinstance(data.get("counters", {}), dict):
+        problem = f"'counters' is {quote(data.get('counters'))}, not a table"
+    if problem:
+        raise DamagedCheckpointError(ckpt_dir, f"{TRAINER_STATE}: {problem}", f)
+    data.setdefault("components", [])
+    return data
+
+
+def _check_state_step(path: Path, manifest: Manifest) -> None:
+    """``trainer_state.json`` is valid and for the folder's step: a resume takes its step from there, so a
+    mismatch would carry on from one step with another step's weights."""
+    expected = manifest.step if manifest.step is not None else _step_of_dir(path)
+    step = read_trainer_state(path)["step"]
     if expected is not None and step != expected:
         raise DamagedCheckpointError(
-            path, f"{TRAINER_STATE}: says step {quote(step)}, but the checkpoint is for step {expected}", f
+            path, f"{TRAINER_STATE}: says step {quote(step)}, but the checkpoint is for step {expected}",
+            path / TRAINER_STATE,
         )
 
 
