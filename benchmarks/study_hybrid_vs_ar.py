@@ -337,7 +337,7 @@ def run_one(trainer, run: dict, args: argparse.Namespace) -> dict:
     result |= {
         "train_seconds": round(train_s, 1), "eval_seconds": round(time.perf_counter() - start, 1),
         "curve": read_curve(run_dir / "metrics.csv"), "episodes": args.episodes, "ppl_rows": args.ppl_rows,
-        "finetune": not args.no_finetune,
+        "finetune": not args.no_finetune, "commit": _CACHE.setdefault("commit", git_commit()),
         "diagnostic": read_curve(run_dir / "metrics.csv", diagnostic=True),
     }  # fmt: skip
     if result["step"] != run["steps"]:
@@ -624,7 +624,7 @@ def main(argv=None) -> int:
         "seeds": args.seeds, "steps": args.steps, "episodes": args.episodes, "arms": args.arms,
         "config": str(Path(args.config).relative_to(ROOT) if Path(args.config).is_relative_to(ROOT) else args.config),
         "overrides": {"common": COMMON + (QUICK if args.quick else []) + args.set, "arms": ARMS},
-        "commit": git_commit(), "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
+        "commit": git_commit(), "run_commits": sorted({r.get("commit", "unknown") for r in results}), "torch": torch.__version__, "threads": args.threads, "seconds": round(seconds, 1),
         "wall_seconds_this_invocation": round(wall, 1), "summary": summary, "reach_ar_perplexity": reach,
         "diagnostic": diagnostic_summary([r for r in results if not r.get("alias")]),
         "primary": primary_tests(results) if args.round3 else None,
