@@ -81,18 +81,34 @@ ARMS: dict[str, list[str]] = {
     # (its length is late-0.5's, see LENGTH_OF), and late-0.5 itself on another data order (SEED_OVERRIDES)
     "schedule-control": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "trainer.meta_noop=true"],
     "late-0.5-neworder": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667"],
+    "ar-neworder": ["hybrid.ratio=0.0", "eval.update_norms=true"],  # the AR reference on late-0.5-neworder's data order
+    # the direct test of dilution: late-0.5 with each meta gradient rescaled to half the running AR-step norm,
+    # its own AdamW moments, and every step's update norm logged
+    "norm-late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "optim.meta_grad_norm=0.5",
+                      "optim.meta_moments=separate", "eval.update_norms=true"],
+    # the adapter arm: the inner loop adapts rank-4 LoRA factors of every q/v projection with the head
+    "lora-late-0.5": ["hybrid.ratio=0.5", "hybrid.meta_start=0.667", "meta.lora_rank=4", "eval.update_norms=true"],
 }
 #: arms whose length is another arm's at equal FLOPs (a control spends less by design: not held to AR's FLOPs)
 LENGTH_OF = {"schedule-control": "late-0.5"}
 #: overrides that depend on the run's seed
-SEED_OVERRIDES = {"late-0.5-neworder": lambda seed: [f"data.seed={1000 + seed}"]}
+SEED_OVERRIDES = {name: lambda seed: [f"data.seed={1000 + seed}"] for name in ("late-0.5-neworder", "ar-neworder")}
 DEFAULT_ARMS = ["ar", "hybrid-0.5", "hybrid-sched"]
-# round 3 (--round3): the arms the library can run so far (a normalised meta gradient, a LoRA adapter arm and
-# the papers' 32-way recipe are still to come), 5 fresh seeds from ROUND3_SEED_BASE, equal FLOPs, the fine-tuned evaluations
-ROUND3_ARMS = ["ar", "late-0.5", "schedule-control", "late-0.5-neworder", "top2-0.5", "protonet-0.2"]
+# round 3 (--round3): 5 fresh seeds from ROUND3_SEED_BASE, equal FLOPs, the fine-tuned evaluations (the papers'
+# 32-way recipe waits for a cross-batch episode buffer)
+ROUND3_ARMS = ["ar", "late-0.5", "schedule-control", "late-0.5-neworder", "top2-0.5", "protonet-0.2", "ar-neworder",
+               "norm-late-0.5", "lora-late-0.5"]  # fmt: skip
 ROUND3_SEED_BASE = 10  # rounds 1 and 2 used seeds 0-4
 #: pre-registered primary metrics of round 3, each arm against ar, Holm-corrected over arms x metrics
 PRIMARY = ("perplexity", "ud_upos_acc", "rt_8shot_acc")
+#: references, not treatments: left out of the primary family
+REFERENCES = ("ar", "ar-neworder")
+#: planned contrasts of round 3 (arm, its reference) on the PRIMARY metrics, a second Holm family
+CONTRASTS = (("late-0.5", "schedule-control"), ("late-0.5-neworder", "ar-neworder"), ("norm-late-0.5", "late-0.5"),
+             ("lora-late-0.5", "late-0.5"))  # fmt: skip
+#: the update-norm columns of eval.update_norms (run means over the late and early parts of a run)
+UPDATE_KEYS = ("train/update_norm_ar", "train/update_norm_meta", "train/clipped_grad_norm_ar",
+               "train/clipped_grad_norm_meta", "meta/grad_norm_raw")  # fmt: skip
 ROUND2_ARMS = ["ar", "weighted-0.1", "weighted-0.3", "pcgrad-0.3", "fomaml-0.2", "adapt2-0.2", "late-0.5"]
 ROUND2 = ["eval.grad_cos_every=20"]  # the AR-vs-meta gradient diagnostic at every other logged step
 QUICK_ROUND2 = ["model.n_layers=2", "trainer.log_every=1", "eval.grad_cos_every=1"]  # adapt2 needs 2 blocks
@@ -220,6 +236,14 @@ def plan(args: argparse.Namespace) -> list[dict]:
     return runs
 
 
+def read_updates(metrics_csv: Path) -> list[dict]:
+    """The logged rows of ``eval.update_norms`` (step and every `UPDATE_KEYS` column present), else ``[]``."""
+    with open(metrics_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    return [{"step": float(r["step"])} | {k: float(r[k]) for k in UPDATE_KEYS if r.get(k)}
+            for r in rows if any(r.get(k) for k in UPDATE_KEYS)]  # fmt: skip
+
+
 def read_curve(metrics_csv: Path, diagnostic: bool = False) -> list[dict]:
     """Evaluation rows of a run's metrics.csv (step, FLOPs, perplexity, few-shot accuracy), or with
     ``diagnostic`` the rows of the gradient diagnostic (every ``diag/*`` column)."""
@@ -339,6 +363,7 @@ def run_one(trainer, run: dict, args: argparse.Namespace) -> dict:
         "curve": read_curve(run_dir / "metrics.csv"), "episodes": args.episodes, "ppl_rows": args.ppl_rows,
         "finetune": not args.no_finetune, "commit": _CACHE.setdefault("commit", git_commit()),
         "diagnostic": read_curve(run_dir / "metrics.csv", diagnostic=True),
+        "updates": read_updates(run_dir / "metrics.csv"),
     }  # fmt: skip
     if result["step"] != run["steps"]:
         raise RuntimeError(
@@ -423,22 +448,68 @@ def diagnostic_summary(results: list[dict]) -> dict:
     return out
 
 
-def primary_tests(results: list[dict]) -> list[dict]:
-    """The pre-registered tests of round 3: each arm against ``ar`` on each `PRIMARY` metric at equal FLOPs,
-    paired by seed; two-sided t-test p-values, Holm-adjusted over all arms x metrics."""
+def paired_tests(results: list[dict], pairs: list[tuple[str, str]]) -> list[dict]:
+    """Each ``(arm, reference)`` on each `PRIMARY` metric at equal FLOPs, paired by seed: mean ± 95 % CI of
+    the differences, the two-sided t-test's p and its Holm adjustment over this family of tests."""
     rows = [r for r in results if r["budget"] == "flops"]
-    ar = {r["seed"]: r for r in rows if r["arm"] == "ar"}
     tests = []
-    for arm in dict.fromkeys(r["arm"] for r in rows if r["arm"] != "ar"):
+    for arm, ref in pairs:
+        base = {r["seed"]: r["final"] for r in rows if r["arm"] == ref}
         for key in PRIMARY:
-            diffs = [r["final"][key] - ar[r["seed"]]["final"][key] for r in rows
-                     if r["arm"] == arm and r["seed"] in ar and r["final"].get(key) is not None
-                     and ar[r["seed"]]["final"].get(key) is not None]  # fmt: skip
+            diffs = [r["final"][key] - base[r["seed"]][key] for r in rows
+                     if r["arm"] == arm and r["seed"] in base and r["final"].get(key) is not None
+                     and base[r["seed"]].get(key) is not None]  # fmt: skip
             if len(diffs) >= 2:
-                tests.append({"arm": arm, "metric": key, "n": len(diffs), "diff": mean_ci(diffs), "p": t_test_p(diffs)})
+                tests.append({"arm": arm, "reference": ref, "metric": key, "n": len(diffs), "diff": mean_ci(diffs),
+                              "p": t_test_p(diffs)})  # fmt: skip
     for t, adjusted in zip(tests, holm([t["p"] for t in tests]), strict=True):
         t["p_holm"] = adjusted
     return tests
+
+
+def primary_tests(results: list[dict]) -> list[dict]:
+    """The pre-registered tests of round 3: each arm but the `REFERENCES` against ``ar`` (see `paired_tests`)."""
+    arms = dict.fromkeys(r["arm"] for r in results if r["arm"] not in REFERENCES)
+    return paired_tests(results, [(arm, "ar") for arm in arms])
+
+
+def contrast_tests(results: list[dict]) -> list[dict]:
+    """The planned `CONTRASTS` of round 3 whose two arms both ran (see `paired_tests`)."""
+    arms = {r["arm"] for r in results}
+    return paired_tests(results, [(a, b) for a, b in CONTRASTS if a in arms and b in arms])
+
+
+def update_summary(results: list[dict]) -> dict:
+    """Per arm that logged update norms: each `UPDATE_KEYS` column's run mean before and after the last third
+    of the run (where late meta steps start), then mean ± 95 % CI over seeds."""
+    out: dict = {}
+    for arm in dict.fromkeys(r["arm"] for r in results):
+        per_run = []
+        for r in results:
+            rows = r.get("updates") or []
+            if r["arm"] != arm or not rows or r.get("alias"):
+                continue
+            cut = r["steps"] * 2 / 3
+            cells = {}
+            for key in UPDATE_KEYS:
+                for part, chosen in (("early", [x for x in rows if x["step"] <= cut]), ("late", [x for x in rows if x["step"] > cut])):
+                    vals = [x[key] for x in chosen if key in x and math.isfinite(x[key])]
+                    if vals:
+                        cells[f"{key.split('/')[-1]}_{part}"] = sum(vals) / len(vals)
+            per_run.append(cells)
+        if per_run:
+            keys = [k for k in per_run[0] if all(k in p for p in per_run)]
+            out[arm] = {"runs": len(per_run)} | {k: mean_ci([p[k] for p in per_run]) for k in keys}
+    return out
+
+
+def _tests_table(tests: list[dict]) -> list[str]:
+    lines = ["| arm | reference | metric | seeds | difference | p | p (Holm) |", "|---|---|---|---:|---:|---:|---:|"]
+    for t in tests:
+        digits = 1 if t["metric"] == "perplexity" else 3
+        lines.append(f"| {t['arm']} | {t['reference']} | {t['metric']} | {t['n']} | {_fmt(t['diff'], digits)} | "
+                     f"{t['p']:.3g} | {t['p_holm']:.3g} |")  # fmt: skip
+    return lines
 
 
 def _fmt(pair, digits: int) -> str:
@@ -491,11 +562,25 @@ def markdown(summary: dict, reach: dict, args: argparse.Namespace, seconds: floa
     if primary:
         lines += ["", "## Pre-registered tests (round 3)", "",
                   f"Each arm minus `ar` at equal FLOPs, paired by seed; two-sided t-test, Holm-adjusted over the "
-                  f"{len(primary)} tests (arms × {', '.join(PRIMARY)}).", "",
-                  "| arm | metric | seeds | difference | p | p (Holm) |", "|---|---|---:|---:|---:|---:|"]  # fmt: skip
-        for t in primary:
-            digits = 1 if t["metric"] == "perplexity" else 3
-            lines.append(f"| {t['arm']} | {t['metric']} | {t['n']} | {_fmt(t['diff'], digits)} | {t['p']:.3g} | {t['p_holm']:.3g} |")
+                  f"{len(primary)} tests (arms × {', '.join(PRIMARY)}; the references {', '.join(REFERENCES)} are "
+                  "not treatments).", ""]  # fmt: skip
+        lines += _tests_table(primary)
+    contrasts = contrast_tests(_RESULTS) if args.round3 else []
+    if contrasts:
+        lines += ["", "## Planned contrasts (round 3)", "",
+                  f"Each arm minus its reference, paired by seed; Holm-adjusted over these {len(contrasts)} tests.", ""]
+        lines += _tests_table(contrasts)
+    updates = update_summary([r for r in _RESULTS if not r.get("alias")])
+    if updates:
+        keys = list(dict.fromkeys(k for cell in updates.values() for k in cell if k != "runs"))
+        lines += ["", "## Update norms (`eval.update_norms`)", "",
+                  "Mean over each run's logged windows before (early) and after (late) two thirds of its steps, then "
+                  "mean ± 95 % CI over seeds. `update_norm_*`: L2 norm of one step's change of the backbone's weights "
+                  "(after clipping and AdamW); `clipped_grad_norm_*`: the gradient norm the optimizer was given; "
+                  "`grad_norm_raw`: a meta gradient's norm before rescaling.", "",
+                  "| arm | runs | " + " | ".join(keys) + " |", "|---|---:|" + "---:|" * len(keys)]  # fmt: skip
+        for arm, cell in updates.items():
+            lines.append(f"| {arm} | {cell['runs']} | " + " | ".join(_fmt(cell[k], 4) if k in cell else "—" for k in keys) + " |")
     lines += [
         "",
         "## Reaching the AR run's final perplexity",
@@ -628,6 +713,8 @@ def main(argv=None) -> int:
         "wall_seconds_this_invocation": round(wall, 1), "summary": summary, "reach_ar_perplexity": reach,
         "diagnostic": diagnostic_summary([r for r in results if not r.get("alias")]),
         "primary": primary_tests(results) if args.round3 else None,
+        "contrasts": contrast_tests(results) if args.round3 else None,
+        "updates": update_summary([r for r in results if not r.get("alias")]),
         "runs": results,
     }  # fmt: skip
     (args.out / "study.json").write_text(json.dumps(report, indent=1))

@@ -30,6 +30,7 @@ from picomaml.train.config import SECTIONS, ExperimentConfig
 from picomaml.train.dynamics import DynamicsConfig, capture_learning_dynamics
 from picomaml.train.optim import OptimConfig, build_lr_scheduler, build_optimizer, lr_multiplier
 
+_META_STEP = {"meta_grad_norm", "meta_grad_decay", "meta_moments"}  # the trainer's update, not a builder's
 # component -> (its config, the config fields it does not take, its arguments the config does not hold)
 DECLARATIONS = [
     (pm.MetaHead, HeadConfig, set(), {"in_dim", "n_way", "seed"}),
@@ -37,13 +38,14 @@ DECLARATIONS = [
     (pm.SMLMTSampler, SamplerConfig, set(), {"mask_token_id", "seed", "pad_token_id"}),  # ids of the tokenizer
     (pm.HybridScheduler, HybridConfig, set(), {"seed"}),
     # adapt takes names, globs or a predicate of the Python API (the YAML config has adapt_layers)
-    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery", "grad_blocks"}, {"model", "head", "loop", "episode", "features", "adapt"}),
-    (HybridLearner, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "features", "adapt"}),
-    (build_optimizer, OptimConfig, {"warmup_steps", "decay", "min_lr_ratio", "grad_clip", "meta_lr"},
+    (pm.meta_loss, MetaConfig, {"n_tasks", "grad_surgery", "grad_blocks", "lora_rank", "lora_targets"},
+     {"model", "head", "loop", "episode", "features", "adapt"}),
+    (HybridLearner, MetaConfig, {"n_tasks"}, {"model", "head", "loop", "features", "adapt", "seed"}),
+    (build_optimizer, OptimConfig, {"warmup_steps", "decay", "min_lr_ratio", "grad_clip", "meta_lr", *_META_STEP},
      {"modules", "lr_overrides"}),
-    (build_lr_scheduler, OptimConfig, {"lr", "weight_decay", "betas", "eps", "grad_clip", "meta_lr"},
+    (build_lr_scheduler, OptimConfig, {"lr", "weight_decay", "betas", "eps", "grad_clip", "meta_lr", *_META_STEP},
      {"optimizer", "total_steps"}),
-    (lr_multiplier, OptimConfig, {"lr", "weight_decay", "betas", "eps", "grad_clip", "meta_lr"},
+    (lr_multiplier, OptimConfig, {"lr", "weight_decay", "betas", "eps", "grad_clip", "meta_lr", *_META_STEP},
      {"step", "total_steps"}),
     (capture_learning_dynamics, DynamicsConfig, {"batch_size", "save_data"}, {"model", "batch", "loss_fn", "eval_mode"}),
 ]  # fmt: skip

@@ -38,6 +38,10 @@ class EvalConfig(Params):
     grad_cos_every: int = hparam(
         0, ge=0, doc="steps between AR-vs-meta gradient cosines (diag/grad_cos*); 0: off"
     )
+    update_norms: bool = hparam(
+        False, doc="log each step's backbone update norm and clipped gradient norm by step kind (train/update_norm_ar, "
+        "train/update_norm_meta, train/clipped_grad_norm_*)"
+    )
 
 
 def _fewshot_prefix(index: int, n_way: int, k_shot: int) -> str:

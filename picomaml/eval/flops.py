@@ -63,6 +63,23 @@ a few percent at most). Formulas, with ``d = d_model``, ``kv = n_kv_heads * head
     backward that prototype init or ``feature_norm`` add first order, and ``feature_norm``'s backward over
     the support rows after adaptation.
 
+* **Per-task LoRA factors** (``lora_rank``, [`TaskLoRA`][picomaml.meta.task_lora.TaskLoRA]): the whole
+  backbone re-runs per inner step under the merged weights. Over a task's support rows, with ``m_s`` the
+  forward FLOPs of every block's weight matmuls, ``a_s`` those of its attention products (two activations:
+  both get gradients) and ``g_s = 2 N K W n_layers P_t`` the weight gradients of the target matrices
+  (``P_t`` their weights per block), an inner step is a forward, the input gradients of every block and the
+  target matrices' weight gradients (``2 m_s + 3 a_s + g_s``); second order the outer backward runs through
+  the forward (``2 m_s + 2 a_s``) and the inner backward (``2 m_s + 4 a_s + 2 g_s``), and the first step
+  reuses the initial support forward. Added per task to a head-only meta step (whose backbone pass and final
+  query are already counted):
+
+    ```text
+    first order:   steps * (2 m_s + 3 a_s + g_s)
+    second order:  steps * (6 m_s + 9 a_s + 3 g_s) - (m_s + a_s)        (0 when steps = 0)
+    ```
+
+    The factors' own products (``B A``, rank ``r``) are left out (under 0.1 % at rank 4).
+
 ``tests/eval/test_flops.py`` checks these formulas against ``torch.utils.flop_counter.FlopCounterMode``
 for a real forward and backward of a tiny [`picomaml.PicoDecoder`][picomaml.model.decoder.PicoDecoder] (exact
 for the backbone).
@@ -82,6 +99,7 @@ __all__ = [
     "head_matmul_params",
     "inner_loop_flops",
     "adapted_blocks_flops",
+    "task_lora_flops",
     "meta_step_flops",
 ]
 
@@ -203,6 +221,33 @@ def adapted_blocks_flops(
     return inner + 3 * f_q + f_q + f_s
 
 
+def task_lora_flops(
+    model_config: Any,
+    lora_targets: Sequence[str],
+    n_way: int,
+    k_shot: int,
+    window_len: int,
+    inner_steps: int = 5,
+    first_order: bool = False,
+) -> int:
+    """FLOPs that per-task LoRA factors on ``lora_targets`` add to one task of a head-only meta step (see the
+    module docstring): ``steps (2 m_s + 3 a_s + g_s)`` first order, ``steps (6 m_s + 9 a_s + 3 g_s) - (m_s + a_s)``
+    second order."""
+    from picomaml.meta.task_lora import target_shapes
+
+    steps = check_int("inner_steps", inner_steps, ge=0)
+    if steps == 0:
+        return 0
+    d, kv, f, _, n_layers = _model_dims(model_config)
+    rows, w = n_way * check_int("k_shot", k_shot, ge=1), check_int("window_len", window_len, ge=1)
+    m_s = 2 * rows * w * n_layers * (2 * d * d + 2 * d * kv + 3 * d * f)  # weight matmuls, forward
+    a_s = 4 * n_layers * w * w * d * rows  # attention products of two activations, forward
+    g_s = 2 * rows * w * n_layers * sum(i * o for i, o in target_shapes(model_config, lora_targets))
+    if first_order:
+        return steps * (2 * m_s + 3 * a_s + g_s)
+    return steps * (6 * m_s + 9 * a_s + 3 * g_s) - (m_s + a_s)
+
+
 def meta_step_flops(
     model_config: Any,
     n_way: int,
@@ -215,6 +260,8 @@ def meta_step_flops(
     first_order: bool = False,
     adapt_layers: int = 0,
     grad_blocks: int | None = None,
+    lora_rank: int = 0,
+    lora_targets: Sequence[str] = ("q_proj", "v_proj"),
 ) -> int:
     """FLOPs of one meta step: the backbone over ``T N (K + Q)`` windows (no LM head) plus ``T`` inner loops.
 
@@ -234,6 +281,9 @@ def meta_step_flops(
             [`adapted_blocks_flops`][picomaml.eval.flops.adapted_blocks_flops]).
         grad_blocks: Top blocks the meta gradient reaches (``meta.grad_blocks``): the backbone's backward
             runs through those only (without ``adapt_layers``); ``None``: every block.
+        lora_rank: Per-task LoRA factors on ``lora_targets`` adapt with the head (``meta.lora_rank``; see
+            [`task_lora_flops`][picomaml.eval.flops.task_lora_flops]); ``0``: none.
+        lora_targets: The layers that carry them (``meta.lora_targets``).
 
     Returns:
         FLOPs as an integer.
@@ -258,8 +308,11 @@ def meta_step_flops(
         body = backbone_flops(lower, query, w, lm_head=False) + backbone_flops(lower, support, w, lm_head=False) // (
             1 if not first_order and inner_steps > 0 else 3
         )
-    head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order, input_grads=k > 0)
+    lora = bool(check_int("lora_rank", lora_rank, ge=0))
+    head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order, input_grads=k > 0 or lora)
     blocks = adapted_blocks_flops(model_config, k, n_way, k_shot, n_query, w, inner_steps, first_order)
+    if lora:
+        blocks += task_lora_flops(model_config, lora_targets, n_way, k_shot, w, inner_steps, first_order)
     return body + n_tasks * (head + blocks)
 
 

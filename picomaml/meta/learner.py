@@ -41,6 +41,7 @@ from picomaml.meta.objectives import (
     meta_loss,
 )  # fmt: skip
 from picomaml.meta.selection import backbone_selection
+from picomaml.meta.task_lora import TaskLoRA
 
 __all__ = ["HybridLearner", "LearnerOutput"]
 
@@ -94,10 +95,16 @@ class HybridLearner(nn.Module):
             final norm): the hidden states entering block ``n - k`` are detached during the meta forward,
             so the lower blocks and the embedding learn from the AR loss alone (``0``: the head and inner
             loop only). ``None`` (default): every block.
+        lora_rank: Rank of per-task LoRA factors on the ``lora_targets`` layers, adapted by the inner loop
+            with the head ([`TaskLoRA`][picomaml.meta.task_lora.TaskLoRA]; held as ``self.lora``; outside meta
+            steps the backbone is unchanged). ``0`` (default): off.
+        lora_targets: The linear layers that get the factors (names or globs of their last name part).
+        seed: Seed of the factors' fixed init.
 
     Raises:
         ValueError: a bad ``pooling``, ``feature_norm``, ``nonfinite`` or ``adapt_layers`` (more than the
-            model's blocks), or a head whose ``in_dim`` is not the backbone's hidden size.
+            model's blocks), a head whose ``in_dim`` is not the backbone's hidden size, or ``lora_rank`` with
+            ``adapt_layers``, ``adapt`` or ``features``.
         TypeError: ``adapt_layers`` with a model whose blocks are not recognised.
     """
 
@@ -115,17 +122,28 @@ class HybridLearner(nn.Module):
         grad_surgery: GradSurgery = MetaConfig.grad_surgery,
         adapt: Adapt = None,
         grad_blocks: int | None = MetaConfig.grad_blocks,
+        lora_rank: int = MetaConfig.lora_rank,
+        lora_targets: tuple[str, ...] = MetaConfig.lora_targets,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         check_meta_options(pooling, feature_norm, nonfinite, adapt_layers)
+        self.lora = None
+        if lora_rank:
+            if adapt_layers or adapt is not None or features is not None:
+                raise ValueError("lora_rank: the LoRA factors are the adapted backbone tensors; not with adapt_layers, "
+                                 "adapt or features")  # fmt: skip
+            self.lora = TaskLoRA(model, lora_rank, lora_targets, seed=seed)
+            adapt = list(self.lora.names)
         if grad_surgery not in ("none", "pcgrad"):
             raise ValueError(f"grad_surgery: must be 'none' or 'pcgrad', got {grad_surgery!r}")
         if features is None:
             check_head_width(head, hidden_size(model), "the backbone's hidden size")
         if adapt_layers or adapt is not None:
-            backbone_selection(model, adapt_layers, adapt, features)  # the selection, checked before any work
+            adapted = self.lora if self.lora is not None else model
+            backbone_selection(adapted, adapt_layers, adapt, features)  # the selection, checked before any work
             if getattr(loop, "learn_lr", None) is not None:
-                loop.bind(head, model, adapt_layers, adapt=adapt)
+                loop.bind(head, adapted, adapt_layers, adapt=adapt)
         self.model = model
         self.head = head
         self.loop = loop
@@ -163,7 +181,7 @@ class HybridLearner(nn.Module):
         if episode is not None:
             with stop_gradient_below(self.model, self.grad_blocks):
                 meta = meta_loss(
-                    self.model,
+                    self.model if self.lora is None else self.lora,
                     self.head,
                     self.loop,
                     episode,

@@ -102,6 +102,13 @@ class MetaConfig(Params):
     nonfinite: NonFinite = hparam(
         "propagate", doc="NaN/Inf features: propagate (a NaN loss: the step is skipped) or raise"
     )
+    lora_rank: int = hparam(
+        0, ge=0, le=1024, doc="rank of per-task LoRA factors the inner loop adapts with the head (the backbone "
+        "re-runs per inner step); 0: off"
+    )
+    lora_targets: tuple[str, ...] = hparam(
+        ("q_proj", "v_proj"), doc="linear layers that get the LoRA factors, by name or glob of their last name part"
+    )
 
 
 def lm_loss(

@@ -59,6 +59,8 @@ def experiment_step_flops(config: ExperimentConfig, objectives: Iterable[str]) -
             first_order=config.inner_loop.first_order,
             adapt_layers=config.meta.adapt_layers,
             grad_blocks=config.meta.grad_blocks,
+            lora_rank=config.meta.lora_rank,
+            lora_targets=tuple(config.meta.lora_targets),
         )
     total = ar + meta
     if config.meta.grad_surgery == "pcgrad" and ar and meta:

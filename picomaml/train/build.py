@@ -24,6 +24,7 @@ from picomaml.meta.learner import HybridLearner
 from picomaml.meta.sampler import SamplerConfig, SMLMTSampler
 from picomaml.model.decoder import PicoDecoder
 from picomaml.train.config import ExperimentConfig
+from picomaml.train.meta_update import MetaGradScale
 from picomaml.train.optim import build_lr_scheduler, build_optimizer
 
 __all__ = [
@@ -73,6 +74,7 @@ def learner_from_config(
     return HybridLearner(
         model, head, loop, pooling=m.pooling, feature_norm=m.feature_norm, nonfinite=m.nonfinite,
         adapt_layers=m.adapt_layers, grad_surgery=m.grad_surgery, grad_blocks=m.grad_blocks,
+        lora_rank=m.lora_rank, lora_targets=tuple(m.lora_targets), seed=cfg.seed,
     )  # fmt: skip
 
 
@@ -143,6 +145,10 @@ class RunComponents:
         hybrid: The hybrid scheduler.
         optimizer: AdamW over the three modules (``None`` when not asked for).
         lr_scheduler: Its LR schedule (``None`` when not asked for).
+        meta_optimizer: The meta steps' own AdamW (``optim.meta_moments=separate``; its LRs follow
+            ``optimizer``'s), else ``None``.
+        meta_scale: The running AR gradient norm that meta gradients are rescaled to
+            (``optim.meta_grad_norm``), else ``None``.
     """
 
     model: PicoDecoder
@@ -153,6 +159,8 @@ class RunComponents:
     hybrid: HybridScheduler
     optimizer: torch.optim.Optimizer | None = None
     lr_scheduler: Any = None
+    meta_optimizer: torch.optim.Optimizer | None = None
+    meta_scale: MetaGradScale | None = None
 
     def stateful(self) -> dict[str, Any]:
         """``name -> component`` for
@@ -161,6 +169,7 @@ class RunComponents:
         parts = {
             "model": self.model, "head": self.head, "inner_loop": self.inner_loop, "optimizer": self.optimizer,
             "lr_scheduler": self.lr_scheduler, "sampler": self.sampler, "hybrid": self.hybrid,
+            "meta_optimizer": self.meta_optimizer, "meta_grad_scale": self.meta_scale,
         }  # fmt: skip
         return {k: v for k, v in parts.items() if v is not None}
 
@@ -203,6 +212,10 @@ def build_run(
     if optimizer:
         run.optimizer = optimizer_from_config(cfg, model, head, loop)
         run.lr_scheduler = lr_scheduler_from_config(cfg, run.optimizer)
+        if cfg.optim.meta_moments == "separate":
+            run.meta_optimizer = optimizer_from_config(cfg, model, head, loop)
+    if cfg.optim.meta_grad_norm is not None:
+        run.meta_scale = MetaGradScale(cfg.optim.meta_grad_norm, cfg.optim.meta_grad_decay)
     return run
 
 

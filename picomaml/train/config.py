@@ -161,6 +161,18 @@ class ExperimentConfig(Params):
             "pcgrad differentiates each loss twice (retained graphs), which compiled graphs refuse; "
             "set trainer.compile=false or meta.grad_surgery=none",
         )
+        for key, on in (("optim.meta_grad_norm", self.optim.meta_grad_norm is not None),
+                        ("optim.meta_moments", self.optim.meta_moments == "separate")):  # fmt: skip
+            check(
+                not on or self.hybrid.mode != "weighted",
+                key,
+                "needs steps that are either AR or meta (hybrid.mode bernoulli or interleave): a weighted step's "
+                "gradient mixes both objectives",
+            )
+        if self.meta.lora_rank:
+            for key, clash in (("meta.adapt_layers", self.meta.adapt_layers > 0), ("trainer.compile", self.trainer.compile),
+                               ("inner_loop.learn_lr", self.inner_loop.learn_lr is not None)):  # fmt: skip
+                check(not clash, "meta.lora_rank", f"per-task LoRA factors do not combine with {key} yet; unset one")
         check(
             self.meta.adapt_layers <= self.model.n_layers,
             "meta.adapt_layers",

@@ -18,9 +18,10 @@ from torch import nn
 from picomaml.meta.inner_loop import InnerLoop
 from picomaml.params import Params, hparam
 
-__all__ = ["OptimConfig", "Decay", "param_groups", "build_optimizer", "lr_multiplier", "build_lr_scheduler"]
+__all__ = ["OptimConfig", "Decay", "MetaMoments", "param_groups", "build_optimizer", "lr_multiplier", "build_lr_scheduler"]
 
 Decay = Literal["cosine", "linear", "constant"]
+MetaMoments = Literal["shared", "separate"]
 
 
 @dataclasses.dataclass
@@ -40,6 +41,14 @@ class OptimConfig(Params):
     grad_clip: float | None = hparam(1.0, gt=0, doc="clip the global gradient norm; null: off")
     meta_lr: float | None = hparam(
         None, gt=0, doc="outer LR of the head's initial weights and the learned inner LRs; null: lr"
+    )
+    meta_grad_norm: float | None = hparam(
+        None, gt=0, le=100, doc="rescale a meta step's gradient to this fraction of the running AR-step gradient "
+        "norm (after clipping), then clip; null: off (not in weighted mode)"
+    )
+    meta_grad_decay: float = hparam(0.9, ge=0, lt=1, doc="decay of that running AR-step gradient norm (an EMA)")
+    meta_moments: MetaMoments = hparam(
+        "shared", doc="separate: meta steps keep their own AdamW moments (same LR schedule; not in weighted mode)"
     )
 
 

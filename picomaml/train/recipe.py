@@ -41,6 +41,7 @@ from picomaml.train import training  # noqa: E402
 from picomaml.train.budget import check_memory, device_memory, experiment_step_flops  # noqa: E402
 from picomaml.train.build import RunComponents, build_run, eval_episode_kwargs  # noqa: E402
 from picomaml.train.catalog import config_names, resolve_config  # noqa: E402
+from picomaml.train.meta_update import step_kind, update_norm  # noqa: E402
 from picomaml.train.preemption import PREEMPTED_EXIT, Preempted, StopRequested, StopSignals  # noqa: E402
 from picomaml.train.rng_state import capture_rng_state, restore_rng_state  # noqa: E402
 from picomaml.train.run_checkpoint import (  # noqa: E402
@@ -142,13 +143,15 @@ class Trainer:
     interrupted: str | None = None  # why the loop stops: set on every rank at once (see sync)
     saved_step: int | None = None  # the step of the newest checkpoint this process wrote
     updating: bool = False  # inside the optimizer update: no consistent state to save until the step ends
+    meta_optimizer: Any = None  # run.meta_optimizer wrapped by Fabric (optim.meta_moments=separate)
 
     @property
     def is_main(self) -> bool:
         return self.fabric.global_rank == 0
 
     def stateful(self) -> dict[str, Any]:
-        return self.run.stateful() | {"optimizer": self.optimizer, "data": self.data.train}
+        wrapped = {"optimizer": self.optimizer, "data": self.data.train}
+        return self.run.stateful() | wrapped | ({"meta_optimizer": self.meta_optimizer} if self.meta_optimizer else {})
 
 
 def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSignals) -> Trainer:
@@ -181,9 +184,10 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSigna
             problem = str(exc)
     if (problem := fabric.broadcast(problem)) is not None:
         raise RunDirError(problem)
-    learner, optimizer = fabric.setup(run.learner, run.optimizer)
+    learner, *optimizers = fabric.setup(run.learner, *(o for o in (run.optimizer, run.meta_optimizer) if o))
     dyn_rows = dynamics_rows(cfg, data.train, data.heldout_rows) if cfg.checkpoint.learning_dynamics else {}
-    t = Trainer(cfg, fabric, data, run, learner, optimizer, run_dir, dyn_rows, stop=stop)
+    t = Trainer(cfg, fabric, data, run, learner, optimizers[0], run_dir, dyn_rows, stop=stop)
+    t.meta_optimizer = optimizers[1] if len(optimizers) > 1 else None
     t.hub = hub_uploader(cfg, run_dir, t.is_main, stack)  # pushes each checkpoint in the background
     # the hybrid schedule is a pure function of the config and step (saved only for the record), so a
     # run extended with a larger --max-steps follows the new schedule like the LR does
@@ -235,7 +239,7 @@ def train_step(t: Trainer, window: training.MetricWindow) -> bool:
         return False
     if "meta" in plan.objectives:
         window.add({"meta/head_grad_norm": training.global_grad_norm(run.head.parameters())})
-    update(t, losses, window)
+    update(t, losses, window, step_kind(plan.objectives))
     t.counters["ar_steps"] += "ar" in plan.objectives
     t.counters["meta_steps"] += "meta" in plan.objectives
     t.counters["flops"] += experiment_step_flops(cfg, plan.objectives)
@@ -259,21 +263,35 @@ def noop_step(t: Trainer) -> bool:
     return True
 
 
-def update(t: Trainer, losses: list[float], window: training.MetricWindow) -> None:
-    """Clip, then step the optimizer unless a loss or the gradient is non-finite on any rank."""
-    clip = t.cfg.optim.grad_clip
+def update(t: Trainer, losses: list[float], window: training.MetricWindow, kind: str = "ar") -> None:
+    """Rescale a meta gradient (``optim.meta_grad_norm``), clip, then step the optimizer (a meta step's own
+    under ``optim.meta_moments=separate``) unless a loss or the gradient is non-finite on any rank."""
+    clip, scale = t.cfg.optim.grad_clip, t.run.meta_scale
+    optimizer = t.meta_optimizer if kind == "meta" and t.meta_optimizer is not None else t.optimizer
+    if kind == "meta" and scale is not None and (raw := scale.rescale_(list(t.learner.parameters()))) is not None:
+        window.add({"meta/grad_norm_raw": raw})
     if clip is not None:
-        grad_norm = float(t.fabric.clip_gradients(t.learner, t.optimizer, max_norm=clip, error_if_nonfinite=False))
+        grad_norm = float(t.fabric.clip_gradients(t.learner, optimizer, max_norm=clip, error_if_nonfinite=False))
     else:
         grad_norm = training.global_grad_norm(t.learner.parameters())
     window.add({"trainer/grad_norm": grad_norm})
+    clipped = grad_norm if clip is None else min(grad_norm, clip)  # what the optimizer is given
     finite = bool(torch.isfinite(torch.tensor([grad_norm, *losses])).all())
+    before = [p.detach().clone() for p in t.run.model.parameters()] if t.cfg.eval.update_norms else None
     # the same flag on every rank: all skip together, and all stop together (NonFiniteRunError) at the limit
     if t.guard.record(not sync(t, nonfinite=not finite), step=t.step + 1):
         t.updating = True  # from here to the step's end the weights are ahead of t.step
-        t.optimizer.step()
+        if optimizer is not t.optimizer:  # the meta moments follow the one LR schedule
+            for mine, main in zip(optimizer.param_groups, t.optimizer.param_groups, strict=True):
+                mine["lr"] = main["lr"]
+        optimizer.step()
+        if kind == "ar" and scale is not None:
+            scale.observe_ar(clipped)
+        if before is not None:
+            moved = update_norm(list(t.run.model.parameters()), before)
+            window.add({f"train/update_norm_{kind}": moved, f"train/clipped_grad_norm_{kind}": clipped})
     t.counters.update(t.guard.state_dict())
-    t.optimizer.zero_grad(set_to_none=True)
+    optimizer.zero_grad(set_to_none=True)
     t.run.lr_scheduler.step()
 
 

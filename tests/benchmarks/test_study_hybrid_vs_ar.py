@@ -107,8 +107,8 @@ def test_round3_quick_has_fresh_seeds_finetuned_metrics_and_holm_tests(tmp_path)
     import importlib.metadata
 
     out, work = tmp_path / "out", tmp_path / "runs"
-    cmd = [sys.executable, str(SCRIPT), "--round3", "--quick", "--arms", "ar", "schedule-control", "top2-0.5",
-           "--seeds", "2", "--episodes", "4", "--out", str(out), "--work-dir", str(work)]  # fmt: skip
+    cmd = [sys.executable, str(SCRIPT), "--round3", "--quick", "--arms", "ar", "schedule-control", "late-0.5",
+           "norm-late-0.5", "lora-late-0.5", "--seeds", "2", "--episodes", "4", "--out", str(out), "--work-dir", str(work)]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "study.json").read_text())
@@ -124,6 +124,13 @@ def test_round3_quick_has_fresh_seeds_finetuned_metrics_and_holm_tests(tmp_path)
             continue
         assert all(0 <= r["final"][key] <= 1 for r in runs), key
     tests = report["primary"]
-    assert {(t["arm"], t["metric"]) for t in tests} >= {("top2-0.5", "perplexity"), ("schedule-control", "perplexity")}
-    assert all(t["n"] == 2 and 0 <= t["p"] <= t["p_holm"] <= 1 for t in tests)
-    assert "## Pre-registered tests (round 3)" in (out / "study.md").read_text()
+    assert {(t["arm"], t["metric"]) for t in tests} >= {("lora-late-0.5", "perplexity"), ("schedule-control", "perplexity")}
+    contrasts = {(t["arm"], t["reference"]) for t in report["contrasts"]}
+    assert contrasts == {("late-0.5", "schedule-control"), ("norm-late-0.5", "late-0.5"), ("lora-late-0.5", "late-0.5")}
+    assert all(t["n"] == 2 and 0 <= t["p"] <= t["p_holm"] <= 1 for t in tests + report["contrasts"])
+    assert set(report["updates"]) == {"norm-late-0.5", "lora-late-0.5"}  # the arms that log update norms
+    norm = next(r for r in runs if r["arm"] == "norm-late-0.5")
+    assert norm["updates"] and all(u["train/update_norm_ar"] > 0 for u in norm["updates"] if "train/update_norm_ar" in u)
+    assert any("train/update_norm_ar" in u for u in norm["updates"])
+    md = (out / "study.md").read_text()
+    assert "## Pre-registered tests (round 3)" in md and "## Planned contrasts (round 3)" in md and "## Update norms" in md

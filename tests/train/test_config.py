@@ -149,3 +149,24 @@ def test_config_command_prints_yaml_and_reference(capsys, tmp_path):
 def test_pcgrad_with_a_compiled_backbone_is_refused_naming_the_key():
     with pytest.raises(ConfigError, match="meta.grad_surgery: pcgrad differentiates each loss twice"):
         ExperimentConfig.from_dict({"trainer": {"compile": True}, "meta": {"grad_surgery": "pcgrad"}})
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["hybrid.mode=weighted", "optim.meta_grad_norm=0.5"], "optim.meta_grad_norm: needs steps that are either AR or meta"),
+    (["hybrid.mode=weighted", "optim.meta_moments=separate"], "optim.meta_moments: needs steps that are either AR"),
+    (["meta.lora_rank=2", "meta.adapt_layers=1"], "meta.lora_rank: .* with meta.adapt_layers"),
+    (["meta.lora_rank=2", "trainer.compile=true"], "meta.lora_rank: .* with trainer.compile"),
+    (["meta.lora_rank=2", "inner_loop.learn_lr=per_tensor"], "meta.lora_rank: .* with inner_loop.learn_lr"),
+    (["optim.meta_moments=both"], "optim.meta_moments"),
+    (["optim.meta_grad_decay=1.0"], "optim.meta_grad_decay"),
+])  # fmt: skip
+def test_meta_update_and_lora_options_that_do_not_combine_are_named(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config("tiny-cpu", overrides)
+
+
+def test_meta_update_and_lora_options_load_together():
+    cfg = load_config("tiny-cpu", ["optim.meta_grad_norm=0.5", "optim.meta_moments=separate", "meta.lora_rank=2",
+                                   "meta.lora_targets=[q_proj, down_proj]", "eval.update_norms=true"])  # fmt: skip
+    assert (cfg.optim.meta_grad_norm, cfg.optim.meta_moments, cfg.meta.lora_rank) == (0.5, "separate", 2)
+    assert cfg.meta.lora_targets == ("q_proj", "down_proj") and cfg.eval.update_norms is True

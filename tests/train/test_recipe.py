@@ -6,6 +6,7 @@ import csv
 import dataclasses
 import json
 import logging
+import math
 import os
 import signal
 import socket
@@ -783,3 +784,61 @@ def test_meta_noop_keeps_the_schedule_and_data_order_without_the_meta_steps(tmp_
     # batch it sees in the hybrid run
     positions = [pm.load_checkpoint(tmp_path / x / "run" / "checkpoints").states["data"] for x in ("a", "b")]
     assert positions[0] == positions[1] and positions[0]["position"] == 8
+
+
+def test_normalised_meta_gradient_with_its_own_moments_and_update_norms(tmp_path, corpus_cache):
+    """optim.meta_grad_norm: each meta step's clipped gradient is the fraction of the running AR norm;
+    optim.meta_moments=separate: the main AdamW never sees a meta step; eval.update_norms logs both kinds."""
+    config = tiny_config(
+        tmp_path, corpus_cache, hybrid={"ratio": 0.5, "mode": "interleave"}, trainer={"max_steps": 8},
+        optim={"meta_grad_norm": 0.25, "meta_grad_decay": 0.5, "meta_moments": "separate"}, eval={"update_norms": True},
+    )  # fmt: skip
+    rows = run(config, tmp_path / "run")
+    running, checked = None, 0
+    for r in rows:
+        if r.get("train/clipped_grad_norm_ar"):
+            g = float(r["train/clipped_grad_norm_ar"])
+            running = g if running is None else 0.5 * running + 0.5 * g
+            assert float(r["train/update_norm_ar"]) > 0 and not r.get("train/update_norm_meta")
+        elif r.get("train/clipped_grad_norm_meta"):
+            assert float(r["train/update_norm_meta"]) > 0
+            if running is not None:  # before the first AR step a meta gradient is only clipped
+                assert float(r["train/clipped_grad_norm_meta"]) == pytest.approx(0.25 * running, rel=1e-5)
+                assert float(r["meta/grad_norm_raw"]) > 0
+                checked += 1
+    assert checked >= 3
+    states = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states
+    last = rows[-1]
+    main_steps = {float(s["step"]) for s in states["optimizer"]["state"].values()}
+    meta_steps = {float(s["step"]) for s in states["meta_optimizer"]["state"].values()}
+    assert main_steps == {float(last["trainer/ar_steps"])} and meta_steps == {float(last["trainer/meta_steps"])}
+    assert len(states["meta_optimizer"]["state"]) > len(states["optimizer"]["state"])  # the head: meta steps only
+    assert states["meta_grad_scale"]["ar_seen"] == int(float(last["trainer/ar_steps"]))
+    # a resumed run continues both moments and the running norm bit for bit
+    run(config, tmp_path / "b", "--max-steps", "5")
+    resumed = run(config, tmp_path / "b", "--max-steps", "8", "--resume", "auto")
+    assert [r.get("train/update_norm_meta") for r in resumed] == [r.get("train/update_norm_meta") for r in rows]
+    again = pm.load_checkpoint(tmp_path / "b" / "checkpoints").states
+    for part in ("model", "optimizer", "meta_optimizer", "meta_grad_scale"):
+        assert_identical(again[part], states[part], part)
+
+
+@pytest.mark.parametrize("override", ["optim.meta_grad_norm=0.5", "optim.meta_moments=separate"])
+def test_meta_gradient_options_need_steps_of_one_objective(tmp_path, corpus_cache, override):
+    config = tiny_config(tmp_path, corpus_cache, hybrid={"mode": "weighted"})
+    with pytest.raises(pm.ConfigError, match=f"{override.split('=')[0]}: needs steps that are either AR or meta"):
+        trainer.main(["--config", str(config), "--run-dir", str(tmp_path / "run"), "--set", override])
+    assert not (tmp_path / "run").exists()
+
+
+def test_lora_factors_adapt_in_meta_steps_and_the_checkpoint_holds_a_plain_backbone(tmp_path, corpus_cache):
+    config = tiny_config(tmp_path, corpus_cache, meta={"pooling": "mask", "n_tasks": 2, "lora_rank": 2},
+                         hybrid={"ratio": 0.5, "mode": "interleave"}, trainer={"max_steps": 4})  # fmt: skip
+    rows = run(config, tmp_path / "run")
+    last = rows[-1]
+    assert float(last["trainer/meta_steps"]) == 2 and float(last["trainer/flops"]) == run_flops(pm.load_config(str(config)))[-1]
+    meta_rows = [r for r in rows if r.get("train/meta_loss")]
+    assert meta_rows and all(math.isfinite(float(r["train/meta_loss"])) for r in meta_rows)
+    states = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states
+    plain = pm.PicoDecoder(pm.load_config(str(config)).model)
+    assert set(states["model"]) == set(plain.state_dict())  # no factor in the backbone's checkpoint
