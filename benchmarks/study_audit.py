@@ -4,7 +4,7 @@
     python benchmarks/study_audit.py             # every figure, 10-30 s on 2 CPU cores
     python benchmarks/study_audit.py --no-count  # without torch's FLOP count (JSON and formulas only)
 
-Reads ``benchmarks/results/{study,study_ratio02,study_round2,study_round2_confirm}/study.json`` and trains
+Reads ``benchmarks/results/{study,study_ratio02,study_round2,study_round2_confirm,study_round3}/study.json`` and trains
 nothing. Each run's schedules come from its overrides in the JSON, through the library's public functions
 (``picomaml.load_config``, ``hybrid_from_config``, ``lr_multiplier``). The count runs one forward and
 backward of each kind of step of each arm under ``FlopCounterMode`` (``measure_step_flops``; no optimizer
@@ -176,16 +176,80 @@ def flops(r2: list[dict], count: bool) -> None:
             print(f"  {a:14s} {[round(t, 3) for t in total]}  {ratio}")
 
 
+#: round 3's (arm, reference) comparisons: the pre-registered family (against ar) and the planned contrasts
+R3_PRIMARY = ("perplexity", "ud_upos_acc", "rt_8shot_acc")
+R3_REFERENCES = ("ar", "ar-neworder")
+R3_CONTRASTS = (("late-0.5", "schedule-control"), ("late-0.5-neworder", "ar-neworder"), ("norm-late-0.5", "late-0.5"),
+                ("lora-late-0.5", "late-0.5"))  # fmt: skip
+R3_SECONDARY = ("ud_upos_f1", *METRICS[1:])
+
+
+def family(runs: list[dict], pairs: list[tuple[str, str]], metrics: tuple[str, ...]) -> list[tuple]:
+    """``(arm, ref, metric, per-seed differences, p, Holm p)`` over one family of paired tests."""
+    cells = [(a, b, m, diffs(runs, a, m, ref=b)) for a, b in pairs for m in metrics]
+    ps = [p_value(d) for *_, d in cells]
+    return [(*c, p, q) for c, p, q in zip(cells, ps, holm(ps), strict=True)]
+
+
+def round3(path: Path) -> None:
+    """Round 3: every figure ``docs/pages/study.md`` states about it, one ``R3`` line each (the test checks the
+    page holds each figure after the colon)."""
+    print("\n== 6. Round 3 (each R3 line: a figure the page states) ==")
+    if not path.exists():
+        print(f"no {path}: round 3 has not been written there")
+        return
+    report = json.loads(path.read_text())
+    runs = [r for r in report["runs"] if not r.get("alias")]
+    arms = list(dict.fromkeys(r["arm"] for r in runs))
+    seeds = sorted({r["seed"] for r in runs})
+    print(f"R3 runs: {len(runs)} runs, {len(arms)} arms, seeds {seeds[0]}–{seeds[-1]}")
+    print(f"R3 commits: {', '.join(c[:7] for c in report.get('run_commits', [report.get('commit', '?')]))}")
+    equal = [r for r in runs if r["budget"] == "flops" and r["arm"] != "schedule-control"]
+    ar = {r["seed"]: r for r in runs if r["arm"] == "ar"}
+    formula = [r["flops"] / ar[r["seed"]]["flops"] for r in equal if r["seed"] in ar]
+    counted = [r["flops_counted_vs_ar"] for r in equal]
+    if formula and counted:
+        print(f"R3 FLOPs by the formula: {min(formula):.3f}–{max(formula):.3f}")
+        print(f"R3 FLOPs by FlopCounterMode: {min(counted):.3f}–{max(counted):.3f}")
+    for arm in arms:
+        mine = [r for r in runs if r["arm"] == arm]
+        steps = sorted({r["steps"] for r in mine})
+        cells = [fmt([val(r, m) for r in mine], 1 if m == "perplexity" else 3).lstrip("+") for m in ("perplexity", "ud_upos_acc", "rt_8shot_acc")]
+        print(f"R3 arm {arm}: | {'–'.join(map(str, (steps[0], steps[-1]))) if len(steps) > 1 else steps[0]} | {' | '.join(cells)} |")
+    primary = family(runs, [(a, "ar") for a in arms if a not in R3_REFERENCES], R3_PRIMARY)
+    contrasts = family(runs, [c for c in R3_CONTRASTS if c[0] in arms and c[1] in arms], R3_PRIMARY)
+    for name, tests in (("primary", primary), ("contrast", contrasts)):
+        for a, b, m, d, p, q in tests:
+            print(f"R3 {name} {a} - {b} {m}: | {fmt(d, 1 if m == 'perplexity' else 3)} | {p:.3f} | {q:.2f} |")
+    print(f"R3 significant after Holm: {sum(t[-1] < 0.05 for t in primary)} of {len(primary)} primary, "
+          f"{sum(t[-1] < 0.05 for t in contrasts)} of {len(contrasts)} contrasts")
+    secondary = [(a, m, diffs(runs, a, m)) for a in arms if a not in R3_REFERENCES for m in R3_SECONDARY]
+    above = [(a, m) for a, m, d in secondary if mean_ci(d)[0] - mean_ci(d)[1] > 0 and m != "perplexity"]
+    below = [(a, m) for a, m, d in secondary if mean_ci(d)[0] + mean_ci(d)[1] < 0]
+    print(f"R3 secondary intervals above zero: {len(above)} of {len(secondary)}")
+    print(f"R3 secondary intervals below zero: {len(below)} of {len(secondary)}")
+    for a, m in above:
+        print(f"   above zero: {a} {m} {fmt(diffs(runs, a, m))}")
+    for arm, cell in (report.get("updates") or {}).items():
+        keys = [k for k in ("update_norm_ar_early", "update_norm_ar_late", "update_norm_meta_late", "clipped_grad_norm_ar_late",
+                            "clipped_grad_norm_meta_late", "grad_norm_raw_late") if k in cell]  # fmt: skip
+        print(f"R3 updates {arm}: " + " | ".join(f"{cell[k][0]:.4f}" for k in keys) + f"   ({', '.join(keys)})")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--no-count", action="store_true", help="skip torch's FLOP count of the steps")
+    parser.add_argument("--round3-only", action="store_true", help="only round 3's figures")
+    parser.add_argument("--round3", type=Path, default=RESULTS / "study_round3" / "study.json", help="round 3's study.json")
     args = parser.parse_args()
-    r1, r02, r2, conf = (load(n) for n in ("study", "study_ratio02", "study_round2", "study_round2_confirm"))
-    round1(r1, r02)
-    diagnostic(r2)
-    late_meta(r2, conf)
-    between_rounds(r1, r2)
-    flops(r2, count=not args.no_count)
+    if not args.round3_only:
+        r1, r02, r2, conf = (load(n) for n in ("study", "study_ratio02", "study_round2", "study_round2_confirm"))
+        round1(r1, r02)
+        diagnostic(r2)
+        late_meta(r2, conf)
+        between_rounds(r1, r2)
+        flops(r2, count=not args.no_count)
+    round3(args.round3)
 
 
 if __name__ == "__main__":

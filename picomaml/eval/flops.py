@@ -74,9 +74,12 @@ a few percent at most). Formulas, with ``d = d_model``, ``kv = n_kv_heads * head
   query are already counted):
 
     ```text
-    first order:   steps * (2 m_s + 3 a_s + g_s)
-    second order:  steps * (6 m_s + 9 a_s + 3 g_s) - (m_s + a_s)        (0 when steps = 0)
+    first order:   steps * (2 m_s + 3 a_s + g_s) + r
+    second order:  steps * (6 m_s + 9 a_s + 3 g_s) - (m_s + a_s) + r        (0 when steps = 0)
     ```
+
+    with ``r = (m_q + a_q) - (m_s + a_s)`` (the query rows' metric forward, less a support backward the
+    head-only count holds and this path does not run; zero when ``K = Q``).
 
     The factors' own products (``B A``, rank ``r``) are left out (under 0.1 % at rank 4).
 
@@ -226,12 +229,13 @@ def task_lora_flops(
     lora_targets: Sequence[str],
     n_way: int,
     k_shot: int,
+    n_query: int,
     window_len: int,
     inner_steps: int = 5,
     first_order: bool = False,
 ) -> int:
     """FLOPs that per-task LoRA factors on ``lora_targets`` add to one task of a head-only meta step (see the
-    module docstring): ``steps (2 m_s + 3 a_s + g_s)`` first order, ``steps (6 m_s + 9 a_s + 3 g_s) - (m_s + a_s)``
+    module docstring): ``steps (2 m_s + 3 a_s + g_s) + r`` first order, ``steps (6 m_s + 9 a_s + 3 g_s) - (m_s + a_s) + r``
     second order."""
     from picomaml.meta.task_lora import target_shapes
 
@@ -239,13 +243,19 @@ def task_lora_flops(
     if steps == 0:
         return 0
     d, kv, f, _, n_layers = _model_dims(model_config)
-    rows, w = n_way * check_int("k_shot", k_shot, ge=1), check_int("window_len", window_len, ge=1)
-    m_s = 2 * rows * w * n_layers * (2 * d * d + 2 * d * kv + 3 * d * f)  # weight matmuls, forward
-    a_s = 4 * n_layers * w * w * d * rows  # attention products of two activations, forward
-    g_s = 2 * rows * w * n_layers * sum(i * o for i, o in target_shapes(model_config, lora_targets))
+    w = check_int("window_len", window_len, ge=1)
+
+    def forward(rows: int) -> tuple[int, int]:  # weight matmuls, attention products of two activations
+        return 2 * rows * w * n_layers * (2 * d * d + 2 * d * kv + 3 * d * f), 4 * n_layers * w * w * d * rows
+
+    (m_s, a_s), (m_q, a_q) = forward(n_way * check_int("k_shot", k_shot, ge=1)), forward(n_way * check_int("n_query", n_query, ge=1))
+    g_s = 2 * n_way * k_shot * w * n_layers * sum(i * o for i, o in target_shapes(model_config, lora_targets))
+    # the metric forwards (query before, support after adaptation) less what the head-only step counts
+    # that this path does not run (the support rows' backward)
+    rest = (m_q + a_q) - (m_s + a_s)
     if first_order:
-        return steps * (2 * m_s + 3 * a_s + g_s)
-    return steps * (6 * m_s + 9 * a_s + 3 * g_s) - (m_s + a_s)
+        return steps * (2 * m_s + 3 * a_s + g_s) + rest
+    return steps * (6 * m_s + 9 * a_s + 3 * g_s) - (m_s + a_s) + rest
 
 
 def meta_step_flops(
@@ -312,7 +322,7 @@ def meta_step_flops(
     head = inner_loop_flops(d, n_way, k_shot, n_query, head_hidden_dims, inner_steps, first_order, input_grads=k > 0 or lora)
     blocks = adapted_blocks_flops(model_config, k, n_way, k_shot, n_query, w, inner_steps, first_order)
     if lora:
-        blocks += task_lora_flops(model_config, lora_targets, n_way, k_shot, w, inner_steps, first_order)
+        blocks += task_lora_flops(model_config, lora_targets, n_way, k_shot, n_query, w, inner_steps, first_order)
     return body + n_tasks * (head + blocks)
 
 

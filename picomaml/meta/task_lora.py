@@ -27,21 +27,26 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from picomaml.meta.backbone import backbone_hidden
+from picomaml.meta.backbone import backbone_hidden, decoder_layout
 
 __all__ = ["TaskLoRA", "lora_targets", "lora_params", "target_shapes"]
 
 
 def lora_targets(model: nn.Module, targets: Sequence[str]) -> list[tuple[str, nn.Linear]]:
     """The ``nn.Linear`` modules of ``model`` whose last name part matches one of ``targets`` (names or
-    ``fnmatch`` globs, e.g. ``"q_proj"``, ``"*_proj"``), in module order.
+    ``fnmatch`` globs, e.g. ``"q_proj"``, ``"*_proj"``), in module order; inside the blocks of a recognised
+    decoder only.
 
     Raises:
         ValueError: ``targets`` is empty, or a pattern matches no linear layer (the message lists some).
     """
     if isinstance(targets, str) or not targets:
         raise ValueError(f"lora_targets: a non-empty list of layer names or globs, got {targets!r}")
-    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    try:  # a decoder's blocks only: never the LM head (tied to the embedding) or anything outside them
+        inside = decoder_layout(model).prefix + "."
+    except TypeError:
+        inside = ""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear) and n.startswith(inside)]
     for pattern in targets:
         if not any(fnmatch.fnmatchcase(n.rsplit(".", 1)[-1], pattern) for n, _ in linears):
             some = sorted({n.rsplit(".", 1)[-1] for n, _ in linears})[:8]

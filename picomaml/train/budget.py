@@ -157,7 +157,9 @@ def memory_estimate(config: ExperimentConfig) -> dict[str, int]:
     ar = rows * length * per_token + rows * attention * length * length + 3 * 4 * rows * length * v
     windows = config.meta.n_tasks * s.n_way * (s.k_shot + s.n_query)
     meta = windows * s.window_len * per_token + windows * attention * s.window_len**2
-    return {"state": _STATE_BYTES * params + 4 * rope, "ar": ar, "meta": meta}
+    state = (_STATE_BYTES + (8 if config.optim.meta_moments == "separate" else 0)) * params  # + meta steps' moments
+    state += 4 * params if config.eval.update_norms else 0  # the weights' copy before each update
+    return {"state": state + 4 * rope, "ar": ar, "meta": meta}
 
 
 def device_memory(device: str = "cpu") -> int | None:

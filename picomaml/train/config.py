@@ -32,6 +32,7 @@ from picomaml.meta.hybrid import HybridConfig
 from picomaml.meta.inner_loop import InnerLoopConfig
 from picomaml.meta.objectives import MetaConfig
 from picomaml.meta.sampler import SamplerConfig
+from picomaml.meta.task_lora import target_shapes
 from picomaml.model.config import PicoDecoderConfig
 from picomaml.params import ConfigError, Params, check, field_docs, from_dict, hparam, to_dict
 from picomaml.train.dynamics import DynamicsConfig
@@ -169,10 +170,23 @@ class ExperimentConfig(Params):
                 "needs steps that are either AR or meta (hybrid.mode bernoulli or interleave): a weighted step's "
                 "gradient mixes both objectives",
             )
+        check(
+            self.optim.meta_grad_norm is None or self.trainer.precision != "16-mixed",
+            "optim.meta_grad_norm",
+            "is not supported with trainer.precision=16-mixed (its gradients carry the loss scale); use bf16-mixed or 32-true",
+        )
         if self.meta.lora_rank:
             for key, clash in (("meta.adapt_layers", self.meta.adapt_layers > 0), ("trainer.compile", self.trainer.compile),
-                               ("inner_loop.learn_lr", self.inner_loop.learn_lr is not None)):  # fmt: skip
+                               ("inner_loop.learn_lr", self.inner_loop.learn_lr is not None),
+                               ("meta.grad_blocks", self.meta.grad_blocks is not None)):  # fmt: skip
                 check(not clash, "meta.lora_rank", f"per-task LoRA factors do not combine with {key} yet; unset one")
+            for pattern in self.meta.lora_targets:
+                check(
+                    bool(target_shapes(self.model, [pattern])),
+                    "meta.lora_targets",
+                    f"{pattern!r} matches no linear layer of a block (q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, "
+                    "down_proj)",
+                )
         check(
             self.meta.adapt_layers <= self.model.n_layers,
             "meta.adapt_layers",

@@ -179,7 +179,8 @@ def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSigna
     problem = None
     if rank == 0:
         try:
-            check_writable(run_dir, need_bytes=3 * weights)  # weights and AdamW's two moments
+            moments = 4 if cfg.optim.meta_moments == "separate" else 2  # AdamW's two moments (twice: separate)
+            check_writable(run_dir, need_bytes=(1 + moments) * weights)
         except RunDirError as exc:
             problem = str(exc)
     if (problem := fabric.broadcast(problem)) is not None:

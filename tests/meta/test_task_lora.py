@@ -76,3 +76,10 @@ def test_lora_params_counts_the_factors_of_the_targets():
         lora = TaskLoRA(model, 3, targets)
         assert lora_params(model.config, 3, targets) == sum(p.numel() for p in lora.parameters())
         assert len(lora_targets(model, targets)) == len(lora.names) // 2
+
+
+def test_targets_are_looked_for_inside_the_blocks_only():
+    model = pico()
+    lora = TaskLoRA(model, 2, targets=["*"])  # never the LM head (tied to the embedding) or anything else
+    assert lora.names and all(n.startswith("factors.layers_") for n in lora.names)
+    assert len(lora.names) == 2 * 7 * 2

@@ -157,6 +157,9 @@ def test_pcgrad_with_a_compiled_backbone_is_refused_naming_the_key():
     (["meta.lora_rank=2", "meta.adapt_layers=1"], "meta.lora_rank: .* with meta.adapt_layers"),
     (["meta.lora_rank=2", "trainer.compile=true"], "meta.lora_rank: .* with trainer.compile"),
     (["meta.lora_rank=2", "inner_loop.learn_lr=per_tensor"], "meta.lora_rank: .* with inner_loop.learn_lr"),
+    (["meta.lora_rank=2", "meta.grad_blocks=1"], "meta.lora_rank: .* with meta.grad_blocks"),
+    (["meta.lora_rank=2", "meta.lora_targets=[qproj]"], "meta.lora_targets: 'qproj' matches no linear layer of a block"),
+    (["optim.meta_grad_norm=0.5", "trainer.precision=16-mixed"], "optim.meta_grad_norm: is not supported with trainer.precision=16-mixed"),
     (["optim.meta_moments=both"], "optim.meta_moments"),
     (["optim.meta_grad_decay=1.0"], "optim.meta_grad_decay"),
 ])  # fmt: skip

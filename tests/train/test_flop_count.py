@@ -23,13 +23,14 @@ SMALL = ["model.d_model=32", "model.n_layers=3", "model.n_heads=4", "model.n_kv_
         (["meta.grad_blocks=1"], {"meta"}),
         (["meta.grad_blocks=0"], {"meta"}),
         (["meta.lora_rank=4"], {"meta"}),
+        (["meta.lora_rank=4", "sampler.n_query=2", "sampler.k_shot=3"], {"meta"}),
         (["meta.lora_rank=2", "meta.lora_targets=[v_proj, down_proj]", "inner_loop.first_order=true"], {"meta"}),
         (["hybrid.mode=weighted", "hybrid.ratio=0.3"], {"ar", "meta"}),
         (["hybrid.mode=weighted", "hybrid.ratio=0.3", "meta.grad_surgery=pcgrad"], {"ar", "meta"}),
         (["hybrid.mode=weighted", "hybrid.ratio=0.3", "meta.grad_surgery=pcgrad", "model.tie_embeddings=true"], {"ar", "meta"}),
         (["hybrid.mode=weighted", "hybrid.ratio=0.3", "meta.grad_surgery=pcgrad", "data.grad_accum=2"], {"ar", "meta"}),
     ],
-    ids=["ar", "meta", "fomaml", "adapt2", "grad-blocks-1", "grad-blocks-0", "lora", "lora-fo", "weighted", "pcgrad", "pcgrad-tied", "pcgrad-accum"],
+    ids=["ar", "meta", "fomaml", "adapt2", "grad-blocks-1", "grad-blocks-0", "lora", "lora-k3-q2", "lora-fo", "weighted", "pcgrad", "pcgrad-tied", "pcgrad-accum"],
 )
 def test_formula_matches_flop_counter(recipe, objectives):
     cfg = pm.load_config("tiny-cpu", SMALL + recipe)

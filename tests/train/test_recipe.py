@@ -804,7 +804,7 @@ def test_normalised_meta_gradient_with_its_own_moments_and_update_norms(tmp_path
             assert float(r["train/update_norm_meta"]) > 0
             if running is not None:  # before the first AR step a meta gradient is only clipped
                 assert float(r["train/clipped_grad_norm_meta"]) == pytest.approx(0.25 * running, rel=1e-5)
-                assert float(r["meta/grad_norm_raw"]) > 0
+                assert float(r["meta/grad_norm_raw"]) > 1.01 * float(r["train/clipped_grad_norm_meta"])  # it was rescaled
                 checked += 1
     assert checked >= 3
     states = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states
@@ -839,6 +839,13 @@ def test_lora_factors_adapt_in_meta_steps_and_the_checkpoint_holds_a_plain_backb
     assert float(last["trainer/meta_steps"]) == 2 and float(last["trainer/flops"]) == run_flops(pm.load_config(str(config)))[-1]
     meta_rows = [r for r in rows if r.get("train/meta_loss")]
     assert meta_rows and all(math.isfinite(float(r["train/meta_loss"])) for r in meta_rows)
+    # the same run with the head adapting alone: the first step (AR) is the same, the first meta step is not
+    (tmp_path / "head").mkdir()
+    head_only = run(tiny_config(tmp_path / "head", corpus_cache, meta={"pooling": "mask", "n_tasks": 2},
+                                hybrid={"ratio": 0.5, "mode": "interleave"}, trainer={"max_steps": 4}), tmp_path / "head" / "run")  # fmt: skip
+    first_meta = next(i for i, r in enumerate(rows) if r.get("train/meta_loss"))
+    assert rows[0]["train/lm_loss"] == head_only[0]["train/lm_loss"] or first_meta == 0
+    assert rows[first_meta]["train/meta_loss"] != head_only[first_meta]["train/meta_loss"]
     states = pm.load_checkpoint(tmp_path / "run" / "checkpoints").states
     plain = pm.PicoDecoder(pm.load_config(str(config)).model)
     assert set(states["model"]) == set(plain.state_dict())  # no factor in the backbone's checkpoint
