@@ -215,12 +215,15 @@ def round3(path: Path) -> None:
         mine = [r for r in runs if r["arm"] == arm]
         steps = sorted({r["steps"] for r in mine})
         cells = [fmt([val(r, m) for r in mine], 1 if m == "perplexity" else 3).lstrip("+") for m in ("perplexity", "ud_upos_acc", "rt_8shot_acc")]
-        print(f"R3 arm {arm}: | {'–'.join(map(str, (steps[0], steps[-1]))) if len(steps) > 1 else steps[0]} | {' | '.join(cells)} |")
+        print(f"R3 arm {arm}: | {arm} | {'–'.join(map(str, (steps[0], steps[-1]))) if len(steps) > 1 else steps[0]} | {' | '.join(cells)} |")
     primary = family(runs, [(a, "ar") for a in arms if a not in R3_REFERENCES], R3_PRIMARY)
     contrasts = family(runs, [c for c in R3_CONTRASTS if c[0] in arms and c[1] in arms], R3_PRIMARY)
+    def pfmt(x: float) -> str:
+        return "< 0.001" if x < 0.001 else f"{x:.3f}"
+
     for name, tests in (("primary", primary), ("contrast", contrasts)):
         for a, b, m, d, p, q in tests:
-            print(f"R3 {name} {a} - {b} {m}: | {fmt(d, 1 if m == 'perplexity' else 3)} | {p:.3f} | {q:.2f} |")
+            print(f"R3 {name} {a} - {b} {m}: | {m} | {fmt(d, 1 if m == 'perplexity' else 3)} | {pfmt(p)} | {pfmt(q)} |")
     print(f"R3 significant after Holm: {sum(t[-1] < 0.05 for t in primary)} of {len(primary)} primary, "
           f"{sum(t[-1] < 0.05 for t in contrasts)} of {len(contrasts)} contrasts")
     secondary = [(a, m, diffs(runs, a, m)) for a in arms if a not in R3_REFERENCES for m in R3_SECONDARY]
@@ -230,10 +233,11 @@ def round3(path: Path) -> None:
     print(f"R3 secondary intervals below zero: {len(below)} of {len(secondary)}")
     for a, m in above:
         print(f"   above zero: {a} {m} {fmt(diffs(runs, a, m))}")
+    keys = ("update_norm_ar_early", "update_norm_ar_late", "update_norm_meta_late", "clipped_grad_norm_ar_late",
+            "clipped_grad_norm_meta_late", "grad_norm_raw_late")  # fmt: skip
+    print(f"   update-norm columns: {', '.join(keys)}")
     for arm, cell in (report.get("updates") or {}).items():
-        keys = [k for k in ("update_norm_ar_early", "update_norm_ar_late", "update_norm_meta_late", "clipped_grad_norm_ar_late",
-                            "clipped_grad_norm_meta_late", "grad_norm_raw_late") if k in cell]  # fmt: skip
-        print(f"R3 updates {arm}: " + " | ".join(f"{cell[k][0]:.4f}" for k in keys) + f"   ({', '.join(keys)})")
+        print(f"R3 updates {arm}: | {arm} | " + " | ".join(f"{cell[k][0]:.4f}" if k in cell else "—" for k in keys) + " |")
 
 
 def main() -> None:

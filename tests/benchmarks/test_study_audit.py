@@ -25,3 +25,17 @@ def test_the_study_page_states_what_its_json_gives():
     ]:
         assert printed in out, printed
         assert stated in page, stated
+
+
+def test_the_study_page_states_every_round3_figure():
+    """Each ``R3`` line of the audit is a figure of round 3 (a table row or a number) that the page states."""
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "study_audit.py"), "--round3-only"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    page = (ROOT / "docs" / "pages" / "study.md").read_text()
+    figures = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("R3 ")]
+    assert len(figures) >= 45  # runs, commits, FLOPs, 9 arms, 33 tests, counts, 3 update rows
+    missing = [f for f in figures if f not in page]
+    assert not missing, missing
