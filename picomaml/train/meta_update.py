@@ -90,7 +90,7 @@ class MetaGradScale:
             running norm is kept (for the logs) and nothing is rescaled.
         decay: EMA decay of the running AR norm, in ``[0, 1)``.
 
-    Example:
+    Examples:
         >>> scale = MetaGradScale(0.5)
         >>> scale.observe_ar(0.8)
         >>> scale.target

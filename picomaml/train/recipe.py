@@ -151,7 +151,7 @@ class Trainer:
 
     def stateful(self) -> dict[str, Any]:
         wrapped = {"optimizer": self.optimizer, "data": self.data.train}
-        return self.run.stateful() | wrapped | ({"meta_optimizer": self.meta_optimizer} if self.meta_optimizer else {})
+        return self.run.stateful() | wrapped | ({"meta_optimizer": self.meta_optimizer} if self.meta_optimizer is not None else {})
 
 
 def setup(args: argparse.Namespace, stack: contextlib.ExitStack, stop: StopSignals) -> Trainer:

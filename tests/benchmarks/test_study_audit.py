@@ -9,13 +9,16 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_the_study_page_states_what_its_json_gives():
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "study_audit.py"), "--no-count"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
+def audit(*args: str) -> str:
+    """``benchmarks/study_audit.py``'s printout (it must succeed)."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "study_audit.py"), *args],
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out, page = proc.stdout, (ROOT / "docs" / "pages" / "study.md").read_text()
+    return proc.stdout
+
+
+def test_the_study_page_states_what_its_json_gives():
+    out, page = audit("--no-count"), (ROOT / "docs" / "pages" / "study.md").read_text()
     # each figure as the script prints it, and as the page states it
     for printed, stated in [
         ("7 of 52 intervals include zero", "7 of the 52 intervals"),
@@ -29,13 +32,8 @@ def test_the_study_page_states_what_its_json_gives():
 
 def test_the_study_page_states_every_round3_figure():
     """Each ``R3`` line of the audit is a figure of round 3 (a table row or a number) that the page states."""
-    proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "study_audit.py"), "--round3-only"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-3000:]
     page = (ROOT / "docs" / "pages" / "study.md").read_text()
-    figures = [line.split(": ", 1)[1] for line in proc.stdout.splitlines() if line.startswith("R3 ")]
+    figures = [line.split(": ", 1)[1] for line in audit("--round3-only").splitlines() if line.startswith("R3 ")]
     assert len(figures) >= 45  # runs, commits, FLOPs, 9 arms, 33 tests, counts, 3 update rows
     missing = [f for f in figures if f not in page]
     assert not missing, missing
