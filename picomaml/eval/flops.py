@@ -242,11 +242,11 @@ def task_lora_flops(
     steps = check_int("inner_steps", inner_steps, ge=0)
     if steps == 0:
         return 0
-    d, kv, f, _, n_layers = _model_dims(model_config)
-    w = check_int("window_len", window_len, ge=1)
+    d, _, _, _, n_layers = _model_dims(model_config)
+    w, body = check_int("window_len", window_len, ge=1), body_matmul_params(model_config)
 
     def forward(rows: int) -> tuple[int, int]:  # weight matmuls, attention products of two activations
-        return 2 * rows * w * n_layers * (2 * d * d + 2 * d * kv + 3 * d * f), 4 * n_layers * w * w * d * rows
+        return 2 * rows * w * body, 4 * n_layers * w * w * d * rows
 
     (m_s, a_s), (m_q, a_q) = forward(n_way * check_int("k_shot", k_shot, ge=1)), forward(n_way * check_int("n_query", n_query, ge=1))
     g_s = 2 * n_way * k_shot * w * n_layers * sum(i * o for i, o in target_shapes(model_config, lora_targets))

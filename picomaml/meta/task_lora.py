@@ -120,14 +120,14 @@ class TaskLoRA(nn.Module):
         self.rank, self.scale = rank, (rank if alpha is None else alpha) / rank
         gen = torch.Generator().manual_seed(seed)
         self.factors = nn.ParameterDict()
-        self._layers: list[tuple[str, str]] = []  # (the weight's name under _Hidden, the factors' key)
+        self._layers: list[tuple[nn.Linear, str, str]] = []  # (layer, its weight's name in the backbone, factors' key)
         for name, layer in lora_targets(model, tuple(targets)):
             key, w = name.replace(".", "_"), layer.weight
             a = torch.randn(rank, layer.in_features, generator=gen) / layer.in_features**0.5
             # fixed inits (not trained by the outer optimizer): the inner loop adapts copies of them per task
             self.factors[f"{key}_A"] = nn.Parameter(a.to(w.device, w.dtype), requires_grad=False)
             self.factors[f"{key}_B"] = nn.Parameter(w.new_zeros(layer.out_features, rank), requires_grad=False)
-            self._layers.append((f"model.{name}.weight", key))
+            self._layers.append((layer, f"{name}.weight", key))
         self.names = tuple(f"factors.{k}" for k in self.factors)
 
     @property
@@ -136,10 +136,9 @@ class TaskLoRA(nn.Module):
 
     def merged_weights(self) -> dict[str, Tensor]:
         """``W + scale * B A`` of every target layer, under its name in the backbone (``layers.0....weight``)."""
-        own = dict(self._hidden.named_parameters())
         return {
-            name[len("model."):]: own[name] + self.scale * (self.factors[f"{key}_B"] @ self.factors[f"{key}_A"])
-            for name, key in self._layers
+            name: layer.weight + self.scale * (self.factors[f"{key}_B"] @ self.factors[f"{key}_A"])
+            for layer, name, key in self._layers
         }  # fmt: skip
 
     def hidden_states(self, ids: Tensor) -> Tensor:

@@ -8,7 +8,7 @@
   loop's metrics go under ``meta/``, the loop's own under ``train/`` and ``trainer/``.
 * [`check_run`][picomaml.train.training.check_run]: every problem that can be seen before training (tokenizer vs. model vocabulary, tasks
   vs. devices, impossible training or evaluation episodes), as a [`ConfigError`][picomaml.params.ConfigError].
-* [`global_grad_norm`][picomaml.train.training.global_grad_norm], [`group_lrs`][picomaml.train.training.group_lrs]: what a log line reports about the optimizer.
+* `global_grad_norm` ([`grad_norm`][picomaml.train.meta_update.grad_norm]), [`group_lrs`][picomaml.train.training.group_lrs]: what a log line reports about the optimizer.
 * [`NonFiniteGuard`][picomaml.train.training.NonFiniteGuard]: counts the steps skipped for a non-finite loss or gradient, warns with the step
   number, and stops the run ([`NonFiniteRunError`][picomaml.train.training.NonFiniteRunError]) after too many in a row.
 """
@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from picomaml.eval.during_training import check_eval_episodes
 from picomaml.meta.episode import Episode
@@ -30,6 +30,7 @@ from picomaml.meta.sampler import SamplingError, SMLMTSampler
 from picomaml.params import ConfigError, check_int
 from picomaml.train.build import eval_episode_kwargs, head_from_config, sampler_from_config
 from picomaml.train.config import ExperimentConfig
+from picomaml.train.meta_update import grad_norm as global_grad_norm  # one implementation, named here too
 
 __all__ = [
     "COUNTERS",
@@ -264,14 +265,6 @@ class ProgressBar:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
-
-
-def global_grad_norm(parameters: Iterable[nn.Parameter]) -> float:
-    """The L2 norm of all gradients together (``inf``/``nan`` when one is non-finite; 0 without any)."""
-    norms = [torch.linalg.vector_norm(p.grad.detach()) for p in parameters if p.grad is not None]
-    if not norms:
-        return 0.0
-    return float(torch.linalg.vector_norm(torch.stack(norms)))
 
 
 def group_lrs(optimizer: torch.optim.Optimizer, prefix: str = "trainer/lr/") -> dict[str, float]:
